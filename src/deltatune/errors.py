@@ -1,0 +1,21 @@
+"""Exceptions deltatune raises on bad input. Each message is one line naming the problem and the fix."""
+
+
+class DeltaTuneError(Exception):
+    """Base class of every error deltatune raises on purpose (the CLI prints these in one line)."""
+
+
+class ConfigError(DeltaTuneError, ValueError):
+    """A configuration value is invalid or unsupported."""
+
+
+class TargetError(DeltaTuneError, ValueError):
+    """``target_modules`` selects nothing, or selects a module that cannot be adapted."""
+
+
+class AdapterLoadError(DeltaTuneError, ValueError):
+    """An adapter file does not fit the model it is loaded into."""
+
+
+class MergeError(DeltaTuneError, ValueError):
+    """A merge was refused (non-finite weights, or a method that cannot be merged)."""

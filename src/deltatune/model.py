@@ -1,0 +1,312 @@
+"""DeltaModel: a thin wrapper that owns named adapters over one shared, frozen base model.
+
+It delegates everything method-specific to the tuner of each adapter's config (``tuners/``) and
+everything file-specific to ``io``; what is left is bookkeeping: which adapters exist, which are
+active, which parameters train, and the peft-like public API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import DeltaConfig
+from .errors import AdapterLoadError, ConfigError
+from .io import adapter_dir, check_tensors_fit, file_key_map, read_adapter_weights, write_adapter
+from .tuners import tuner_for
+from .tuners.modules_to_save import ModulesToSaveTuner
+
+_MODULES_TO_SAVE = ModulesToSaveTuner()
+
+
+class DeltaModel(nn.Module):
+    """A base model with named adapters. Attribute access, ``forward`` and ``generate`` reach the base model.
+
+    Example::
+
+        model = AutoModelForCausalLM.from_pretrained(path)
+        model = get_delta_model(model, LoraConfig(r=16, target_modules="all-linear"))
+        model.print_trainable_parameters()
+        ...train...
+        model.save_pretrained("out/adapter")
+    """
+
+    def __init__(self, model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        if isinstance(model, DeltaModel):
+            raise ConfigError("this model is already a DeltaModel; use add_adapter() to add another adapter")
+        self.base_model = model
+        self.peft_config: dict[str, DeltaConfig] = {}
+        self._active: list[str] = []
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    # -- attribute forwarding -------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.generate(*args, **kwargs)
+
+    # -- adapters ---------------------------------------------------------------------------
+    @property
+    def active_adapter(self) -> str | None:
+        """The (first) active adapter's name, as in peft."""
+        return self._active[0] if self._active else None
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        return sorted(
+            {name for tuner in self._tuners() for _, layer in tuner.layers(self.base_model)
+             for name in getattr(layer, "merged_adapters", [])}
+        )  # fmt: skip
+
+    def add_adapter(self, adapter_name: str, config: DeltaConfig) -> None:
+        """Inject a new adapter (inactive unless it is the first); the base model stays frozen."""
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ConfigError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter() it")
+        if not isinstance(config, DeltaConfig) or not config.peft_type:
+            raise ConfigError(f"expected a deltatune config such as LoraConfig, got {type(config).__name__}")
+        existing = {c.peft_type for c in self.peft_config.values()}
+        if existing and config.peft_type not in existing:
+            raise ConfigError(
+                f"cannot add a {config.peft_type} adapter to a model holding {', '.join(sorted(existing))} adapters; "
+                f"use one method per DeltaModel"
+            )
+        if self.merged_adapters:
+            raise ConfigError("cannot add an adapter while adapters are merged; call unmerge_adapter() first")
+        config.base_model_name_or_path = config.base_model_name_or_path or _name_or_path(self.base_model)
+        tuner_for(config).inject(self.base_model, config, adapter_name)
+        try:
+            _MODULES_TO_SAVE.inject(self.base_model, config, adapter_name)
+        except Exception:
+            tuner_for(config).delete(self.base_model, adapter_name)
+            raise
+        self.peft_config[adapter_name] = config
+        self._apply_state()
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make ``adapter_name`` (or several names, summed) the active adapter(s); only they train."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._check_exists(name)
+        self._active = names
+        self._apply_state()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; when it was active, the first remaining adapter becomes active."""
+        self._check_exists(adapter_name)
+        config = self.peft_config.pop(adapter_name)
+        tuner_for(config).delete(self.base_model, adapter_name)
+        _MODULES_TO_SAVE.delete(self.base_model, adapter_name)
+        self._active = [name for name in self._active if name != adapter_name] or list(self.peft_config)[:1]
+        self._apply_state()
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the plain base model inside the block; the previous state (merged or not) comes back after,
+        even when the block raises::
+
+            with model.disable_adapter():
+                reference_logits = model(**batch).logits
+        """
+        merged = self.merged_adapters
+        self.unmerge_adapter()
+        self._set_disabled(True)
+        try:
+            yield
+        finally:
+            self._set_disabled(False)
+            if merged:
+                self.merge_adapter(merged)
+
+    # -- merging ----------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """W0 += s·BA for the active (or named) adapters. ``safe_merge`` refuses NaN/Inf and changes nothing."""
+        names = self._active if adapter_names is None else list(adapter_names)
+        for name in names:
+            self._check_exists(name)
+        for tuner in self._tuners():
+            tuner.merge(self.base_model, names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Subtract every merged adapter from the base weights again."""
+        for tuner in self._tuners():
+            tuner.unmerge(self.base_model)
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge the active (or named) adapters and return the plain base model, free of deltatune modules.
+
+        The result saves and loads with transformers alone. This DeltaModel is empty afterwards.
+        """
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        for tuner in self._tuners():
+            tuner.unload(self.base_model)
+        _MODULES_TO_SAVE.keep_trained(self.base_model)
+        return self._release()
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the base model exactly as it was."""
+        self.unmerge_adapter()
+        for tuner in self._tuners():
+            tuner.unload(self.base_model)
+        _MODULES_TO_SAVE.unload(self.base_model)
+        return self._release()
+
+    # -- parameters -------------------------------------------------------------------------
+    def adapter_state(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """In-memory name -> parameter of everything adapter ``adapter_name`` saves."""
+        self._check_exists(adapter_name)
+        config = self.peft_config[adapter_name]
+        tuner = tuner_for(config)
+        state = tuner.adapter_parameters(self.base_model, adapter_name)
+        state.update(_MODULES_TO_SAVE.adapter_parameters(self.base_model, adapter_name))
+        state.update(tuner.trained_base_parameters(self.base_model, config, adapter_name))
+        return state
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts; shared tensors are counted once."""
+        unique = {id(p): p for p in self.parameters()}.values()
+        return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
+
+    def print_trainable_parameters(self) -> None:
+        """Print peft's line: ``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7322``."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- files --------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+        """Write adapters in peft's format: "default" in ``save_directory``, others in sub-folders.
+
+        Each file is written atomically, so an interrupted save keeps the previous version.
+        """
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            self._check_exists(name)
+        for name in names:
+            config = self.peft_config[name]
+            state = self.adapter_state(name)
+            tensors = {key: state[param_name] for key, param_name in file_key_map(state, name).items()}
+            saved_config = type(config).from_dict({**config.to_dict(), "inference_mode": True})
+            write_adapter(adapter_dir(save_directory, name), saved_config.to_json(), tensors)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: DeltaConfig | None = None,
+        allow_pickle: bool = False,
+    ) -> DeltaModel:
+        """Load an adapter saved by deltatune or peft onto ``model``.
+
+        The adapter is frozen unless ``is_trainable``. A file that does not fit the model is
+        refused with the first mismatching key, and ``model`` is left exactly as it was.
+        """
+        config = config or DeltaConfig.from_pretrained(model_id)
+        config.inference_mode = not is_trainable
+        tensors = read_adapter_weights(model_id, allow_pickle=allow_pickle)
+        delta = cls(model, config, adapter_name)
+        try:
+            delta._load_tensors(adapter_name, tensors, str(model_id))
+        except Exception:
+            delta.unload()
+            raise
+        return delta
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        allow_pickle: bool = False,
+    ) -> None:
+        """Load another saved adapter under ``adapter_name`` (it does not become active)."""
+        config = DeltaConfig.from_pretrained(model_id)
+        config.inference_mode = not is_trainable
+        tensors = read_adapter_weights(model_id, allow_pickle=allow_pickle)
+        self.add_adapter(adapter_name, config)
+        try:
+            self._load_tensors(adapter_name, tensors, str(model_id))
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+        config = self.peft_config[adapter_name]
+        params = dict(self.adapter_state(adapter_name))
+        keys = file_key_map(params, adapter_name)
+        optional = tuner_for(config).optional_file_parameters(self.base_model, adapter_name)
+        keys.update(file_key_map(optional, adapter_name))
+        params.update(optional)
+        missing = [key for key in keys if key not in tensors and keys[key] not in optional]
+        if missing:
+            raise AdapterLoadError(f"{source}: the file lacks {missing[0]} (and {len(missing) - 1} more keys); wrong config?")
+        check_tensors_fit(tensors, {key: params[name] for key, name in keys.items()}, source)
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                param = params[keys[key]]
+                param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+
+    # -- internals ---------------------------------------------------------------------------
+    def _tuners(self):
+        return list({type(tuner_for(c)): tuner_for(c) for c in self.peft_config.values()}.values())
+
+    def _check_exists(self, name: str) -> None:
+        if name not in self.peft_config:
+            known = ", ".join(self.peft_config) or "none"
+            raise ConfigError(f"no adapter named {name!r}; adapters on this model: {known}")
+
+    def _set_disabled(self, disabled: bool) -> None:
+        for tuner in [*self._tuners(), _MODULES_TO_SAVE]:
+            tuner.set_disabled(self.base_model, disabled)
+
+    def _apply_state(self) -> None:
+        """Activate the active adapters in every layer; only their parameters train."""
+        for tuner in [*self._tuners(), _MODULES_TO_SAVE]:
+            tuner.set_active(self.base_model, self._active)
+        self.base_model.requires_grad_(False)
+        for name in self._active:
+            if not self.peft_config[name].inference_mode:
+                for param in self.adapter_state(name).values():
+                    param.requires_grad_(True)
+
+    def _release(self) -> nn.Module:
+        model = self.base_model
+        self.peft_config.clear()
+        self._active = []
+        return model
+
+
+def get_delta_model(model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -> DeltaModel:
+    """Wrap ``model`` with a new adapter described by ``config`` (peft's ``get_peft_model``)."""
+    return DeltaModel(model, config, adapter_name)
+
+
+def _check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name or "/" in name:
+        raise ConfigError(f"adapter name {name!r} must be a non-empty string without '.' or '/'")
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "name_or_path", None) or None

@@ -1,0 +1,89 @@
+"""What every method's tuner shares: finding its layers, switching, deleting and removing adapters.
+
+A tuner knows how its method injects itself into a model; it knows nothing about training or files.
+Its layers follow one small contract (``is_delta_layer``, ``base_layer``, ``adapter_names``,
+``active_adapters``, ``disabled``, ``delete(name)``, ``adapter_parameters(name)``), so everything
+below works for any method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+from ..config import DeltaConfig
+from ..errors import MergeError
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where ``model.get_submodule(name)`` is; return ``new``."""
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, new)
+    return new
+
+
+class Tuner:
+    """Base class: subclasses set ``config_class`` and ``layer_class`` and implement ``inject``."""
+
+    config_class: type[DeltaConfig] = DeltaConfig
+    layer_class: type[nn.Module] = nn.Module
+
+    def inject(self, model: nn.Module, config: DeltaConfig, adapter_name: str) -> None:
+        """Add adapter ``adapter_name`` to ``model`` in place, wrapping the modules ``config`` targets."""
+        raise NotImplementedError
+
+    def layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """(full name, layer) of every layer of this method in ``model``."""
+        for name, module in model.named_modules():
+            if isinstance(module, self.layer_class):
+                yield name, module
+
+    def adapter_parameters(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+        """In-memory parameter names (relative to ``model``) -> parameters of one adapter."""
+        return {
+            f"{layer_name}.{pname}": param
+            for layer_name, layer in self.layers(model)
+            for pname, param in layer.adapter_parameters(adapter_name)
+        }
+
+    def trained_base_parameters(self, model: nn.Module, config: DeltaConfig, adapter_name: str) -> dict[str, nn.Parameter]:
+        """Base-model parameters the adapter trains and saves too (LoRA's ``bias``); none by default."""
+        return {}
+
+    def optional_file_parameters(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+        """Base-model parameters a peft file may carry and that are loaded when present; none by default."""
+        return {}
+
+    def set_active(self, model: nn.Module, adapter_names: list[str]) -> None:
+        for _, layer in self.layers(model):
+            layer.active_adapters = [name for name in adapter_names if name in layer.adapter_names]
+
+    def set_disabled(self, model: nn.Module, disabled: bool) -> None:
+        for _, layer in self.layers(model):
+            layer.disabled = disabled
+
+    def delete(self, model: nn.Module, adapter_name: str) -> None:
+        """Remove one adapter; a layer left with no adapter is replaced by its base module."""
+        for name, layer in list(self.layers(model)):
+            layer.delete(adapter_name)
+            if not layer.adapter_names:
+                replace_module(model, name, layer.base_layer)
+
+    def merge(self, model: nn.Module, adapter_names: list[str], safe_merge: bool = False) -> None:
+        raise MergeError(
+            f"{self.config_class.__name__.removesuffix('Config')} adapters cannot be merged into the base weights; "
+            f"keep the adapter loaded for inference instead"
+        )
+
+    def unmerge(self, model: nn.Module) -> None:
+        """Undo ``merge``; methods that cannot merge have nothing to undo."""
+
+    def is_merged(self, model: nn.Module) -> bool:
+        return False
+
+    def unload(self, model: nn.Module) -> None:
+        """Remove every layer of this method, putting the base modules back as they are now."""
+        for name, layer in list(self.layers(model)):
+            replace_module(model, name, layer.base_layer)

@@ -1,0 +1,348 @@
+"""LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021, arXiv:2106.09685).
+
+A frozen weight W0 [out, in] gets a trainable low-rank update::
+
+        x ──► W0 (frozen) ─────────────────────┐
+        │                                      (+) ──► y = W0 x + s · B A dropout(x)
+        └──► dropout ──► A [r, in] ──► B [out, r]
+
+with B initialised to zero (so training starts at exactly the base model) and
+s = lora_alpha / r (``lora_alpha / sqrt(r)`` for rsLoRA). Only A and B train: 2·r·d parameters
+per square d x d projection instead of d². Merging adds s · B A into W0, so inference costs
+nothing extra; unmerging subtracts it again.
+
+One wrapper class per base layer type (``nn.Linear`` and GPT-2 ``Conv1D``, ``nn.Embedding``,
+``nn.Conv2d``); each holds any number of named adapters over ONE shared base layer. Parameter
+names follow peft (``lora_A.<adapter>.weight``, ``lora_embedding_A.<adapter>``) so that the key
+mapping to peft's files is a pure rename.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..config import LoraConfig
+from ..errors import ConfigError, MergeError
+from ..targeting import find_targets, pattern_value
+from .base import Tuner, replace_module
+
+
+class LoraLayer(nn.Module):
+    """A base layer plus named low-rank updates; subclasses define the update's shape and math."""
+
+    is_delta_layer = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # -- adapter bookkeeping -------------------------------------------------------------
+    def add(self, name: str, rank: int, alpha: float, config: LoraConfig) -> None:
+        """Create adapter ``name`` with rank ``rank`` and initialise it per ``config``."""
+        self.r[name] = rank
+        self.lora_alpha[name] = alpha
+        self.scaling[name] = config.scaling(rank, alpha)
+        self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        weight = self.base_layer.weight
+        # Master weights stay fp32 when the base is half precision (peft does the same).
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self._create(name, rank, weight.device, dtype)
+        self._initialise(name, config.init_lora_weights)
+
+    def delete(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise MergeError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting it")
+        for container in self._containers():
+            container.pop(name, None)
+        self.lora_dropout.pop(name, None)
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name relative to this layer, parameter) of adapter ``name``."""
+        for prefix, container in self._named_containers():
+            if name in container:
+                item = container[name]
+                if isinstance(item, nn.Parameter):
+                    yield f"{prefix}.{name}", item
+                else:
+                    for pname, param in item.named_parameters():
+                        yield f"{prefix}.{name}.{pname}", param
+
+    # -- merging ------------------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s · B A laid out like the base weight, in the base weight's dtype."""
+        raise NotImplementedError
+
+    def merge(self, names: list[str]) -> None:
+        """W0 += s · B A for each adapter in ``names`` not merged yet."""
+        for name in names:
+            if name in self.r and name not in self.merged_adapters:
+                self.base_layer.weight.data += self.delta_weight(name)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """W0 -= s · B A for every merged adapter, newest first."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            self.base_layer.weight.data -= self.delta_weight(name)
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        for name in self.active_adapters:
+            if name in self.r and name not in self.merged_adapters:
+                result = result + self.lora_output(x, name).to(result.dtype)
+        return result
+
+    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """s · B A dropout(x) for adapter ``name``."""
+        raise NotImplementedError
+
+    # -- per-type hooks -----------------------------------------------------------------
+    def _named_containers(self) -> list[tuple[str, nn.ModuleDict | nn.ParameterDict]]:
+        raise NotImplementedError
+
+    def _containers(self) -> list[nn.ModuleDict | nn.ParameterDict]:
+        return [container for _, container in self._named_containers()]
+
+    def _create(self, name: str, rank: int, device: torch.device, dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def _initialise(self, name: str, init: bool | str) -> None:
+        """A: Kaiming-uniform (as nn.Linear) or N(0, 1/r); B: zero. ``False`` leaves both random."""
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+        if init is False:
+            nn.init.kaiming_uniform_(lora_b, a=math.sqrt(5))
+            return
+        if init == "gaussian":
+            nn.init.normal_(lora_a, std=1 / self.r[name])
+        else:
+            nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+        nn.init.zeros_(lora_b)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}: r={self.r[name]}, scaling={self.scaling[name]:g}" for name in self.r)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear`` (weight [out, in]) or GPT-2 ``Conv1D`` (weight [in, out], fan_in_fan_out)."""
+
+    def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        in_features, out_features = base_layer.weight.shape[::-1] if not self.fan_in_fan_out else base_layer.weight.shape
+        self.in_features, self.out_features = in_features, out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _named_containers(self):
+        return [("lora_A", self.lora_A), ("lora_B", self.lora_B)]
+
+    def _create(self, name, rank, device, dtype):
+        self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+        delta = delta.T if self.fan_in_fan_out else delta
+        return delta.to(self.base_layer.weight.dtype)
+
+    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        x = self.lora_dropout[name](x.to(lora_a.weight.dtype))
+        return lora_b(lora_a(x)) * self.scaling[name]
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: row lookup in Aᵀ [vocab, r], then × Bᵀ [r, dim].
+
+    As in the paper's code, A starts at zero and B is normal, so the update is still zero at start.
+    """
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _named_containers(self):
+        return [("lora_embedding_A", self.lora_embedding_A), ("lora_embedding_B", self.lora_embedding_B)]
+
+    def _create(self, name, rank, device, dtype):
+        vocab, dim = self.base_layer.weight.shape
+        self.lora_embedding_A[name] = nn.Parameter(torch.empty(rank, vocab, device=device, dtype=dtype))
+        self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, rank, device=device, dtype=dtype))
+
+    def _initialise(self, name, init):
+        if init is False:
+            nn.init.normal_(self.lora_embedding_A[name])
+        else:
+            nn.init.zeros_(self.lora_embedding_A[name])
+        nn.init.normal_(self.lora_embedding_B[name])
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
+        return delta.to(self.base_layer.weight.dtype)
+
+    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        base = self.base_layer
+        after_a = F.embedding(
+            x,
+            self.lora_embedding_A[name].T,
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
+        )
+        return (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
+
+
+class LoraConv2d(LoraLayer):
+    """LoRA on ``nn.Conv2d``: A is a conv with the base kernel to r channels, B a 1x1 conv back."""
+
+    def __init__(self, base_layer: nn.Conv2d) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _named_containers(self):
+        return [("lora_A", self.lora_A), ("lora_B", self.lora_B)]
+
+    def _create(self, name, rank, device, dtype):
+        base = self.base_layer
+        self.lora_A[name] = nn.Conv2d(
+            base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
+            bias=False, padding_mode=base.padding_mode, device=device, dtype=dtype,
+        )  # fmt: skip
+        self.lora_B[name] = nn.Conv2d(rank, base.out_channels, 1, bias=False, device=device, dtype=dtype)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight  # [r, in, kh, kw], [out, r, 1, 1]
+        delta = torch.einsum("or,rikl->oikl", weight_b[:, :, 0, 0], weight_a) * self.scaling[name]
+        return delta.to(self.base_layer.weight.dtype)
+
+    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        x = self.lora_dropout[name](x.to(lora_a.weight.dtype))
+        return lora_b(lora_a(x)) * self.scaling[name]
+
+
+def _layer_class(module: nn.Module) -> type[LoraLayer]:
+    if isinstance(module, (nn.Linear, Conv1D)):
+        return LoraLinear
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding
+    if isinstance(module, nn.Conv2d):
+        return LoraConv2d
+    raise ConfigError(f"LoRA cannot wrap {type(module).__name__}")
+
+
+class LoraTuner(Tuner):
+    """Injects, switches, merges and removes LoRA adapters."""
+
+    config_class = LoraConfig
+    layer_class = LoraLayer
+
+    def inject(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+        targets = find_targets(model, config)
+        _sync_fan_in_fan_out(model, config, targets)
+        plan = []
+        for name in targets:  # validate everything before the model is touched
+            module = model.get_submodule(name)
+            rank = pattern_value(name, config.rank_pattern, config.r)
+            _check_target(name, _base(module), rank)
+            plan.append((name, module, rank, pattern_value(name, config.alpha_pattern, config.lora_alpha)))
+        for name, module, rank, alpha in plan:
+            if not isinstance(module, LoraLayer):
+                module = replace_module(model, name, _layer_class(module)(module))
+            module.add(adapter_name, rank, alpha, config)
+
+    def trained_base_parameters(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> dict[str, nn.Parameter]:
+        """``bias="all"``: every bias of the model; ``"lora_only"``: biases of the adapted layers."""
+        if config.bias == "all":
+            return {
+                name: param
+                for name, param in model.named_parameters()
+                if name.endswith("bias") and ".original_module." not in name and ".modules_to_save." not in name
+            }
+        if config.bias == "lora_only":
+            return {
+                f"{name}.base_layer.bias": layer.base_layer.bias
+                for name, layer in self.layers(model)
+                if adapter_name in layer.adapter_names and getattr(layer.base_layer, "bias", None) is not None
+            }
+        return {}
+
+    def optional_file_parameters(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+        """peft saves the full base weight of an adapted embedding (to carry resized vocabularies)."""
+        return {
+            f"{name}.base_layer.weight": layer.base_layer.weight
+            for name, layer in self.layers(model)
+            if isinstance(layer, LoraEmbedding) and adapter_name in layer.adapter_names
+        }
+
+    def merge(self, model: nn.Module, adapter_names: list[str], safe_merge: bool = False) -> None:
+        layers = [layer for _, layer in self.layers(model)]
+        if safe_merge:  # check every layer before touching any, so a refusal changes nothing
+            for layer in layers:
+                for name in adapter_names:
+                    if name in layer.r and name not in layer.merged_adapters:
+                        if not torch.isfinite(layer.base_layer.weight.data + layer.delta_weight(name)).all():
+                            raise MergeError(
+                                f"merging adapter {name!r} would put NaN/Inf into {type(layer.base_layer).__name__} "
+                                f"weights; nothing was changed (check the adapter's weights)"
+                            )
+        for layer in layers:
+            layer.merge(adapter_names)
+
+    def unmerge(self, model: nn.Module) -> None:
+        for _, layer in self.layers(model):
+            layer.unmerge()
+
+    def is_merged(self, model: nn.Module) -> bool:
+        return any(layer.merged_adapters for _, layer in self.layers(model))
+
+
+def _check_target(name: str, base: nn.Module, rank: int) -> None:
+    if isinstance(base, nn.Conv2d) and base.groups != 1:
+        raise ConfigError(f"LoRA on grouped Conv2d {name} (groups={base.groups}) is not supported; exclude it")
+    smallest = min(base.weight.shape[0], base.weight.shape[1])
+    if rank > smallest:
+        raise ConfigError(
+            f"r={rank} is larger than {name}'s smallest dimension {smallest}; use r <= {smallest} "
+            f"(or a rank_pattern entry for this module)"
+        )
+
+
+def _sync_fan_in_fan_out(model: nn.Module, config: LoraConfig, targets: list[str]) -> None:
+    """Conv1D stores [in, out]; record ``fan_in_fan_out=True`` as peft does, so saved files agree."""
+    kinds = {isinstance(_base(model.get_submodule(name)), Conv1D) for name in targets}
+    if True in kinds:
+        config.fan_in_fan_out = True
+    elif config.fan_in_fan_out:
+        config.fan_in_fan_out = False
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, LoraLayer) else module
