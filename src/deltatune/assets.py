@@ -79,7 +79,8 @@ def _asset(module: str, distribution: str, relative: str) -> Path:
     path = _package_dir(module, distribution) / relative
     if not path.exists():
         raise AssetMissingError(
-            f"'{relative}' is missing from package '{distribution}'; reinstall with: {INSTALL_COMMAND}"
+            f"'{relative}' is missing from package '{distribution}'; "
+            f"reinstall with: {INSTALL_COMMAND}"
         )
     return path
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -43,6 +44,7 @@ class DeltaConfig:
     inference_mode: bool = False
 
     def __post_init__(self) -> None:
+        _check_bool("inference_mode", self.inference_mode)
         if self.task_type is not None:
             self.task_type = str(self.task_type).upper()
             if self.task_type not in TASK_TYPES:
@@ -99,6 +101,8 @@ class DeltaConfig:
                 data = json.load(handle)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
         return cls.from_dict(data)
@@ -148,6 +152,8 @@ class LoraConfig(DeltaConfig):
         super().__post_init__()
         _check_positive_int("r", self.r)
         _check_positive_number("lora_alpha", self.lora_alpha)
+        _check_bool("fan_in_fan_out", self.fan_in_fan_out)
+        _check_bool("use_rslora", self.use_rslora)
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout={self.lora_dropout!r} must be a number in [0, 1)")
         if self.bias not in ("none", "all", "lora_only"):
@@ -170,8 +176,10 @@ class LoraConfig(DeltaConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern is only used with layers_to_transform; set both or neither")
         for key, value in self.rank_pattern.items():
+            _check_regex("rank_pattern key", key)
             _check_positive_int(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
+            _check_regex("alpha_pattern key", key)
             _check_positive_number(f"alpha_pattern[{key!r}]", value)
 
     def scaling(self, rank: int, alpha: float) -> float:
@@ -212,13 +220,28 @@ def _check_positive_int(name: str, value: Any) -> None:
 
 
 def _check_positive_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{name}={value!r} must be a positive number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConfigError(f"{name}={value!r} must be a positive finite number")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} must be true or false")
+
+
+def _check_regex(name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError) as exc:
+        raise ConfigError(f"{name} {pattern!r} is not a valid regex ({exc})") from None
 
 
 def _module_names(name: str, value: Any) -> list[str] | str | None:
     """Normalise a target spec: None, a regex/"all-linear" string, or a sorted list of names."""
-    if value is None or isinstance(value, str):
+    if value is None:
+        return value
+    if isinstance(value, str):
+        _check_regex(name, value)
         return value
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(item, str) and item for item in value):
         return sorted(set(value))

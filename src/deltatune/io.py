@@ -66,7 +66,8 @@ def write_adapter(directory: str | os.PathLike, config_json: str, tensors: Mappi
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     contiguous = {key: tensor.detach().to("cpu").contiguous() for key, tensor in tensors.items()}
-    with _staged(directory / WEIGHTS_NAME) as weights_tmp, _staged(directory / "adapter_config.json") as config_tmp:
+    # The inner block is renamed first: the weights, then the config that describes them.
+    with _staged(directory / "adapter_config.json") as config_tmp, _staged(directory / WEIGHTS_NAME) as weights_tmp:
         save_file(contiguous, str(weights_tmp), metadata={"format": "pt"})
         config_tmp.write_text(config_json, encoding="utf-8")
         _fsync(weights_tmp)

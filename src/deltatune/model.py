@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from .config import DeltaConfig
-from .errors import AdapterLoadError, ConfigError
+from .errors import AdapterLoadError, ConfigError, MergeError
 from .io import adapter_dir, check_tensors_fit, file_key_map, read_adapter_weights, write_adapter
 from .tuners import tuner_for
+from .targeting import CLASSIFIER_HEADS, CLASSIFIER_TASKS
 from .tuners.modules_to_save import ModulesToSaveTuner
 
 _MODULES_TO_SAVE = ModulesToSaveTuner()
@@ -94,6 +95,8 @@ class DeltaModel(nn.Module):
         if self.merged_adapters:
             raise ConfigError("cannot add an adapter while adapters are merged; call unmerge_adapter() first")
         config.base_model_name_or_path = config.base_model_name_or_path or _name_or_path(self.base_model)
+        if config.task_type in CLASSIFIER_TASKS:  # a new head must train, as peft does it
+            config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), *CLASSIFIER_HEADS]))
         tuner_for(config).inject(self.base_model, config, adapter_name)
         try:
             _MODULES_TO_SAVE.inject(self.base_model, config, adapter_name)
@@ -114,6 +117,8 @@ class DeltaModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; when it was active, the first remaining adapter becomes active."""
         self._check_exists(adapter_name)
+        if adapter_name in self.merged_adapters:
+            raise MergeError(f"adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() first")
         config = self.peft_config.pop(adapter_name)
         tuner_for(config).delete(self.base_model, adapter_name)
         _MODULES_TO_SAVE.delete(self.base_model, adapter_name)

@@ -4,8 +4,9 @@ Matching follows peft exactly, so a config means the same thing in both librarie
 
 - a list entry matches a module whose full name equals it or ends with "." + entry;
 - a string is a regex that must ``re.fullmatch`` the full module name;
-- ``"all-linear"`` means every ``nn.Linear`` / ``Conv1D`` except the output head (and the
-  classifier of a sequence-classification model);
+- ``"all-linear"`` (any case) means every ``nn.Linear`` / ``Conv1D`` except the output head (and
+  the classifier of a sequence-classification model);
+- ``layers_to_transform`` keeps the suffix matches inside the listed layers (None or [] keeps all);
 - ``rank_pattern`` / ``alpha_pattern`` keys are regexes matched as a suffix of the module name.
 """
 
@@ -26,8 +27,10 @@ ALL_LINEAR = "all-linear"
 ADAPTABLE_TYPES = (nn.Linear, Conv1D, nn.Embedding, nn.Conv2d)
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
-# Attribute names of classification heads, excluded from "all-linear" for SEQ_CLS models.
-_CLASSIFIER_HEADS = ("score", "classifier")
+# Classification heads: excluded from "all-linear" for SEQ_CLS models, and trained in full
+# (``modules_to_save``) by classification adapters, as in peft.
+CLASSIFIER_TASKS = ("SEQ_CLS", "TOKEN_CLS")
+CLASSIFIER_HEADS = ("classifier", "score")
 
 # Per-architecture defaults (config.model_type -> target_modules): the attention projections
 # the LoRA paper adapts (query and value), named as each architecture names them.
@@ -149,22 +152,26 @@ def all_linear_names(model: nn.Module, task_type: str | None) -> list[str]:
     get_output = getattr(model, "get_output_embeddings", None)
     head = get_output() if callable(get_output) else None
     if head is None and task_type == "SEQ_CLS":
-        head = next((getattr(model, attr) for attr in _CLASSIFIER_HEADS if hasattr(model, attr)), None)
+        head = next((getattr(model, attr) for attr in CLASSIFIER_HEADS if hasattr(model, attr)), None)
     if head is not None:
         excluded = {name for name, module in walk_modules(model) if module is head}
-    return [name for name, module in walk_modules(model) if isinstance(module, LINEAR_TYPES) and name not in excluded]
+    return [
+        name
+        for name, module in walk_modules(model)
+        if isinstance(module, LINEAR_TYPES) and not any(name == e or name.startswith(e + ".") for e in excluded)
+    ]
 
 
 def find_targets(model: nn.Module, config: Any) -> list[str]:
     """Full names of the modules ``config`` adapts in ``model``, in model order.
 
     Raises ``TargetError`` naming the model's adaptable modules when nothing matches, and when a
-    selected module has a type LoRA cannot wrap.
+    selected module (by name or by regex, as in peft) has a type LoRA cannot wrap.
     """
     spec = config.target_modules
     if spec is None:
         spec = default_target_modules(model)
-    elif spec == ALL_LINEAR:
+    elif isinstance(spec, str) and spec.lower() == ALL_LINEAR:
         spec = all_linear_names(model, config.task_type)
     saved = config.modules_to_save or []
     selected = []
@@ -175,11 +182,10 @@ def find_targets(model: nn.Module, config: Any) -> list[str]:
             continue
         if any(re.match(rf"(^|.*\.){entry}($|\..*)", name) for entry in saved):
             continue
-        if config.layers_to_transform is not None and not _in_layers(name, config):
+        exact = not isinstance(spec, str) and name in spec  # peft applies no layer filter to a full name
+        if not exact and not _in_layers(name, config):
             continue
         if not isinstance(module, ADAPTABLE_TYPES):
-            if isinstance(spec, str):
-                continue  # a regex may also match containers; peft skips those the same way
             raise TargetError(
                 f"target {name!r} is a {type(module).__name__}; LoRA adapts nn.Linear, Conv1D, "
                 f"nn.Embedding and nn.Conv2d; name a leaf module instead"
@@ -195,8 +201,11 @@ def find_targets(model: nn.Module, config: Any) -> list[str]:
 
 
 def _in_layers(name: str, config: Any) -> bool:
-    index = layer_index(name, config.layers_pattern)
+    """True when ``name`` is in one of ``layers_to_transform`` (None or [] means every layer, as in peft)."""
     wanted = config.layers_to_transform
+    if wanted is None or wanted == []:
+        return True
+    index = layer_index(name, config.layers_pattern)
     return index is not None and (index == wanted if isinstance(wanted, int) else index in wanted)
 
 

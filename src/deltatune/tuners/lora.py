@@ -65,9 +65,9 @@ class LoraLayer(nn.Module):
     def delete(self, name: str) -> None:
         if name in self.merged_adapters:
             raise MergeError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting it")
-        for container in self._containers():
-            container.pop(name, None)
-        self.lora_dropout.pop(name, None)
+        for container in [*self._containers(), self.lora_dropout]:
+            if name in container:  # ModuleDict/ParameterDict.pop takes no default
+                del container[name]
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
@@ -327,7 +327,7 @@ class LoraTuner(Tuner):
 def _check_target(name: str, base: nn.Module, rank: int) -> None:
     if isinstance(base, nn.Conv2d) and base.groups != 1:
         raise ConfigError(f"LoRA on grouped Conv2d {name} (groups={base.groups}) is not supported; exclude it")
-    smallest = min(base.weight.shape[0], base.weight.shape[1])
+    smallest = min(base.weight.flatten(1).shape)  # a Conv2d update is [out, in * kh * kw]
     if rank > smallest:
         raise ConfigError(
             f"r={rank} is larger than {name}'s smallest dimension {smallest}; use r <= {smallest} "

@@ -14,7 +14,7 @@ import copy
 from torch import nn
 
 from ..errors import TargetError
-from ..targeting import walk_modules
+from ..targeting import CLASSIFIER_HEADS, CLASSIFIER_TASKS, walk_modules
 from .base import Tuner, replace_module
 
 
@@ -44,7 +44,8 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save[name] = trained
 
     def delete(self, name: str) -> None:
-        self.modules_to_save.pop(name, None)
+        if name in self.modules_to_save:  # ModuleDict.pop takes no default
+            del self.modules_to_save[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def adapter_parameters(self, name: str):
@@ -70,8 +71,10 @@ class ModulesToSaveTuner(Tuner):
     def inject(self, model: nn.Module, config, adapter_name: str) -> None:
         wanted = config.modules_to_save or []
         names = [name for name, _ in walk_modules(model) if any(_selects(entry, name) for entry in wanted)]
+        # both head names are added for classification tasks; a model has one of them
+        optional = CLASSIFIER_HEADS if config.task_type in CLASSIFIER_TASKS else ()
         for entry in wanted:
-            if not any(_selects(entry, name) for name in names):
+            if entry not in optional and not any(_selects(entry, name) for name in names):
                 raise TargetError(f"modules_to_save entry {entry!r} matches no module of this model; check the name")
         for name in names:
             module = model.get_submodule(name)
