@@ -3,7 +3,7 @@
 Adapters are saved in peft's file format, so they load in peft and vLLM, and peft's load here.
 """
 
-from .config import DeltaConfig, LoraConfig
+from .config import DeltaConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from .errors import AdapterLoadError, ConfigError, DeltaTuneError, MergeError, TargetError
 from .model import DeltaModel, get_delta_model
 
@@ -17,6 +17,9 @@ __all__ = [
     "DeltaTuneError",
     "LoraConfig",
     "MergeError",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "TargetError",
     "get_delta_model",
 ]

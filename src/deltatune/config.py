@@ -154,8 +154,7 @@ class LoraConfig(DeltaConfig):
         _check_positive_number("lora_alpha", self.lora_alpha)
         _check_bool("fan_in_fan_out", self.fan_in_fan_out)
         _check_bool("use_rslora", self.use_rslora)
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout={self.lora_dropout!r} must be a number in [0, 1)")
+        _check_probability("lora_dropout", self.lora_dropout)
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias={self.bias!r} is unknown; use 'none', 'all' or 'lora_only'")
         if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() == "gaussian":
@@ -166,10 +165,7 @@ class LoraConfig(DeltaConfig):
             )
         self.target_modules = _module_names("target_modules", self.target_modules)
         self.exclude_modules = _module_names("exclude_modules", self.exclude_modules)
-        if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) and m for m in self.modules_to_save):
-                raise ConfigError(f"modules_to_save={self.modules_to_save!r} must be a list of module names")
-            self.modules_to_save = list(self.modules_to_save)
+        self.modules_to_save = _modules_to_save(self.modules_to_save)
         self.layers_to_transform = _layer_indices(self.layers_to_transform)
         if self.layers_to_transform is not None and isinstance(self.target_modules, str):
             raise ConfigError("layers_to_transform cannot be used with a regex target_modules; put the layers in the regex")
@@ -185,6 +181,214 @@ class LoraConfig(DeltaConfig):
     def scaling(self, rank: int, alpha: float) -> float:
         """The factor in front of B @ A: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+BOTTLENECK_PLACEMENTS = ("houlsby", "pfeiffer")
+# Activation names, looked up in transformers' ACT2FN as AdapterHub does (parameter-free ones only).
+NON_LINEARITIES = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh", "sigmoid", "leaky_relu", "mish")
+BOTTLENECK_INITS = ("kaiming", "normal")
+
+
+@dataclass
+class BottleneckConfig(DeltaConfig):
+    """Bottleneck adapters (Houlsby et al., 2019, arXiv:1902.00751): ``y + s * up(act(down(y)))``.
+
+    y is the output of a sub-block (attention or MLP) of width d; down: d -> m, up: m -> d, both
+    with biases, m << d, so each adapted site trains 2·d·m + d + m parameters. ``up`` starts at
+    zero, so the adapted model computes exactly what the base model does until training moves it.
+    Field names follow AdapterHub; peft has no bottleneck adapters, so the files are deltatune's own
+    format (docs/formats.md). An adapter adds a non-linearity and cannot be merged into the weights.
+
+    Args:
+        reduction_factor: m = d // reduction_factor (AdapterHub's default 16).
+        bottleneck_size: an explicit m for every site; overrides ``reduction_factor``.
+        placement: "houlsby" (after the attention block and after the MLP of every layer) or
+            "pfeiffer" (after the MLP only; Pfeiffer et al., 2021, arXiv:2005.00247).
+        non_linearity: the activation between down and up, a transformers ``ACT2FN`` name
+            ("relu", "gelu", "silu"/"swish", "tanh", ...).
+        dropout: dropout probability on the adapter's output, before the residual sum.
+        scaling: s, a constant factor on the adapter's output.
+        init_weights: the down-projection's start: "kaiming" (Kaiming-uniform, as ``nn.Linear``) or
+            "normal" (N(0, 0.01²) truncated at ±0.02, the paper's near-identity init); biases and
+            the up-projection start at zero either way.
+        layers_to_transform: adapt only these layer indices.
+        modules_to_save: extra modules trained in full and saved with the adapter (e.g. a new head).
+    """
+
+    peft_type: ClassVar[str] = "BOTTLENECK"
+
+    reduction_factor: float = 16
+    bottleneck_size: int | None = None
+    placement: str = "houlsby"
+    non_linearity: str = "relu"
+    dropout: float = 0.0
+    scaling: float = 1.0
+    init_weights: str = "kaiming"
+    layers_to_transform: list[int] | int | None = None
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive_number("reduction_factor", self.reduction_factor)
+        if self.bottleneck_size is not None:
+            _check_positive_int("bottleneck_size", self.bottleneck_size)
+        self.placement = _choice("placement", self.placement, BOTTLENECK_PLACEMENTS)
+        self.non_linearity = _choice("non_linearity", self.non_linearity, NON_LINEARITIES)
+        self.init_weights = _choice("init_weights", self.init_weights, BOTTLENECK_INITS)
+        _check_probability("dropout", self.dropout)
+        _check_positive_number("scaling", self.scaling)
+        self.layers_to_transform = _layer_indices(self.layers_to_transform)
+        self.modules_to_save = _modules_to_save(self.modules_to_save)
+
+    def bottleneck_width(self, features: int) -> int:
+        """m for a site of width d: ``bottleneck_size``, else ``d // reduction_factor``."""
+        width = self.bottleneck_size or int(features // self.reduction_factor)
+        if width < 1:
+            raise ConfigError(
+                f"reduction_factor={self.reduction_factor!r} leaves no bottleneck units for width {features}; "
+                f"use a reduction_factor <= {features} or set bottleneck_size"
+            )
+        return width
+
+
+PROMPT_TUNING_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
+PROMPT_ENCODER_TYPES = ("MLP", "LSTM")
+
+
+@dataclass
+class PromptLearningConfig(DeltaConfig):
+    """What the prompt methods share (peft's ``PromptLearningConfig``): n virtual tokens the model attends to.
+
+    ``num_virtual_tokens`` is the one choice to make. ``token_dim``, ``num_layers``,
+    ``num_attention_heads`` and ``num_transformer_submodules`` describe the model: left at None they
+    are filled from the model's config when the adapter is injected (as peft does), so a saved
+    ``adapter_config.json`` records them. Encoder-decoder models are not supported.
+
+    Args:
+        num_virtual_tokens: n, the virtual tokens (prompt tuning, P-tuning) or prefix positions per layer.
+        token_dim: width of one virtual token: the hidden size (prefix tuning: kv_heads * head_dim).
+        num_transformer_submodules: 1 (decoder-only or encoder-only model).
+        num_attention_heads: attention heads (prefix tuning: key/value heads).
+        num_layers: transformer layers.
+        modules_to_save: extra modules trained in full and saved with the adapter (e.g. a new head).
+    """
+
+    num_virtual_tokens: int | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive_int("num_virtual_tokens", self.num_virtual_tokens)
+        for name in ("token_dim", "num_attention_heads", "num_layers", "encoder_hidden_size"):
+            if getattr(self, name, None) is not None:
+                _check_positive_int(name, getattr(self, name))
+        if self.num_transformer_submodules not in (None, 1) or self.task_type == "SEQ_2_SEQ_LM":
+            raise ConfigError(
+                "prompt methods support decoder-only and encoder-only models, not encoder-decoder ones "
+                "(task_type SEQ_2_SEQ_LM, num_transformer_submodules=2); use LoRA for those"
+            )
+        self.modules_to_save = _modules_to_save(self.modules_to_save)
+
+
+@dataclass
+class PromptTuningConfig(PromptLearningConfig):
+    """Prompt tuning (Lester et al., 2021, arXiv:2104.08691): inputs_embeds = [P; E(x)], P [n, d] trainable.
+
+    Trains n·d parameters; the base model is untouched. Outputs stay aligned with the caller's
+    ``input_ids`` (the n virtual positions are cut from logits and hidden states).
+
+    Args:
+        prompt_tuning_init: "RANDOM" (N(0, 1) entries), "TEXT" (the embeddings of the tokens of
+            ``prompt_tuning_init_text``, repeated or cut to n) or "SAMPLE_VOCAB" (the embeddings of n
+            tokens drawn uniformly from the vocabulary).
+        prompt_tuning_init_text: the text for "TEXT".
+        tokenizer_name_or_path: the tokenizer for "TEXT": a local folder (or a hub name already in the
+            local cache); it is read with ``local_files_only=True``, never downloaded.
+        tokenizer_kwargs: extra ``AutoTokenizer.from_pretrained`` arguments for "TEXT"
+            (``trust_remote_code`` is dropped).
+    """
+
+    peft_type: ClassVar[str] = "PROMPT_TUNING"
+
+    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tokenizer_kwargs: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.prompt_tuning_init = _choice("prompt_tuning_init", self.prompt_tuning_init, PROMPT_TUNING_INITS)
+        if self.prompt_tuning_init == "TEXT" and not (self.prompt_tuning_init_text and self.tokenizer_name_or_path):
+            raise ConfigError(
+                "prompt_tuning_init='TEXT' needs prompt_tuning_init_text and tokenizer_name_or_path "
+                "(a local tokenizer folder); set both"
+            )
+        if self.tokenizer_kwargs and self.prompt_tuning_init != "TEXT":
+            raise ConfigError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'; remove it")
+
+
+@dataclass
+class PromptEncoderConfig(PromptLearningConfig):
+    """P-tuning (Liu et al., 2021, arXiv:2103.10385): inputs_embeds = [f(E); E(x)], E [n, d] and the encoder f trainable.
+
+    f is an MLP d -> h -> ... -> h -> d (ReLU) or a bidirectional LSTM (d -> 2h) followed by an MLP
+    2h -> 2h -> d. Like peft, only the prompt f(E) [n, d] is saved: an adapter loaded from a file
+    holds those embeddings directly, without the encoder (further training then tunes them directly).
+
+    Args:
+        encoder_reparameterization_type: "MLP" or "LSTM".
+        encoder_hidden_size: h (default: token_dim).
+        encoder_num_layers: hidden layers of the MLP (peft always uses 2, the default) or LSTM layers.
+        encoder_dropout: dropout after each hidden layer of the MLP, between LSTM layers.
+    """
+
+    peft_type: ClassVar[str] = "P_TUNING"
+
+    encoder_reparameterization_type: str = "MLP"
+    encoder_hidden_size: int | None = None
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.encoder_reparameterization_type = _choice(
+            "encoder_reparameterization_type", self.encoder_reparameterization_type, PROMPT_ENCODER_TYPES
+        )
+        _check_positive_int("encoder_num_layers", self.encoder_num_layers)
+        _check_probability("encoder_dropout", self.encoder_dropout)
+
+
+@dataclass
+class PrefixTuningConfig(PromptLearningConfig):
+    """Prefix tuning (Li & Liang, 2021, arXiv:2101.00190): each layer attends over [K_p; K] and [V_p; V].
+
+    K_p, V_p [kv_heads, n, head_dim] per layer are trainable: n · num_layers · 2 · kv_dim parameters
+    (kv_dim = kv_heads · head_dim, so grouped-query models get smaller prefixes). With
+    ``prefix_projection`` they are the output of an MLP over n embeddings, token_dim -> h (tanh) ->
+    num_layers · 2 · kv_dim, the paper's reparameterisation for stabler training; like peft, only
+    that output is saved, so an adapter loaded from a file holds the prefix directly.
+
+    Args:
+        encoder_hidden_size: h of the projection MLP (default: token_dim).
+        prefix_projection: train through the MLP reparameterisation.
+        init_weights: None (random prefix) or "zero" (zero prefix, or zero last projection layer).
+    """
+
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+
+    init_weights: str | None = None
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_bool("prefix_projection", self.prefix_projection)
+        if self.init_weights is not None:
+            self.init_weights = _choice("init_weights", self.init_weights, ("zero",))
 
 
 def config_class_for(peft_type: str) -> type[DeltaConfig]:
@@ -227,6 +431,27 @@ def _check_positive_number(name: str, value: Any) -> None:
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ConfigError(f"{name}={value!r} must be true or false")
+
+
+def _check_probability(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"{name}={value!r} must be a number in [0, 1)")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """The entry of ``choices`` that ``value`` spells, ignoring case; a ConfigError listing them otherwise."""
+    spelled = {choice.lower(): choice for choice in choices}
+    if isinstance(value, str) and value.lower() in spelled:
+        return spelled[value.lower()]
+    raise ConfigError(f"{name}={value!r} is unknown; use one of {', '.join(choices)}")
+
+
+def _modules_to_save(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(m, str) and m for m in value):
+        raise ConfigError(f"modules_to_save={value!r} must be a list of module names")
+    return list(value)
 
 
 def _check_regex(name: str, pattern: str) -> None:

@@ -19,3 +19,11 @@ class AdapterLoadError(DeltaTuneError, ValueError):
 
 class MergeError(DeltaTuneError, ValueError):
     """A merge was refused (non-finite weights, or a method that cannot be merged)."""
+
+
+class DataError(DeltaTuneError, ValueError):
+    """A data file cannot be read, or one of its rows does not fit its format (names the file and row)."""
+
+
+class InputError(DeltaTuneError, ValueError):
+    """The arguments of a forward call do not fit the active adapter (names the argument and the fix)."""

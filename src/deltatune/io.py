@@ -30,13 +30,19 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 FILE_PREFIX = "base_model.model."
 
 # Containers whose children are keyed by adapter name; the name is dropped in the file.
-ADAPTER_CONTAINERS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"})
+ADAPTER_CONTAINERS = frozenset(
+    {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "adapter_down", "adapter_up"}
+)
 # Containers dropped together with the adapter name (the copy replaces the module itself).
 WRAPPER_CONTAINERS = frozenset({"modules_to_save"})
 
 
-def to_file_key(name: str, adapter_name: str) -> str:
-    """peft's file key for in-memory parameter ``name`` of adapter ``adapter_name``."""
+def to_file_key(name: str, adapter_name: str, prefix: str = FILE_PREFIX) -> str:
+    """peft's file key for in-memory parameter ``name`` of adapter ``adapter_name``.
+
+    ``prefix`` is where peft's wrapper keeps the model: ``base_model.model.`` for LoRA-like methods,
+    ``base_model.`` for the prompt methods (whose peft wrapper holds the model directly).
+    """
     parts = name.split(".")
     kept: list[str] = []
     index = 0
@@ -48,12 +54,12 @@ def to_file_key(name: str, adapter_name: str) -> str:
             continue
         kept.append(part)
         index += 2 if part in ADAPTER_CONTAINERS and followed_by_adapter else 1
-    return FILE_PREFIX + ".".join(kept)
+    return prefix + ".".join(kept)
 
 
-def file_key_map(names: Iterable[str], adapter_name: str) -> dict[str, str]:
+def file_key_map(names: Iterable[str], adapter_name: str, prefix: str = FILE_PREFIX) -> dict[str, str]:
     """File key -> in-memory name, for the parameters ``names`` of one adapter."""
-    return {to_file_key(name, adapter_name): name for name in names}
+    return {to_file_key(name, adapter_name, prefix): name for name in names}
 
 
 def adapter_dir(directory: str | os.PathLike, adapter_name: str) -> Path:

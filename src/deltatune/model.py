@@ -60,7 +60,11 @@ class DeltaModel(nn.Module):
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        return self.base_model.generate(*args, **kwargs)
+        """``base_model.generate``. A decoder-only model continues every row from its last column, so
+        right-padded prompts are moved to left padding first (the returned rows hold them that way)."""
+        if len(args) == 1:  # generate(input_ids, ...)
+            args, kwargs = (), {"inputs": args[0], **kwargs}
+        return self.base_model.generate(*args, **_left_padded(self.base_model, kwargs))
 
     # -- adapters ---------------------------------------------------------------------------
     @property
@@ -208,8 +212,7 @@ class DeltaModel(nn.Module):
             self._check_exists(name)
         for name in names:
             config = self.peft_config[name]
-            state = self.adapter_state(name)
-            tensors = {key: state[param_name] for key, param_name in file_key_map(state, name).items()}
+            tensors = tuner_for(config).file_tensors(self.base_model, name, self.adapter_state(name))
             saved_config = type(config).from_dict({**config.to_dict(), "inference_mode": True})
             write_adapter(adapter_dir(save_directory, name), saved_config.to_json(), tensors)
 
@@ -257,21 +260,24 @@ class DeltaModel(nn.Module):
             self.delete_adapter(adapter_name)
             raise
 
+    def load_adapter_weights(self, model_id: str | os.PathLike, adapter_name: str = "default") -> None:
+        """Overwrite existing adapter ``adapter_name``'s tensors with those saved in ``model_id`` (e.g. a
+        training checkpoint of it); its config, active state and trainability stay as they are."""
+        self._check_exists(adapter_name)
+        self._load_tensors(adapter_name, read_adapter_weights(model_id), str(model_id))
+
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
-        config = self.peft_config[adapter_name]
-        params = dict(self.adapter_state(adapter_name))
-        keys = file_key_map(params, adapter_name)
-        optional = tuner_for(config).optional_file_parameters(self.base_model, adapter_name)
-        keys.update(file_key_map(optional, adapter_name))
-        params.update(optional)
-        missing = [key for key in keys if key not in tensors and keys[key] not in optional]
+        tuner = tuner_for(self.peft_config[adapter_name])
+        required = tuner.file_targets(self.base_model, adapter_name, self.adapter_state(adapter_name))
+        optional = tuner.optional_file_parameters(self.base_model, adapter_name)
+        targets = {key: optional[name] for key, name in file_key_map(optional, adapter_name).items()} | required
+        missing = [key for key in required if key not in tensors]
         if missing:
             raise AdapterLoadError(f"{source}: the file lacks {missing[0]} (and {len(missing) - 1} more keys); wrong config?")
-        check_tensors_fit(tensors, {key: params[name] for key, name in keys.items()}, source)
+        check_tensors_fit(tensors, targets, source)
         with torch.no_grad():
             for key, tensor in tensors.items():
-                param = params[keys[key]]
-                param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+                targets[key].copy_(tensor.to(device=targets[key].device, dtype=targets[key].dtype))
 
     # -- internals ---------------------------------------------------------------------------
     def _tuners(self):
@@ -311,6 +317,24 @@ def get_delta_model(model: nn.Module, config: DeltaConfig, adapter_name: str = "
 def _check_adapter_name(name: str) -> None:
     if not isinstance(name, str) or not name or "." in name or "/" in name:
         raise ConfigError(f"adapter name {name!r} must be a non-empty string without '.' or '/'")
+
+
+def _left_padded(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``generate``'s keyword arguments with right-padded prompt rows moved to left padding.
+
+    A stable sort of each row by its mask (0 before 1) puts the padding first and keeps the tokens'
+    order; the per-token inputs given with the ids move with them.
+    """
+    key = "input_ids" if "input_ids" in kwargs else "inputs"
+    ids, mask = kwargs.get(key), kwargs.get("attention_mask")
+    if not isinstance(ids, torch.Tensor) or not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
+        return kwargs
+    if getattr(model.config, "is_encoder_decoder", False) or bool(mask[:, -1].all()):
+        return kwargs
+    order = torch.sort(mask.long(), dim=1, stable=True).indices
+    per_token = (key, "attention_mask", "token_type_ids", "position_ids")
+    moved = {k: kwargs[k].gather(1, order) for k in per_token if getattr(kwargs.get(k), "shape", None) == mask.shape}
+    return {**kwargs, **moved}
 
 
 def _name_or_path(model: nn.Module) -> str | None:

@@ -116,7 +116,8 @@ def walk_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.M
     for child_name, child in model.named_children():
         name = f"{prefix}.{child_name}" if prefix else child_name
         if getattr(child, "is_delta_layer", False):
-            yield name, child.base_layer
+            if child.base_layer is not None:  # None: a module deltatune added (prompt encoders), not a wrapper
+                yield name, child.base_layer
             continue
         yield name, child
         yield from walk_modules(child, name)

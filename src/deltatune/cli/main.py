@@ -8,9 +8,17 @@ import traceback
 from collections.abc import Sequence
 
 from ..errors import DeltaTuneError
-from . import train
+from . import bench, chat, evaluate, generate, inspect_model, merge, train
 
-COMMANDS = {"train": train}
+COMMANDS = {
+    "train": train,
+    "merge": merge,
+    "generate": generate,
+    "chat": chat,
+    "eval": evaluate,
+    "inspect": inspect_model,
+    "bench": bench,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,27 +7,42 @@ import dataclasses
 import textwrap
 
 from ..train.config import TrainConfig
+from ..train.methods import methods, option_defaults
 
 EXAMPLES = """\
 examples:
   deltatune train                                  # embedded default: LoRA SFT of SmolLM2-135M on chatterbot
   deltatune train max_steps=200 r=16 learning_rate=5e-4
-  deltatune train my_run.yaml output_dir=outputs/run2
+  deltatune train model=./my-model data=train.jsonl eval_data=dev.jsonl epochs=3 output_dir=outputs/run1
+  deltatune train examples/dpo.yaml                # DPO on SYNTHETIC chatterbot preference pairs
+  deltatune train my_run.yaml output_dir=outputs/run2 resume_from_checkpoint=last
 """
 
 
 def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
-    keys = "\n".join(
-        f"  {f.name:<16} {f.metadata['help']} (default: {f.default})" for f in dataclasses.fields(TrainConfig)
-    )
     parser = commands.add_parser(
         name,
-        help="fine-tune a model with LoRA",
-        description="Fine-tune a model with LoRA and save a peft-compatible adapter.",
-        epilog=EXAMPLES + "\nconfig keys:\n" + keys,
+        help="fine-tune a model (SFT, DPO or KTO) and save a peft-compatible adapter",
+        description="Fine-tune a model with an adapter method (SFT, DPO or KTO) and save a peft-compatible "
+        "adapter, metrics.json and loss.png in output_dir. Settings come from defaults, then CONFIG.yaml, "
+        "then key=value overrides.",
+        epilog=EXAMPLES + "\nconfig keys:\n" + _keys_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("settings", nargs="*", metavar="[CONFIG.yaml] [key=value]", help="a YAML file and/or overrides")
+
+
+def _keys_help() -> str:
+    lines = [
+        f"  {f.name:<28} {f.metadata['help']} (default: {f.default!r})"
+        for f in dataclasses.fields(TrainConfig)
+        if f.name in TrainConfig.keys()
+    ]
+    for method in methods():
+        lines.append(f"\nmethod={method} keys (defaults):")
+        lines.append(textwrap.fill(", ".join(f"{k}={v!r}" for k, v in option_defaults(method).items()),
+                                   width=100, initial_indent="  ", subsequent_indent="  "))  # fmt: skip
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,11 +54,21 @@ def run(args: argparse.Namespace) -> int:
 
     result = run_training(config)
     print()
-    print(f"held-out loss: {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f} "
-          f"(reloaded adapter: {result.eval_loss_reloaded:.4f}; merged model max logit diff "
-          f"{result.merged_max_logit_diff:.2e})")  # fmt: skip
-    print(f"question:        {result.sample_question}")
-    for label, text in (("before", result.answer_before), ("after", result.answer_after), ("merged", result.answer_merged)):
-        print(f"answer {label + ':':<8} " + textwrap.shorten(text, 200))
-    print(f"trained {result.train_seconds:.0f} s; adapter and metrics.json in {config.output_dir}")
+    checks = f"reloaded adapter max logit diff {result.reloaded_max_logit_diff:.2e}"
+    if result.merged_max_logit_diff is not None:
+        checks += f"; merged model max logit diff {result.merged_max_logit_diff:.2e}"
+    label = "held-out loss" if result.stage == "sft" else f"held-out {result.stage} loss"
+    line = f"{label}: {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}"
+    accuracy = "eval_rewards/accuracies"
+    if accuracy in result.eval_before and accuracy in result.eval_after:
+        line += f", reward accuracy {result.eval_before[accuracy]:.3f} -> {result.eval_after[accuracy]:.3f}"
+    print(f"{line} ({checks})")
+    if result.sample_prompt is not None:
+        print(f"question:        {textwrap.shorten(result.sample_prompt, 200)}")
+        answers = (("before", result.answer_before), ("after", result.answer_after), ("merged", result.answer_merged))
+        for label, text in answers:
+            if text is not None:
+                print(f"answer {label + ':':<8} " + textwrap.shorten(text, 200))
+    print(f"trained {result.steps} steps in {result.train_seconds:.0f} s ({result.tokens_per_second:,.0f} tokens/s); "
+          f"adapter in {result.adapter_dir}, metrics.json and loss.png in {config.output_dir}")  # fmt: skip
     return 0

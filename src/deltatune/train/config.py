@@ -1,4 +1,9 @@
-"""``TrainConfig``: the flat, documented keys of ``deltatune train``, parsed from YAML and key=value."""
+"""``TrainConfig``: the flat, documented keys of ``deltatune train``, parsed from YAML and key=value.
+
+Keys are this class's fields plus the hyper-parameters of the chosen ``method`` (the fields of its
+config class, e.g. ``r``, ``lora_alpha``, ``target_modules`` for LoRA; see ``methods``). Unknown
+keys get a did-you-mean suggestion; every value is checked before any model or data is loaded.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,20 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
+from transformers.trainer_utils import SchedulerType
 
+from ..config import PromptLearningConfig
 from ..errors import ConfigError
+from .methods import build_config, option_defaults
 
 EMBEDDED_MODEL = "smollm2"
 EMBEDDED_DATA = "chatterbot"
+STAGES = ("sft", "dpo", "kto")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _key(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -21,64 +35,125 @@ class TrainConfig:
     """Every key of a training run. The defaults are the embedded quick start: LoRA SFT of
     SmolLM2-135M-Instruct on chatterbot question/answer pairs, a few minutes on a laptop CPU."""
 
-    model: str = field(default=EMBEDDED_MODEL, metadata={"help": "model folder, or 'smollm2' (embedded)"})
-    data: str = field(default=EMBEDDED_DATA, metadata={"help": "data set, or 'chatterbot' (embedded)"})
-    output_dir: str = field(default="outputs/quickstart", metadata={"help": "where the adapter and metrics go"})
-    r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (update scaled by alpha / r)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input path"})
-    target_modules: str = field(default="all-linear", metadata={"help": "comma-separated names, a regex, or all-linear"})
-    max_steps: int = field(default=60, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=8, metadata={"help": "examples per step"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW, cosine decay)"})
-    warmup_steps: int = field(default=5, metadata={"help": "linear warm-up steps"})
-    max_length: int = field(default=128, metadata={"help": "tokens per example (longer ones are cut)"})
-    eval_fraction: float = field(default=0.1, metadata={"help": "share of distinct questions held out"})
-    eval_examples: int = field(default=96, metadata={"help": "held-out examples scored before and after"})
-    seed: int = field(default=0, metadata={"help": "seed for the split, the adapter init and the data order"})
+    model: str = _key(EMBEDDED_MODEL, "model folder (config.json + weights), or 'smollm2' (embedded)")
+    data: str = _key(EMBEDDED_DATA, "a .jsonl/.json/.csv/.tsv/.parquet file, a datasets folder, or built-in: "
+                     "chatterbot, chatterbot-preference-synthetic, chatterbot-kto-synthetic")  # fmt: skip
+    data_format: str = _key("auto", "auto (from the columns), messages, prompt_completion, text, alpaca, sharegpt, "
+                            "preference, kto")  # fmt: skip
+    eval_data: str = _key("", "held-out data file; empty: hold out eval_fraction of data")
+    eval_fraction: float = _key(0.1, "share of distinct prompts held out when eval_data is empty")
+    eval_examples: int = _key(96, "at most this many held-out examples are scored")
+    stage: str = _key("sft", "sft, dpo or kto")
+    method: str = _key("lora", "adapter method; its hyper-parameters are keys too (see below)")
+    output_dir: str = _key("outputs/quickstart", "adapter, checkpoints, metrics.json and loss.png go here")
+    max_steps: int = _key(60, "optimizer steps; 0 trains for `epochs` (setting epochs alone sets it to 0)")
+    epochs: float = _key(0.0, "passes over the training data, when max_steps is 0")
+    batch_size: int = _key(8, "examples per device step")
+    gradient_accumulation_steps: int = _key(1, "device steps per optimizer step")
+    learning_rate: float = _key(1e-3, "peak learning rate (AdamW)")
+    lr_scheduler: str = _key("cosine", "learning-rate schedule after warm-up: cosine, linear, constant, ...")
+    warmup_steps: int = _key(5, "linear warm-up steps")
+    weight_decay: float = _key(0.0, "AdamW weight decay")
+    max_length: int = _key(128, "tokens per example; longer ones are cut (and counted)")
+    train_on_prompt: bool = _key(False, "also put loss on prompt tokens (default: only on answers)")
+    packing: bool = _key(False, "pack several examples into each max_length row (sft)")
+    eval_steps: int = _key(0, "evaluate every N steps; 0: only before and after training")
+    early_stopping_patience: int = _key(0, "stop after N evaluations without a lower eval loss; 0: off")
+    save_steps: int = _key(0, "write a checkpoint every N steps to output_dir/checkpoints; 0: none")
+    save_total_limit: int = _key(2, "keep at most this many checkpoints")
+    resume_from_checkpoint: str = _key("", "a checkpoint folder, or 'last' (the newest in output_dir/checkpoints)")
+    gradient_checkpointing: bool = _key(False, "recompute activations in backward: less memory, ~30% slower")
+    precision: str = _key("auto", "fp32, bf16, fp16 (mixed precision) or auto (bf16 on a GPU that has it, else fp32)")
+    logging_steps: int = _key(0, "log the training loss every N steps; 0: about 50 times per run")
+    tensorboard: bool = _key(False, "also log to TensorBoard in output_dir/tensorboard (needs tensorboard)")
+    beta: float = _key(0.1, "dpo/kto: strength of the pull towards the reference (base) model")
+    loss_type: str = _key("sigmoid", "dpo: sigmoid (the DPO paper) or ipo")
+    desirable_weight: float = _key(1.0, "kto: weight of desirable examples' loss")
+    undesirable_weight: float = _key(1.0, "kto: weight of undesirable examples' loss")
+    seed: int = _key(0, "seed for the split, the adapter init and the data order")
+    method_options: dict[str, Any] = field(default_factory=dict, metadata={"help": ""})
 
     def __post_init__(self) -> None:
-        for name in ("r", "max_steps", "batch_size", "max_length", "eval_examples"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
-        if not 0 < self.eval_fraction < 1:
-            raise ConfigError(f"eval_fraction={self.eval_fraction} must be between 0 and 1")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate={self.learning_rate} must be positive")
+        for name in ("batch_size", "gradient_accumulation_steps", "max_length", "eval_examples"):
+            _check(name, getattr(self, name), getattr(self, name) > 0, "must be positive")
+        for name in ("max_steps", "warmup_steps", "eval_steps", "early_stopping_patience", "save_steps",
+                     "save_total_limit", "logging_steps", "epochs", "weight_decay"):  # fmt: skip
+            _check(name, getattr(self, name), getattr(self, name) >= 0, "must be 0 or more")
+        _check("learning_rate", self.learning_rate, self.learning_rate > 0, "must be positive")
+        _check("beta", self.beta, self.beta > 0, "must be positive")
+        if (self.max_steps > 0) == (self.epochs > 0):
+            raise ConfigError(f"set max_steps or epochs (exactly one above 0); got max_steps={self.max_steps}, "
+                              f"epochs={self.epochs}")  # fmt: skip
+        if not self.eval_data:
+            _check("eval_fraction", self.eval_fraction, 0 < self.eval_fraction < 1, "must be between 0 and 1")
+        if self.early_stopping_patience and not self.eval_steps:
+            raise ConfigError("early_stopping_patience needs evaluations during training; set eval_steps too")
+        if self.early_stopping_patience and self.save_steps % max(self.eval_steps, 1):
+            raise ConfigError(f"save_steps={self.save_steps} must be a multiple of eval_steps={self.eval_steps} "
+                              f"with early stopping (the best adapter is restored from a checkpoint)")  # fmt: skip
+        if self.stage != "sft" and (self.packing or self.train_on_prompt):
+            raise ConfigError(f"packing and train_on_prompt apply to stage=sft only, not stage={self.stage}")
+        _check("stage", self.stage, self.stage in STAGES, f"is unknown; use one of {', '.join(STAGES)}")
+        _check("precision", self.precision, self.precision in PRECISIONS, f"is unknown; use one of {', '.join(PRECISIONS)}")
+        schedulers = [s.value for s in SchedulerType if s.value != "reduce_lr_on_plateau"]
+        _check("lr_scheduler", self.lr_scheduler, self.lr_scheduler in schedulers, f"is unknown; use one of {', '.join(schedulers)}")
+        if self.packing and isinstance(self.delta_config(), PromptLearningConfig):
+            raise ConfigError(f"packing=true does not work with method={self.method}: its virtual tokens come once per "
+                              f"row, so only a row's first example would see them; set packing=false")  # fmt: skip
+        self.delta_config()  # validates the method and its hyper-parameters
 
-    @property
-    def target_modules_spec(self) -> list[str] | str:
-        """``target_modules`` as LoraConfig takes it: "all-linear", a regex, or a list of names."""
-        spec = self.target_modules.strip()
-        if spec == "all-linear" or any(ch in spec for ch in "*()[]|\\^$?+"):
-            return spec
-        return [name.strip() for name in spec.split(",") if name.strip()]
+    def delta_config(self, base_model: str | None = None):
+        """The adapter config this run trains (a causal-LM task)."""
+        return build_config(self.method, self.method_options, "CAUSAL_LM", base_model)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The run's own keys (the method's hyper-parameters come on top)."""
+        return [f.name for f in dataclasses.fields(cls) if f.name != "method_options"]
 
     @classmethod
     def from_sources(cls, config_file: str | None, overrides: list[str]) -> TrainConfig:
-        """Defaults, then a YAML file, then ``key=value`` overrides (values parsed as YAML scalars)."""
-        values: dict[str, Any] = {}
-        if config_file:
-            values.update(_read_yaml(Path(config_file)))
+        """Defaults, then a YAML file, then ``key=value`` overrides (values parsed as YAML scalars).
+
+        ``epochs`` and ``max_steps`` are alternatives: an override of one drops the file's other.
+        """
+        values: dict[str, Any] = _read_yaml(Path(config_file)) if config_file else {}
+        given: dict[str, Any] = {}
         for item in overrides:
             key, sep, raw = item.partition("=")
             if not sep or not key:
                 raise ConfigError(f"override {item!r} is not key=value; e.g. max_steps=100")
-            values[key.strip()] = yaml.safe_load(raw) if raw else ""
-        return cls.from_dict(values)
+            given[key.strip()] = yaml.safe_load(raw) if raw else ""
+        for key, other in (("epochs", "max_steps"), ("max_steps", "epochs")):
+            if key in given and other not in given:
+                values.pop(other, None)
+        return cls.from_dict({**values, **given})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Typed config from flat keys: run keys, then the method's hyper-parameters."""
         hints = get_type_hints(cls)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        typed = {}
+        own = cls.keys()
+        method = str(values.get("method", cls.method))
+        method_keys = list(option_defaults(method))
+        typed: dict[str, Any] = {"method_options": {}}
         for key, value in values.items():
-            if key not in fields:
-                guess = difflib.get_close_matches(key, fields, n=1)
-                hint = f"; did you mean {guess[0]!r}?" if guess else f"; known keys: {', '.join(sorted(fields))}"
+            if key in own:
+                typed[key] = _coerce(key, value, hints[key])
+            elif key in method_keys:
+                typed["method_options"][key] = value
+            else:
+                guess = difflib.get_close_matches(key, own + method_keys, n=1)
+                hint = f"; did you mean {guess[0]!r}?" if guess else "; `deltatune train --help` lists the keys"
                 raise ConfigError(f"unknown config key {key!r}{hint}")
-            typed[key] = _coerce(key, value, hints[key])
+        if "epochs" in values and "max_steps" not in values:
+            typed["max_steps"] = 0
         return cls(**typed)
+
+
+def _check(name: str, value: Any, ok: bool, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} {problem}")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -100,9 +175,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _coerce(key: str, value: Any, kind: type) -> Any:
     if kind is str and isinstance(value, list):
         return ",".join(str(item) for item in value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
     fractional = kind is int and isinstance(value, float) and not value.is_integer()
     try:
-        if isinstance(value, bool) or fractional:
+        if isinstance(value, bool) or fractional or value is None:
             raise TypeError
         return kind(value)
     except (TypeError, ValueError):

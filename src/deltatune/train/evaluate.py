@@ -8,6 +8,10 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from ..data.encoding import prompt_ids
+from ..data.records import Message
 
 
 @torch.no_grad()
@@ -26,9 +30,11 @@ def heldout_loss(
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # prompt-learning methods put virtual tokens in front: score the real tokens' positions only
+        logits = logits[:, -batch["labels"].shape[1] : -1]
         labels = batch["labels"][:, 1:]
         loss = nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
         )
         total_loss += loss.item()
         total_tokens += int((labels != -100).sum())
@@ -37,17 +43,20 @@ def heldout_loss(
 
 
 def perplexity(loss: float) -> float:
+    """exp(loss), capped at exp(50) so a diverged run still prints a number."""
     return math.exp(min(loss, 50.0))
 
 
 @torch.no_grad()
-def answer(model: nn.Module, tokenizer, question: str, max_new_tokens: int = 48) -> str:
-    """Greedy answer of a chat model to one user question."""
-    messages = [{"role": "user", "content": question}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+def answer(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], max_new_tokens: int = 48, **sampling
+) -> str:
+    """The model's next assistant message after ``messages`` (greedy unless ``sampling`` says otherwise)."""
     device = next(model.parameters()).device
-    prompt = {k: v.to(device) for k, v in prompt.items()}
+    ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     output = model.generate(
-        **prompt, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id
-    )
-    return tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+        do_sample=bool(sampling), pad_token_id=pad, **sampling,
+    )  # fmt: skip
+    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()

@@ -1,155 +1,295 @@
-"""One supervised fine-tuning run, end to end: measure, train, save, reload, merge, measure again."""
+"""One training run, end to end: validate, measure, train, save, check the saved adapter, report.
+
+Order matters for the user: the config, the model path, the checkpoint and every data row are
+checked before the model is loaded, so a typo costs a second, not a model load.
+"""
 
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
 
-from .. import assets
-from ..config import LoraConfig
-from ..data.chatterbot import collate_causal, encode_chat_pair, split_pairs
-from ..errors import ConfigError
+from ..data import EncodedSet, Record, RecordSet, TextExample, load_records, prompt_ids, split_records
+from ..data.records import Messages
+from ..errors import ConfigError, DataError, MergeError
 from ..model import DeltaModel, get_delta_model
-from .config import EMBEDDED_DATA, EMBEDDED_MODEL, TrainConfig
-from .evaluate import answer, heldout_loss, perplexity
-from .trainer import DeltaTrainer
+from .config import TrainConfig
+from .evaluate import answer
+from .loading import load_causal_lm, load_tokenizer, model_folder
+from .progress import ProgressBar
+from .report import plot_losses, write_metrics
+from .stages import STAGES, Stage
 
 
 @dataclass
 class RunResult:
     """What a run measured; also written to ``<output_dir>/metrics.json``."""
 
-    eval_loss_before: float
-    eval_loss_after: float
-    eval_loss_reloaded: float
-    merged_max_logit_diff: float
-    sample_question: str
-    answer_before: str
-    answer_after: str
-    answer_merged: str
+    stage: str
+    eval_before: dict[str, float]  # the base model (sft) / the untrained adapter (dpo, kto)
+    eval_after: dict[str, float]
+    reloaded_max_logit_diff: float  # saved adapter, loaded back, vs the trained one
+    merged_max_logit_diff: float | None  # merged weights vs the adapter; None: the method cannot merge
+    sample_prompt: str | None
+    answer_before: str | None
+    answer_after: str | None
+    answer_merged: str | None
     train_seconds: float
+    tokens_per_second: float
+    steps: int
     trainable_params: int
     total_params: int
+    adapter_dir: str
+
+    @property
+    def eval_loss_before(self) -> float:
+        return self.eval_before["eval_loss"]
+
+    @property
+    def eval_loss_after(self) -> float:
+        return self.eval_after["eval_loss"]
 
 
 def run_training(config: TrainConfig, log=print) -> RunResult:
-    """Fine-tune ``config.model`` with LoRA on ``config.data`` and prove the adapter round-trips."""
+    """Train ``config.method`` on ``config.data`` with ``config.stage``; see the module docstring."""
     set_seed(config.seed)
-    model_path = _model_path(config.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    train_examples, eval_examples, question = _chatterbot_examples(config, tokenizer)
-    log(f"data: {len(train_examples)} training / {len(eval_examples)} held-out examples")
+    stage = STAGES[config.stage]
+    model_path = model_folder(config.model)
+    checkpoint = _checkpoint(config)
+    train_records, eval_records = _records(config, stage)
 
-    def collate(batch):
-        return collate_causal(batch, tokenizer.pad_token_id)
+    tokenizer = load_tokenizer(model_path)
+    train_set, eval_set = (stage.encode(tokenizer, records, config) for records in (train_records, eval_records))
+    log(f"train data: {train_set.summary(config.max_length)}")
+    log(f"held-out data: {eval_set.summary(config.max_length)}")
+    for name, encoded in (("training", train_set), ("held-out", eval_set)):
+        if not encoded.examples:
+            raise DataError(f"no {name} example is left after truncation to max_length={config.max_length}")
 
-    model = _load_model(model_path)
-    loss_before = heldout_loss(model, eval_examples, collate, desc="held-out loss (base)")
-    answer_before = answer(model, tokenizer, question)
-    log(f"held-out loss before: {loss_before:.4f} (perplexity {perplexity(loss_before):.2f})")
-
-    lora = LoraConfig(
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules_spec,
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=None if config.model == EMBEDDED_MODEL else config.model,
-    )
-    delta = get_delta_model(model, lora)
+    model = load_causal_lm(model_path)
+    model.config.use_cache = False  # training needs no KV cache (and packing needs none: see data.collate)
+    delta = get_delta_model(model, config.delta_config(str(model_path.resolve())))
     trainable, total = delta.get_nb_trainable_parameters()
-    log(f"LoRA r={config.r} on {config.target_modules}: {trainable:,} trainable of {total:,} parameters")
+    log(f"{config.method}: {trainable:,} trainable of {total:,} parameters")
+    trainer = stage.trainer(config, delta, tokenizer, _arguments(config, train_set), train_set.examples, eval_set.examples)
+    progress = ProgressBar()
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(progress)
+    if config.early_stopping_patience:
+        trainer.add_callback(EarlyStoppingCallback(config.early_stopping_patience))
+    if config.tensorboard:
+        trainer.add_callback(_tensorboard(Path(config.output_dir) / "tensorboard"))
+
+    prompt = _sample_prompt(eval_records)
+    # SFT's "before" is the base model; DPO/KTO score the untrained adapter, which is its own reference.
+    with delta.disable_adapter() if stage.name == "sft" else contextlib.nullcontext():
+        before = trainer.evaluate()
+    with delta.disable_adapter():
+        answer_before = answer(delta, tokenizer, prompt) if prompt else None
+    log(f"held-out loss before: {_describe(before)}")
 
     started = time.perf_counter()
-    _trainer(config, delta, tokenizer, train_examples, collate).train()
+    trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - started
-
-    loss_after = heldout_loss(delta, eval_examples, collate, desc="held-out loss (adapter)")
-    answer_after = answer(delta, tokenizer, question)
-    log(f"held-out loss after:  {loss_after:.4f} (perplexity {perplexity(loss_after):.2f})")
+    delta.eval()  # Trainer leaves train mode (dropout) on
+    after = trainer.evaluate()
+    answer_after = answer(delta, tokenizer, prompt) if prompt else None
+    log(f"held-out loss after:  {_describe(after)}")
 
     adapter_dir = Path(config.output_dir) / "adapter"
     delta.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
     log(f"adapter saved to {adapter_dir}")
+    probe = _probe_ids(tokenizer, prompt, eval_set, delta)
+    reloaded_diff = _reloaded_diff(delta, adapter_dir, probe)
+    merged_diff, answer_merged = _merged_check(delta, tokenizer, prompt, probe)
 
-    reloaded = DeltaModel.from_pretrained(_load_model(model_path), adapter_dir)
-    loss_reloaded = heldout_loss(reloaded, eval_examples, collate, desc="held-out loss (reloaded)")
-    merged = reloaded.merge_and_unload()
-    probe = collate(eval_examples[: config.batch_size])
-    with torch.no_grad():
-        diff = (merged(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
-                - delta(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits)  # fmt: skip
-    answer_merged = answer(merged, tokenizer, question)
-
+    state = trainer.state
     result = RunResult(
-        eval_loss_before=loss_before,
-        eval_loss_after=loss_after,
-        eval_loss_reloaded=loss_reloaded,
-        merged_max_logit_diff=diff.abs().max().item(),
-        sample_question=question,
-        answer_before=answer_before,
-        answer_after=answer_after,
-        answer_merged=answer_merged,
-        train_seconds=train_seconds,
-        trainable_params=trainable,
-        total_params=total,
-    )
-    (Path(config.output_dir) / "metrics.json").write_text(
-        json.dumps({"config": asdict(config), "result": asdict(result)}, indent=2) + "\n", encoding="utf-8"
-    )
+        stage=stage.name, eval_before=before, eval_after=after, reloaded_max_logit_diff=reloaded_diff,
+        merged_max_logit_diff=merged_diff, sample_prompt=prompt[-1].content if prompt else None,
+        answer_before=answer_before, answer_after=answer_after, answer_merged=answer_merged,
+        train_seconds=train_seconds, tokens_per_second=progress.tokens_per_second,
+        steps=state.global_step, trainable_params=trainable, total_params=total, adapter_dir=str(adapter_dir),
+    )  # fmt: skip
+    history = [{"step": 0, **before}, *state.log_history]
+    output = Path(config.output_dir)
+    write_metrics(
+        output / "metrics.json", config=dataclasses.asdict(config), result=dataclasses.asdict(result),
+        data=_data_stats(train_records, eval_records, train_set, eval_set), log_history=history,
+    )  # fmt: skip
+    plot_losses(output / "loss.png", history, title=f"{stage.name} · {config.method} · {model_path.name}")
     return result
 
 
-def _model_path(model: str) -> Path:
-    if model == EMBEDDED_MODEL:
-        return assets.smollm2_path()
-    path = Path(model)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model={model!r} is not a model folder (no config.json); use 'smollm2' or a local path")
-    return path
+def _checkpoint(config: TrainConfig) -> str | None:
+    if not config.resume_from_checkpoint:
+        return None
+    if config.resume_from_checkpoint == "last":
+        folder = Path(config.output_dir) / "checkpoints"
+        last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+        if last is None:
+            raise ConfigError(f"resume_from_checkpoint=last: no checkpoint-* folder in {folder}")
+        return last
+    path = Path(config.resume_from_checkpoint)
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"resume_from_checkpoint={str(path)!r} is not a checkpoint folder (no trainer_state.json)")
+    return str(path)
 
 
-def _load_model(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+def _records(config: TrainConfig, stage: Stage) -> tuple[list[Record], list[Record]]:
+    """(train, held-out) records, every row validated."""
+    data = _checked(load_records(config.data, config.data_format), stage)
+    if config.eval_data:
+        train = data.records
+        held_out = _checked(load_records(config.eval_data, config.data_format), stage).records
+    else:
+        train, held_out = split_records(data.records, config.eval_fraction, config.seed)
+        if not train or not held_out:
+            raise DataError(f"{data.source}: {len(data)} examples are too few to hold out eval_fraction="
+                            f"{config.eval_fraction}; add rows or pass eval_data")  # fmt: skip
+    return train, held_out[: config.eval_examples]
 
 
-def _chatterbot_examples(config: TrainConfig, tokenizer) -> tuple[list[dict], list[dict], str]:
-    if config.data != EMBEDDED_DATA:
-        raise ConfigError(f"data={config.data!r} is not supported yet; use 'chatterbot' (the embedded corpus)")
-    train_pairs, eval_pairs = split_pairs(assets.chatterbot_pairs(), config.eval_fraction, config.seed)
-    eval_pairs = eval_pairs[: config.eval_examples]
-
-    def encode(pairs):
-        return [encode_chat_pair(tokenizer, p.question, p.answer, max_length=config.max_length) for p in pairs]
-
-    return encode(train_pairs), encode(eval_pairs), eval_pairs[0].question
+def _checked(data: RecordSet, stage: Stage) -> RecordSet:
+    if data.kind not in stage.kinds:
+        raise DataError(
+            f"stage={stage.name} trains on {' or '.join(stage.kinds)} data, but {data.source} is {data.kind} data "
+            f"(format {data.format}); e.g. data={stage.data_hint}"
+        )
+    return data
 
 
-def _trainer(config: TrainConfig, model: DeltaModel, tokenizer, train_examples, collate) -> DeltaTrainer:
-    args = TrainingArguments(
+def _arguments(config: TrainConfig, train_set: EncodedSet) -> TrainingArguments:
+    steps = config.max_steps
+    if not steps:
+        rows = len(train_set.examples)  # an upper bound when packing
+        steps = math.ceil(config.epochs * math.ceil(rows / config.batch_size) / config.gradient_accumulation_steps)
+    evaluate = "steps" if config.eval_steps else "no"
+    return TrainingArguments(
         output_dir=str(Path(config.output_dir) / "checkpoints"),
-        max_steps=config.max_steps,
+        max_steps=config.max_steps or -1,
+        num_train_epochs=config.epochs or 1.0,
         per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_steps,
-        lr_scheduler_type="cosine",
-        logging_steps=max(1, config.max_steps // 10),
-        save_strategy="no",
+        weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps or max(1, steps // 50),
+        eval_strategy=evaluate,
+        eval_steps=config.eval_steps or None,
+        save_strategy="steps" if config.save_steps or config.early_stopping_patience else "no",
+        save_steps=config.save_steps or config.eval_steps or 500,
+        save_total_limit=config.save_total_limit or None,
+        load_best_model_at_end=bool(config.early_stopping_patience),
+        metric_for_best_model="eval_loss" if config.early_stopping_patience else None,
+        greater_is_better=False if config.early_stopping_patience else None,
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        **_precision(config.precision),
         report_to=[],
         seed=config.seed,
         data_seed=config.seed,
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
     )
-    return DeltaTrainer(
-        model=model, args=args, train_dataset=train_examples, data_collator=collate, processing_class=tokenizer
-    )
+
+
+def _precision(precision: str) -> dict[str, bool]:
+    """TrainingArguments' bf16/fp16 flags for ``precision`` on this machine."""
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ConfigError("precision=fp16 needs a CUDA GPU; use precision=bf16 or fp32 on this machine")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError("precision=bf16 is not supported by this GPU; use precision=fp16")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def _tensorboard(folder: Path):
+    from transformers.integrations import TensorBoardCallback
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+    return TensorBoardCallback(SummaryWriter(log_dir=str(folder)))
+
+
+def _sample_prompt(records: list[Record]) -> Messages | None:
+    record = records[0]
+    return None if isinstance(record, TextExample) else record.prompt
+
+
+def _probe_ids(tokenizer, prompt: Messages | None, eval_set: EncodedSet, model: DeltaModel) -> torch.Tensor:
+    """One short input on which the trained, reloaded and merged adapters must agree."""
+    ids = prompt_ids(tokenizer, prompt) if prompt else eval_set.examples[0]["input_ids"]
+    return torch.tensor([ids], device=next(model.parameters()).device)
+
+
+@torch.no_grad()
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits.float()
+
+
+def _reloaded_diff(delta: DeltaModel, adapter_dir: Path, probe: torch.Tensor) -> float:
+    """Max |logit difference| between the trained adapter and its saved files loaded back beside it."""
+    trained = _logits(delta, probe)
+    delta.load_adapter(adapter_dir, adapter_name="reloaded")
+    try:
+        delta.set_adapter("reloaded")
+        delta.eval()  # new adapter modules start in train mode (dropout on)
+        return (_logits(delta, probe) - trained).abs().max().item()
+    finally:
+        delta.set_adapter("default")
+        delta.delete_adapter("reloaded")
+
+
+def _merged_check(delta: DeltaModel, tokenizer, prompt: Messages | None, probe: torch.Tensor) -> tuple[float | None, str | None]:
+    """(max |logit difference| merged vs unmerged, the merged model's answer); (None, None) when the
+    method cannot merge. The weights are unmerged again afterwards."""
+    unmerged = _logits(delta, probe)
+    try:
+        delta.merge_adapter(safe_merge=True)
+    except MergeError:
+        return None, None
+    try:
+        diff = (_logits(delta, probe) - unmerged).abs().max().item()
+        return diff, answer(delta, tokenizer, prompt) if prompt else None
+    finally:
+        delta.unmerge_adapter()
+
+
+def _data_stats(train_records, eval_records, train_set: EncodedSet, eval_set: EncodedSet) -> dict[str, int]:
+    return {
+        "train_records": len(train_records), "train_examples": len(train_set.examples),
+        "train_tokens": train_set.n_tokens, "train_truncated": train_set.n_truncated,
+        "train_dropped": train_set.n_dropped, "eval_records": len(eval_records),
+        "eval_examples": len(eval_set.examples), "eval_truncated": eval_set.n_truncated,
+        "eval_dropped": eval_set.n_dropped,
+    }  # fmt: skip
+
+
+def _describe(metrics: dict[str, float]) -> str:
+    """"2.7132 (perplexity 15.08)", plus the reward accuracy when the stage logs one."""
+    text = f"{metrics['eval_loss']:.4f}"
+    if "eval_perplexity" in metrics:
+        text += f" (perplexity {metrics['eval_perplexity']:.2f})"
+    accuracy = metrics.get("eval_rewards/accuracies")
+    if accuracy is not None:
+        text += f" (reward accuracy {accuracy:.3f})"
+    return text

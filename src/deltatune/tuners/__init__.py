@@ -5,9 +5,14 @@ from __future__ import annotations
 from ..config import DeltaConfig
 from ..errors import ConfigError
 from .base import Tuner
+from .bottleneck import BottleneckTuner
 from .lora import LoraTuner
+from .prefix import PrefixTuner
+from .prompt import PromptTuningTuner, PTuningTuner
 
-_TUNERS: dict[str, Tuner] = {tuner.config_class.peft_type: tuner for tuner in (LoraTuner(),)}
+_TUNERS: dict[str, Tuner] = {tuner.config_class.peft_type: tuner for tuner in (
+    LoraTuner(), BottleneckTuner(), PromptTuningTuner(), PTuningTuner(), PrefixTuner()
+)}  # fmt: skip
 
 
 def tuner_for(config: DeltaConfig) -> Tuner:
@@ -16,3 +21,8 @@ def tuner_for(config: DeltaConfig) -> Tuner:
         return _TUNERS[config.peft_type]
     except KeyError:
         raise ConfigError(f"no tuner for peft_type={config.peft_type!r}") from None
+
+
+def config_classes() -> list[type[DeltaConfig]]:
+    """The config class of every registered method, in registration order."""
+    return [tuner.config_class for tuner in _TUNERS.values()]

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from ..config import DeltaConfig
 from ..errors import MergeError
+from ..io import file_key_map
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -55,6 +57,18 @@ class Tuner:
     def optional_file_parameters(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
         """Base-model parameters a peft file may carry and that are loaded when present; none by default."""
         return {}
+
+    def file_targets(self, model: nn.Module, adapter_name: str, state: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+        """File key -> the parameter that file tensor loads into, for an adapter's ``state`` (name -> parameter).
+
+        A method whose file holds something other than its parameters (the prompt methods) first
+        turns the adapter into the form the file describes.
+        """
+        return {key: state[name] for key, name in file_key_map(state, adapter_name).items()}
+
+    def file_tensors(self, model: nn.Module, adapter_name: str, state: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        """File key -> tensor that ``save_pretrained`` writes; by default the parameters themselves."""
+        return self.file_targets(model, adapter_name, state)
 
     def set_active(self, model: nn.Module, adapter_names: list[str]) -> None:
         for _, layer in self.layers(model):

@@ -15,6 +15,12 @@ One wrapper class per base layer type (``nn.Linear`` and GPT-2 ``Conv1D``, ``nn.
 ``nn.Conv2d``); each holds any number of named adapters over ONE shared base layer. Parameter
 names follow peft (``lora_A.<adapter>.weight``, ``lora_embedding_A.<adapter>``) so that the key
 mapping to peft's files is a pure rename.
+
+``LoraLinear`` trains through one fused autograd function (``deltatune.kernels.lora_linear``:
+the LoRA terms are added into the base GEMM's output, only x and the rank-r products are
+saved). Where it does not apply (hooks or a subclass on the base layer, a trainable base
+weight, dropout under ``torch.compile``) the layer takes the plain path below, which is also
+available on demand: ``LoraLinear.fused = False`` for every layer, ``layer.fused = False`` for one.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import LoraConfig
 from ..errors import ConfigError, MergeError
+from ..kernels import LoraFactors, fused_lora_linear
 from ..targeting import find_targets, pattern_value
 from .base import Tuner, replace_module
 
@@ -108,12 +115,15 @@ class LoraLayer(nn.Module):
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
-            return result
-        for name in self.active_adapters:
-            if name in self.r and name not in self.merged_adapters:
-                result = result + self.lora_output(x, name).to(result.dtype)
+        for name in self.unmerged_active():
+            result = result + self.lora_output(x, name).to(result.dtype)
         return result
+
+    def unmerged_active(self) -> list[str]:
+        """The adapters whose update the forward pass adds: active, not merged, layer not disabled."""
+        if self.disabled:
+            return []
+        return [name for name in self.active_adapters if name in self.r and name not in self.merged_adapters]
 
     def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """s · B A dropout(x) for adapter ``name``."""
@@ -146,7 +156,16 @@ class LoraLayer(nn.Module):
 
 
 class LoraLinear(LoraLayer):
-    """LoRA on ``nn.Linear`` (weight [out, in]) or GPT-2 ``Conv1D`` (weight [in, out], fan_in_fan_out)."""
+    """LoRA on ``nn.Linear`` (weight [out, in]) or GPT-2 ``Conv1D`` (weight [in, out], fan_in_fan_out).
+
+    Runtime options (class attributes; set on an instance to change one layer), never saved:
+    ``fused`` (default True) trains through ``deltatune.kernels.lora_linear``; ``adapter_dtype``
+    (default None: the activation dtype) is the dtype of the rank-r math; ``torch.float32``
+    keeps it all in fp32 for bf16/fp16 models.
+    """
+
+    fused: bool = True
+    adapter_dtype: torch.dtype | None = None
 
     def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
         super().__init__(base_layer)
@@ -172,6 +191,34 @@ class LoraLinear(LoraLayer):
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         x = self.lora_dropout[name](x.to(lora_a.weight.dtype))
         return lora_b(lora_a(x)) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        names = self.unmerged_active()
+        if not names or args or kwargs or not self._fusable(x, names):
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        factors = [
+            LoraFactors(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], self._dropout_p(name))
+            for name in names
+        ]
+        return fused_lora_linear(x, base.weight, base.bias, factors, self.fan_in_fan_out, self.adapter_dtype)
+
+    def _dropout_p(self, name: str) -> float:
+        dropout = self.lora_dropout[name]
+        return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+    def _fusable(self, x: torch.Tensor, names: list[str]) -> bool:
+        """The fused function reproduces the base layer exactly: a plain, hook-free, frozen Linear/Conv1D."""
+        base = self.base_layer
+        return (
+            self.fused
+            and type(base) in (nn.Linear, Conv1D)
+            and not (base._forward_hooks or base._forward_pre_hooks or "forward" in vars(base))
+            and not base.weight.requires_grad
+            and x.shape[-1] == self.in_features
+            and (x.dtype == base.weight.dtype or torch.is_autocast_enabled(x.device.type))
+            and not (torch.compiler.is_compiling() and any(self._dropout_p(name) > 0 for name in names))
+        )
 
 
 class LoraEmbedding(LoraLayer):

@@ -1,0 +1,475 @@
+"""``deltatune bench`` / ``python -m deltatune.bench``: LoRA training speed and memory against the frozen floor.
+
+A LoRA step on a frozen base needs the forward pass and the activation gradients, never a weight
+gradient of W; its floor is the same model with every weight frozen and no adapter (input grads
+on, so backward still runs). Each mode runs in a fresh subprocess on a Llama-shaped model with
+random weights (LoRA r=16 on all seven projections, AdamW), side by side in one run:
+
+- ``floor``: no adapter, every weight frozen;
+- ``fused``: deltatune's default path (``deltatune.kernels.lora_linear``);
+- ``plain``: deltatune's plain autograd path (``LoraLinear.fused = False``), a diagnostic;
+- ``peft``: Hugging Face peft, when installed.
+
+Reported per mode: tokens/s (median step over the timed steps), peak memory, and the bytes
+autograd saves for backward. Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA; on
+CPU it is the bytes of the live tensors before a step (weights, adapters, optimizer state)
+plus the highest sum of the allocations torch's profiler records during one extra step.
+Two more sections: inference latency of the base, unmerged and merged model, and the time
+to wrap a 1.1B-shaped model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODES = ("floor", "fused", "plain", "peft")
+SECTIONS = ("train", "infer", "wrap")
+RESULT_PREFIX = "BENCH_RESULT "
+MIB = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A Llama-shaped model and the batch it trains on."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    batch: int
+    seq: int
+    dtype: str
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+SHAPES = {
+    "tiny": Shape(32, 2, 4, 2, 64, 128, 2, 16, "float32"),  # smoke tests only
+    "cpu-small": Shape(512, 4, 8, 4, 1408, 4096, 2, 256, "float32"),
+    "1.1b": Shape(2048, 22, 32, 4, 5632, 32000, 8, 1024, "bfloat16"),
+    "8b": Shape(4096, 32, 32, 8, 14336, 128256, 4, 1024, "bfloat16"),
+}
+DEFAULT_SHAPES = {"cpu": ["cpu-small"], "cuda": ["1.1b", "8b"]}
+
+
+def shape_of(name: str, dtype: str | None = None) -> Shape:
+    """Shape ``name``, in ``dtype`` when given."""
+    return dataclasses.replace(SHAPES[name], dtype=dtype) if dtype else SHAPES[name]
+
+
+# -- model building ---------------------------------------------------------------------------
+def build_model(shape: Shape, device: str, seed: int = 0) -> nn.Module:
+    """A LlamaForCausalLM of ``shape`` with seeded random weights, built directly on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        intermediate_size=shape.intermediate,
+        vocab_size=shape.vocab,
+        max_position_embeddings=max(shape.seq, 128),
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, shape.dtype))
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
+def attach(model: nn.Module, mode: str, rank: int, dropout: float) -> nn.Module:
+    """``model`` prepared for ``mode``: frozen with input grads (floor), or with a LoRA adapter."""
+    if mode == "floor":
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+        return model
+    kwargs = dict(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=LLAMA_PROJECTIONS)
+    if mode == "peft":
+        peft = _import_peft()
+        return peft.get_peft_model(model, peft.LoraConfig(**kwargs))
+    from . import LoraConfig, get_delta_model
+
+    model = get_delta_model(model, LoraConfig(**kwargs))
+    set_fused(model, mode == "fused")
+    return model
+
+
+def set_fused(model: nn.Module, fused: bool) -> None:
+    """Route every ``LoraLinear`` of ``model`` through the fused function, or through the plain path."""
+    from .tuners.lora import LoraLinear
+
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.fused = fused
+
+
+def _import_peft():
+    try:
+        import peft
+    except ImportError:
+        from .errors import ConfigError
+
+        raise ConfigError("mode 'peft' needs the peft package; pip install peft, or leave peft out of --modes") from None
+    return peft
+
+
+# -- jobs (each runs in its own process) ------------------------------------------------------
+def train_job(shape: Shape, mode: str, device: str, steps: int, warmup: int, rank: int, dropout: float) -> dict:
+    """Time ``steps`` LoRA training steps after ``warmup`` ones; measure peak and saved memory."""
+    model = attach(build_model(shape, device), mode, rank, dropout).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=torch.Generator().manual_seed(1)).to(device)
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    wall, cpu = _timed(step, steps, device)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    saved, step_peak = _profiled_step(step, model, optimizer, device)
+    return {
+        "tokens_per_s": shape.tokens / statistics.median(wall),
+        "tokens_per_cpu_s": shape.tokens / statistics.median(cpu),
+        "step_s": wall,
+        "step_cpu_s": cpu,
+        "peak_mib": (peak if peak is not None else _live_bytes(model, optimizer) + step_peak) / MIB,
+        "step_mib": None if device == "cuda" else step_peak / MIB,
+        "saved_mib": saved / MIB,
+        "trainable": sum(p.numel() for p in trainable),
+    }
+
+
+def infer_job(shape: Shape, device: str, steps: int, warmup: int, rank: int) -> dict:
+    """Forward latency (last-token logits) of the base model, and of a LoRA model unmerged and merged."""
+    base = build_model(shape, device).eval()
+    delta = attach(build_model(shape, device), "fused", rank, 0.0).eval()
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=torch.Generator().manual_seed(1)).to(device)
+    variants: dict[str, tuple[nn.Module, Callable[[], None]]] = {
+        "base": (base, lambda: None),
+        "unmerged": (delta, lambda: set_fused(delta, True)),
+        "unmerged_plain": (delta, lambda: set_fused(delta, False)),
+        "merged": (delta, delta.merge_adapter),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}  # CPU seconds on CPU, else wall
+    with torch.inference_mode():
+        for _ in range(steps):  # interleaved rounds, so drift hits every variant alike
+            for name, (model, prepare) in variants.items():
+                prepare()
+                forward = lambda m=model: m(input_ids=ids, logits_to_keep=1)  # noqa: E731
+                for _ in range(warmup):
+                    forward()
+                wall, cpu = _timed(forward, 3, device)
+                times[name] += cpu if device == "cpu" else wall
+                if name == "merged":
+                    delta.unmerge_adapter()
+    return {f"{name}_ms": 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def wrap_job(shape: Shape, device: str, rank: int, libraries: Sequence[str]) -> dict:
+    """Seconds to add r=``rank`` LoRA on all seven projections of a fresh ``shape`` model on ``device``."""
+    result = {}
+    for library in libraries:
+        if device == "meta":
+            model = build_model(shape, "meta")
+        else:  # the weights' values do not matter here: skip the slow random init
+            model = build_model(shape, "meta").to_empty(device=device)
+        _synchronize(device)
+        start = time.perf_counter()
+        attach(model, "peft" if library == "peft" else "fused", rank, 0.0)
+        _synchronize(device)
+        result[f"{library}_s"] = time.perf_counter() - start
+        del model
+    return result
+
+
+def _timed(fn: Callable[[], Any], count: int, device: str) -> tuple[list[float], list[float]]:
+    """(wall seconds, process CPU seconds) of ``count`` calls of ``fn``.
+
+    On a shared CPU, wall time counts the time other processes held the cores; the process's
+    CPU time counts only the work this process did, so it is the fairer clock for comparing modes.
+    """
+    wall, cpu = [], []
+    for _ in range(count):
+        _synchronize(device)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        _synchronize(device)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _profiled_step(step: Callable[[], None], model: nn.Module, optimizer, device: str) -> tuple[int, int]:
+    """One more step: (bytes autograd saves for backward, CPU: peak bytes allocated during the step).
+
+    Saved bytes count each storage once (x shared by q/k/v counts once) and leave out the
+    weights (a saved ``W.t()`` is a view of a parameter, not new memory).
+    """
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+    if device == "cuda":
+        with hooks:
+            step()
+        return sum(saved.values()), 0
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, hooks:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return sum(saved.values()), peak
+
+
+def _live_bytes(model: nn.Module, optimizer) -> int:
+    """Bytes of the weights, buffers and optimizer state alive between steps."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if optimizer is not None:
+        tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+# -- orchestration ----------------------------------------------------------------------------
+def run_job(job: dict, isolate: bool = True) -> dict:
+    """Run one job, in a fresh Python process unless ``isolate`` is False; return its result dict."""
+    if not isolate:
+        return _dispatch(job)
+    command = [sys.executable, "-m", "deltatune.bench", "--job", json.dumps(job)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark job {job} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
+
+
+def _dispatch(job: dict) -> dict:
+    job = dict(job)
+    kind, threads, dtype = job.pop("kind"), job.pop("threads", None), job.pop("dtype", None)
+    if threads:
+        torch.set_num_threads(threads)
+    job["shape"] = shape_of(job["shape"], dtype)
+    return {"train": train_job, "infer": infer_job, "wrap": wrap_job}[kind](**job)
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """Every requested section, modes interleaved per repeat; returns the JSON-ready report."""
+    device = args.device
+    shapes = args.shapes or DEFAULT_SHAPES[device]
+    if "peft" in args.modes:
+        _import_peft()  # fail in one line now rather than in every child
+    common = {"device": device, "threads": args.threads, "dtype": args.dtype}
+    report: dict[str, Any] = {"environment": environment(device, args.threads), "settings": vars(args).copy(), "train": [], "infer": [], "wrap": []}
+    for shape in shapes:
+        if "train" in args.sections:
+            for repeat in range(args.repeats):
+                for mode in args.modes:
+                    job = {"kind": "train", "shape": shape, "mode": mode, "steps": args.steps, "warmup": args.warmup,
+                           "rank": args.rank, "dropout": args.lora_dropout, **common}  # fmt: skip
+                    result = run_job(job, args.isolate)
+                    report["train"].append({"shape": shape, "mode": mode, "repeat": repeat, **result})
+                    print(f"  {shape} {mode:<6} repeat {repeat}: {result['tokens_per_s']:,.0f} tok/s, "
+                          f"peak {result['peak_mib']:,.0f} MiB", flush=True)  # fmt: skip
+        if "infer" in args.sections:
+            job = {"kind": "infer", "shape": shape, "steps": args.steps, "warmup": args.warmup, "rank": args.rank, **common}
+            report["infer"].append({"shape": shape, **run_job(job, args.isolate)})
+    if "wrap" in args.sections:
+        libraries = [lib for lib in ("deltatune", "peft") if lib == "deltatune" or "peft" in args.modes]
+        job = {"kind": "wrap", "shape": args.wrap_shape, "device": args.wrap_device or device, "rank": args.rank,
+               "libraries": libraries, "threads": args.threads}  # fmt: skip
+        report["wrap"].append({"shape": args.wrap_shape, "device": job["device"], **run_job(job, args.isolate)})
+    report["summary"] = summarize(report)
+    report["environment"]["load_average_end"] = os.getloadavg()
+    return report
+
+
+def summarize(report: dict) -> dict:
+    """Per shape and mode: medians over repeats, their range, and ratios to floor and peft.
+
+    Speed ratios use the CPU-time throughput on CPU (see ``_timed``) and wall time on CUDA.
+    """
+    clock = _clock(report)
+    summary: dict[str, dict] = {}
+    for record in report["train"]:
+        entry = summary.setdefault(record["shape"], {}).setdefault(record["mode"], {})
+        for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_mib", "saved_mib"):
+            entry.setdefault(key, []).append(record[key])
+    for modes in summary.values():
+        for entry in modes.values():
+            for key in list(entry):
+                entry[f"{key}_range"] = [min(entry[key]), max(entry[key])]
+                entry[key] = statistics.median(entry[key])
+        for reference in ("floor", "peft"):
+            if reference in modes:
+                for entry in modes.values():
+                    entry[f"speed_vs_{reference}"] = entry[clock] / modes[reference][clock]
+                    entry[f"memory_vs_{reference}"] = entry["peak_mib"] / modes[reference]["peak_mib"]
+    return summary
+
+
+def format_report(report: dict) -> str:
+    """Markdown tables of the summary, inference and wrap sections."""
+    clock = _clock(report)
+    on_cpu = clock == "tokens_per_cpu_s"
+    speed = "tokens per CPU-second" if on_cpu else "tokens/s"
+    lines = []
+    for shape, modes in report["summary"].items():
+        s = shape_of(shape, report["settings"]["dtype"])
+        lines += [f"\n{shape}: hidden {s.hidden}, {s.layers} layers, {s.dtype}, batch {s.batch}x{s.seq}", "",
+                  f"| mode | {speed} (min-max) | vs floor | vs peft | wall tokens/s | peak MiB | vs floor | vs peft "
+                  f"| saved for backward MiB |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for mode, e in modes.items():
+            lo, hi = e[f"{clock}_range"]
+            lines.append(
+                f"| {mode} | {e[clock]:,.0f} ({lo:,.0f}-{hi:,.0f}) | {_ratio(e, 'speed_vs_floor')} | "
+                f"{_ratio(e, 'speed_vs_peft')} | {e['tokens_per_s']:,.0f} | {e['peak_mib']:,.1f} | "
+                f"{_ratio(e, 'memory_vs_floor')} | {_ratio(e, 'memory_vs_peft')} | {e['saved_mib']:,.1f} |"
+            )
+    for record in report["infer"]:
+        base = record["base_ms"]
+        cells = [f"{base:.2f}"] + [
+            f"{record[key]:.2f} ({record[key] / base:.3f}x)" for key in ("unmerged_ms", "unmerged_plain_ms", "merged_ms")
+        ]
+        lines += [f"\ninference {record['shape']} (last-token logits, {'CPU ' if on_cpu else ''}ms, median):", "",
+                  "| base | unmerged (fused) | unmerged (plain) | merged |", "|---|---|---|---|",
+                  "| " + " | ".join(cells) + " |"]  # fmt: skip
+    for record in report["wrap"]:
+        times = ", ".join(f"{key.removesuffix('_s')} {value:.2f} s" for key, value in record.items() if key.endswith("_s"))
+        lines.append(f"\nwrap {record['shape']} on {record['device']}: {times}")
+    return "\n".join(lines)
+
+
+def _clock(report: dict) -> str:
+    return "tokens_per_cpu_s" if report["settings"]["device"] == "cpu" else "tokens_per_s"
+
+
+def _ratio(entry: dict, key: str) -> str:
+    return f"{entry[key]:.2f}x" if key in entry else "-"
+
+
+def environment(device: str, threads: int | None) -> dict:
+    """Where and with what the benchmark ran."""
+    import transformers
+
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if device == "cuda" else _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads or torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft_version,
+        "load_average_start": os.getloadavg(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+# -- command line -----------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's options (shared by ``python -m deltatune.bench`` and ``deltatune bench``)."""
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="default: cpu-small on CPU, 1.1b and 8b on CUDA")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per mode (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--repeats", type=int, default=1, help="run every mode this many times, interleaved")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override the shapes' dtype")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--wrap-shape", choices=list(SHAPES), default="1.1b")
+    parser.add_argument("--wrap-device", choices=["cpu", "cuda", "meta"], help="default: --device")
+    parser.add_argument("--json", help="write the full report (every step time) to this file")
+    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
+                        help="run modes in this process (quick looks; memory numbers are then less honest)")  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        from .errors import ConfigError
+
+        raise ConfigError("--device cuda but torch sees no CUDA device; use --device cpu")
+    report = run_benchmark(args)
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+            handle.write("\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deltatune.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: one job, in a child process
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.job:
+        print(RESULT_PREFIX + json.dumps(_dispatch(json.loads(args.job))), flush=True)
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""``deltatune bench``: LoRA training speed and memory against the frozen-base floor and peft."""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = """\
+examples:
+  deltatune bench                                   # CPU: cpu-small shape; CUDA: 1.1b and 8b (bf16)
+  deltatune bench --repeats 3 --json docs/benchmarks.json
+  deltatune bench --modes fused peft --lora-dropout 0.1 --sections train
+"""
+
+
+def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
+    from ..bench import add_arguments
+
+    parser = commands.add_parser(
+        name,
+        help="benchmark LoRA training against the frozen floor and peft",
+        description="LoRA training step (r=16, all seven Llama projections, AdamW) on random Llama-shaped models: "
+        "tokens/s and peak memory of the frozen floor, deltatune (fused and plain) and peft, side by side; "
+        "inference latency unmerged/merged; wrap time.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import run as run_bench
+
+    return run_bench(args)

@@ -1,0 +1,77 @@
+"""``deltatune eval``: held-out loss and perplexity of the base model and of the base + adapter."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import ConfigError, DataError
+
+EXAMPLES = """\
+examples:
+  deltatune eval --adapter outputs/quickstart/adapter               # chatterbot's held-out split
+  deltatune eval --adapter outputs/run1/adapter --data dev.jsonl --max-length 512
+  deltatune eval --model ./my-model --data dev.jsonl                # a model without adapter
+"""
+
+
+def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
+    parser = commands.add_parser(
+        name,
+        help="held-out loss / perplexity of the base model vs base + adapter",
+        description="Score held-out data: mean cross-entropy per labelled (answer) token and its perplexity, for the "
+        "base model and, with --adapter, for base + adapter. The built-in chatterbot data is scored on the held-out "
+        "split `deltatune train` uses (same --eval-fraction and --seed); a data file is scored in full.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", help="model folder or 'smollm2' (default: the adapter's base model, else smollm2)")
+    parser.add_argument("--adapter", help="adapter folder to compare with the base model")
+    parser.add_argument("--data", default="chatterbot", help="data file or folder, or 'chatterbot' (default)")
+    parser.add_argument("--data-format", default="auto", help="auto (default) or a format name (see deltatune train --help)")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per example (default: 128)")
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
+    parser.add_argument("--max-examples", type=int, default=96, help="score at most this many examples (default: 96)")
+    parser.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of built-in data (default: 0.1)")
+    parser.add_argument("--seed", type=int, default=0, help="split seed for built-in data (default: 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("max_length", "batch_size", "max_examples"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
+    if not 0 < args.eval_fraction < 1:
+        raise ConfigError(f"--eval-fraction={args.eval_fraction} must be between 0 and 1")
+    from ..data import BUILTIN, collate_causal, encode_records, load_records, split_records
+    from ..train.evaluate import heldout_loss, perplexity
+    from ..train.loading import load_adapted, load_causal_lm, load_tokenizer, model_folder, tokenizer_for
+
+    data = load_records(args.data, args.data_format)
+    if data.kind != "sft":
+        raise DataError(f"{data.source} is {data.kind} data; eval scores conversations or text (e.g. --data chatterbot)")
+    records = split_records(data.records, args.eval_fraction, args.seed)[1] if args.data in BUILTIN else data.records
+    records = records[: args.max_examples]
+    if args.adapter:
+        model, base_path = load_adapted(args.adapter, args.model)
+        tokenizer = tokenizer_for(args.adapter, base_path)
+    else:
+        base_path = model_folder(args.model or "smollm2")
+        model, tokenizer = load_causal_lm(base_path).eval(), load_tokenizer(base_path)
+    encoded = encode_records(tokenizer, records, args.max_length)
+    print(f"data: {data.source}: {encoded.summary(args.max_length)}")
+
+    def collate(batch):
+        return collate_causal(batch, tokenizer.pad_token_id)
+
+    def score(label: str) -> float:
+        loss = heldout_loss(model, encoded.examples, collate, args.batch_size, desc=label)
+        print(f"{label + ':':<9} loss {loss:.4f}  perplexity {perplexity(loss):.2f}", flush=True)
+        return loss
+
+    if not args.adapter:
+        score("model")
+        return 0
+    with model.disable_adapter():
+        base = score("base")
+    adapted = score("adapter")
+    print(f"change:   {adapted - base:+.4f} loss ({(adapted - base) / base:+.1%})")
+    return 0

@@ -1,0 +1,64 @@
+"""``deltatune inspect``: what an adapter can target in a model, and what each method would train."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+EXAMPLES = """\
+examples:
+  deltatune inspect smollm2              # the embedded SmolLM2-135M-Instruct
+  deltatune inspect minilm               # the embedded all-MiniLM-L6-v2 encoder
+  deltatune inspect ./my-model --all     # list every adaptable module's full name
+"""
+_TASKS = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"))
+
+
+def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
+    parser = commands.add_parser(
+        name,
+        help="list a model's adaptable modules and each method's trainable parameters",
+        description="Show MODEL's adaptable modules (by short name, with counts), its default target_modules, and the "
+        "trainable parameter count of every registered method at its `deltatune train` defaults.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="model folder, 'smollm2' or 'minilm'")
+    parser.add_argument("--all", action="store_true", help="print the full name of every adaptable module")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import DeltaTuneError
+    from ..model import get_delta_model
+    from ..targeting import adaptable_module_names, default_target_modules
+    from ..train.loading import load_saved_class, model_folder
+    from ..train.methods import build_config, methods
+
+    model = load_saved_class(model_folder(args.model))
+    total = sum(p.numel() for p in model.parameters())
+    model_type = getattr(model.config, "model_type", "?")
+    print(f"model: {type(model).__name__} ({model_type}), {total:,} parameters")
+    names = adaptable_module_names(model)
+    counts = Counter(name.rsplit(".", 1)[-1] for name in names)
+    print(f"adaptable modules: {len(names)}")
+    for short, count in sorted(counts.items()):
+        example = next(name for name in names if name.rsplit(".", 1)[-1] == short)
+        print(f"  {short:<24} x{count:<4} e.g. {example}")
+    if args.all:
+        print("\n".join(f"    {name}" for name in names))
+    try:
+        print(f"default target_modules: {', '.join(default_target_modules(model))}")
+    except DeltaTuneError as exc:
+        print(f"default target_modules: none ({exc})")
+    task = next((task for suffix, task in _TASKS if type(model).__name__.endswith(suffix)), None)
+    print(f"trainable parameters per method (task_type={task}, `deltatune train` defaults):")
+    for method in methods():
+        try:
+            delta = get_delta_model(model, build_config(method, {}, task, None))
+        except DeltaTuneError as exc:
+            print(f"  {method:<12} not applicable: {exc}")
+            continue
+        trainable, _ = delta.get_nb_trainable_parameters()
+        print(f"  {method:<12} {trainable:>12,}  ({100 * trainable / total:.3f}% of the model)")
+        model = delta.unload()
+    return 0

@@ -1,0 +1,50 @@
+"""``deltatune merge``: fold an adapter into its base model and save a plain transformers model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import ConfigError
+
+EXAMPLES = """\
+examples:
+  deltatune merge outputs/quickstart/adapter outputs/merged
+  deltatune merge my-adapter merged-model --model ./base-model --dtype bfloat16
+
+The output folder loads with transformers alone:
+  AutoModelForCausalLM.from_pretrained("outputs/merged")
+"""
+
+
+def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
+    parser = commands.add_parser(
+        name,
+        help="merge an adapter into its base model (a plain transformers model folder)",
+        description="Merge ADAPTER into its base model (W0 + delta) and save the result, with the tokenizer, to OUTPUT.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("output", help="folder for the merged model (must be empty or new)")
+    parser.add_argument("--model", help="base model folder or 'smollm2' (default: the adapter's base_model_name_or_path)")
+    parser.add_argument("--dtype", default="float32", help="dtype of the saved weights: float32 (default), bfloat16, float16")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty OUTPUT folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train.loading import DTYPES, load_adapted, tokenizer_for
+
+    if args.dtype not in DTYPES:
+        raise ConfigError(f"--dtype={args.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise ConfigError(f"{output} exists and is not an empty folder; pick a new OUTPUT or pass --overwrite")
+    model, base_path = load_adapted(args.adapter, args.model)  # merged in fp32, then cast
+    merged = model.merge_and_unload(safe_merge=True).to(DTYPES[args.dtype])
+    merged.save_pretrained(output)
+    tokenizer_for(args.adapter, base_path).save_pretrained(output)
+    total = sum(p.numel() for p in merged.parameters())
+    print(f"merged {args.adapter} into {base_path}: {type(merged).__name__}, {total:,} parameters ({args.dtype}) "
+          f"saved to {output}")  # fmt: skip
+    return 0

@@ -1,0 +1,79 @@
+"""Adapter methods by name for ``deltatune train``: ``method=lora`` -> ``LoraConfig``.
+
+Every method registered in ``deltatune.tuners`` is available, named after its ``peft_type`` in
+lower case ("lora", "bottleneck", ...). Its hyper-parameters are the fields of its config class,
+set as flat keys (``r=16 lora_alpha=32``); ``CLI_DEFAULTS`` holds the command line's defaults where
+they differ from the class's (LoRA on every linear layer, as the quick start trains it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from collections.abc import Mapping
+from typing import Any, get_type_hints
+
+from ..config import DeltaConfig
+from ..errors import ConfigError
+from ..tuners import config_classes
+
+CLI_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"},
+    "prompt_tuning": {"num_virtual_tokens": 20},
+    "p_tuning": {"num_virtual_tokens": 20},
+    "prefix_tuning": {"num_virtual_tokens": 20},
+}
+# Fields every config has; the training run sets them, not the user.
+_RUN_FIELDS = {f.name for f in dataclasses.fields(DeltaConfig)}
+_REGEX_CHARS = re.compile(r"[*()\[\]|\\^$?+]")
+
+
+def methods() -> dict[str, type[DeltaConfig]]:
+    """Method name -> config class, for every registered tuner."""
+    return {cls.peft_type.lower(): cls for cls in config_classes()}
+
+
+def method_class(name: str) -> type[DeltaConfig]:
+    """The config class of method ``name``; a ConfigError with a suggestion when it is unknown."""
+    known = methods()
+    key = name.lower().replace("-", "_")
+    if key not in known:
+        guess = difflib.get_close_matches(key, known, n=1)
+        hint = f"did you mean {guess[0]!r}? " if guess else ""
+        raise ConfigError(f"method={name!r} is unknown; {hint}methods: {', '.join(known)}")
+    return known[key]
+
+
+def option_defaults(name: str) -> dict[str, Any]:
+    """The hyper-parameters of method ``name`` and their defaults on the command line."""
+    cls = method_class(name)
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        for f in dataclasses.fields(cls)
+        if f.name not in _RUN_FIELDS
+    }
+    return {**defaults, **CLI_DEFAULTS.get(name.lower(), {})}
+
+
+def build_config(name: str, options: Mapping[str, Any], task_type: str | None, base_model: str | None) -> DeltaConfig:
+    """The validated config of method ``name`` with the CLI defaults, then ``options``, applied."""
+    cls = method_class(name)
+    defaults = option_defaults(name)
+    unknown = [key for key in options if key not in defaults]
+    if unknown:
+        raise ConfigError(f"{unknown[0]!r} is not a hyper-parameter of method={name}; it takes {', '.join(defaults)}")
+    hints = get_type_hints(cls)
+    values = {key: _module_list(hints[key], value) for key, value in {**defaults, **options}.items()}
+    return cls(**values, task_type=task_type, base_model_name_or_path=base_model)
+
+
+def _module_list(hint: Any, value: Any) -> Any:
+    """A command-line string for a list-of-names field: "q_proj,v_proj" -> ["q_proj", "v_proj"];
+    a regex or "all-linear" stays a string where the field accepts one."""
+    if not isinstance(value, str) or "list[str]" not in str(hint):
+        return value
+    accepts_str = re.search(r"\|\s*str\b|\bstr\s*\|", str(hint)) is not None
+    if accepts_str and (value.strip() == "all-linear" or _REGEX_CHARS.search(value)):
+        return value.strip()
+    return [name.strip() for name in value.split(",") if name.strip()]

@@ -1,0 +1,98 @@
+"""The training stages of ``deltatune train``: how each encodes its records and builds its Trainer.
+
+* ``sft``: causal-LM cross-entropy on the labelled (assistant) tokens of conversations or text.
+* ``dpo``: ``preference.DPOTrainer`` on ``PreferencePair`` records.
+* ``kto``: ``kto.KTOTrainer`` on ``KTOExample`` records (preference pairs are unpaired first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
+
+from ..data import EncodedSet, PreferencePair, Record, collate_causal, encode_records, pack_examples, unpair
+from ..data.encoding import Example
+from .config import TrainConfig
+from .evaluate import heldout_loss, perplexity
+from .kto import KTOTrainer
+from .preference import DPOTrainer
+from .preference_data import encode_kto_examples, encode_preference_pairs
+from .trainer import DeltaTrainer
+
+
+class SFTTrainer(DeltaTrainer):
+    """Supervised fine-tuning: the model's causal-LM loss on labelled tokens. ``evaluate`` reports the
+    mean cross-entropy per labelled token over the whole eval set (``heldout_loss``) and exp of it."""
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        with self.autocast_smart_context_manager():
+            loss = heldout_loss(
+                self.model, dataset, self.data_collator, self.args.per_device_eval_batch_size, desc=metric_key_prefix
+            )
+        metrics = {f"{metric_key_prefix}_loss": loss, f"{metric_key_prefix}_perplexity": perplexity(loss)}
+        self.log(dict(metrics))  # log() adds the step, epoch and token count to the dict it gets
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+TrainerFactory = Callable[[TrainConfig, Any, PreTrainedTokenizerBase, TrainingArguments, list, list], Trainer]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage: the record kinds it trains on, its encoder and its Trainer factory."""
+
+    name: str
+    kinds: tuple[str, ...]
+    encode: Callable[[PreTrainedTokenizerBase, Sequence[Record], TrainConfig], EncodedSet]
+    trainer: TrainerFactory
+    data_hint: str  # the built-in data set to suggest when the kind is wrong
+
+
+def _sft_trainer(config, model, tokenizer, args, train: list[Example], evaluation: list[Example]) -> Trainer:
+    if config.packing:
+        train = pack_examples(train, config.max_length)
+    return SFTTrainer(
+        model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
+        data_collator=lambda batch: collate_causal(batch, tokenizer.pad_token_id),
+    )  # fmt: skip
+
+
+def _encode_sft(tokenizer, records, config) -> EncodedSet:
+    return encode_records(tokenizer, records, config.max_length, config.train_on_prompt)
+
+
+def _encode_dpo(tokenizer, records, config) -> EncodedSet:
+    return encode_preference_pairs(tokenizer, records, config.max_length)
+
+
+def _dpo_trainer(config, model, tokenizer, args, train, evaluation) -> Trainer:
+    return DPOTrainer(
+        model, args, beta=config.beta, loss_type=config.loss_type,
+        train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
+    )  # fmt: skip
+
+
+def _encode_kto(tokenizer, records, config) -> EncodedSet:
+    if records and isinstance(records[0], PreferencePair):
+        records = unpair(records)
+    return encode_kto_examples(tokenizer, records, config.max_length)
+
+
+def _kto_trainer(config, model, tokenizer, args, train, evaluation) -> Trainer:
+    return KTOTrainer(
+        model, args, beta=config.beta, desirable_weight=config.desirable_weight,
+        undesirable_weight=config.undesirable_weight, max_length=config.max_length,
+        train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
+    )  # fmt: skip
+
+
+STAGES: dict[str, Stage] = {
+    "sft": Stage("sft", ("sft",), _encode_sft, _sft_trainer, "chatterbot"),
+    "dpo": Stage("dpo", ("preference",), _encode_dpo, _dpo_trainer, "chatterbot-preference-synthetic"),
+    "kto": Stage("kto", ("kto", "preference"), _encode_kto, _kto_trainer, "chatterbot-kto-synthetic"),
+}

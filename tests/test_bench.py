@@ -1,0 +1,74 @@
+"""Smoke runs of the benchmark's code path on the tiny shape (nothing here is timed or compared for speed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deltatune import bench
+from deltatune.cli.main import main as cli_main
+
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+TINY = bench.SHAPES["tiny"]
+
+
+def train(mode: str, dropout: float = 0.0) -> dict:
+    return bench.train_job(TINY, mode, "cpu", steps=1, warmup=1, rank=4, dropout=dropout)
+
+
+def test_train_job_measures_every_mode_and_the_floor_trains_nothing():
+    results = {mode: train(mode) for mode in bench.MODES}
+    for mode, result in results.items():
+        assert result["tokens_per_s"] > 0 and result["tokens_per_cpu_s"] > 0 and len(result["step_s"]) == 1, mode
+        assert result["peak_mib"] > result["step_mib"] > 0 and result["saved_mib"] > 0, mode
+    assert results["floor"]["trainable"] == 0
+    assert results["fused"]["trainable"] == results["plain"]["trainable"] == results["peft"]["trainable"] > 0
+    assert results["floor"]["saved_mib"] < results["fused"]["saved_mib"]  # LoRA must keep each projection's x
+
+
+def test_with_dropout_the_fused_path_saves_less_than_peft():
+    """peft keeps a dropped copy of x per projection; the fused path regenerates the mask instead."""
+    fused, peft = train("fused", dropout=0.1), train("peft", dropout=0.1)
+    assert fused["saved_mib"] < peft["saved_mib"]
+    assert fused["saved_mib"] == pytest.approx(train("fused")["saved_mib"])
+
+
+def test_infer_and_wrap_jobs_report_every_variant():
+    infer = bench.infer_job(TINY, "cpu", steps=3, warmup=0, rank=4)
+    assert set(infer) == {"base_ms", "unmerged_ms", "unmerged_plain_ms", "merged_ms"} and min(infer.values()) > 0
+    wrap = bench.wrap_job(TINY, "meta", rank=4, libraries=["deltatune", "peft"])
+    assert set(wrap) == {"deltatune_s", "peft_s"} and min(wrap.values()) > 0
+
+
+def test_summary_takes_medians_over_repeats_and_ratios_to_floor_and_peft():
+    records = [
+        {"shape": "tiny", "mode": mode, "tokens_per_s": speed, "tokens_per_cpu_s": 2 * speed, "peak_mib": peak, "saved_mib": 1.0}
+        for mode, speeds, peak in (("floor", (100, 90, 110), 10.0), ("fused", (95, 99, 80), 11.0), ("peft", (50, 40, 60), 20.0))
+        for speed in speeds
+    ]
+    report = {"settings": {"device": "cpu", "dtype": None}, "train": records, "infer": [], "wrap": []}
+    summary = bench.summarize(report)["tiny"]
+    assert summary["fused"]["tokens_per_cpu_s"] == 2 * 95 and summary["fused"]["tokens_per_s_range"] == [80, 99]
+    assert summary["fused"]["speed_vs_floor"] == pytest.approx(0.95) and summary["fused"]["speed_vs_peft"] == pytest.approx(1.9)
+    assert summary["fused"]["memory_vs_floor"] == pytest.approx(1.1) and summary["fused"]["memory_vs_peft"] == pytest.approx(0.55)
+    report["summary"] = bench.summarize(report)
+    table = bench.format_report(report)
+    assert "| fused | 190 (160-198) | 0.95x | 1.90x | 95 | 11.0 | 1.10x | 0.55x | 1.0 |" in table
+
+
+def test_cli_runs_each_mode_in_a_child_process_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--shapes", "tiny", "--modes", "fused", "--sections", "train", "--steps", "1", "--warmup", "0",
+            "--threads", "1", "--json", str(out)]  # fmt: skip
+    assert cli_main(argv) == 0
+    report = json.loads(out.read_text())
+    assert [r["mode"] for r in report["train"]] == ["fused"] and report["environment"]["torch"]
+    assert "| fused |" in capsys.readouterr().out
+
+
+def test_cuda_request_without_cuda_is_a_one_line_error(capsys, monkeypatch):
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    assert cli_main(["bench", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
