@@ -27,3 +27,7 @@ class DataError(DeltaTuneError, ValueError):
 
 class InputError(DeltaTuneError, ValueError):
     """The arguments of a forward call do not fit the active adapter (names the argument and the fix)."""
+
+
+class SaveError(DeltaTuneError, OSError):
+    """A file or folder could not be written (e.g. the disk is full); the previous version is kept."""

@@ -7,22 +7,26 @@ save and load cannot drift apart::
     model.layers.0.self_attn.q_proj.lora_A.default.weight  (in memory, adapter "default")
     base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight  (in the file)
 
-Writes are atomic: every file is written to a temporary name in the target folder, fsynced, and
-renamed over the old one, so a crash leaves the previous good file or the new one, never a torn one.
+Writes are atomic per file (``atomic.atomic_file``): each is written to a temporary name in the
+target folder, fsynced and renamed over the old one, so a crash leaves the previous good file or the
+new one, never a torn one. The weights are renamed first, then the config that describes them: a
+re-save of the same adapter is atomic as a whole; a crash between the two renames while a folder is
+re-saved with a *different* config leaves the new weights beside the old config (use a new folder,
+or ``atomic.atomic_directory``, to replace an adapter with an unlike one).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+import pickle
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_file
 from .errors import AdapterLoadError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -73,35 +77,12 @@ def write_adapter(directory: str | os.PathLike, config_json: str, tensors: Mappi
     directory.mkdir(parents=True, exist_ok=True)
     contiguous = {key: tensor.detach().to("cpu").contiguous() for key, tensor in tensors.items()}
     # The inner block is renamed first: the weights, then the config that describes them.
-    with _staged(directory / "adapter_config.json") as config_tmp, _staged(directory / WEIGHTS_NAME) as weights_tmp:
+    with (
+        atomic_file(directory / "adapter_config.json") as config_tmp,
+        atomic_file(directory / WEIGHTS_NAME) as weights_tmp,
+    ):
         save_file(contiguous, str(weights_tmp), metadata={"format": "pt"})
         config_tmp.write_text(config_json, encoding="utf-8")
-        _fsync(weights_tmp)
-        _fsync(config_tmp)
-    _fsync(directory)
-
-
-@contextlib.contextmanager
-def _staged(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it over ``target`` when the block succeeds."""
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, target)
-
-
-def _fsync(path: Path) -> None:
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-    descriptor = os.open(path, flags)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def read_adapter_weights(directory: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -126,7 +107,7 @@ def read_adapter_weights(directory: str | os.PathLike, allow_pickle: bool = Fals
                 f"{pickle_path} is a pickle file, which can run code when loaded; convert it to safetensors, "
                 f"or pass allow_pickle=True if you trust its source"
             )
-        return torch.load(pickle_path, map_location="cpu", weights_only=True)
+        return _load_plain_tensors(pickle_path)
     raise AdapterLoadError(f"no {WEIGHTS_NAME} in {directory}; is this an adapter directory?")
 
 
@@ -144,3 +125,21 @@ def check_tensors_fit(
             )
         if not tensor.is_floating_point():
             raise AdapterLoadError(f"{source}: {key} has dtype {tensor.dtype}, expected a floating-point tensor")
+        if not torch.isfinite(tensor).all():
+            raise AdapterLoadError(f"{source}: {key} holds NaN or Inf values; the adapter is corrupt (did training "
+                                   f"diverge?), re-train or pick an earlier checkpoint")  # fmt: skip
+
+
+def _load_plain_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled ``{name: tensor}`` dict, unpickled with ``weights_only=True``: anything besides tensors
+    and containers (a class, a function, a ``__reduce__`` call) is refused, never run."""
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError):
+        raise AdapterLoadError(
+            f"{path} is not plain tensors that torch.load(weights_only=True) accepts (it may run code, or is not "
+            f"a torch file); do not load it unless you trust it, and then convert it to safetensors"
+        ) from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise AdapterLoadError(f"{path} is not a dict of tensors (got {type(tensors).__name__}); re-save the adapter")
+    return tensors
