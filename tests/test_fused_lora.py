@@ -27,7 +27,8 @@ IN, OUT, ROWS = 24, 20, 6
 
 def assert_close_rel(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
     error = (got.double() - ref).abs().max().item()
-    assert error <= tol * ref.abs().max().item(), f"{what}: max error {error:.3g} vs max |ref| {ref.abs().max().item():.3g}"
+    scale = ref.abs().max().item()
+    assert error <= tol * scale, f"{what}: max error {error:.3g} vs max |ref| {scale:.3g}"
 
 
 def make_case(dtype, shape, fan_in_fan_out=False, bias=True, ranks=(4,), dropouts=None, seed=0):
@@ -48,10 +49,14 @@ def make_case(dtype, shape, fan_in_fan_out=False, bias=True, ranks=(4,), dropout
     return x, weight, b, factors
 
 
+def leaves_of(x, bias, factors) -> dict[str, torch.Tensor | None]:
+    """The differentiable inputs by name: x, bias, a0, b0, a1, b1, ..."""
+    return {"x": x, "bias": bias, **{f"{k}{i}": t for i, f in enumerate(factors) for k, t in (("a", f.a), ("b", f.b))}}
+
+
 def reference(x, weight, bias, factors, fan_in_fan_out, masks):
     """The LoRA formula in float64 on detached copies; returns (y, dict of leaf copies)."""
-    leaves = {"x": x, "bias": bias, **{f"a{i}": f.a for i, f in enumerate(factors)}, **{f"b{i}": f.b for i, f in enumerate(factors)}}
-    ref = {k: None if v is None else v.detach().double().requires_grad_() for k, v in leaves.items()}
+    ref = {k: None if v is None else v.detach().double().requires_grad_() for k, v in leaves_of(x, bias, factors).items()}
     w = weight.double()
     y = ref["x"] @ (w if fan_in_fan_out else w.t())
     if bias is not None:
@@ -67,7 +72,7 @@ def check_against_reference(x, weight, bias, factors, fan_in_fan_out=False, seed
     torch.manual_seed(seed)
     y = fused_lora_linear(x, weight, bias, factors, fan_in_fan_out)
     torch.manual_seed(seed)  # the masks the function drew: same seeds, same order
-    masks = [None if f.dropout == 0 else dropout_mask(x.shape, f.dropout, draw_seed(), x.device, x.dtype) for f in factors]
+    masks = [None if f.dropout == 0 else dropout_mask(x.shape, f.dropout, draw_seed(), x.device) for f in factors]
     ref_y, ref = reference(x, weight, bias, factors, fan_in_fan_out, masks)
     tol = TOLERANCE[x.dtype]
     assert y.dtype == x.dtype and y.grad_fn.name() == FUSED_NODE
@@ -75,8 +80,7 @@ def check_against_reference(x, weight, bias, factors, fan_in_fan_out=False, seed
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype)
     y.backward(dy)
     ref_y.backward(dy.double())
-    got = {"x": x, "bias": bias, **{f"a{i}": f.a for i, f in enumerate(factors)}, **{f"b{i}": f.b for i, f in enumerate(factors)}}
-    for name, leaf in got.items():
+    for name, leaf in leaves_of(x, bias, factors).items():
         if leaf is not None:
             assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, name
             assert_close_rel(leaf.grad, ref[name].grad, tol, f"gradient of {name}")
@@ -104,12 +108,16 @@ def test_fused_dropout_equals_formula_with_the_same_masks(dtype):
     check_against_reference(*make_case(dtype, (2, 5, IN), ranks=(4, 2), dropouts=[0.3, 0.0]))
     x, weight, bias, factors = make_case(dtype, (2, 5, IN), dropouts=[0.5])
     torch.manual_seed(0)
-    dropped = fused_lora_linear(x, weight, None, factors) - fused_lora_linear(x, weight, None, [factors[0]._replace(dropout=0.0)])
+    no_dropout = [factors[0]._replace(dropout=0.0)]
+    dropped = fused_lora_linear(x, weight, None, factors) - fused_lora_linear(x, weight, None, no_dropout)
     assert dropped.abs().max() > 0, "dropout had no effect; the comparison is void"
 
 
 def saved_bytes(fn, weights) -> dict[str, int]:
-    """Bytes of the distinct storages autograd saves while ``fn()`` runs, by dtype; those of ``weights`` (and their views) left out."""
+    """Bytes of the distinct storages autograd saves while ``fn()`` runs, by dtype.
+
+    Storages of ``weights`` (so also their views, such as a saved ``W.t()``) are left out.
+    """
     seen: dict[int, torch.Tensor] = {}
     excluded = {t.untyped_storage().data_ptr() for t in weights}
 

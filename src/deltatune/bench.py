@@ -159,7 +159,7 @@ def train_job(shape: Shape, mode: str, device: str, steps: int, warmup: int, ran
         torch.cuda.reset_peak_memory_stats()
     wall, cpu = _timed(step, steps, device)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    saved, step_peak = _profiled_step(step, model, optimizer, device)
+    saved, step_peak = _profiled_step(step, model, device)
     return {
         "tokens_per_s": shape.tokens / statistics.median(wall),
         "tokens_per_cpu_s": shape.tokens / statistics.median(cpu),
@@ -237,7 +237,7 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _profiled_step(step: Callable[[], None], model: nn.Module, optimizer, device: str) -> tuple[int, int]:
+def _profiled_step(step: Callable[[], None], model: nn.Module, device: str) -> tuple[int, int]:
     """One more step: (bytes autograd saves for backward, CPU: peak bytes allocated during the step).
 
     Saved bytes count each storage once (x shared by q/k/v counts once) and leave out the
@@ -306,7 +306,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if "peft" in args.modes:
         _import_peft()  # fail in one line now rather than in every child
     common = {"device": device, "threads": args.threads, "dtype": args.dtype}
-    report: dict[str, Any] = {"environment": environment(device, args.threads), "settings": vars(args).copy(), "train": [], "infer": [], "wrap": []}
+    settings = {key: value for key, value in vars(args).items() if key != "job"}
+    report: dict[str, Any] = {"environment": environment(device, args.threads), "settings": settings,
+                              "train": [], "infer": [], "wrap": []}  # fmt: skip
     for shape in shapes:
         if "train" in args.sections:
             for repeat in range(args.repeats):
