@@ -69,7 +69,9 @@ def perturb_lora(model: torch.nn.Module, seed: int = 3) -> None:
                 param.add_(0.5 * torch.randn(param.shape, generator=generator))
 
 
-def trl_beside_deltatune(trainer_class: type, config: object, placeholder: dict, tmp_path: Path) -> tuple[object, DeltaModel]:
+def trl_beside_deltatune(
+    trainer_class: type, config: object, placeholder: dict, tmp_path: Path
+) -> tuple[object, DeltaModel]:
     """A TRL trainer that adds a LoRA adapter to a tiny Llama itself (so its reference is the model with
     the adapter disabled, as ours), that adapter perturbed, and the same adapter loaded in deltatune from
     peft's files. Both models are in train mode. ``placeholder``: one data row, since TRL wants a data set."""

@@ -52,11 +52,13 @@ ERRORS = [
     (("stage=ppo",), "stage='ppo' is unknown; use one of sft, dpo, kto"),
     (("precision=fp8",), "precision='fp8' is unknown"),
     (("r=0",), "r=0 must be a positive integer"),
+    (("rank_pattern=null",), "rank_pattern=None is not a value for method=lora; leave the key out"),
     (("max_steps=2.5",), "max_steps=2.5 must be a int"),
     (("packing=yes please",), "packing='yes please' must be true or false"),
     (("epochs=2", "max_steps=10"), "set max_steps or epochs (exactly one above 0)"),
     (("early_stopping_patience=2",), "early_stopping_patience needs evaluations during training; set eval_steps too"),
     (("stage=dpo", "packing=true"), "packing and train_on_prompt apply to stage=sft only"),
+    (("stage=kto", "batch_size=1"), "stage=kto needs batch_size >= 2"),
     (("model=/no/such/model",), "model='/no/such/model' is not a model folder (no config.json)"),
     (("data=/no/such/data.jsonl",), "data file /no/such/data.jsonl does not exist"),
     (("missing.yaml",), "config file missing.yaml does not exist"),
@@ -69,6 +71,13 @@ def test_train_errors_are_one_line_with_exit_2(capsys, argv: tuple[str, ...], me
     assert code == 2
     assert err.startswith("deltatune train: error: ") and message in err, err
     assert err.count("\n") == 1
+
+
+def test_fp16_without_a_gpu_fails_before_anything_loads(capsys, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = cli(capsys, "train", "precision=fp16", "data=/no/such/file.jsonl")
+    assert code == 2
+    assert err == "deltatune train: error: precision=fp16 needs a CUDA GPU; use precision=bf16 or fp32 on this machine\n"
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +204,10 @@ def test_an_override_of_epochs_or_max_steps_replaces_the_files_other(tmp_path: P
     assert (config.max_steps, config.epochs, config.method_options) == (0, 2.0, {"r": 4})
     path.write_text("epochs: 3\n", encoding="utf-8")
     assert (TrainConfig.from_sources(str(path), ["max_steps=5"]).max_steps, TrainConfig.from_sources(str(path), []).max_steps) == (5, 0)
+
+
+def test_method_values_take_their_fields_types() -> None:
+    """YAML reads 1e-4 (no dot) as a string; a float hyper-parameter still gets the number."""
+    config = TrainConfig.from_sources(None, ["lora_alpha=1e-4", "target_modules=q_proj, v_proj"])
+    assert (config.delta_config().lora_alpha, config.delta_config().target_modules) == (1e-4, ["q_proj", "v_proj"])
+    assert TrainConfig.from_sources(None, ["target_modules=.*_proj"]).delta_config().target_modules == ".*_proj"

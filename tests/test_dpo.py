@@ -103,7 +103,8 @@ def test_the_reference_is_the_base_model_with_the_adapter_disabled(tmp_path) -> 
 def test_every_method_trains_against_its_own_disabled_adapter(tmp_path, config_class) -> None:
     fields = {field.name for field in dataclasses.fields(config_class)}
     torch.manual_seed(0)
-    model = get_delta_model(tiny_llama(), config_class(**({"num_virtual_tokens": 4} if "num_virtual_tokens" in fields else {})))
+    config = config_class(**({"num_virtual_tokens": 4} if "num_virtual_tokens" in fields else {}))
+    model = get_delta_model(tiny_llama(), config)
     trainer = trainer_for(model, tmp_path, train=dpo_examples(16, seed=2), args={"max_steps": 3}, beta=0.5)
     trainer.train()
     examples = ours(TRIPLES[:1])
@@ -174,8 +175,11 @@ def test_ipo_lowers_its_loss(tmp_path) -> None:
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_loss_and_rewards_equal_trl_on_the_same_adapter_and_batch(tmp_path, loss_type) -> None:
-    config = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.5, loss_type=[loss_type], report_to=[], use_cpu=True)
-    reference, model = trl_beside_deltatune(trl.DPOTrainer, config, {"prompt": "t1", "chosen": " t2", "rejected": " t3"}, tmp_path)
+    config = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl"), beta=0.5, loss_type=[loss_type], report_to=[], use_cpu=True
+    )
+    placeholder = {"prompt": "t1", "chosen": " t2", "rejected": " t3"}
+    reference, model = trl_beside_deltatune(trl.DPOTrainer, config, placeholder, tmp_path)
     trl_batch = reference.data_collator([{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in TRIPLES])
     trl_loss = reference.compute_loss(reference.model, trl_batch)
     trl_metrics = {key: values[-1] for key, values in reference._metrics["train"].items()}

@@ -21,7 +21,9 @@ from preference_helpers import (
 )
 
 # (prompt, completion, desirable) of different lengths, so that padding is exercised
-ROWS = [([11, 12, 13], [1, 2, 3, 4], True), ([20, 21], [5], False), ([30], [9, 10, 40], True), ([50, 51], [6, 7], False)]
+ROWS = [
+    ([11, 12, 13], [1, 2, 3, 4], True), ([20, 21], [5], False), ([30], [9, 10, 40], True), ([50, 51], [6, 7], False)
+]
 
 
 def ours(rows) -> list[dict]:
@@ -42,7 +44,8 @@ def test_collator_pairs_each_prompt_with_the_previous_rows_completion() -> None:
                                            [-100, 5, -100, -100, -100, -100]]  # fmt: skip
     assert batch["kl_attention_mask"][2].tolist() == [1, 1, 0, 0, 0, 0]
     assert batch["desirable"].tolist() == [True, False, True]
-    assert KTOCollator(pad_token_id=0, max_length=4)(ours(ROWS[:2]))["kl_input_ids"].tolist() == [[11, 12, 13, 5], [20, 21, 1, 2]]
+    cut = KTOCollator(pad_token_id=0, max_length=4)(ours(ROWS[:2]))
+    assert cut["kl_input_ids"].tolist() == [[11, 12, 13, 5], [20, 21, 1, 2]]
 
 
 def test_collator_refuses_an_example_without_completion_tokens() -> None:
@@ -86,7 +89,8 @@ def test_loss_rewards_and_kl_equal_trl_on_the_same_adapter_and_batch(tmp_path) -
         output_dir=str(tmp_path / "trl"), beta=0.5, desirable_weight=1.5, undesirable_weight=0.5, report_to=[],
         use_cpu=True, per_device_train_batch_size=4,
     )  # fmt: skip
-    reference, model = trl_beside_deltatune(trl.KTOTrainer, config, {"prompt": "t1", "completion": " t2", "label": True}, tmp_path)
+    placeholder = {"prompt": "t1", "completion": " t2", "label": True}
+    reference, model = trl_beside_deltatune(trl.KTOTrainer, config, placeholder, tmp_path)
     completions = [c for _, c, _ in ROWS]
     trl_rows = [
         {"prompt_ids": p, "completion_ids": c, "KL_completion_ids": kl, "label": good}

@@ -69,7 +69,8 @@ def test_dpo_sigmoid_loss_and_rewards_match_the_hand_computation() -> None:
     result = dpo(beta=0.5)
     expected = sum(softplus(0.5 * d) for d in DIFFS) / 3
     assert result.loss.item() == pytest.approx(expected, abs=1e-12)
-    assert result.loss.item() == pytest.approx((0.474077 + 0.575930 + 1.136881) / 3, abs=1e-6)  # the three terms, by hand
+    # the three terms evaluated by hand: log(1 + e^-0.5), log(1 + e^-0.25), log(1 + e^0.75)
+    assert result.loss.item() == pytest.approx((0.474077 + 0.575930 + 1.136881) / 3, abs=1e-6)
     assert result.chosen_rewards.tolist() == pytest.approx([0.25, 0.0, -0.5])
     assert result.rejected_rewards.tolist() == pytest.approx([-0.25, -0.25, 0.25])
 
@@ -83,7 +84,8 @@ def test_cdpo_label_smoothing_mixes_in_the_flipped_label() -> None:
 def test_ipo_loss_is_the_squared_distance_of_per_token_log_ratios_from_one_over_two_beta() -> None:
     chosen_lengths, rejected_lengths = torch.tensor([2, 1, 4]), torch.tensor([1, 5, 2])
     result = dpo(beta=0.25, loss_type="ipo", chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
-    # per-token log-ratios: (0.5/2 − (−0.5)/1, 0/1 − (−0.5)/5, −1/4 − 0.5/2) = (0.75, 0.1, −0.5); 1/(2β) = 2
+    # per-token log-ratio differences, 0.5/2 − (−0.5)/1, 0/1 − (−0.5)/5 and −1/4 − 0.5/2,
+    # are 0.75, 0.1 and −0.5; 1/(2β) = 2
     expected = ((0.75 - 2) ** 2 + (0.1 - 2) ** 2 + (-0.5 - 2) ** 2) / 3
     assert result.loss.item() == pytest.approx(expected, abs=1e-12)
     unnormalised = dpo(beta=0.25, loss_type="ipo")

@@ -474,3 +474,25 @@ def test_save_renames_the_weights_before_the_config(saved_adapter, monkeypatch: 
     monkeypatch.setattr(deltatune.io.os, "replace", recording_replace)
     lora_model("llama", seed=5).save_pretrained(path)
     assert renamed == ["adapter_model.safetensors", "adapter_config.json"]
+
+
+def test_nested_disable_adapter_keeps_the_outer_block_disabled():
+    """Leaving an inner ``disable_adapter()`` must not switch the adapter back on inside the outer one."""
+    model = get_delta_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    batch = token_inputs()
+    with model.disable_adapter():
+        base = model(**batch).logits
+    with model.disable_adapter():
+        with model.disable_adapter():
+            pass
+        assert torch.equal(model(**batch).logits, base)
+    assert not torch.equal(model(**batch).logits, base)
+
+
+def test_an_adapter_added_to_an_eval_model_is_in_eval_mode():
+    model = get_delta_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.5))
+    model.train()
+    model.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.5))
+    model.eval()
+    model.add_adapter("third", LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.5))
+    assert not any(module.training for module in model.modules())

@@ -43,7 +43,10 @@ def test_a_run_trains_saves_checks_and_reports(files, full_run: RunResult) -> No
     assert {p.name for p in (out / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
                                                              "tokenizer_config.json"}  # fmt: skip
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
-    assert (out / "checkpoints" / "checkpoint-2" / "optimizer.pt").is_file()
+    checkpoint = {p.name for p in (out / "checkpoints" / "checkpoint-2").iterdir()}
+    assert checkpoint >= {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
+                          "rng_state.pth", "trainer_state.json", "tokenizer_config.json"}  # fmt: skip
+    assert not any(name.startswith("model") for name in checkpoint)  # no copy of the base weights
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["method_options"] == {"r": 4, "lora_dropout": 0.1}
@@ -72,7 +75,7 @@ def test_resuming_gives_the_same_adapter_bit_for_bit(files, full_run: RunResult)
 
 
 def test_resume_last_needs_a_checkpoint(files) -> None:
-    with pytest.raises(ConfigError, match="resume_from_checkpoint=last: no checkpoint-\\* folder in"):
+    with pytest.raises(ConfigError, match="resume_from_checkpoint=last: no complete checkpoint in"):
         run_training(config(files, "nothing-here", resume_from_checkpoint="last"))
     with pytest.raises(ConfigError, match="is not a checkpoint folder"):
         run_training(config(files, "x", resume_from_checkpoint=str(files["root"])))

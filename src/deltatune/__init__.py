@@ -3,15 +3,24 @@
 Adapters are saved in peft's file format, so they load in peft and vLLM, and peft's load here.
 """
 
-from .config import DeltaConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
-from .errors import AdapterLoadError, ConfigError, DeltaTuneError, MergeError, TargetError
+from .config import (
+    BottleneckConfig,
+    DeltaConfig,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+)
+from .errors import AdapterLoadError, ConfigError, DataError, DeltaTuneError, MergeError, SaveError, TargetError
 from .model import DeltaModel, get_delta_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterLoadError",
+    "BottleneckConfig",
     "ConfigError",
+    "DataError",
     "DeltaConfig",
     "DeltaModel",
     "DeltaTuneError",
@@ -20,6 +29,7 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptTuningConfig",
+    "SaveError",
     "TargetError",
     "get_delta_model",
 ]

@@ -171,6 +171,8 @@ class LoraConfig(DeltaConfig):
             raise ConfigError("layers_to_transform cannot be used with a regex target_modules; put the layers in the regex")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern is only used with layers_to_transform; set both or neither")
+        self.rank_pattern = _pattern("rank_pattern", self.rank_pattern)
+        self.alpha_pattern = _pattern("alpha_pattern", self.alpha_pattern)
         for key, value in self.rank_pattern.items():
             _check_regex("rank_pattern key", key)
             _check_positive_int(f"rank_pattern[{key!r}]", value)
@@ -471,6 +473,15 @@ def _module_names(name: str, value: Any) -> list[str] | str | None:
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(item, str) and item for item in value):
         return sorted(set(value))
     raise ConfigError(f"{name}={value!r} must be a list of module names or a regex string")
+
+
+def _pattern(name: str, value: Any) -> dict[str, Any]:
+    """A per-module override mapping (regex -> value); None, as some files write it, is an empty one."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}={value!r} must be a mapping of module regex -> value")
+    return dict(value)
 
 
 def _layer_indices(value: Any) -> list[int] | int | None:

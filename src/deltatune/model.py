@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -44,6 +44,7 @@ class DeltaModel(nn.Module):
         self.base_model = model
         self.peft_config: dict[str, DeltaConfig] = {}
         self._active: list[str] = []
+        self._disabled = False
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
 
@@ -108,6 +109,7 @@ class DeltaModel(nn.Module):
             tuner_for(config).delete(self.base_model, adapter_name)
             raise
         self.peft_config[adapter_name] = config
+        self.base_model.train(self.base_model.training)  # new modules (dropout) follow the model's mode
         self._apply_state()
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
@@ -137,6 +139,9 @@ class DeltaModel(nn.Module):
             with model.disable_adapter():
                 reference_logits = model(**batch).logits
         """
+        if self._disabled:  # nested: the outer block restores the state
+            yield
+            return
         merged = self.merged_adapters
         self.unmerge_adapter()
         self._set_disabled(True)
@@ -202,17 +207,27 @@ class DeltaModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # -- files --------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         """Write adapters in peft's format: "default" in ``save_directory``, others in sub-folders.
 
         Each file is written atomically, so an interrupted save keeps the previous version.
+        ``state_dict`` (keys as in ``self.state_dict()``) gives the tensors to save instead of the
+        live parameters, e.g. adapters gathered from FSDP shards by ``distributed.gather_adapter_state``.
         """
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             self._check_exists(name)
         for name in names:
             config = self.peft_config[name]
-            tensors = tuner_for(config).file_tensors(self.base_model, name, self.adapter_state(name))
+            state = self.adapter_state(name)
+            if state_dict is not None:
+                state = _entries(state_dict, state)
+            tensors = tuner_for(config).file_tensors(self.base_model, name, state)
             saved_config = type(config).from_dict({**config.to_dict(), "inference_mode": True})
             write_adapter(adapter_dir(save_directory, name), saved_config.to_json(), tensors)
 
@@ -289,6 +304,7 @@ class DeltaModel(nn.Module):
             raise ConfigError(f"no adapter named {name!r}; adapters on this model: {known}")
 
     def _set_disabled(self, disabled: bool) -> None:
+        self._disabled = disabled
         for tuner in [*self._tuners(), _MODULES_TO_SAVE]:
             tuner.set_disabled(self.base_model, disabled)
 
@@ -312,6 +328,15 @@ class DeltaModel(nn.Module):
 def get_delta_model(model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -> DeltaModel:
     """Wrap ``model`` with a new adapter described by ``config`` (peft's ``get_peft_model``)."""
     return DeltaModel(model, config, adapter_name)
+
+
+def _entries(state_dict: Mapping[str, torch.Tensor], state: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """``state``'s names (relative to the base model) -> their tensors in a ``DeltaModel.state_dict()``."""
+    missing = [name for name in state if f"base_model.{name}" not in state_dict]
+    if missing:
+        raise ConfigError(f"state_dict lacks base_model.{missing[0]} (and {len(missing) - 1} more adapter keys); "
+                          f"pass a state dict of this model, e.g. from distributed.gather_adapter_state")  # fmt: skip
+    return {name: state_dict[f"base_model.{name}"] for name in state}
 
 
 def _check_adapter_name(name: str) -> None:

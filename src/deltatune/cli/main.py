@@ -8,7 +8,7 @@ import traceback
 from collections.abc import Sequence
 
 from ..errors import DeltaTuneError
-from . import bench, chat, evaluate, generate, inspect_model, merge, train
+from . import bench, chat, classify, evaluate, generate, inspect_model, merge, train
 
 COMMANDS = {
     "train": train,
@@ -17,6 +17,7 @@ COMMANDS = {
     "chat": chat,
     "eval": evaluate,
     "inspect": inspect_model,
+    "classify": classify,
     "bench": bench,
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..atomic import atomic_directory
 from ..errors import ConfigError
 
 EXAMPLES = """\
@@ -29,7 +30,7 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
     parser.add_argument("output", help="folder for the merged model (must be empty or new)")
     parser.add_argument("--model", help="base model folder or 'smollm2' (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--dtype", default="float32", help="dtype of the saved weights: float32 (default), bfloat16, float16")
-    parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty OUTPUT folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT folder (swapped whole, in one step)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,8 +43,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{output} exists and is not an empty folder; pick a new OUTPUT or pass --overwrite")
     model, base_path = load_adapted(args.adapter, args.model)  # merged in fp32, then cast
     merged = model.merge_and_unload(safe_merge=True).to(DTYPES[args.dtype])
-    merged.save_pretrained(output)
-    tokenizer_for(args.adapter, base_path).save_pretrained(output)
+    with atomic_directory(output) as staging:  # a crash leaves the previous OUTPUT or the new one, never a mix
+        merged.save_pretrained(staging)
+        tokenizer_for(args.adapter, base_path).save_pretrained(staging)
     total = sum(p.numel() for p in merged.parameters())
     print(f"merged {args.adapter} into {base_path}: {type(merged).__name__}, {total:,} parameters ({args.dtype}) "
           f"saved to {output}")  # fmt: skip

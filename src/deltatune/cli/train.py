@@ -50,9 +50,12 @@ def run(args: argparse.Namespace) -> int:
     overrides = [s for s in args.settings if s is not config_file]
     config = TrainConfig.from_sources(config_file, overrides)
     # Imported here so that `deltatune --help` and config errors stay instant.
+    from ..distributed import is_main_process
     from ..train.run import run_training
 
     result = run_training(config)
+    if not is_main_process():  # under torchrun the main process alone reports
+        return 0
     print()
     checks = f"reloaded adapter max logit diff {result.reloaded_max_logit_diff:.2e}"
     if result.merged_max_logit_diff is not None:

@@ -29,7 +29,7 @@ from ..config import DeltaConfig, LoraConfig
 from ..data.chatterbot import chatterbot_topics
 from ..data.records import LabelledText
 from ..data.split import split_records
-from ..errors import ConfigError
+from ..errors import DataError
 from ..model import get_delta_model
 from .preference import keep_columns
 from .trainer import DeltaTrainer
@@ -58,11 +58,12 @@ def encode_labelled(
     """Token ids (with the tokenizer's special tokens, cut to ``max_length``) and the label's index."""
     unknown = sorted({r.label for r in records} - set(label_ids))
     if unknown:
-        raise ConfigError(f"held-out label {unknown[0]!r} never occurs in the training data; add examples of it")
+        raise DataError(f"held-out label {unknown[0]!r} never occurs in the training data; add examples of it")
     return [
-        {"input_ids": tokenizer(r.text, truncation=True, max_length=max_length)["input_ids"], "label": label_ids[r.label]}
+        {"input_ids": tokenizer(r.text, truncation=True, max_length=max_length)["input_ids"],
+         "label": label_ids[r.label]}
         for r in records
-    ]
+    ]  # fmt: skip
 
 
 @dataclass
@@ -94,7 +95,8 @@ def classification_accuracy(
     correct = 0
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size])
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
+        logits = model(**inputs).logits
         correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
     model.train(was_training)
     return correct / max(len(examples), 1)
@@ -104,9 +106,8 @@ def train_classifier(
     model: nn.Module, train: Sequence[ClassificationExample], args: TrainingArguments, pad_token_id: int
 ) -> DeltaTrainer:
     """Fit a ``DeltaModel`` classifier on ``train`` with transformers' Trainer; returns the trainer."""
-    trainer = DeltaTrainer(
-        model=model, args=keep_columns(args), train_dataset=list(train), data_collator=ClassificationCollator(pad_token_id)
-    )
+    collate = ClassificationCollator(pad_token_id)
+    trainer = DeltaTrainer(model=model, args=keep_columns(args), train_dataset=list(train), data_collator=collate)
     trainer.train()
     return trainer
 
@@ -134,13 +135,18 @@ def run_classification(
     records = list(chatterbot_topics() if records is None else records)
     train_records, eval_records = split_records(records, eval_fraction, seed, key=lambda r: r.text)
     labels = sorted({r.label for r in train_records})
+    if len(labels) < 2 or not eval_records:
+        raise DataError(
+            f"classification needs two or more labels to train on and held-out texts; got {len(labels)} label(s) "
+            f"and {len(eval_records)} held-out texts from {len(records)} records"
+        )
     label_ids = {label: i for i, label in enumerate(labels)}
     path = assets.minilm_path() if model_path is None else Path(model_path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     train = encode_labelled(tokenizer, train_records, label_ids, max_length)
     held_out = encode_labelled(tokenizer, eval_records, label_ids, max_length)
     majority = Counter(r.label for r in train_records).most_common(1)[0][0]
-    majority_accuracy = sum(r.label == majority for r in eval_records) / max(len(eval_records), 1)
+    majority_accuracy = sum(r.label == majority for r in eval_records) / len(eval_records)
     log(f"data: {len(train)} training / {len(held_out)} held-out texts, {len(labels)} labels "
         f"(always answering {majority!r} scores {majority_accuracy:.1%})")  # fmt: skip
 
@@ -151,7 +157,8 @@ def run_classification(
     accuracy_before = classification_accuracy(model, held_out, pad)
     log(f"held-out accuracy before: {accuracy_before:.1%} (untrained head)")
 
-    config = dataclasses.replace(adapter or LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), task_type="SEQ_CLS")
+    config = adapter or LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+    config = dataclasses.replace(config, task_type="SEQ_CLS")
     delta = get_delta_model(model, config)
     trainable, total = delta.get_nb_trainable_parameters()
     log(f"{config.peft_type} + new head: {trainable:,} trainable of {total:,} parameters")

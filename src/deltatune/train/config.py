@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -79,8 +80,11 @@ class TrainConfig:
         for name in ("max_steps", "warmup_steps", "eval_steps", "early_stopping_patience", "save_steps",
                      "save_total_limit", "logging_steps", "epochs", "weight_decay"):  # fmt: skip
             _check(name, getattr(self, name), getattr(self, name) >= 0, "must be 0 or more")
-        _check("learning_rate", self.learning_rate, self.learning_rate > 0, "must be positive")
-        _check("beta", self.beta, self.beta > 0, "must be positive")
+        for name in ("eval_fraction", "epochs", "learning_rate", "weight_decay", "beta", "desirable_weight",
+                     "undesirable_weight"):  # fmt: skip
+            _check(name, getattr(self, name), math.isfinite(getattr(self, name)), "must be a finite number")
+        for name in ("learning_rate", "beta", "desirable_weight", "undesirable_weight"):
+            _check(name, getattr(self, name), getattr(self, name) > 0, "must be positive")
         if (self.max_steps > 0) == (self.epochs > 0):
             raise ConfigError(f"set max_steps or epochs (exactly one above 0); got max_steps={self.max_steps}, "
                               f"epochs={self.epochs}")  # fmt: skip
@@ -91,6 +95,8 @@ class TrainConfig:
         if self.early_stopping_patience and self.save_steps % max(self.eval_steps, 1):
             raise ConfigError(f"save_steps={self.save_steps} must be a multiple of eval_steps={self.eval_steps} "
                               f"with early stopping (the best adapter is restored from a checkpoint)")  # fmt: skip
+        if self.stage == "kto" and self.batch_size < 2:
+            raise ConfigError("stage=kto needs batch_size >= 2 (its KL term pairs each prompt with another row's answer)")
         if self.stage != "sft" and (self.packing or self.train_on_prompt):
             raise ConfigError(f"packing and train_on_prompt apply to stage=sft only, not stage={self.stage}")
         _check("stage", self.stage, self.stage in STAGES, f"is unknown; use one of {', '.join(STAGES)}")
@@ -113,17 +119,20 @@ class TrainConfig:
 
     @classmethod
     def from_sources(cls, config_file: str | None, overrides: list[str]) -> TrainConfig:
-        """Defaults, then a YAML file, then ``key=value`` overrides (values parsed as YAML scalars).
+        """Defaults, then a YAML file, then ``key=value`` overrides (values parsed as YAML scalars,
+        except for text keys such as ``output_dir``, which keep the raw text: ``output_dir=007``).
 
         ``epochs`` and ``max_steps`` are alternatives: an override of one drops the file's other.
         """
         values: dict[str, Any] = _read_yaml(Path(config_file)) if config_file else {}
         given: dict[str, Any] = {}
+        hints = get_type_hints(cls)
         for item in overrides:
             key, sep, raw = item.partition("=")
             if not sep or not key:
                 raise ConfigError(f"override {item!r} is not key=value; e.g. max_steps=100")
-            given[key.strip()] = yaml.safe_load(raw) if raw else ""
+            key = key.strip()
+            given[key] = _override_value(item, raw, text=hints.get(key) is str)
         for key, other in (("epochs", "max_steps"), ("max_steps", "epochs")):
             if key in given and other not in given:
                 values.pop(other, None)
@@ -154,6 +163,18 @@ class TrainConfig:
 def _check(name: str, value: Any, ok: bool, problem: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r} {problem}")
+
+
+def _override_value(item: str, raw: str, text: bool) -> Any:
+    """The value of the override ``item``: ``raw`` parsed as a YAML scalar (safe loading: tags never run).
+    A ``text`` key keeps ``raw`` as written unless it parses to a string (``'a b'`` -> ``a b``)."""
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        if text:
+            return raw
+        raise ConfigError(f"override {item!r} is not a valid YAML value; quote it, e.g. key='text'") from None
+    return raw if text and not isinstance(value, str) else value
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -53,7 +53,9 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     label is -100 (prompt, padding) contribute nothing.
     """
     if logits.shape[:2] != labels.shape:
-        raise ConfigError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}; pass [batch, seq] labels")
+        raise ConfigError(
+            f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}; pass [batch, seq] labels"
+        )
     logits = logits[:, :-1].float()
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
@@ -112,7 +114,8 @@ def _per_token(lengths: torch.Tensor | None) -> torch.Tensor | float:
 
 def check_kto_settings(beta: float, desirable_weight: float, undesirable_weight: float) -> None:
     """Raise ConfigError unless beta and both class weights are positive."""
-    for name, value in (("beta", beta), ("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+    settings = {"beta": beta, "desirable_weight": desirable_weight, "undesirable_weight": undesirable_weight}
+    for name, value in settings.items():
         if not value > 0:
             raise ConfigError(f"{name}={value} must be positive")
 

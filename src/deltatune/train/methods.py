@@ -64,16 +64,29 @@ def build_config(name: str, options: Mapping[str, Any], task_type: str | None, b
     if unknown:
         raise ConfigError(f"{unknown[0]!r} is not a hyper-parameter of method={name}; it takes {', '.join(defaults)}")
     hints = get_type_hints(cls)
-    values = {key: _module_list(hints[key], value) for key, value in {**defaults, **options}.items()}
+    class_defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in {**defaults, **options}.items():
+        if value is None and class_defaults[key] is not None:
+            raise ConfigError(f"{key}=None is not a value for method={name}; leave the key out to get its default")
+        values[key] = _typed(str(hints[key]), value)
     return cls(**values, task_type=task_type, base_model_name_or_path=base_model)
 
 
-def _module_list(hint: Any, value: Any) -> Any:
-    """A command-line string for a list-of-names field: "q_proj,v_proj" -> ["q_proj", "v_proj"];
-    a regex or "all-linear" stays a string where the field accepts one."""
-    if not isinstance(value, str) or "list[str]" not in str(hint):
+def _typed(hint: str, value: Any) -> Any:
+    """A command-line string in the field's type: "1e-4" -> 1e-4 for a float field (YAML 1.1 reads
+    exponents without a dot as strings); "q_proj,v_proj" -> ["q_proj", "v_proj"] for a list of
+    names, where a regex or "all-linear" stays a string if the field accepts one."""
+    if not isinstance(value, str):
         return value
-    accepts_str = re.search(r"\|\s*str\b|\bstr\s*\|", str(hint)) is not None
+    if "float" in hint and "str" not in hint:
+        try:
+            return float(value)
+        except ValueError:
+            return value  # the config class names the problem
+    if "list[str]" not in hint:
+        return value
+    accepts_str = re.search(r"\|\s*str\b|\bstr\s*\|", hint) is not None
     if accepts_str and (value.strip() == "all-linear" or _REGEX_CHARS.search(value)):
         return value.strip()
     return [name.strip() for name in value.split(",") if name.strip()]

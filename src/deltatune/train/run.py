@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
+from ..checkpoints import latest_complete_checkpoint
 from ..data import EncodedSet, Record, RecordSet, TextExample, load_records, prompt_ids, split_records
 from ..data.records import Messages
 from ..errors import ConfigError, DataError, MergeError
@@ -65,6 +65,9 @@ def run_training(config: TrainConfig, log=print) -> RunResult:
     stage = STAGES[config.stage]
     model_path = model_folder(config.model)
     checkpoint = _checkpoint(config)
+    mixed_precision = _precision(config.precision)
+    progress = ProgressBar()
+    callbacks = [progress, *_optional_callbacks(config)]
     train_records, eval_records = _records(config, stage)
 
     tokenizer = load_tokenizer(model_path)
@@ -80,14 +83,11 @@ def run_training(config: TrainConfig, log=print) -> RunResult:
     delta = get_delta_model(model, config.delta_config(str(model_path.resolve())))
     trainable, total = delta.get_nb_trainable_parameters()
     log(f"{config.method}: {trainable:,} trainable of {total:,} parameters")
-    trainer = stage.trainer(config, delta, tokenizer, _arguments(config, train_set), train_set.examples, eval_set.examples)
-    progress = ProgressBar()
+    arguments = _arguments(config, train_set, mixed_precision)
+    trainer = stage.trainer(config, delta, tokenizer, arguments, train_set.examples, eval_set.examples)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(progress)
-    if config.early_stopping_patience:
-        trainer.add_callback(EarlyStoppingCallback(config.early_stopping_patience))
-    if config.tensorboard:
-        trainer.add_callback(_tensorboard(Path(config.output_dir) / "tensorboard"))
+    for callback in callbacks:
+        trainer.add_callback(callback)
 
     prompt = _sample_prompt(eval_records)
     # SFT's "before" is the base model; DPO/KTO score the untrained adapter, which is its own reference.
@@ -106,9 +106,11 @@ def run_training(config: TrainConfig, log=print) -> RunResult:
     log(f"held-out loss after:  {_describe(after)}")
 
     adapter_dir = Path(config.output_dir) / "adapter"
-    delta.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
-    log(f"adapter saved to {adapter_dir}")
+    if trainer.args.should_save:  # under torchrun only the main process writes
+        delta.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        log(f"adapter saved to {adapter_dir}")
+    trainer.accelerator.wait_for_everyone()  # every process reads back what the main process wrote
     probe = _probe_ids(tokenizer, prompt, eval_set, delta)
     reloaded_diff = _reloaded_diff(delta, adapter_dir, probe)
     merged_diff, answer_merged = _merged_check(delta, tokenizer, prompt, probe)
@@ -123,11 +125,12 @@ def run_training(config: TrainConfig, log=print) -> RunResult:
     )  # fmt: skip
     history = [{"step": 0, **before}, *state.log_history]
     output = Path(config.output_dir)
-    write_metrics(
-        output / "metrics.json", config=dataclasses.asdict(config), result=dataclasses.asdict(result),
-        data=_data_stats(train_records, eval_records, train_set, eval_set), log_history=history,
-    )  # fmt: skip
-    plot_losses(output / "loss.png", history, title=f"{stage.name} · {config.method} · {model_path.name}")
+    if trainer.args.should_save:
+        write_metrics(
+            output / "metrics.json", config=dataclasses.asdict(config), result=dataclasses.asdict(result),
+            data=_data_stats(train_records, eval_records, train_set, eval_set), log_history=history,
+        )  # fmt: skip
+        plot_losses(output / "loss.png", history, title=f"{stage.name} · {config.method} · {model_path.name}")
     return result
 
 
@@ -136,10 +139,11 @@ def _checkpoint(config: TrainConfig) -> str | None:
         return None
     if config.resume_from_checkpoint == "last":
         folder = Path(config.output_dir) / "checkpoints"
-        last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+        last = latest_complete_checkpoint(folder)
         if last is None:
-            raise ConfigError(f"resume_from_checkpoint=last: no checkpoint-* folder in {folder}")
-        return last
+            raise ConfigError(f"resume_from_checkpoint=last: no complete checkpoint in {folder}; train without "
+                              f"resume_from_checkpoint, or point it at a checkpoint folder")  # fmt: skip
+        return str(last)
     path = Path(config.resume_from_checkpoint)
     if not (path / "trainer_state.json").is_file():
         raise ConfigError(f"resume_from_checkpoint={str(path)!r} is not a checkpoint folder (no trainer_state.json)")
@@ -169,7 +173,7 @@ def _checked(data: RecordSet, stage: Stage) -> RecordSet:
     return data
 
 
-def _arguments(config: TrainConfig, train_set: EncodedSet) -> TrainingArguments:
+def _arguments(config: TrainConfig, train_set: EncodedSet, mixed_precision: dict[str, bool]) -> TrainingArguments:
     steps = config.max_steps
     if not steps:
         rows = len(train_set.examples)  # an upper bound when packing
@@ -197,7 +201,7 @@ def _arguments(config: TrainConfig, train_set: EncodedSet) -> TrainingArguments:
         greater_is_better=False if config.early_stopping_patience else None,
         activation_checkpointing=config.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
-        **_precision(config.precision),
+        **mixed_precision,
         report_to=[],
         seed=config.seed,
         data_seed=config.seed,
@@ -220,14 +224,20 @@ def _precision(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def _tensorboard(folder: Path):
-    from transformers.integrations import TensorBoardCallback
+def _optional_callbacks(config: TrainConfig) -> list:
+    """Early stopping and TensorBoard, when asked for (made before the model loads, so they fail first)."""
+    callbacks = []
+    if config.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(config.early_stopping_patience))
+    if config.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+        from transformers.integrations import TensorBoardCallback
 
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard") from None
-    return TensorBoardCallback(SummaryWriter(log_dir=str(folder)))
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(Path(config.output_dir) / "tensorboard"))))
+    return callbacks
 
 
 def _sample_prompt(records: list[Record]) -> Messages | None:
@@ -252,7 +262,6 @@ def _reloaded_diff(delta: DeltaModel, adapter_dir: Path, probe: torch.Tensor) ->
     delta.load_adapter(adapter_dir, adapter_name="reloaded")
     try:
         delta.set_adapter("reloaded")
-        delta.eval()  # new adapter modules start in train mode (dropout on)
         return (_logits(delta, probe) - trained).abs().max().item()
     finally:
         delta.set_adapter("default")

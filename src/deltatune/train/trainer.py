@@ -6,6 +6,7 @@ from pathlib import Path
 
 from transformers import Trainer
 
+from ..checkpoints import MarkCompleteCallback
 from ..errors import ConfigError
 from ..io import adapter_dir
 from ..model import DeltaModel
@@ -14,13 +15,19 @@ from ..model import DeltaModel
 class DeltaTrainer(Trainer):
     """A ``Trainer`` for a ``DeltaModel``: checkpoints hold peft-format adapter files (kilobytes to
     megabytes) next to the Trainer's optimizer, scheduler, RNG and data-position state, never a copy
-    of the frozen base weights; resuming and ``load_best_model_at_end`` read the adapters back."""
+    of the frozen base weights; resuming and ``load_best_model_at_end`` read the adapters back.
+    Each finished checkpoint gets a completeness marker (``checkpoints.MarkCompleteCallback``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_callback(MarkCompleteCallback())
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the adapters (under FSDP from ``state_dict``, the full tensors transformers gathered)."""
         if not self.args.should_save:
             return
         output_dir = output_dir or self.args.output_dir
-        self._delta_model().save_pretrained(output_dir)
+        self._delta_model().save_pretrained(output_dir, state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
