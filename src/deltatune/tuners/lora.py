@@ -99,12 +99,15 @@ class LoraLayer(nn.Module):
         """s · B A laid out like the base weight, in the base weight's dtype."""
         raise NotImplementedError
 
+    def unmerged(self, names: list[str]) -> list[str]:
+        """The adapters of ``names`` this layer holds and has not merged yet."""
+        return [name for name in names if name in self.r and name not in self.merged_adapters]
+
     def merge(self, names: list[str]) -> None:
         """W0 += s · B A for each adapter in ``names`` not merged yet."""
-        for name in names:
-            if name in self.r and name not in self.merged_adapters:
-                self.base_layer.weight.data += self.delta_weight(name)
-                self.merged_adapters.append(name)
+        for name in self.unmerged(names):
+            self.base_layer.weight.data += self.delta_weight(name)
+            self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """W0 -= s · B A for every merged adapter, newest first."""
@@ -350,17 +353,16 @@ class LoraTuner(Tuner):
         }
 
     def merge(self, model: nn.Module, adapter_names: list[str], safe_merge: bool = False) -> None:
-        layers = [layer for _, layer in self.layers(model)]
+        layers = list(self.layers(model))
         if safe_merge:  # check every layer before touching any, so a refusal changes nothing
-            for layer in layers:
-                for name in adapter_names:
-                    if name in layer.r and name not in layer.merged_adapters:
-                        if not torch.isfinite(layer.base_layer.weight.data + layer.delta_weight(name)).all():
-                            raise MergeError(
-                                f"merging adapter {name!r} would put NaN/Inf into {type(layer.base_layer).__name__} "
-                                f"weights; nothing was changed (check the adapter's weights)"
-                            )
-        for layer in layers:
+            for layer_name, layer in layers:
+                for name in layer.unmerged(adapter_names):
+                    if not torch.isfinite(layer.base_layer.weight.data + layer.delta_weight(name)).all():
+                        raise MergeError(
+                            f"merging adapter {name!r} would put NaN/Inf into the weights of {layer_name}; "
+                            f"nothing was changed (check the adapter's weights)"
+                        )
+        for _, layer in layers:
             layer.merge(adapter_names)
 
     def unmerge(self, model: nn.Module) -> None:
