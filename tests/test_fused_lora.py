@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tensor_checks import assert_close_rel, saved_bytes
 from tiny_models import LLAMA_LINEAR, tiny_gpt2, tiny_llama, token_inputs
 from torch import nn
 from transformers import LlamaForCausalLM
@@ -23,12 +24,6 @@ from deltatune.tuners.lora import LoraLinear
 FUSED_NODE = "_LoraLinearFunctionBackward"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 IN, OUT, ROWS = 24, 20, 6
-
-
-def assert_close_rel(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
-    error = (got.double() - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert error <= tol * scale, f"{what}: max error {error:.3g} vs max |ref| {scale:.3g}"
 
 
 def make_case(dtype, shape, fan_in_fan_out=False, bias=True, ranks=(4,), dropouts=None, seed=0):
@@ -111,27 +106,6 @@ def test_fused_dropout_equals_formula_with_the_same_masks(dtype):
     no_dropout = [factors[0]._replace(dropout=0.0)]
     dropped = fused_lora_linear(x, weight, None, factors) - fused_lora_linear(x, weight, None, no_dropout)
     assert dropped.abs().max() > 0, "dropout had no effect; the comparison is void"
-
-
-def saved_bytes(fn, weights) -> dict[str, int]:
-    """Bytes of the distinct storages autograd saves while ``fn()`` runs, by dtype.
-
-    Storages of ``weights`` (so also their views, such as a saved ``W.t()``) are left out.
-    """
-    seen: dict[int, torch.Tensor] = {}
-    excluded = {t.untyped_storage().data_ptr() for t in weights}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in excluded:
-            seen.setdefault(t.untyped_storage().data_ptr(), t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    totals: dict[str, int] = {}
-    for t in seen.values():
-        totals[str(t.dtype)] = totals.get(str(t.dtype), 0) + t.untyped_storage().nbytes()
-    return totals
 
 
 def three_projections(dtype, dropout=0.0):

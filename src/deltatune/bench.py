@@ -6,7 +6,9 @@ on, so backward still runs). Each mode runs in a fresh subprocess on a Llama-sha
 random weights (LoRA r=16 on all seven projections, AdamW), side by side in one run:
 
 - ``floor``: no adapter, every weight frozen;
-- ``fused``: deltatune's default path (``deltatune.kernels.lora_linear``);
+- ``fused``: deltatune's default path: gated MLPs as one function (``deltatune.kernels.lora_mlp``),
+  the attention projections through ``deltatune.kernels.lora_linear``;
+- ``fused-layer``: every projection through ``lora_linear``, no MLP-level function (a diagnostic);
 - ``plain``: deltatune's plain autograd path (``LoraLinear.fused = False``), a diagnostic;
 - ``peft``: Hugging Face peft, when installed.
 
@@ -37,7 +39,7 @@ import torch
 from torch import nn
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MODES = ("floor", "fused", "plain", "peft")
+MODES = ("floor", "fused", "fused-layer", "plain", "peft")
 SECTIONS = ("train", "infer", "wrap")
 RESULT_PREFIX = "BENCH_RESULT "
 MIB = 2**20
@@ -115,17 +117,18 @@ def attach(model: nn.Module, mode: str, rank: int, dropout: float) -> nn.Module:
     from . import LoraConfig, get_delta_model
 
     model = get_delta_model(model, LoraConfig(**kwargs))
-    set_fused(model, mode == "fused")
+    set_fused(model, mode in ("fused", "fused-layer"), fuse_mlp=mode == "fused")
     return model
 
 
-def set_fused(model: nn.Module, fused: bool) -> None:
-    """Route every ``LoraLinear`` of ``model`` through the fused function, or through the plain path."""
+def set_fused(model: nn.Module, fused: bool, fuse_mlp: bool = True) -> None:
+    """Route every ``LoraLinear`` of ``model`` through the fused functions (with or without the
+    MLP-level one), or through the plain path."""
     from .tuners.lora import LoraLinear
 
     for module in model.modules():
         if isinstance(module, LoraLinear):
-            module.fused = fused
+            module.fused, module.fuse_mlp = fused, fuse_mlp
 
 
 def _import_peft():
@@ -317,7 +320,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                            "rank": args.rank, "dropout": args.lora_dropout, **common}  # fmt: skip
                     result = run_job(job, args.isolate)
                     report["train"].append({"shape": shape, "mode": mode, "repeat": repeat, **result})
-                    print(f"  {shape} {mode:<6} repeat {repeat}: {result['tokens_per_s']:,.0f} tok/s, "
+                    print(f"  {shape} {mode:<11} repeat {repeat}: {result['tokens_per_s']:,.0f} tok/s, "
                           f"peak {result['peak_mib']:,.0f} MiB", flush=True)  # fmt: skip
         if "infer" in args.sections:
             job = {"kind": "infer", "shape": shape, "steps": args.steps, "warmup": args.warmup, "rank": args.rank, **common}

@@ -43,8 +43,8 @@ class LoraFactors(NamedTuple):
     dropout: float = 0.0  # the probability applied now: 0 when the dropout module is in eval mode
 
 
-class _Spec(NamedTuple):
-    """The non-tensor arguments of one call (constants to ``torch.compile``)."""
+class ProjectionSpec(NamedTuple):
+    """The non-tensor arguments of one projection's call (constants to ``torch.compile``)."""
 
     fan_in_fan_out: bool
     compute_dtype: torch.dtype  # dtype of the base GEMM (the activation or autocast dtype)
@@ -68,9 +68,21 @@ def fused_lora_linear(
     Under autocast the base GEMM runs in the autocast dtype, as ``F.linear`` would. The adapter
     math runs in that same dtype unless ``adapter_dtype`` (e.g. ``torch.float32``) is given.
     """
+    spec = projection_spec(x, adapters, fan_in_fan_out, adapter_dtype)
+    a_factors, b_factors = [f.a for f in adapters], [f.b for f in adapters]
+    if torch.is_grad_enabled() and _any_requires_grad(x, bias, *a_factors, *b_factors):
+        return _LoraLinearFunction.apply(x, weight, bias, spec, *a_factors, *b_factors)
+    with _autocast_off(x.device.type):  # nothing to differentiate: skip autograd's bookkeeping
+        return linear_forward(x, weight, bias, spec, a_factors, b_factors)[0]
+
+
+def projection_spec(
+    x: torch.Tensor, adapters: Sequence[LoraFactors], fan_in_fan_out: bool = False, adapter_dtype: torch.dtype | None = None
+) -> ProjectionSpec:
+    """The constants of one projection's call on input ``x``; draws a dropout seed per adapter with p > 0."""
     device_type = x.device.type
     compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    spec = _Spec(
+    return ProjectionSpec(
         fan_in_fan_out=fan_in_fan_out,
         compute_dtype=compute,
         adapter_dtype=adapter_dtype or compute,
@@ -78,11 +90,6 @@ def fused_lora_linear(
         dropouts=tuple(float(f.dropout) for f in adapters),
         seeds=tuple(draw_seed() if f.dropout > 0 else 0 for f in adapters),
     )
-    a_factors, b_factors = [f.a for f in adapters], [f.b for f in adapters]
-    if torch.is_grad_enabled() and _any_requires_grad(x, bias, *a_factors, *b_factors):
-        return _LoraLinearFunction.apply(x, weight, bias, spec, *a_factors, *b_factors)
-    with _autocast_off(device_type):  # nothing to differentiate: skip autograd's bookkeeping
-        return _forward(x, weight, bias, spec, a_factors, b_factors)[0]
 
 
 def draw_seed() -> int:
@@ -104,11 +111,11 @@ class _LoraLinearFunction(torch.autograd.Function):
     """Forward and backward of the module docstring; saves x, W, the factors and the h_i only."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, spec: _Spec, *factors):
+    def forward(ctx, x, weight, bias, spec: ProjectionSpec, *factors):
         count = len(spec.scalings)
         a_factors, b_factors = factors[:count], factors[count:]
         with _autocast_off(x.device.type):
-            out, hidden = _forward(x, weight, bias, spec, a_factors, b_factors)
+            out, hidden = linear_forward(x, weight, bias, spec, a_factors, b_factors)
         ctx.spec = spec
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x, weight, *a_factors, *b_factors, *hidden)
@@ -116,47 +123,74 @@ class _LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        spec: _Spec = ctx.spec
+        spec: ProjectionSpec = ctx.spec
         count = len(spec.scalings)
         x, weight, *rest = ctx.saved_tensors
         a_factors, b_factors, hidden = rest[:count], rest[count : 2 * count], rest[2 * count :]
-        need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        need_a = ctx.needs_input_grad[4 : 4 + count]
-        need_b = ctx.needs_input_grad[4 + count :]
-        grads_a: list[torch.Tensor | None] = [None] * count
-        grads_b: list[torch.Tensor | None] = [None] * count
-        dx = dbias = None
+        needs = ctx.needs_input_grad
         with _autocast_off(dy.device.type):
-            dy = _cast(dy.reshape(-1, dy.shape[-1]), spec.compute_dtype)
-            if need_x:
-                w = _cast(weight, spec.compute_dtype)
-                dx = torch.mm(dy, w.t() if spec.fan_in_fan_out else w)
-            if need_bias:
-                dbias = _cast(dy.sum(0), ctx.bias_dtype)
-            rows = _rows(x, spec.adapter_dtype) if need_x or any(need_a) else None
-            dy = _cast(dy, spec.adapter_dtype)
-            for i, (a, b, h) in enumerate(zip(a_factors, b_factors, hidden)):
-                scaling = spec.scalings[i]
-                if need_b[i]:
-                    grads_b[i] = _cast(torch.mm(dy.t(), h).mul_(scaling), b.dtype)
-                if not (need_x or need_a[i]):
-                    continue
-                g = torch.mm(dy, _cast(b, spec.adapter_dtype))
-                mask = _mask(rows, spec, i)
-                if mask is not None:
-                    scaling /= 1 - spec.dropouts[i]
-                if need_a[i]:
-                    grads_a[i] = _cast(torch.mm(g.t(), rows if mask is None else rows * mask).mul_(scaling), a.dtype)
-                if need_x and mask is None:
-                    _add_product(dx, g, _cast(a, spec.adapter_dtype), scaling)
-                elif need_x:
-                    dx.add_(torch.mm(g, _cast(a, spec.adapter_dtype)).mul_(mask), alpha=scaling)
+            dx, dbias, grads_a, grads_b = linear_backward(
+                dy, x, weight, spec, a_factors, b_factors, hidden,
+                need_x=needs[0], bias_dtype=ctx.bias_dtype if needs[2] else None,
+                need_a=needs[4 : 4 + count], need_b=needs[4 + count :],
+            )  # fmt: skip
         if dx is not None:
             dx = _cast(dx.view(x.shape), x.dtype)
         return (dx, None, dbias, None, *grads_a, *grads_b)
 
 
-def _forward(x, weight, bias, spec: _Spec, a_factors, b_factors) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def linear_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    spec: ProjectionSpec,
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
+    hidden: Sequence[torch.Tensor],
+    need_x: bool,
+    bias_dtype: torch.dtype | None,
+    need_a: Sequence[bool],
+    need_b: Sequence[bool],
+    dx_into: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """(dx [N, in], db, [dA_i], [dB_i]) of the module docstring for one projection, autocast off.
+
+    ``bias_dtype`` None skips db. ``dx_into`` (an [N, in] tensor in the compute dtype) receives
+    dx in place, for two projections that read the same x (gate and up of a gated MLP).
+    """
+    count = len(spec.scalings)
+    grads_a: list[torch.Tensor | None] = [None] * count
+    grads_b: list[torch.Tensor | None] = [None] * count
+    dx = dbias = None
+    dy = _cast(dy.reshape(-1, dy.shape[-1]), spec.compute_dtype)
+    if need_x:
+        w = _cast(weight, spec.compute_dtype)
+        w = w.t() if spec.fan_in_fan_out else w
+        dx = torch.mm(dy, w) if dx_into is None else dx_into.addmm_(dy, w)
+    if bias_dtype is not None:
+        dbias = _cast(dy.sum(0), bias_dtype)
+    rows = _rows(x, spec.adapter_dtype) if need_x or any(need_a) else None
+    dy = _cast(dy, spec.adapter_dtype)
+    for i, (a, b, h) in enumerate(zip(a_factors, b_factors, hidden)):
+        scaling = spec.scalings[i]
+        if need_b[i]:
+            grads_b[i] = _cast(torch.mm(dy.t(), h).mul_(scaling), b.dtype)
+        if not (need_x or need_a[i]):
+            continue
+        g = torch.mm(dy, _cast(b, spec.adapter_dtype))
+        mask = _mask(rows, spec, i)
+        if mask is not None:
+            scaling /= 1 - spec.dropouts[i]
+        if need_a[i]:
+            grads_a[i] = _cast(torch.mm(g.t(), rows if mask is None else rows * mask).mul_(scaling), a.dtype)
+        if need_x and mask is None:
+            _add_product(dx, g, _cast(a, spec.adapter_dtype), scaling)
+        elif need_x:
+            dx.add_(torch.mm(g, _cast(a, spec.adapter_dtype)).mul_(mask), alpha=scaling)
+    return dx, dbias, grads_a, grads_b
+
+
+def linear_forward(x, weight, bias, spec: ProjectionSpec, a_factors, b_factors) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(y, [h_i]): the base GEMM, then each adapter's rank-r product added into its output in place."""
     rows = _rows(x, spec.compute_dtype)
     w = _cast(weight, spec.compute_dtype)
@@ -188,7 +222,7 @@ def _rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _cast(x.reshape(-1, x.shape[-1]), dtype)
 
 
-def _mask(rows: torch.Tensor, spec: _Spec, i: int) -> torch.Tensor | None:
+def _mask(rows: torch.Tensor, spec: ProjectionSpec, i: int) -> torch.Tensor | None:
     """Adapter i's boolean dropout mask for ``rows`` (regenerated from its seed), or None without dropout."""
     p = spec.dropouts[i]
     return None if p == 0 else dropout_mask(rows.shape, p, spec.seeds[i], rows.device)

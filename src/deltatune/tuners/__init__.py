@@ -6,7 +6,7 @@ from ..config import DeltaConfig
 from ..errors import ConfigError
 from .base import Tuner
 from .bottleneck import BottleneckTuner
-from .lora import LoraTuner
+from .lora_tuner import LoraTuner
 from .prefix import PrefixTuner
 from .prompt import PromptTuningTuner, PTuningTuner
 

@@ -21,6 +21,8 @@ the LoRA terms are added into the base GEMM's output, only x and the rank-r prod
 saved). Where it does not apply (hooks or a subclass on the base layer, a trainable base
 weight, dropout under ``torch.compile``) the layer takes the plain path below, which is also
 available on demand: ``LoraLinear.fused = False`` for every layer, ``layer.fused = False`` for one.
+The projections of a gated MLP go one level further, as one function (``lora_mlp.py``).
+Injection, merging and removal are the tuner's (``lora_tuner.py``).
 """
 
 from __future__ import annotations
@@ -34,10 +36,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import LoraConfig
-from ..errors import ConfigError, MergeError
+from ..errors import MergeError
 from ..kernels import LoraFactors, fused_lora_linear
-from ..targeting import find_targets, pattern_value
-from .base import Tuner, replace_module
 
 
 class LoraLayer(nn.Module):
@@ -162,12 +162,15 @@ class LoraLinear(LoraLayer):
     """LoRA on ``nn.Linear`` (weight [out, in]) or GPT-2 ``Conv1D`` (weight [in, out], fan_in_fan_out).
 
     Runtime options (class attributes; set on an instance to change one layer), never saved:
-    ``fused`` (default True) trains through ``deltatune.kernels.lora_linear``; ``adapter_dtype``
+    ``fused`` (default True) trains through ``deltatune.kernels.lora_linear``; ``fuse_mlp`` (default
+    True, with ``fused``) lets a gated MLP run its three projections as one function
+    (``deltatune.tuners.lora_mlp``); ``adapter_dtype``
     (default None: the activation dtype) is the dtype of the rank-r math; ``torch.float32``
     keeps it all in fp32 for bf16/fp16 models.
     """
 
     fused: bool = True
+    fuse_mlp: bool = True
     adapter_dtype: torch.dtype | None = None
 
     def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
@@ -197,31 +200,54 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         names = self.unmerged_active()
-        if not names or args or kwargs or not self._fusable(x, names):
+        if not names or args or kwargs or x.shape[-1] != self.in_features or not self.fusable(x, names):
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
-        factors = [
+        return fused_lora_linear(x, base.weight, base.bias, self.factors(names), self.fan_in_fan_out, self.adapter_dtype)
+
+    def factors(self, names: list[str]) -> list[LoraFactors]:
+        """The adapters ``names`` as the fused functions take them (dropout p only while training)."""
+        return [
             LoraFactors(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], self._dropout_p(name))
             for name in names
         ]
-        return fused_lora_linear(x, base.weight, base.bias, factors, self.fan_in_fan_out, self.adapter_dtype)
 
     def _dropout_p(self, name: str) -> float:
         dropout = self.lora_dropout[name]
         return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
-    def _fusable(self, x: torch.Tensor, names: list[str]) -> bool:
+    def fusable(self, x: torch.Tensor, names: list[str]) -> bool:
         """The fused function reproduces the base layer exactly: a plain, hook-free, frozen Linear/Conv1D."""
-        base = self.base_layer
         return (
             self.fused
-            and type(base) in (nn.Linear, Conv1D)
-            and not (base._forward_hooks or base._forward_pre_hooks or "forward" in vars(base))
-            and not base.weight.requires_grad
-            and x.shape[-1] == self.in_features
-            and (x.dtype == base.weight.dtype or torch.is_autocast_enabled(x.device.type))
+            and is_frozen_plain_linear(self.base_layer, x)
             and not (torch.compiler.is_compiling() and any(self._dropout_p(name) > 0 for name in names))
         )
+
+
+def is_frozen_plain_linear(module: nn.Module, x: torch.Tensor) -> bool:
+    """``module`` is exactly ``nn.Linear``/``Conv1D`` with a frozen weight, no hooks, and ``x``'s dtype (or autocast)."""
+    return (
+        type(module) in (nn.Linear, Conv1D)
+        and not has_hooks(module)
+        and not module.weight.requires_grad
+        and (x.dtype == module.weight.dtype or torch.is_autocast_enabled(x.device.type))
+    )
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` does more than its class's ``forward``: hooks (its own or global), a patched forward."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or "forward" in vars(module)
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+        or nn.modules.module._global_backward_hooks
+        or nn.modules.module._global_backward_pre_hooks
+    )
 
 
 class LoraEmbedding(LoraLayer):
@@ -296,102 +322,3 @@ class LoraConv2d(LoraLayer):
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         x = self.lora_dropout[name](x.to(lora_a.weight.dtype))
         return lora_b(lora_a(x)) * self.scaling[name]
-
-
-def _layer_class(module: nn.Module) -> type[LoraLayer]:
-    if isinstance(module, (nn.Linear, Conv1D)):
-        return LoraLinear
-    if isinstance(module, nn.Embedding):
-        return LoraEmbedding
-    if isinstance(module, nn.Conv2d):
-        return LoraConv2d
-    raise ConfigError(f"LoRA cannot wrap {type(module).__name__}")
-
-
-class LoraTuner(Tuner):
-    """Injects, switches, merges and removes LoRA adapters."""
-
-    config_class = LoraConfig
-    layer_class = LoraLayer
-
-    def inject(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
-        targets = find_targets(model, config)
-        _sync_fan_in_fan_out(model, config, targets)
-        plan = []
-        for name in targets:  # validate everything before the model is touched
-            module = model.get_submodule(name)
-            rank = pattern_value(name, config.rank_pattern, config.r)
-            _check_target(name, _base(module), rank)
-            plan.append((name, module, rank, pattern_value(name, config.alpha_pattern, config.lora_alpha)))
-        for name, module, rank, alpha in plan:
-            if not isinstance(module, LoraLayer):
-                module = replace_module(model, name, _layer_class(module)(module))
-            module.add(adapter_name, rank, alpha, config)
-
-    def trained_base_parameters(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> dict[str, nn.Parameter]:
-        """``bias="all"``: every bias of the model; ``"lora_only"``: biases of the adapted layers."""
-        if config.bias == "all":
-            return {
-                name: param
-                for name, param in model.named_parameters()
-                if name.endswith("bias") and ".original_module." not in name and ".modules_to_save." not in name
-            }
-        if config.bias == "lora_only":
-            return {
-                f"{name}.base_layer.bias": layer.base_layer.bias
-                for name, layer in self.layers(model)
-                if adapter_name in layer.adapter_names and getattr(layer.base_layer, "bias", None) is not None
-            }
-        return {}
-
-    def optional_file_parameters(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
-        """peft saves the full base weight of an adapted embedding (to carry resized vocabularies)."""
-        return {
-            f"{name}.base_layer.weight": layer.base_layer.weight
-            for name, layer in self.layers(model)
-            if isinstance(layer, LoraEmbedding) and adapter_name in layer.adapter_names
-        }
-
-    def merge(self, model: nn.Module, adapter_names: list[str], safe_merge: bool = False) -> None:
-        layers = list(self.layers(model))
-        if safe_merge:  # check every layer before touching any, so a refusal changes nothing
-            for layer_name, layer in layers:
-                for name in layer.unmerged(adapter_names):
-                    if not torch.isfinite(layer.base_layer.weight.data + layer.delta_weight(name)).all():
-                        raise MergeError(
-                            f"merging adapter {name!r} would put NaN/Inf into the weights of {layer_name}; "
-                            f"nothing was changed (check the adapter's weights)"
-                        )
-        for _, layer in layers:
-            layer.merge(adapter_names)
-
-    def unmerge(self, model: nn.Module) -> None:
-        for _, layer in self.layers(model):
-            layer.unmerge()
-
-    def is_merged(self, model: nn.Module) -> bool:
-        return any(layer.merged_adapters for _, layer in self.layers(model))
-
-
-def _check_target(name: str, base: nn.Module, rank: int) -> None:
-    if isinstance(base, nn.Conv2d) and base.groups != 1:
-        raise ConfigError(f"LoRA on grouped Conv2d {name} (groups={base.groups}) is not supported; exclude it")
-    smallest = min(base.weight.flatten(1).shape)  # a Conv2d update is [out, in * kh * kw]
-    if rank > smallest:
-        raise ConfigError(
-            f"r={rank} is larger than {name}'s smallest dimension {smallest}; use r <= {smallest} "
-            f"(or a rank_pattern entry for this module)"
-        )
-
-
-def _sync_fan_in_fan_out(model: nn.Module, config: LoraConfig, targets: list[str]) -> None:
-    """Conv1D stores [in, out]; record ``fan_in_fan_out=True`` as peft does, so saved files agree."""
-    kinds = {isinstance(_base(model.get_submodule(name)), Conv1D) for name in targets}
-    if True in kinds:
-        config.fan_in_fan_out = True
-    elif config.fan_in_fan_out:
-        config.fan_in_fan_out = False
-
-
-def _base(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, LoraLayer) else module

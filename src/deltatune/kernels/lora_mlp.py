@@ -1,0 +1,187 @@
+"""A gated MLP with LoRA on its projections as one autograd function: y = down(act(gate(x)) ⊙ up(x)).
+
+    x ──► gate: W_g + LoRA ──► g ──► act ──► a ──┐
+    │                                           (⊙) ──► h ──► down: W_d + LoRA ──► y
+    └───► up:   W_u + LoRA ──► u ────────────────┘
+
+Saved for backward: x, g and u, plus each adapter's rank-r product; nothing else. Backward
+recomputes a = act(g) and h = a ⊙ u (two elementwise passes) instead of keeping them:
+
+    dh = dy W_d + LoRA terms          (dA_d, dB_d use dy and the recomputed h)
+    du = dh ⊙ a,    dg = act'(g) ⊙ (dh ⊙ u)
+    dx = dg W_g + du W_u + LoRA terms of gate and up      (both added into one [N, in] tensor)
+
+Per token the MLP keeps hidden + 2·intermediate values. The autograd graph of the same modules
+keeps g (for act's backward), a and u (for the product's) and, because each LoRA layer must
+keep its input for dA, x and h too: hidden + 4·intermediate. The frozen model without adapters
+keeps g, a and u: 3·intermediate, more than this function whenever intermediate > hidden.
+Each projection's own math (dtypes, autocast, dropout masks regenerated from seeds, several
+adapters, bias) is ``lora_linear``'s; a projection may have no adapter at all.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .lora_linear import (
+    LoraFactors,
+    ProjectionSpec,
+    _any_requires_grad,
+    _autocast_off,
+    _cast,
+    linear_backward,
+    linear_forward,
+    projection_spec,
+)
+
+
+class Activation(NamedTuple):
+    """An elementwise activation: ``forward(g)`` and ``backward(grad, g)`` = grad ⊙ act'(g)."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "silu": Activation(F.silu, torch.ops.aten.silu_backward),
+    "gelu": Activation(F.gelu, functools.partial(torch.ops.aten.gelu_backward, approximate="none")),
+    "gelu_tanh": Activation(
+        functools.partial(F.gelu, approximate="tanh"), functools.partial(torch.ops.aten.gelu_backward, approximate="tanh")
+    ),
+}
+
+
+class Projection(NamedTuple):
+    """One frozen ``nn.Linear`` of the MLP (weight [out, in], bias or None) and its active adapters."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    adapters: Sequence[LoraFactors] = ()
+
+
+class MlpSpec(NamedTuple):
+    """The non-tensor arguments of one call: each projection's constants and the activation's name."""
+
+    projections: tuple[ProjectionSpec, ProjectionSpec, ProjectionSpec]  # gate, up, down
+    activation: str
+
+
+def fused_lora_mlp(
+    x: torch.Tensor,
+    gate: Projection,
+    up: Projection,
+    down: Projection,
+    activation: str,
+    adapter_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``down(act(gate(x)) ⊙ up(x))`` with each projection's LoRA terms, through the backward above.
+
+    ``activation`` is a key of ``ACTIVATIONS``. Dtypes follow ``fused_lora_linear``: the base
+    GEMMs in the activation (or autocast) dtype, the rank-r math too unless ``adapter_dtype``.
+    """
+    projections = (gate, up, down)
+    spec = MlpSpec(tuple(projection_spec(x, p.adapters, False, adapter_dtype) for p in projections), activation)
+    factors = [t for p in projections for t in (*(f.a for f in p.adapters), *(f.b for f in p.adapters))]
+    tensors = [t for p in projections for t in (p.weight, p.bias)] + factors
+    if torch.is_grad_enabled() and _any_requires_grad(x, *(p.bias for p in projections), *factors):
+        return _LoraMlpFunction.apply(x, spec, *tensors)
+    with _autocast_off(x.device.type):  # nothing to differentiate: skip autograd's bookkeeping
+        return _forward(x, spec, *_unpack(spec, tensors))[0]
+
+
+class _Unpacked(NamedTuple):
+    """The flat tensor arguments of the function, grouped per projection (gate, up, down)."""
+
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor | None]
+    a_factors: list[Sequence[torch.Tensor]]
+    b_factors: list[Sequence[torch.Tensor]]
+
+
+def _unpack(spec: MlpSpec, tensors: Sequence[torch.Tensor | None]) -> _Unpacked:
+    """Split [W_g, b_g, W_u, b_u, W_d, b_d, A_g..., B_g..., A_u..., B_u..., A_d..., B_d...] per projection."""
+    a_factors, b_factors, start = [], [], 6
+    for projection in spec.projections:
+        count = len(projection.scalings)
+        a_factors.append(tensors[start : start + count])
+        b_factors.append(tensors[start + count : start + 2 * count])
+        start += 2 * count
+    return _Unpacked(list(tensors[0:6:2]), list(tensors[1:6:2]), a_factors, b_factors)
+
+
+def _forward(x, spec: MlpSpec, weights, biases, a_factors, b_factors):
+    """(y, g, u, [rank-r products per projection]) with autocast off."""
+    gate, up, down = spec.projections
+    g, hidden_g = linear_forward(x, weights[0], biases[0], gate, a_factors[0], b_factors[0])
+    u, hidden_u = linear_forward(x, weights[1], biases[1], up, a_factors[1], b_factors[1])
+    h = ACTIVATIONS[spec.activation].forward(g).mul_(u)
+    y, hidden_d = linear_forward(h, weights[2], biases[2], down, a_factors[2], b_factors[2])
+    return y, g, u, (hidden_g, hidden_u, hidden_d)
+
+
+class _LoraMlpFunction(torch.autograd.Function):
+    """Forward and backward of the module docstring; saves x, g, u, the weights, factors and rank-r products."""
+
+    @staticmethod
+    def forward(ctx, x, spec: MlpSpec, *tensors):
+        unpacked = _unpack(spec, tensors)
+        with _autocast_off(x.device.type):
+            y, g, u, hidden = _forward(x, spec, *unpacked)
+        ctx.spec = spec
+        ctx.bias_dtypes = [None if b is None else b.dtype for b in unpacked.biases]
+        ctx.save_for_backward(x, g, u, *unpacked.weights, *tensors[6:], *(h for group in hidden for h in group))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        spec: MlpSpec = ctx.spec
+        x, g, u, *rest = ctx.saved_tensors
+        factor_count = 2 * sum(len(p.scalings) for p in spec.projections)
+        weights, factors, hidden_flat = rest[:3], rest[3 : 3 + factor_count], rest[3 + factor_count :]
+        unpacked = _unpack(spec, [weights[0], None, weights[1], None, weights[2], None, *factors])
+        # per projection: its rank-r products, and which of its bias / A / B inputs need a gradient
+        needs = ctx.needs_input_grad[2:]  # after x and spec: W_g, b_g, W_u, b_u, W_d, b_d, factors...
+        hidden, need_a, need_b, bias_dtypes = [], [], [], []
+        start, hidden_start = 6, 0
+        for i, projection in enumerate(spec.projections):
+            count = len(projection.scalings)
+            hidden.append(hidden_flat[hidden_start : hidden_start + count])
+            need_a.append(needs[start : start + count])
+            need_b.append(needs[start + count : start + 2 * count])
+            bias_dtypes.append(ctx.bias_dtypes[i] if needs[1 + 2 * i] else None)
+            start, hidden_start = start + 2 * count, hidden_start + count
+        need_x = ctx.needs_input_grad[0]
+        need_dh = need_x or any(
+            bias_dtypes[i] is not None or any(need_a[i]) or any(need_b[i]) for i in range(2)
+        )  # anything upstream of h
+        activation = ACTIVATIONS[spec.activation]
+        g, u = g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])
+        grads = [(None, [None] * len(hidden[i]), [None] * len(hidden[i])) for i in range(3)]
+        dx = None
+        with _autocast_off(dy.device.type):
+            a = activation.forward(g)
+            dh, *grads[2] = linear_backward(
+                dy, a * u, weights[2], spec.projections[2], unpacked.a_factors[2], unpacked.b_factors[2], hidden[2],
+                need_x=need_dh, bias_dtype=bias_dtypes[2], need_a=need_a[2], need_b=need_b[2],
+            )  # fmt: skip
+            if need_dh:
+                du = dh * a
+                del a
+                dg = activation.backward(dh.mul_(u), g)  # dh ⊙ u is the gradient of a
+                del dh
+                for i, d_out in enumerate((dg, du)):
+                    dx, *grads[i] = linear_backward(
+                        d_out, x, weights[i], spec.projections[i], unpacked.a_factors[i], unpacked.b_factors[i],
+                        hidden[i], need_x=need_x, bias_dtype=bias_dtypes[i], need_a=need_a[i], need_b=need_b[i],
+                        dx_into=dx,
+                    )  # fmt: skip
+        if dx is not None:
+            dx = _cast(dx.view(x.shape), x.dtype)
+        bias_grads = [grad[0] for grad in grads]
+        factor_grads = [t for grad in grads for t in (*grad[1], *grad[2])]
+        return (dx, None, None, bias_grads[0], None, bias_grads[1], None, bias_grads[2], *factor_grads)

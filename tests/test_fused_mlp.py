@@ -1,0 +1,321 @@
+"""The fused gated MLP equals the plain formula, keeps only x, gate(x) and up(x) for backward, and is
+used exactly where it reproduces the modules (and nowhere once the adapters are gone).
+
+Kernel tests compare with ``down(act(gate(x)) * up(x))`` written out in float64 with plain autograd,
+each projection ``x Wᵀ + b + Σ s (x ⊙ M / (1 - p)) Aᵀ Bᵀ``, on the same values and dropout masks.
+Module tests compare the fused MLP with the same model run layer by layer (``fuse_mlp = False``).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tensor_checks import assert_close_rel, saved_bytes
+from tiny_models import LLAMA_LINEAR, tiny_llama, token_inputs
+from torch import nn
+from transformers import GemmaConfig, GemmaForCausalLM, activations
+
+import deltatune
+from deltatune.kernels.lora_linear import LoraFactors, draw_seed, dropout_mask
+from deltatune.kernels.lora_mlp import ACTIVATIONS, Projection, fused_lora_mlp
+from deltatune.tuners.lora import LoraLinear
+from deltatune.tuners.lora_mlp import FusedMlpForward, activation_name, is_gated_mlp
+
+MLP_NODE = "_LoraMlpFunctionBackward"
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+HIDDEN, INTER = 16, 40
+REFERENCE_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+}
+
+
+def make_mlp_case(dtype, shape, bias=True, dropout=0.0, seed=0):
+    """x, and gate (two adapters), up (none) and down (one) projections: frozen W/b in ``dtype``, fp32 adapters."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def leaf(*size, dtype=dtype, scale=0.3):
+        return (torch.randn(*size, generator=gen) * scale).to(dtype).requires_grad_()
+
+    def projection(out_features, in_features, shapes):
+        weight = leaf(out_features, in_features).detach()
+        adapters = [
+            LoraFactors(leaf(r, in_features, dtype=torch.float32), leaf(out_features, r, dtype=torch.float32), s, p)
+            for r, s, p in shapes
+        ]
+        return Projection(weight, leaf(out_features) if bias else None, adapters)
+
+    x = leaf(*shape, scale=1.0)
+    gate = projection(INTER, HIDDEN, [(4, 2.0, dropout), (2, 0.5, 0.0)])
+    up = projection(INTER, HIDDEN, [])
+    down = projection(HIDDEN, INTER, [(3, 1.5, dropout)])
+    return x, gate, up, down
+
+
+def differentiable(x, projections) -> list[torch.Tensor]:
+    leaves = [x] + [p.bias for p in projections if p.bias is not None]
+    return leaves + [t for p in projections for f in p.adapters for t in (f.a, f.b)]
+
+
+def reference_mlp(x, projections, activation, copies):
+    """The MLP formula in float64 on the copies (``copies[id(leaf)]``), drawing masks as the kernel does."""
+
+    def linear(inputs, projection):
+        out = inputs @ projection.weight.double().t()
+        if projection.bias is not None:
+            out = out + copies[id(projection.bias)]
+        for f in projection.adapters:
+            if f.dropout > 0:
+                mask = dropout_mask(inputs.shape, f.dropout, draw_seed(), inputs.device)
+                inputs_f = inputs * mask.double() / (1 - f.dropout)
+            else:
+                inputs_f = inputs
+            out = out + f.scaling * (inputs_f @ copies[id(f.a)].t()) @ copies[id(f.b)].t()
+        return out
+
+    gate, up, down = projections
+    x64 = copies[id(x)]
+    g, u = linear(x64, gate), linear(x64, up)
+    return linear(REFERENCE_ACTIVATIONS[activation](g) * u, down)
+
+
+def check_mlp(x, gate, up, down, activation="silu", seed=1234):
+    projections = (gate, up, down)
+    torch.manual_seed(seed)
+    y = fused_lora_mlp(x, gate, up, down, activation)
+    leaves = differentiable(x, projections)
+    copies = {id(t): t.detach().double().requires_grad_() for t in leaves}
+    torch.manual_seed(seed)  # the same seeds in the same order: the kernel's masks
+    ref = reference_mlp(x, projections, activation, copies)
+    tol = TOLERANCE[x.dtype]
+    assert y.grad_fn.name() == MLP_NODE and y.dtype == x.dtype and y.shape == x.shape
+    assert_close_rel(y, ref, tol, "output")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype)
+    y.backward(dy)
+    ref.backward(dy.double())
+    for i, leaf in enumerate(leaves):
+        assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, i
+        assert_close_rel(leaf.grad, copies[id(leaf)].grad, tol, f"gradient of leaf {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(6, HIDDEN), (2, 3, HIDDEN)], ids=["2d", "3d"])
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_fused_mlp_equals_formula(dtype, shape, activation, bias):
+    check_mlp(*make_mlp_case(dtype, shape, bias), activation=activation)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_mlp_with_dropout_and_a_non_contiguous_input_equals_formula(dtype):
+    x, gate, up, down = make_mlp_case(dtype, (3, 2, HIDDEN), dropout=0.3)
+    x_t = x.detach().transpose(0, 1).requires_grad_()
+    assert not x_t.is_contiguous()
+    check_mlp(x_t, gate, up, down)
+    no_dropout = [p._replace(adapters=[f._replace(dropout=0.0) for f in p.adapters]) for p in (gate, up, down)]
+    assert (fused_lora_mlp(x, *no_dropout, "silu") - fused_lora_mlp(x, gate, up, down, "silu")).abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_mlp_saves_x_gate_and_up_only(dtype):
+    """Saved: x [N, hidden], g and u [N, inter] and the rank-r products; with or without dropout."""
+    size = torch.empty((), dtype=dtype).element_size()
+    rows = 2 * 5
+    expected = {str(dtype): rows * (HIDDEN + 2 * INTER) * size + rows * (4 + 2 + 3) * size}
+    for dropout in (0.0, 0.3):
+        x, gate, up, down = make_mlp_case(dtype, (2, 5, HIDDEN), dropout=dropout)
+        weights = [p.weight for p in (gate, up, down)] + [t for p in (gate, up, down) for f in p.adapters for t in f[:2]]
+        assert saved_bytes(lambda: fused_lora_mlp(x, gate, up, down, "silu"), weights) == expected
+
+
+def test_without_anything_to_differentiate_the_mlp_runs_outside_autograd():
+    x, gate, up, down = make_mlp_case(torch.float32, (2, 3, HIDDEN))
+    with torch.no_grad():
+        y = fused_lora_mlp(x, gate, up, down, "silu")
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, fused_lora_mlp(x, gate, up, down, "silu").detach())
+
+
+# -- in a model -------------------------------------------------------------------------------
+def llama_with_lora(target_modules=LLAMA_LINEAR, dropout=0.0, names=("default",), mlp_bias=False):
+    base = tiny_llama()
+    if mlp_bias:  # the same tiny Llama with biases on its MLP projections
+        config = copy.deepcopy(base.config)
+        config.mlp_bias = True
+        torch.manual_seed(0)
+        base = type(base)(config).eval()
+    model = None
+    for i, name in enumerate(names):
+        config = deltatune.LoraConfig(
+            r=4 + i, lora_alpha=8, target_modules=target_modules, lora_dropout=dropout, init_lora_weights=False
+        )
+        if model is None:
+            model = deltatune.get_delta_model(base, config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+    model.set_adapter(list(names))
+    return model.train()
+
+
+def mlp_of(model, layer=0):
+    return model.base_model.model.layers[layer].mlp
+
+
+def run_grads(model, inputs, fuse_mlp: bool):
+    """(logits, {name: grad}) of one loss.backward with the MLP fused or layer by layer."""
+    LoraLinear.fuse_mlp = fuse_mlp
+    try:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(11)
+        out = model(**inputs, labels=inputs["input_ids"])
+        out.loss.backward()
+    finally:
+        LoraLinear.fuse_mlp = True
+    return out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_training(model, inputs=None):
+    inputs = inputs or token_inputs()
+    logits, grads = run_grads(model, inputs, fuse_mlp=True)
+    ref_logits, ref_grads = run_grads(model, inputs, fuse_mlp=False)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def mlp_node(model) -> str | None:
+    y = mlp_of(model)(torch.randn(2, 3, 32))
+    return y.grad_fn.name() if y.grad_fn is not None else None
+
+
+@pytest.mark.parametrize(
+    "target_modules,names,mlp_bias",
+    [(LLAMA_LINEAR, ("default", "other"), True), (["down_proj"], ("default",), False), (["gate_proj", "q_proj"], ("default",), True)],
+    ids=["all-two-adapters-bias", "down-only", "gate-only"],
+)
+def test_llama_mlp_trains_through_the_fused_function_as_it_does_layer_by_layer(target_modules, names, mlp_bias):
+    model = llama_with_lora(target_modules, names=names, mlp_bias=mlp_bias)
+    assert isinstance(vars(mlp_of(model))["forward"], FusedMlpForward) and mlp_node(model) == MLP_NODE
+    assert_same_training(model)
+
+
+def test_mlp_fusion_with_dropout_replays_under_gradient_checkpointing():
+    model = llama_with_lora(dropout=0.2)
+    inputs = token_inputs()
+    _, expected = run_grads(model, inputs, fuse_mlp=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, got = run_grads(model, inputs, fuse_mlp=True)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_gemma_mlp_with_tanh_gelu_fuses_and_matches():
+    config = GemmaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
+    torch.manual_seed(0)
+    default_targets = deltatune.get_delta_model(GemmaForCausalLM(config), deltatune.LoraConfig(r=4))
+    lora = deltatune.get_delta_model(
+        GemmaForCausalLM(config), deltatune.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    ).train()
+    assert activation_name(mlp_of(lora).act_fn) == "gelu_tanh" and mlp_node(lora) == MLP_NODE
+    assert "forward" not in vars(mlp_of(default_targets))  # Gemma's default targets are q/v only: nothing to fuse
+    assert_same_training(lora)
+
+
+def test_states_the_function_cannot_reproduce_run_the_class_forward():
+    model = llama_with_lora(names=("default", "other"))
+    inputs = token_inputs()
+    mlp = mlp_of(model)
+    assert mlp_node(model) == MLP_NODE
+    handle = mlp.up_proj.register_forward_hook(lambda module, args, out: out * 2)
+    assert mlp_node(model) != MLP_NODE  # the hook must run, so the MLP goes module by module
+    handle.remove()
+    mlp.up_proj.base_layer.weight.requires_grad_(True)  # a trained base weight needs dW
+    assert mlp_node(model) != MLP_NODE
+    mlp.up_proj.base_layer.weight.requires_grad_(False)
+    with model.disable_adapter():
+        assert mlp_node(model) is None  # frozen base only
+    model.merge_adapter(["default"])  # "other" still runs fused, "default" is in the weights
+    assert mlp_node(model) == MLP_NODE
+    model.merge_adapter(["other"])
+    assert mlp_node(model) is None
+    model.unmerge_adapter()
+    mlp.gate_proj.adapter_dtype = torch.float32  # the projections disagree on the rank-r dtype
+    assert mlp_node(model) != MLP_NODE
+    mlp.gate_proj.adapter_dtype = None
+    mlp.down_proj.fused = False
+    assert mlp_node(model) != MLP_NODE
+    mlp.down_proj.fused = True
+    assert_same_training(model, inputs)
+
+
+def test_the_fused_forward_comes_and_goes_with_the_lora_layers():
+    model = llama_with_lora(target_modules=["up_proj", "q_proj"])
+    mlp = mlp_of(model)
+    assert isinstance(vars(mlp)["forward"], FusedMlpForward)
+    model.add_adapter("attention", deltatune.LoraConfig(target_modules=["q_proj"]))
+    model.delete_adapter("default")  # up_proj is a plain Linear again
+    assert "forward" not in vars(mlp)
+    model.add_adapter("mlp", deltatune.LoraConfig(target_modules=["gate_proj"]))
+    assert isinstance(vars(mlp)["forward"], FusedMlpForward)
+    twin = copy.deepcopy(model)
+    assert vars(mlp_of(twin))["forward"].mlp is mlp_of(twin)  # the copy's forward runs the copy's modules
+    base = model.merge_and_unload()
+    assert not any("forward" in vars(module) for module in base.modules())
+    assert "forward" not in vars(mlp_of(llama_with_lora(target_modules=["q_proj", "v_proj"])))
+
+
+class _RenamedArgumentMlp(nn.Module):
+    def __init__(self, act_fn: nn.Module) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(8, 12), nn.Linear(8, 12), nn.Linear(12, 8)
+        self.act_fn = act_fn
+
+    def forward(self, hidden_state):
+        """The gated MLP, under another argument name."""
+        return self.down_proj(self.act_fn(self.gate_proj(hidden_state)) * self.up_proj(hidden_state))
+
+
+class _ScaledMlp(_RenamedArgumentMlp):
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)) * 2
+
+
+class _SwappedMlp(_RenamedArgumentMlp):
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+
+
+def test_mlps_qualify_by_what_their_forward_computes():
+    assert is_gated_mlp(_RenamedArgumentMlp(nn.SiLU()))
+    assert is_gated_mlp(_RenamedArgumentMlp(activations.GELUTanh()))
+    assert not is_gated_mlp(_RenamedArgumentMlp(activations.GELUTanh(use_gelu_tanh_python=True)))
+    assert not is_gated_mlp(_RenamedArgumentMlp(nn.ReLU()))
+    assert not is_gated_mlp(_ScaledMlp(nn.SiLU())) and not is_gated_mlp(_SwappedMlp(nn.SiLU()))
+    assert activation_name(nn.GELU(approximate="tanh")) == "gelu_tanh" and activation_name(nn.GELU()) == "gelu"
+    assert activation_name(activations.GELUActivation()) == "gelu"
+    assert activation_name(activations.GELUActivation(use_gelu_python=True)) is None
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+    from transformers.models.phi3.modeling_phi3 import Phi3MLP
+
+    assert not any(is_gated_mlp(cls.__new__(cls)) for cls in (GPT2MLP, Phi3MLP))
+
+
+def test_a_custom_gated_mlp_fuses_and_matches():
+    torch.manual_seed(0)
+    holder = nn.Sequential(_RenamedArgumentMlp(nn.SiLU()))
+    model = deltatune.get_delta_model(
+        holder, deltatune.LoraConfig(r=2, target_modules=["gate_proj", "down_proj"], init_lora_weights=False)
+    )
+    mlp = holder[0]
+    x = torch.randn(3, 8)
+    y = model(x)
+    assert y.grad_fn.name() == MLP_NODE
+    expected = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
