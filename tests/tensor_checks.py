@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+# the kernels' formula tests run on every device present (a GPU machine adds "cuda"; none is skipped here)
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
 
 def assert_close_rel(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
     error = (got.double() - ref).abs().max().item()

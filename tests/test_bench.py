@@ -45,6 +45,21 @@ def test_infer_and_wrap_jobs_report_every_variant():
     assert set(wrap) == {"deltatune_s", "peft_s"} and min(wrap.values()) > 0
 
 
+def test_saved_section_on_meta_gives_the_differences_between_modes_of_a_real_step():
+    """On meta, attention's math kernel makes o_proj's input a copy, where CPU/GPU flash kernels hand
+    o_proj a view of what attention saved anyway: one [tokens, hidden] tensor per layer more in every
+    LoRA mode. Apart from that, every difference to the floor is the real one, to the byte."""
+    meta = bench.saved_job(TINY, bench.MODES, rank=4, dropout=0.0)
+    real = {mode: train(mode)["saved_mib"] for mode in bench.MODES}
+    o_proj_input_mib = TINY.tokens * TINY.hidden * 4 * TINY.layers / 2**20
+    for mode in bench.MODES[1:]:
+        meta_extra = (meta[f"{mode}_gib"] - meta["floor_gib"]) * 1024
+        assert meta_extra == pytest.approx(real[mode] - real["floor"] + o_proj_input_mib, abs=1e-9), mode
+    assert meta["fused_gib"] < meta["fused-layer_gib"] == meta["peft_gib"] == meta["plain_gib"]  # fp32: peft copies nothing
+    report = {"settings": {"device": "cpu"}, "summary": {}, "infer": [], "wrap": [], "saved": [{"shape": "tiny", **meta}]}
+    assert "| floor | fused | fused-layer | plain | peft |" in bench.format_report(report)
+
+
 def test_summary_takes_medians_over_repeats_and_ratios_to_floor_and_peft():
     runs = {"floor": ((100, 90, 110), 10.0), "fused": ((95, 99, 80), 11.0), "peft": ((50, 40, 60), 20.0)}
     records = [
@@ -52,7 +67,7 @@ def test_summary_takes_medians_over_repeats_and_ratios_to_floor_and_peft():
         for mode, (speeds, peak) in runs.items()
         for s in speeds
     ]
-    report = {"settings": {"device": "cpu", "dtype": None}, "train": records, "infer": [], "wrap": []}
+    report = {"settings": {"device": "cpu", "dtype": None}, "train": records, "infer": [], "wrap": [], "saved": []}
     summary = bench.summarize(report)["tiny"]
     assert summary["fused"]["tokens_per_cpu_s"] == 2 * 95 and summary["fused"]["tokens_per_s_range"] == [80, 99]
     fused = summary["fused"]  # ratios use the CPU clock on CPU: 190 / 200 and 190 / 100

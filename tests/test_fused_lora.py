@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tensor_checks import assert_close_rel, saved_bytes
+from tensor_checks import DEVICES, assert_close_rel, saved_bytes
 from tiny_models import LLAMA_LINEAR, tiny_gpt2, tiny_llama, token_inputs
 from torch import nn
 from transformers import LlamaForCausalLM
@@ -26,12 +26,12 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 IN, OUT, ROWS = 24, 20, 6
 
 
-def make_case(dtype, shape, fan_in_fan_out=False, bias=True, ranks=(4,), dropouts=None, seed=0):
+def make_case(dtype, shape, fan_in_fan_out=False, bias=True, ranks=(4,), dropouts=None, seed=0, device="cpu"):
     """Leaf tensors: x of ``shape`` (last dim IN), W, b in ``dtype``; fp32 master A/B per rank."""
     gen = torch.Generator().manual_seed(seed)
 
     def leaf(*size, dtype=dtype, scale=1.0):
-        return (torch.randn(*size, generator=gen) * scale).to(dtype).requires_grad_()
+        return (torch.randn(*size, generator=gen) * scale).to(device, dtype).requires_grad_()
 
     x = leaf(*shape)
     weight = leaf(*((IN, OUT) if fan_in_fan_out else (OUT, IN)), scale=0.2).detach()  # frozen
@@ -72,7 +72,7 @@ def check_against_reference(x, weight, bias, factors, fan_in_fan_out=False, seed
     tol = TOLERANCE[x.dtype]
     assert y.dtype == x.dtype and y.grad_fn.name() == FUSED_NODE
     assert_close_rel(y, ref_y, tol, "output")
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.device, y.dtype)
     y.backward(dy)
     ref_y.backward(dy.double())
     for name, leaf in leaves_of(x, bias, factors).items():
@@ -85,8 +85,10 @@ def check_against_reference(x, weight, bias, factors, fan_in_fan_out=False, seed
 @pytest.mark.parametrize("shape", [(ROWS, IN), (2, 3, IN)], ids=["2d", "3d"])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_fused_equals_formula(dtype, shape, fan_in_fan_out, bias):
-    check_against_reference(*make_case(dtype, shape, fan_in_fan_out, bias), fan_in_fan_out=fan_in_fan_out)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_equals_formula(dtype, shape, fan_in_fan_out, bias, device):
+    case = make_case(dtype, shape, fan_in_fan_out, bias, device=device)
+    check_against_reference(*case, fan_in_fan_out=fan_in_fan_out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

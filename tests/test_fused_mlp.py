@@ -8,13 +8,14 @@ Module tests compare the fused MLP with the same model run layer by layer (``fus
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tensor_checks import assert_close_rel, saved_bytes
+from tensor_checks import DEVICES, assert_close_rel, saved_bytes
 from tiny_models import LLAMA_LINEAR, tiny_llama, token_inputs
 from torch import nn
 from transformers import GemmaConfig, GemmaForCausalLM, activations
@@ -35,12 +36,12 @@ REFERENCE_ACTIVATIONS = {
 }
 
 
-def make_mlp_case(dtype, shape, bias=True, dropout=0.0, seed=0):
+def make_mlp_case(dtype, shape, bias=True, dropout=0.0, seed=0, device="cpu"):
     """x, and gate (two adapters), up (none) and down (one) projections: frozen W/b in ``dtype``, fp32 adapters."""
     gen = torch.Generator().manual_seed(seed)
 
     def leaf(*size, dtype=dtype, scale=0.3):
-        return (torch.randn(*size, generator=gen) * scale).to(dtype).requires_grad_()
+        return (torch.randn(*size, generator=gen) * scale).to(device, dtype).requires_grad_()
 
     def projection(out_features, in_features, shapes):
         weight = leaf(out_features, in_features).detach()
@@ -95,7 +96,7 @@ def check_mlp(x, gate, up, down, activation="silu", seed=1234):
     tol = TOLERANCE[x.dtype]
     assert y.grad_fn.name() == MLP_NODE and y.dtype == x.dtype and y.shape == x.shape
     assert_close_rel(y, ref, tol, "output")
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.device, y.dtype)
     y.backward(dy)
     ref.backward(dy.double())
     for i, leaf in enumerate(leaves):
@@ -107,8 +108,9 @@ def check_mlp(x, gate, up, down, activation="silu", seed=1234):
 @pytest.mark.parametrize("shape", [(6, HIDDEN), (2, 3, HIDDEN)], ids=["2d", "3d"])
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_fused_mlp_equals_formula(dtype, shape, activation, bias):
-    check_mlp(*make_mlp_case(dtype, shape, bias), activation=activation)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_mlp_equals_formula(dtype, shape, activation, bias, device):
+    check_mlp(*make_mlp_case(dtype, shape, bias, device=device), activation=activation)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -166,16 +168,23 @@ def mlp_of(model, layer=0):
     return model.base_model.model.layers[layer].mlp
 
 
+@contextlib.contextmanager
+def mlp_fusion(enabled: bool):
+    """Every LoRA layer with ``fuse_mlp = enabled`` inside the block (False: the layer-by-layer reference)."""
+    LoraLinear.fuse_mlp = enabled
+    try:
+        yield
+    finally:
+        LoraLinear.fuse_mlp = True
+
+
 def run_grads(model, inputs, fuse_mlp: bool):
     """(logits, {name: grad}) of one loss.backward with the MLP fused or layer by layer."""
-    LoraLinear.fuse_mlp = fuse_mlp
-    try:
+    with mlp_fusion(fuse_mlp):
         model.zero_grad(set_to_none=True)
         torch.manual_seed(11)
         out = model(**inputs, labels=inputs["input_ids"])
         out.loss.backward()
-    finally:
-        LoraLinear.fuse_mlp = True
     return out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -319,3 +328,29 @@ def test_a_custom_gated_mlp_fuses_and_matches():
     assert y.grad_fn.name() == MLP_NODE
     expected = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_and_fp32_adapter_math_fuse_and_match_the_layer_path():
+    """bf16 autocast over an fp32 model, and a bf16 model with ``adapter_dtype=torch.float32``."""
+    model = llama_with_lora()
+    x = torch.randn(2, 3, 32)
+    mlp = mlp_of(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mlp(x)
+        with mlp_fusion(False):
+            layered = mlp(x)
+    assert y.grad_fn.name() == MLP_NODE and y.dtype == layered.dtype == torch.bfloat16
+    torch.testing.assert_close(y, layered, rtol=2e-2, atol=2e-2)
+    model.base_model.to(torch.bfloat16)
+    for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        layer.adapter_dtype = torch.float32
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # fp32 masters, as get_delta_model makes them for a bf16 base
+    y = mlp(x.bfloat16())
+    with mlp_fusion(False):
+        layered = mlp(x.bfloat16())
+    assert y.grad_fn.name() == MLP_NODE and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, layered, rtol=2e-2, atol=2e-2)
+    y.float().square().sum().backward()
+    assert mlp.gate_proj.lora_A["default"].weight.grad.dtype == torch.float32

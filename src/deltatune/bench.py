@@ -16,13 +16,18 @@ Reported per mode: tokens/s (median step over the timed steps), peak memory, and
 autograd saves for backward. Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA; on
 CPU it is the bytes of the live tensors before a step (weights, adapters, optimizer state)
 plus the highest sum of the allocations torch's profiler records during one extra step.
-Two more sections: inference latency of the base, unmerged and merged model, and the time
-to wrap a 1.1B-shaped model.
+More sections: inference latency of the base, unmerged and merged model; the time to wrap a
+1.1B-shaped model; and ``saved``: the bytes autograd keeps for backward after one forward of
+each mode at the GPU shapes, computed on the ``meta`` device (shapes only: no memory, no GPU, a
+second per mode). On meta, attention runs torch's math kernel and saves its attention matrix
+(a GPU's flash kernel does not), identically in every mode, so the differences between modes
+are exact while the totals are not a GPU's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -32,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -40,9 +45,10 @@ from torch import nn
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODES = ("floor", "fused", "fused-layer", "plain", "peft")
-SECTIONS = ("train", "infer", "wrap")
+SECTIONS = ("train", "infer", "wrap", "saved")
 RESULT_PREFIX = "BENCH_RESULT "
 MIB = 2**20
+GIB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +224,18 @@ def wrap_job(shape: Shape, device: str, rank: int, libraries: Sequence[str]) -> 
     return result
 
 
+def saved_job(shape: Shape, modes: Sequence[str], rank: int, dropout: float) -> dict:
+    """GiB autograd saves for backward in one training-mode forward of each mode, on ``meta``."""
+    result = {}
+    for mode in modes:
+        model = attach(build_model(shape, "meta"), mode, rank, dropout).train()
+        ids = torch.zeros(shape.batch, shape.seq, dtype=torch.long, device="meta")
+        with saved_storages(model) as saved:
+            model(input_ids=ids, labels=ids)
+        result[f"{mode}_gib"] = sum(saved.values()) / GIB
+    return result
+
+
 def _timed(fn: Callable[[], Any], count: int, device: str) -> tuple[list[float], list[float]]:
     """(wall seconds, process CPU seconds) of ``count`` calls of ``fn``.
 
@@ -241,28 +259,14 @@ def _synchronize(device: str) -> None:
 
 
 def _profiled_step(step: Callable[[], None], model: nn.Module, device: str) -> tuple[int, int]:
-    """One more step: (bytes autograd saves for backward, CPU: peak bytes allocated during the step).
-
-    Saved bytes count each storage once (x shared by q/k/v counts once) and leave out the
-    weights (a saved ``W.t()`` is a view of a parameter, not new memory).
-    """
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+    """One more step: (bytes autograd saves for backward, CPU: peak bytes allocated during the step)."""
     if device == "cuda":
-        with hooks:
+        with saved_storages(model) as saved:
             step()
         return sum(saved.values()), 0
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, hooks:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, saved_storages(model) as saved:
         step()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     current = peak = 0
@@ -270,6 +274,27 @@ def _profiled_step(step: Callable[[], None], model: nn.Module, device: str) -> t
         current += event.nbytes()
         peak = max(peak, current)
     return sum(saved.values()), peak
+
+
+@contextlib.contextmanager
+def saved_storages(model: nn.Module) -> Iterator[dict[int, int]]:
+    """Yields {storage: bytes} of what autograd saves for backward inside the block.
+
+    Each storage counts once (x shared by q/k/v counts once); the model's parameters are left
+    out (a saved ``W.t()`` is a view of a weight, not new memory). Storages are told apart by
+    their C++ object, which also works on ``meta``, where every data pointer is 0.
+    """
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in weights:
+            saved[storage._cdata] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield saved
 
 
 def _live_bytes(model: nn.Module, optimizer) -> int:
@@ -299,7 +324,7 @@ def _dispatch(job: dict) -> dict:
     if threads:
         torch.set_num_threads(threads)
     job["shape"] = shape_of(job["shape"], dtype)
-    return {"train": train_job, "infer": infer_job, "wrap": wrap_job}[kind](**job)
+    return {"train": train_job, "infer": infer_job, "wrap": wrap_job, "saved": saved_job}[kind](**job)
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -311,7 +336,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     common = {"device": device, "threads": args.threads, "dtype": args.dtype}
     settings = {key: value for key, value in vars(args).items() if key != "job"}
     report: dict[str, Any] = {"environment": environment(device, args.threads), "settings": settings,
-                              "train": [], "infer": [], "wrap": []}  # fmt: skip
+                              "train": [], "infer": [], "wrap": [], "saved": []}  # fmt: skip
     for shape in shapes:
         if "train" in args.sections:
             for repeat in range(args.repeats):
@@ -330,6 +355,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         job = {"kind": "wrap", "shape": args.wrap_shape, "device": args.wrap_device or device, "rank": args.rank,
                "libraries": libraries, "threads": args.threads}  # fmt: skip
         report["wrap"].append({"shape": args.wrap_shape, "device": job["device"], **run_job(job, args.isolate)})
+    if "saved" in args.sections:
+        for shape in args.saved_shapes:
+            job = {"kind": "saved", "shape": shape, "modes": args.modes, "rank": args.rank, "dropout": args.lora_dropout,
+                   "dtype": args.dtype}  # fmt: skip
+            report["saved"].append({"shape": shape, **run_job(job, args.isolate)})
     report["summary"] = summarize(report)
     report["environment"]["load_average_end"] = os.getloadavg()
     return report
@@ -388,6 +418,12 @@ def format_report(report: dict) -> str:
     for record in report["wrap"]:
         times = ", ".join(f"{key.removesuffix('_s')} {value:.2f} s" for key, value in record.items() if key.endswith("_s"))
         lines.append(f"\nwrap {record['shape']} on {record['device']}: {times}")
+    for record in report["saved"]:
+        modes = [key.removesuffix("_gib") for key in record if key.endswith("_gib")]
+        floor = record.get("floor_gib")
+        cells = [f"{record[f'{m}_gib']:.2f}" + (f" ({record[f'{m}_gib'] - floor:+.2f})" if floor is not None else "") for m in modes]
+        lines += [f"\nsaved for backward, {record['shape']} on meta (GiB; in brackets: minus the floor's):", "",
+                  "| " + " | ".join(modes) + " |", "|" + "---|" * len(modes), "| " + " | ".join(cells) + " |"]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -446,6 +482,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--wrap-shape", choices=list(SHAPES), default="1.1b")
     parser.add_argument("--wrap-device", choices=["cpu", "cuda", "meta"], help="default: --device")
+    parser.add_argument("--saved-shapes", nargs="+", choices=list(SHAPES), default=["1.1b", "8b"],
+                        help="shapes of the 'saved' section (on meta; default: the GPU shapes)")  # fmt: skip
     parser.add_argument("--json", help="write the full report (every step time) to this file")
     parser.add_argument("--no-isolate", dest="isolate", action="store_false",
                         help="run modes in this process (quick looks; memory numbers are then less honest)")  # fmt: skip

@@ -80,8 +80,7 @@ def projection_spec(
     x: torch.Tensor, adapters: Sequence[LoraFactors], fan_in_fan_out: bool = False, adapter_dtype: torch.dtype | None = None
 ) -> ProjectionSpec:
     """The constants of one projection's call on input ``x``; draws a dropout seed per adapter with p > 0."""
-    device_type = x.device.type
-    compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    compute = autocast_dtype(x.device.type) or x.dtype
     return ProjectionSpec(
         fan_in_fan_out=fan_in_fan_out,
         compute_dtype=compute,
@@ -102,6 +101,8 @@ def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -
 
     ``rand >= p`` rather than ``bernoulli_``: the same law, and on CPU it draws in about 60% of the time.
     """
+    if device.type == "meta":  # shapes only (tracing, memory estimates): there are no values to draw
+        return torch.empty(shape, dtype=torch.bool, device=device)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return torch.rand(shape, generator=generator, device=device) >= p
@@ -236,8 +237,16 @@ def _add_product(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alp
         out.add_(torch.mm(left, right), alpha=alpha)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matrix products in on ``device_type`` now; None when it is off or
+    the device has no autocast (``meta``, where asking would raise)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """Explicit dtypes inside the function: autocast would recast the fp32 adapter math."""
-    if torch.is_autocast_enabled(device_type):
+    if autocast_dtype(device_type) is not None:
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()

@@ -38,6 +38,7 @@ from transformers.pytorch_utils import Conv1D
 from ..config import LoraConfig
 from ..errors import MergeError
 from ..kernels import LoraFactors, fused_lora_linear
+from ..kernels.lora_linear import autocast_dtype
 
 
 class LoraLayer(nn.Module):
@@ -231,7 +232,7 @@ def is_frozen_plain_linear(module: nn.Module, x: torch.Tensor) -> bool:
         type(module) in (nn.Linear, Conv1D)
         and not has_hooks(module)
         and not module.weight.requires_grad
-        and (x.dtype == module.weight.dtype or torch.is_autocast_enabled(x.device.type))
+        and (x.dtype == module.weight.dtype or autocast_dtype(x.device.type) is not None)
     )
 
 
