@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 import deltatune
 from deltatune.kernels import LoraFactors, fused_lora_linear
-from deltatune.kernels.lora_linear import draw_seed, dropout_mask
+from deltatune.kernels.lora_linear import draw_seed, dropout_mask, quantized_dropout
 from deltatune.tuners.lora import LoraLinear
 
 FUSED_NODE = "_LoraLinearFunctionBackward"
@@ -57,7 +57,7 @@ def reference(x, weight, bias, factors, fan_in_fan_out, masks):
     if bias is not None:
         y = y + ref["bias"]
     for i, (f, mask) in enumerate(zip(factors, masks)):
-        adapter_in = ref["x"] if mask is None else ref["x"] * mask.double() / (1 - f.dropout)
+        adapter_in = ref["x"] if mask is None else ref["x"] * mask.double() / (1 - quantized_dropout(f.dropout))
         y = y + f.scaling * (adapter_in @ ref[f"a{i}"].t()) @ ref[f"b{i}"].t()
     return y, ref
 
@@ -108,6 +108,24 @@ def test_fused_dropout_equals_formula_with_the_same_masks(dtype):
     no_dropout = [factors[0]._replace(dropout=0.0)]
     dropped = fused_lora_linear(x, weight, None, factors) - fused_lora_linear(x, weight, None, no_dropout)
     assert dropped.abs().max() > 0, "dropout had no effect; the comparison is void"
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.3, 0.5])
+def test_dropout_masks_keep_with_the_quantized_probability_and_replay_from_their_seed(p):
+    """One 64-bit draw gives four 16-bit lanes: each element keeps with probability 1 - p̂, p̂ within 8e-6 of p."""
+    assert abs(quantized_dropout(p) - p) <= 2**-17 and quantized_dropout(p) * 2**16 == round(quantized_dropout(p) * 2**16)
+    shape = torch.Size([1001, 999])  # not a multiple of four elements
+    mask = dropout_mask(shape, p, 123, torch.device("cpu"))
+    assert mask.shape == shape and mask.dtype == torch.bool
+    keep = mask.double().mean().item()
+    sigma = (p * (1 - p) / shape.numel()) ** 0.5
+    assert abs(keep - (1 - quantized_dropout(p))) < 5 * sigma
+    for lane in range(4):  # no lane of the 64-bit draws is biased
+        lane_keep = mask.flatten()[lane::4].double().mean().item()
+        assert abs(lane_keep - (1 - p)) < 5 * sigma * 2
+    assert torch.equal(mask, dropout_mask(shape, p, 123, torch.device("cpu")))
+    assert not torch.equal(mask, dropout_mask(shape, p, 124, torch.device("cpu")))
+    assert dropout_mask(shape, p, 1, torch.device("meta")).shape == shape
 
 
 def three_projections(dtype, dropout=0.0):

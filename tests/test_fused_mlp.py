@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import gc
+import io
+import weakref
 
 import pytest
 import torch
@@ -19,12 +22,13 @@ from tensor_checks import DEVICES, assert_close_rel, saved_bytes
 from tiny_models import LLAMA_LINEAR, tiny_llama, token_inputs
 from torch import nn
 from transformers import GemmaConfig, GemmaForCausalLM, activations
+from transformers.models.llama.modeling_llama import LlamaMLP
 
 import deltatune
-from deltatune.kernels.lora_linear import LoraFactors, draw_seed, dropout_mask
+from deltatune.kernels.lora_linear import LoraFactors, draw_seed, dropout_mask, quantized_dropout
 from deltatune.kernels.lora_mlp import ACTIVATIONS, Projection, fused_lora_mlp
 from deltatune.tuners.lora import LoraLinear
-from deltatune.tuners.lora_mlp import FusedMlpForward, activation_name, is_gated_mlp
+from deltatune.tuners.lora_mlp import FusedGatedMlp, activation_name, is_gated_mlp
 
 MLP_NODE = "_LoraMlpFunctionBackward"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -73,7 +77,7 @@ def reference_mlp(x, projections, activation, copies):
         for f in projection.adapters:
             if f.dropout > 0:
                 mask = dropout_mask(inputs.shape, f.dropout, draw_seed(), inputs.device)
-                inputs_f = inputs * mask.double() / (1 - f.dropout)
+                inputs_f = inputs * mask.double() / (1 - quantized_dropout(f.dropout))
             else:
                 inputs_f = inputs
             out = out + f.scaling * (inputs_f @ copies[id(f.a)].t()) @ copies[id(f.b)].t()
@@ -210,7 +214,7 @@ def mlp_node(model) -> str | None:
 )
 def test_llama_mlp_trains_through_the_fused_function_as_it_does_layer_by_layer(target_modules, names, mlp_bias):
     model = llama_with_lora(target_modules, names=names, mlp_bias=mlp_bias)
-    assert isinstance(vars(mlp_of(model))["forward"], FusedMlpForward) and mlp_node(model) == MLP_NODE
+    assert isinstance(mlp_of(model), FusedGatedMlp) and mlp_node(model) == MLP_NODE
     assert_same_training(model)
 
 
@@ -233,7 +237,7 @@ def test_gemma_mlp_with_tanh_gelu_fuses_and_matches():
         GemmaForCausalLM(config), deltatune.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
     ).train()
     assert activation_name(mlp_of(lora).act_fn) == "gelu_tanh" and mlp_node(lora) == MLP_NODE
-    assert "forward" not in vars(mlp_of(default_targets))  # Gemma's default targets are q/v only: nothing to fuse
+    assert not isinstance(mlp_of(default_targets), FusedGatedMlp)  # Gemma's default targets are q/v only: nothing to fuse
     assert_same_training(lora)
 
 
@@ -264,20 +268,76 @@ def test_states_the_function_cannot_reproduce_run_the_class_forward():
     assert_same_training(model, inputs)
 
 
-def test_the_fused_forward_comes_and_goes_with_the_lora_layers():
+def test_the_fused_class_comes_and_goes_with_the_lora_layers():
     model = llama_with_lora(target_modules=["up_proj", "q_proj"])
     mlp = mlp_of(model)
-    assert isinstance(vars(mlp)["forward"], FusedMlpForward)
+    assert isinstance(mlp, FusedGatedMlp) and isinstance(mlp, LlamaMLP) and type(mlp).__name__ == "FusedLlamaMLP"
     model.add_adapter("attention", deltatune.LoraConfig(target_modules=["q_proj"]))
     model.delete_adapter("default")  # up_proj is a plain Linear again
-    assert "forward" not in vars(mlp)
+    assert type(mlp) is LlamaMLP
     model.add_adapter("mlp", deltatune.LoraConfig(target_modules=["gate_proj"]))
-    assert isinstance(vars(mlp)["forward"], FusedMlpForward)
-    twin = copy.deepcopy(model)
-    assert vars(mlp_of(twin))["forward"].mlp is mlp_of(twin)  # the copy's forward runs the copy's modules
+    assert isinstance(mlp, FusedGatedMlp)
     base = model.merge_and_unload()
-    assert not any("forward" in vars(module) for module in base.modules())
-    assert "forward" not in vars(mlp_of(llama_with_lora(target_modules=["q_proj", "v_proj"])))
+    assert not any(isinstance(module, FusedGatedMlp) for module in base.modules())
+    assert type(mlp_of(llama_with_lora(target_modules=["q_proj", "v_proj"]))) is LlamaMLP
+
+
+def test_another_wrapper_on_a_projection_runs_the_class_forward_and_fusion_returns_without_it():
+    """modules_to_save on down_proj (of an adapter that is not even active) must not break the forward."""
+    model = llama_with_lora(target_modules=["gate_proj", "up_proj"])
+    model.add_adapter("saved", deltatune.LoraConfig(target_modules=["q_proj"], modules_to_save=["down_proj"]))
+    inputs = token_inputs()
+    assert type(mlp_of(model)) is LlamaMLP
+    expected = model(**inputs).logits
+    model.delete_adapter("saved")
+    assert isinstance(mlp_of(model), FusedGatedMlp)
+    torch.testing.assert_close(model(**inputs).logits, expected)
+    mlp = mlp_of(model)
+    mlp.down_proj = nn.Sequential(mlp.down_proj)  # wrapped behind the tuner's back
+    assert mlp_node(model) != MLP_NODE
+    torch.testing.assert_close(model(**inputs).logits, expected)
+
+
+def test_copies_replicas_and_pickles_run_their_own_modules():
+    model = llama_with_lora()
+    x = torch.randn(2, 3, 32)
+    mlp = mlp_of(model)
+    expected = mlp(x)
+    twin = copy.deepcopy(model)
+    assert isinstance(mlp_of(twin), FusedGatedMlp) and mlp_node(twin) == MLP_NODE
+    with torch.no_grad():
+        mlp_of(twin).down_proj.lora_B["default"].weight.add_(1.0)
+    assert not torch.allclose(mlp_of(twin)(x), expected)  # the copy computes with its own weights
+    replica = mlp._replicate_for_data_parallel()  # what nn.DataParallel does on each GPU
+    with torch.no_grad():
+        replica.down_proj = copy.deepcopy(replica.down_proj)
+        replica.down_proj.lora_B["default"].weight.mul_(0)
+    torch.testing.assert_close(replica(x), replica._unfused_class.forward(replica, x))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert isinstance(mlp_of(loaded), FusedGatedMlp) and mlp_node(loaded) == MLP_NODE
+    torch.testing.assert_close(mlp_of(loaded)(x), expected)
+
+
+def test_a_deleted_model_frees_its_mlp_weights_without_the_cycle_collector():
+    model = llama_with_lora()
+    weight = weakref.ref(mlp_of(model).gate_proj.base_layer.weight)
+    gc.disable()
+    try:
+        del model
+        assert weight() is None
+    finally:
+        gc.enable()
+
+
+def test_the_mlp_takes_its_input_by_keyword_too():
+    model = llama_with_lora()
+    mlp, x = mlp_of(model), torch.randn(2, 3, 32)
+    assert mlp(x=x).grad_fn.name() == MLP_NODE
+    torch.testing.assert_close(mlp(x=x), mlp(x))
+    with pytest.raises(TypeError):
+        mlp(hidden_states=x)  # as LlamaMLP itself would refuse it
 
 
 class _RenamedArgumentMlp(nn.Module):

@@ -20,8 +20,10 @@ More sections: inference latency of the base, unmerged and merged model; the tim
 1.1B-shaped model; and ``saved``: the bytes autograd keeps for backward after one forward of
 each mode at the GPU shapes, computed on the ``meta`` device (shapes only: no memory, no GPU, a
 second per mode). On meta, attention runs torch's math kernel and saves its attention matrix
-(a GPU's flash kernel does not), identically in every mode, so the differences between modes
-are exact while the totals are not a GPU's.
+(a GPU's flash kernel does not), identically in every mode, so the totals are not a GPU's. The
+differences between modes are, but for one tensor: under the math kernel o_proj's input is a
+copy, where flash kernels hand o_proj a view of what attention saved anyway, so on meta every
+LoRA mode counts one [tokens, hidden] tensor per layer more than on a GPU (or a CPU).
 """
 
 from __future__ import annotations
@@ -422,7 +424,8 @@ def format_report(report: dict) -> str:
         modes = [key.removesuffix("_gib") for key in record if key.endswith("_gib")]
         floor = record.get("floor_gib")
         cells = [f"{record[f'{m}_gib']:.2f}" + (f" ({record[f'{m}_gib'] - floor:+.2f})" if floor is not None else "") for m in modes]
-        lines += [f"\nsaved for backward, {record['shape']} on meta (GiB; in brackets: minus the floor's):", "",
+        lines += [f"\nsaved for backward, {record['shape']} on meta (GiB; in brackets: minus the floor's, which "
+                  f"counts o_proj's input, a view on GPUs, in every LoRA mode):", "",
                   "| " + " | ".join(modes) + " |", "|" + "---|" * len(modes), "| " + " | ".join(cells) + " |"]  # fmt: skip
     return "\n".join(lines)
 

@@ -108,6 +108,8 @@ class DeltaModel(nn.Module):
         except Exception:
             tuner_for(config).delete(self.base_model, adapter_name)
             raise
+        finally:
+            tuner_for(config).refresh(self.base_model)
         self.peft_config[adapter_name] = config
         self.base_model.train(self.base_model.training)  # new modules (dropout) follow the model's mode
         self._apply_state()
@@ -128,6 +130,7 @@ class DeltaModel(nn.Module):
         config = self.peft_config.pop(adapter_name)
         tuner_for(config).delete(self.base_model, adapter_name)
         _MODULES_TO_SAVE.delete(self.base_model, adapter_name)
+        tuner_for(config).refresh(self.base_model)
         self._active = [name for name in self._active if name != adapter_name] or list(self.peft_config)[:1]
         self._apply_state()
 

@@ -21,13 +21,15 @@ Dropout regenerates its mask: forward draws one integer seed from torch's global
 generator (so ``torch.manual_seed`` reproduces it and activation checkpointing replays it)
 and fills M_i from a private generator seeded with it; backward fills the same M_i again.
 Nothing of size [N, k] is saved for dropout; it costs a second mask draw in backward. All
-1/q factors are applied to rank-r tensors. A ``torch.Generator`` cannot be traced by
+1/q factors are applied to rank-r tensors. p is applied as ``quantized_dropout(p)`` (a multiple
+of 2⁻¹⁶, within 8e-6 of p), which lets a mask be drawn 16 bits at a time. A ``torch.Generator`` cannot be traced by
 ``torch.compile``, so the LoRA layer uses the plain autograd path for dropout while compiling.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -86,7 +88,7 @@ def projection_spec(
         compute_dtype=compute,
         adapter_dtype=adapter_dtype or compute,
         scalings=tuple(float(f.scaling) for f in adapters),
-        dropouts=tuple(float(f.dropout) for f in adapters),
+        dropouts=tuple(quantized_dropout(f.dropout) if f.dropout > 0 else 0.0 for f in adapters),
         seeds=tuple(draw_seed() if f.dropout > 0 else 0 for f in adapters),
     )
 
@@ -96,16 +98,29 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
-def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """The boolean keep-mask (keep-probability 1 - p) that ``seed`` determines; forward and backward both call this.
+MASK_LEVELS = 2**16  # dropout probabilities are multiples of 1 / MASK_LEVELS
 
-    ``rand >= p`` rather than ``bernoulli_``: the same law, and on CPU it draws in about 60% of the time.
+
+def quantized_dropout(p: float) -> float:
+    """p rounded to a multiple of 2⁻¹⁶ (within 8e-6 of p): the probability ``dropout_mask`` applies exactly."""
+    return min(round(p * MASK_LEVELS), MASK_LEVELS - 1) / MASK_LEVELS
+
+
+def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """The boolean keep-mask that ``seed`` determines; forward and backward both call this.
+
+    Each element keeps with probability exactly 1 - ``quantized_dropout(p)``: its 16 random bits
+    are a quarter of one 64-bit draw, so the generator is called four times less often than by
+    ``rand() >= p`` (on CPU, drawing a mask that way costs half of the base GEMM it precedes).
     """
     if device.type == "meta":  # shapes only (tracing, memory estimates): there are no values to draw
         return torch.empty(shape, dtype=torch.bool, device=device)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    return torch.rand(shape, generator=generator, device=device) >= p
+    count = math.prod(shape)
+    bits = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
+    lanes = bits.view(torch.int16)[:count].view(shape)  # uniform over [-2¹⁵, 2¹⁵)
+    return lanes >= round(quantized_dropout(p) * MASK_LEVELS) - MASK_LEVELS // 2
 
 
 class _LoraLinearFunction(torch.autograd.Function):

@@ -97,6 +97,9 @@ class Tuner:
     def is_merged(self, model: nn.Module) -> bool:
         return False
 
+    def refresh(self, model: nn.Module) -> None:
+        """Re-derive what depends on which modules are wrapped; the model calls it after every add and delete."""
+
     def unload(self, model: nn.Module) -> None:
         """Remove every layer of this method, putting the base modules back as they are now."""
         for name, layer in list(self.layers(model)):

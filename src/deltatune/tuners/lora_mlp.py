@@ -12,12 +12,13 @@ its class name: the source must be exactly that expression (any argument name), 
 one of the activations the kernel knows (SiLU, exact or tanh GELU). Its three projections must
 be ``nn.Linear`` layers, with or without LoRA.
 
-A qualifying MLP gets an instance-level ``forward`` (a ``FusedMlpForward``) while one of its
-projections is a LoRA layer; ``sync_fused_mlps`` adds and removes it as adapters come and go,
-so ``unload()`` hands back modules with their class's forward. On every call it checks that
-fusing reproduces the modules exactly; otherwise (hooks, a trainable base weight, merged or
-disabled adapters everywhere, ``fused``/``fuse_mlp`` off, mixed dtypes) it runs the class's own
-forward, which goes through the LoRA layers one by one.
+A qualifying MLP takes the class ``fused_class(its class)`` (``FusedGatedMlp``'s forward first)
+while one of its projections is a LoRA layer; ``sync_fused_mlps`` sets and restores the class as
+adapters and wrappers come and go, so ``unload()`` hands back modules of their own class. On
+every call the fused forward checks that fusing reproduces the modules exactly; otherwise
+(another wrapper on a projection, hooks, a trainable base weight, merged or disabled adapters
+everywhere, ``fused``/``fuse_mlp`` off, mixed dtypes or devices, any other call signature) it
+runs the class's own forward, which goes through the LoRA layers one by one.
 """
 
 from __future__ import annotations
@@ -39,40 +40,55 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _GATED_EXPRESSION = "self.down_proj(self.act_fn(self.gate_proj({x})) * self.up_proj({x}))"
 
 
-class FusedMlpForward:
-    """The instance-level ``forward`` of a gated MLP with LoRA on its projections."""
+class FusedGatedMlp:
+    """Mixed into a qualifying MLP's class while one of its projections is a LoRA layer.
 
-    def __init__(self, mlp: nn.Module) -> None:
-        self.mlp = mlp
+    The MLP's ``__class__`` becomes ``fused_class(its class)`` (a subclass, so ``isinstance`` and
+    the state dict are unchanged); ``sync_fused_mlps`` sets and restores it. A class rather than
+    an instance attribute, so replicas (``nn.DataParallel``) and copies run their own modules and
+    nothing points from the module back to itself.
+    """
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        mlp = self.mlp
-        activation = activation_name(mlp.act_fn)
-        fused = None if activation is None or has_hooks(mlp.act_fn) else _projections(mlp, x)
-        if fused is None:
-            return type(mlp).forward(mlp, x)
-        projections, adapter_dtype = fused
-        return fused_lora_mlp(x, *projections, activation=activation, adapter_dtype=adapter_dtype)
+    _unfused_class: type[nn.Module]
 
-    def __repr__(self) -> str:
-        return f"FusedMlpForward({type(self.mlp).__name__})"
+    def forward(self, *args, **kwargs):
+        x = _single_input(self._unfused_class, args, kwargs)
+        fused = None if x is None else _fused_call(self, x)
+        return self._unfused_class.forward(self, *args, **kwargs) if fused is None else fused
+
+    def __reduce_ex__(self, protocol):
+        """Pickle through ``_new_fused(original class)``: both importable by name, the generated class is not."""
+        _, _, *rest = super().__reduce_ex__(protocol)
+        return (_new_fused, (self._unfused_class,), *rest)
+
+
+@functools.cache
+def fused_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """``cls`` with ``FusedGatedMlp``'s forward first in its MRO (one class per MLP class)."""
+    return type(f"Fused{cls.__name__}", (FusedGatedMlp, cls), {"_unfused_class": cls, "__module__": __name__})
+
+
+def _new_fused(cls: type[nn.Module]) -> nn.Module:
+    """An empty instance of ``fused_class(cls)``; unpickling fills in its state."""
+    fused = fused_class(cls)
+    return fused.__new__(fused)
 
 
 def sync_fused_mlps(model: nn.Module) -> None:
-    """Give every gated MLP of ``model`` with a LoRA projection a ``FusedMlpForward``; take it from the others."""
+    """Give every gated MLP of ``model`` with a LoRA projection the fused class; restore the others'."""
     for module in model.modules():
-        installed = isinstance(vars(module).get("forward"), FusedMlpForward)
+        installed = isinstance(module, FusedGatedMlp)
         wanted = is_gated_mlp(module) and bool(_lora_layers(module))
-        if wanted and not installed and "forward" not in vars(module):
-            module.forward = FusedMlpForward(module)
+        if wanted and not installed:
+            module.__class__ = fused_class(type(module))
         elif installed and not wanted:
-            del module.forward
+            module.__class__ = module._unfused_class
 
 
 def is_gated_mlp(module: nn.Module) -> bool:
     """``module``'s class computes ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` over ``nn.Linear`` projections."""
     return (
-        _forward_is_gated(type(module))
+        _gated_input_name(getattr(module, "_unfused_class", type(module))) is not None
         and activation_name(getattr(module, "act_fn", None)) is not None
         and all(type(_base(getattr(module, name, None))) is nn.Linear for name in PROJECTIONS)
     )
@@ -94,47 +110,65 @@ def activation_name(act: object) -> str | None:
 
 
 @functools.cache
-def _forward_is_gated(cls: type) -> bool:
-    """Whether ``cls.forward``'s source is ``return <the gated expression>`` (optionally via one variable)."""
+def _gated_input_name(cls: type) -> str | None:
+    """The input's name if ``cls.forward``'s source is ``return <the gated expression>`` (or via one variable)."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
     except (OSError, TypeError, SyntaxError):  # no source (built-in, generated, frozen): not recognisable
-        return False
+        return None
     function = tree.body[0]
     if not isinstance(function, ast.FunctionDef) or function.decorator_list:
-        return False
+        return None
     arguments = function.args
     if len(arguments.args) != 2 or arguments.vararg or arguments.kwarg or arguments.kwonlyargs or arguments.posonlyargs:
-        return False
-    expected = ast.dump(ast.parse(_GATED_EXPRESSION.format(x=arguments.args[1].arg), mode="eval").body)
+        return None
+    name = arguments.args[1].arg
+    expected = ast.dump(ast.parse(_GATED_EXPRESSION.format(x=name), mode="eval").body)
     body = [statement for statement in function.body if not _is_docstring(statement)]
     if len(body) == 1 and isinstance(body[0], ast.Return):
-        return body[0].value is not None and ast.dump(body[0].value) == expected
-    if len(body) == 2 and isinstance(body[0], ast.Assign) and isinstance(body[1], ast.Return):
-        (target,) = body[0].targets if len(body[0].targets) == 1 else (None,)
-        returned = body[1].value
-        return (
-            isinstance(target, ast.Name)
+        gated = body[0].value is not None and ast.dump(body[0].value) == expected
+    elif len(body) == 2 and isinstance(body[0], ast.Assign) and isinstance(body[1], ast.Return):
+        targets, returned = body[0].targets, body[1].value
+        gated = (
+            len(targets) == 1
+            and isinstance(targets[0], ast.Name)
             and isinstance(returned, ast.Name)
-            and returned.id == target.id
+            and returned.id == targets[0].id
             and ast.dump(body[0].value) == expected
         )
-    return False
+    else:
+        gated = False
+    return name if gated else None
+
+
+def _single_input(cls: type, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The one tensor of a call ``mlp(x)`` or ``mlp(<its input name>=x)``; None for any other call."""
+    if len(args) == 1 and not kwargs:
+        return args[0]
+    if not args and len(kwargs) == 1:
+        return kwargs.get(_gated_input_name(cls))
+    return None
 
 
 def _is_docstring(statement: ast.stmt) -> bool:
     return isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant) and isinstance(statement.value.value, str)
 
 
-def _projections(mlp: nn.Module, x: torch.Tensor) -> tuple[tuple[Projection, ...], torch.dtype | None] | None:
-    """(gate, up, down as the kernel takes them, the adapters' ``adapter_dtype``), or None where
-    fusing would not reproduce the modules or no adapter is active."""
+def _fused_call(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The MLP's output through ``fused_lora_mlp``, or None where that would not reproduce the modules
+    (the caller then runs the class's forward, module by module) or no adapter is active."""
+    activation = activation_name(mlp.act_fn)
+    if activation is None or has_hooks(mlp.act_fn) or not isinstance(x, torch.Tensor):
+        return None
     layers = [getattr(mlp, name) for name in PROJECTIONS]
-    lora_layers = [layer for layer in layers if isinstance(layer, LoraLinear)]
+    if not all(type(_base(layer)) is nn.Linear for layer in layers):  # e.g. wrapped by another method meanwhile
+        return None
     gate, up, down = (_base(layer).weight for layer in layers)
     if not (gate.shape[1] == up.shape[1] == x.shape[-1] and gate.shape[0] == up.shape[0] == down.shape[1]):
         return None
-    if len({(w.dtype, w.device) for w in (gate, up, down)}) != 1 or len({l.adapter_dtype for l in lora_layers}) != 1:
+    lora_layers = [layer for layer in layers if isinstance(layer, LoraLinear)]
+    same_setup = {(w.dtype, w.device) for w in (gate, up, down)} == {(gate.dtype, x.device)}
+    if not same_setup or len({layer.adapter_dtype for layer in lora_layers}) != 1:
         return None
     projections, any_adapter = [], False
     for layer in layers:
@@ -149,7 +183,9 @@ def _projections(mlp: nn.Module, x: torch.Tensor) -> tuple[tuple[Projection, ...
             projections.append(Projection(base.weight, base.bias))
         else:
             return None
-    return (tuple(projections), lora_layers[0].adapter_dtype) if any_adapter else None
+    if not any_adapter:
+        return None
+    return fused_lora_mlp(x, *projections, activation=activation, adapter_dtype=lora_layers[0].adapter_dtype)
 
 
 def _lora_layers(mlp: nn.Module) -> list[LoraLinear]:

@@ -47,10 +47,9 @@ class LoraTuner(Tuner):
             if not isinstance(module, LoraLayer):
                 module = replace_module(model, name, _layer_class(module)(module))
             module.add(adapter_name, rank, alpha, config)
-        sync_fused_mlps(model)
 
-    def delete(self, model: nn.Module, adapter_name: str) -> None:
-        super().delete(model, adapter_name)
+    def refresh(self, model: nn.Module) -> None:
+        """Gated MLPs with a LoRA projection (and no other wrapper on one) run fused; the others as they are."""
         sync_fused_mlps(model)
 
     def unload(self, model: nn.Module) -> None:
