@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import VOCAB, tiny_llama  # noqa: E402
 
 from deltatune import DeltaModel, LoraConfig, get_delta_model  # noqa: E402
+from deltatune.tuners.lora_mlp import FusedGatedMlp  # noqa: E402
 
 GLOBAL_BATCH = 4
 LENGTH = 8
@@ -46,10 +47,13 @@ def global_batch() -> torch.Tensor:
 
 
 def fresh_model() -> DeltaModel:
-    """The same tiny llama with a q/v LoRA (r=4) in every process; B starts non-zero so A learns from step 1."""
+    """The same tiny llama with LoRA (r=4) on q/v and the MLP (which then runs as one fused function)
+    in every process; B starts non-zero so A learns from step 1."""
+    targets = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = get_delta_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        model = get_delta_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        assert all(isinstance(layer.mlp, FusedGatedMlp) for layer in model.base_model.model.layers)
         for name, param in model.adapter_state("default").items():
             if "lora_B" in name:
                 nn.init.normal_(param, std=0.02)
