@@ -26,6 +26,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 import deltatune
 from deltatune.kernels.lora_linear import LoraFactors, draw_seed, dropout_mask, quantized_dropout
+from deltatune.kernels import lora_mlp
 from deltatune.kernels.lora_mlp import ACTIVATIONS, Projection, fused_lora_mlp
 from deltatune.tuners.lora import LoraLinear
 from deltatune.tuners.lora_mlp import FusedGatedMlp, activation_name, is_gated_mlp
@@ -89,10 +90,10 @@ def reference_mlp(x, projections, activation, copies):
     return linear(REFERENCE_ACTIVATIONS[activation](g) * u, down)
 
 
-def check_mlp(x, gate, up, down, activation="silu", seed=1234):
+def check_mlp(x, gate, up, down, activation="silu", seed=1234, compile_elementwise=None):
     projections = (gate, up, down)
     torch.manual_seed(seed)
-    y = fused_lora_mlp(x, gate, up, down, activation)
+    y = fused_lora_mlp(x, gate, up, down, activation, compile_elementwise=compile_elementwise)
     leaves = differentiable(x, projections)
     copies = {id(t): t.detach().double().requires_grad_() for t in leaves}
     torch.manual_seed(seed)  # the same seeds in the same order: the kernel's masks
@@ -414,3 +415,48 @@ def test_autocast_and_fp32_adapter_math_fuse_and_match_the_layer_path():
     torch.testing.assert_close(y, layered, rtol=2e-2, atol=2e-2)
     y.float().square().sum().backward()
     assert mlp.gate_proj.lora_A["default"].weight.grad.dtype == torch.float32
+
+
+# -- the compiled elementwise kernels (the default on CUDA; forced here, where inductor emits C++) --
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_compiled_elementwise_kernels_equal_the_formula(dtype, activation):
+    x, gate, up, down = make_mlp_case(dtype, (2, 5, HIDDEN), dropout=0.3)
+    check_mlp(x, gate, up, down, activation=activation, compile_elementwise=True)
+    assert not lora_mlp._compile_failed
+    g, u, dh = (torch.randn(7, INTER, generator=torch.Generator().manual_seed(i)).to(dtype) for i in range(3))
+    compiled_dg, compiled_du = lora_mlp._compiled(lora_mlp.gated_grads)(g, u, dh, activation)
+    eager_dg, eager_du = lora_mlp.gated_grads(g, u, dh, activation)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(compiled_dg, eager_dg, rtol=tol, atol=tol)
+    torch.testing.assert_close(compiled_du, eager_du, rtol=tol, atol=tol)
+
+
+def test_a_model_trains_the_same_with_compiled_elementwise_kernels(monkeypatch):
+    model = llama_with_lora(names=("default", "other"), mlp_bias=True)
+    inputs = token_inputs()
+    _, eager = run_grads(model, inputs, fuse_mlp=True)
+    ran = []
+    compiled_of = lora_mlp._compiled
+    monkeypatch.setattr(lora_mlp, "_compiled", lambda fn: ran.append(fn.__name__) or compiled_of(fn))
+    monkeypatch.setattr(LoraLinear, "compile_mlp", True)
+    _, compiled = run_grads(model, inputs, fuse_mlp=True)
+    assert ran.count("gated_product") == 2 * 2 and ran.count("gated_grads") == 2  # 2 layers: forward, recompute
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_failing_compile_warns_once_and_runs_eagerly(monkeypatch):
+    def broken(fn):
+        def call(*args):
+            raise RuntimeError("no compiler here")
+
+        return call
+
+    monkeypatch.setattr(lora_mlp, "_compiled", broken)
+    monkeypatch.setattr(lora_mlp, "_compile_failed", False)
+    x, gate, up, down = make_mlp_case(torch.float32, (2, 3, HIDDEN))
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        y = fused_lora_mlp(x, gate, up, down, "silu", compile_elementwise=True)
+    assert lora_mlp._compile_failed
+    torch.testing.assert_close(y, fused_lora_mlp(x, gate, up, down, "silu", compile_elementwise=False))

@@ -8,6 +8,8 @@ random weights (LoRA r=16 on all seven projections, AdamW), side by side in one 
 - ``floor``: no adapter, every weight frozen;
 - ``fused``: deltatune's default path: gated MLPs as one function (``deltatune.kernels.lora_mlp``),
   the attention projections through ``deltatune.kernels.lora_linear``;
+- ``fused-eager``: ``fused`` with the MLP's elementwise steps as eager torch kernels (on CPU that
+  is ``fused`` itself; on CUDA ``fused`` compiles them: a diagnostic);
 - ``fused-layer``: every projection through ``lora_linear``, no MLP-level function (a diagnostic);
 - ``plain``: deltatune's plain autograd path (``LoraLinear.fused = False``), a diagnostic;
 - ``peft``: Hugging Face peft, when installed.
@@ -46,7 +48,7 @@ import torch
 from torch import nn
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MODES = ("floor", "fused", "fused-layer", "plain", "peft")
+MODES = ("floor", "fused", "fused-eager", "fused-layer", "plain", "peft")
 SECTIONS = ("train", "infer", "wrap", "saved")
 RESULT_PREFIX = "BENCH_RESULT "
 MIB = 2**20
@@ -125,18 +127,20 @@ def attach(model: nn.Module, mode: str, rank: int, dropout: float) -> nn.Module:
     from . import LoraConfig, get_delta_model
 
     model = get_delta_model(model, LoraConfig(**kwargs))
-    set_fused(model, mode in ("fused", "fused-layer"), fuse_mlp=mode == "fused")
+    set_fused(model, mode.startswith("fused"), fuse_mlp=mode in ("fused", "fused-eager"))
+    if mode == "fused-eager":
+        set_fused(model, True, compile_mlp=False)
     return model
 
 
-def set_fused(model: nn.Module, fused: bool, fuse_mlp: bool = True) -> None:
+def set_fused(model: nn.Module, fused: bool, fuse_mlp: bool = True, compile_mlp: bool | None = None) -> None:
     """Route every ``LoraLinear`` of ``model`` through the fused functions (with or without the
-    MLP-level one), or through the plain path."""
+    MLP-level one, its elementwise steps compiled or not), or through the plain path."""
     from .tuners.lora import LoraLinear
 
     for module in model.modules():
         if isinstance(module, LoraLinear):
-            module.fused, module.fuse_mlp = fused, fuse_mlp
+            module.fused, module.fuse_mlp, module.compile_mlp = fused, fuse_mlp, compile_mlp
 
 
 def _import_peft():

@@ -17,11 +17,19 @@ keep its input for dA, x and h too: hidden + 4·intermediate. The frozen model w
 keeps g, a and u: 3·intermediate, more than this function whenever intermediate > hidden.
 Each projection's own math (dtypes, autocast, dropout masks regenerated from seeds, several
 adapters, bias) is ``lora_linear``'s; a projection may have no adapter at all.
+
+The elementwise steps are where a GPU spends the recomputation: eagerly, h = act(g) ⊙ u is two
+kernels and (dg, du) three, each reading and writing [N, intermediate] tensors. With
+``compile_elementwise`` (the default on CUDA) each becomes one ``torch.compile``d kernel:
+h reads g, u and writes h; (dg, du) reads g, u, dh and writes dg, du. That is 8 passes over
+[N, intermediate] instead of 14. If compiling fails (no compiler for the device, say), a
+warning says so once and the eager kernels run from then on.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -69,6 +77,7 @@ class MlpSpec(NamedTuple):
 
     projections: tuple[ProjectionSpec, ProjectionSpec, ProjectionSpec]  # gate, up, down
     activation: str
+    compile_elementwise: bool
 
 
 def fused_lora_mlp(
@@ -78,14 +87,18 @@ def fused_lora_mlp(
     down: Projection,
     activation: str,
     adapter_dtype: torch.dtype | None = None,
+    compile_elementwise: bool | None = None,
 ) -> torch.Tensor:
     """``down(act(gate(x)) ⊙ up(x))`` with each projection's LoRA terms, through the backward above.
 
     ``activation`` is a key of ``ACTIVATIONS``. Dtypes follow ``fused_lora_linear``: the base
     GEMMs in the activation (or autocast) dtype, the rank-r math too unless ``adapter_dtype``.
+    ``compile_elementwise`` (default: on CUDA only) runs the elementwise steps as compiled kernels.
     """
     projections = (gate, up, down)
-    spec = MlpSpec(tuple(projection_spec(x, p.adapters, False, adapter_dtype) for p in projections), activation)
+    compiled = x.is_cuda if compile_elementwise is None else compile_elementwise
+    specs = tuple(projection_spec(x, p.adapters, False, adapter_dtype) for p in projections)
+    spec = MlpSpec(specs, activation, compiled)
     factors = [t for p in projections for t in (*(f.a for f in p.adapters), *(f.b for f in p.adapters))]
     tensors = [t for p in projections for t in (p.weight, p.bias)] + factors
     if torch.is_grad_enabled() and _any_requires_grad(x, *(p.bias for p in projections), *factors):
@@ -119,9 +132,50 @@ def _forward(x, spec: MlpSpec, weights, biases, a_factors, b_factors):
     gate, up, down = spec.projections
     g, hidden_g = linear_forward(x, weights[0], biases[0], gate, a_factors[0], b_factors[0])
     u, hidden_u = linear_forward(x, weights[1], biases[1], up, a_factors[1], b_factors[1])
-    h = ACTIVATIONS[spec.activation].forward(g).mul_(u)
+    h = _elementwise(gated_product, spec.compile_elementwise)(g, u, spec.activation)
     y, hidden_d = linear_forward(h, weights[2], biases[2], down, a_factors[2], b_factors[2])
     return y, g, u, (hidden_g, hidden_u, hidden_d)
+
+
+def gated_product(g: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor:
+    """h = act(g) ⊙ u."""
+    return ACTIVATIONS[activation].forward(g).mul_(u)
+
+
+def gated_grads(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dg, du) = (act'(g) ⊙ dh ⊙ u, dh ⊙ act(g)), the gradients through h = act(g) ⊙ u."""
+    act = ACTIVATIONS[activation]
+    return act.backward(dh * u, g), dh * act.forward(g)
+
+
+_compile_failed = False
+
+
+def _elementwise(fn: Callable, compiled: bool) -> Callable:
+    """``fn`` itself, or ``fn`` compiled into one kernel (falling back to ``fn`` for good if compiling fails)."""
+    if not compiled or _compile_failed or torch.compiler.is_compiling():  # inside a compiled model, dynamo fuses it
+        return fn
+    return functools.partial(_run_compiled, fn)
+
+
+def _run_compiled(fn: Callable, *args):
+    global _compile_failed
+    try:
+        return _compiled(fn)(*args)
+    except Exception as error:  # e.g. no compiler for this device: correct results matter more than speed
+        _compile_failed = True
+        warnings.warn(
+            f"deltatune: compiling the fused MLP's elementwise kernels failed ({type(error).__name__}: {error}); "
+            f"running them eagerly from now on",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return fn(*args)
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=True)
 
 
 class _LoraMlpFunction(torch.autograd.Function):
@@ -163,16 +217,22 @@ class _LoraMlpFunction(torch.autograd.Function):
         g, u = g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])
         grads = [(None, [None] * len(hidden[i]), [None] * len(hidden[i])) for i in range(3)]
         dx = None
+        compiled = spec.compile_elementwise
         with _autocast_off(dy.device.type):
-            a = activation.forward(g)
+            a = None if compiled else activation.forward(g)  # eagerly, a serves h and du both
+            h = _elementwise(gated_product, True)(g, u, spec.activation) if compiled else a * u
             dh, *grads[2] = linear_backward(
-                dy, a * u, weights[2], spec.projections[2], unpacked.a_factors[2], unpacked.b_factors[2], hidden[2],
+                dy, h, weights[2], spec.projections[2], unpacked.a_factors[2], unpacked.b_factors[2], hidden[2],
                 need_x=need_dh, bias_dtype=bias_dtypes[2], need_a=need_a[2], need_b=need_b[2],
             )  # fmt: skip
-            if need_dh:
+            del h
+            if need_dh and compiled:
+                dg, du = _elementwise(gated_grads, True)(g, u, dh, spec.activation)
+            elif need_dh:
                 du = dh * a
                 del a
                 dg = activation.backward(dh.mul_(u), g)  # dh ⊙ u is the gradient of a
+            if need_dh:
                 del dh
                 for i, d_out in enumerate((dg, du)):
                     dx, *grads[i] = linear_backward(

@@ -165,13 +165,15 @@ class LoraLinear(LoraLayer):
     Runtime options (class attributes; set on an instance to change one layer), never saved:
     ``fused`` (default True) trains through ``deltatune.kernels.lora_linear``; ``fuse_mlp`` (default
     True, with ``fused``) lets a gated MLP run its three projections as one function
-    (``deltatune.tuners.lora_mlp``); ``adapter_dtype``
+    (``deltatune.tuners.lora_mlp``); ``compile_mlp`` (default None: on CUDA only) compiles that
+    function's elementwise steps into single kernels; ``adapter_dtype``
     (default None: the activation dtype) is the dtype of the rank-r math; ``torch.float32``
     keeps it all in fp32 for bf16/fp16 models.
     """
 
     fused: bool = True
     fuse_mlp: bool = True
+    compile_mlp: bool | None = None
     adapter_dtype: torch.dtype | None = None
 
     def __init__(self, base_layer: nn.Linear | Conv1D) -> None:

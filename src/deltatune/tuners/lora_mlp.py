@@ -17,7 +17,8 @@ while one of its projections is a LoRA layer; ``sync_fused_mlps`` sets and resto
 adapters and wrappers come and go, so ``unload()`` hands back modules of their own class. On
 every call the fused forward checks that fusing reproduces the modules exactly; otherwise
 (another wrapper on a projection, hooks, a trainable base weight, merged or disabled adapters
-everywhere, ``fused``/``fuse_mlp`` off, mixed dtypes or devices, any other call signature) it
+everywhere, ``fused``/``fuse_mlp`` off, mixed dtypes or devices, projections that disagree on
+``adapter_dtype`` or ``compile_mlp``, any other call signature) it
 runs the class's own forward, which goes through the LoRA layers one by one.
 """
 
@@ -168,7 +169,7 @@ def _fused_call(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     lora_layers = [layer for layer in layers if isinstance(layer, LoraLinear)]
     same_setup = {(w.dtype, w.device) for w in (gate, up, down)} == {(gate.dtype, x.device)}
-    if not same_setup or len({layer.adapter_dtype for layer in lora_layers}) != 1:
+    if not same_setup or len({(layer.adapter_dtype, layer.compile_mlp) for layer in lora_layers}) != 1:
         return None
     projections, any_adapter = [], False
     for layer in layers:
@@ -185,7 +186,10 @@ def _fused_call(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
             return None
     if not any_adapter:
         return None
-    return fused_lora_mlp(x, *projections, activation=activation, adapter_dtype=lora_layers[0].adapter_dtype)
+    return fused_lora_mlp(
+        x, *projections, activation=activation, adapter_dtype=lora_layers[0].adapter_dtype,
+        compile_elementwise=lora_layers[0].compile_mlp,
+    )  # fmt: skip
 
 
 def _lora_layers(mlp: nn.Module) -> list[LoraLinear]:
