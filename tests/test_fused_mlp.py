@@ -13,6 +13,7 @@ import copy
 import functools
 import gc
 import io
+import warnings
 import weakref
 
 import pytest
@@ -446,17 +447,37 @@ def test_a_model_trains_the_same_with_compiled_elementwise_kernels(monkeypatch):
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_a_failing_compile_warns_once_and_runs_eagerly(monkeypatch):
-    def broken(fn):
-        def call(*args):
-            raise RuntimeError("no compiler here")
+def test_a_failing_compile_warns_once_and_runs_eagerly_but_running_out_of_memory_propagates(monkeypatch):
+    def failing(error):
+        def compiled(fn):
+            def call(*args):
+                raise error
 
-        return call
+            return call
 
-    monkeypatch.setattr(lora_mlp, "_compiled", broken)
-    monkeypatch.setattr(lora_mlp, "_compile_failed", False)
+        return compiled
+
     x, gate, up, down = make_mlp_case(torch.float32, (2, 3, HIDDEN))
+    monkeypatch.setattr(lora_mlp, "_compile_failed", False)
+    monkeypatch.setattr(lora_mlp, "_compiled", failing(torch.OutOfMemoryError("out of memory")))
+    with pytest.raises(torch.OutOfMemoryError):
+        fused_lora_mlp(x, gate, up, down, "silu", compile_elementwise=True)
+    assert not lora_mlp._compile_failed
+    monkeypatch.setattr(lora_mlp, "_compiled", failing(torch._dynamo.exc.TorchDynamoException("no compiler here")))
     with pytest.warns(RuntimeWarning, match="no compiler here"):
         y = fused_lora_mlp(x, gate, up, down, "silu", compile_elementwise=True)
     assert lora_mlp._compile_failed
     torch.testing.assert_close(y, fused_lora_mlp(x, gate, up, down, "silu", compile_elementwise=False))
+
+
+def test_one_compiled_graph_serves_every_batch_shape():
+    """2-D views in forward and backward, and inference left eager: no recompilation as shapes change."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a recompilation would surface as the fallback's warning
+        for shape in [(2, 5, HIDDEN), (3, 7, HIDDEN), (1, 9, HIDDEN), (13, HIDDEN)]:
+            x, gate, up, down = make_mlp_case(torch.float32, shape, dropout=0.2)
+            fused_lora_mlp(x, gate, up, down, "silu", compile_elementwise=True).square().sum().backward()
+            with torch.inference_mode():
+                fused_lora_mlp(x, gate, up, down, "silu", compile_elementwise=True)
+    assert not lora_mlp._compile_failed

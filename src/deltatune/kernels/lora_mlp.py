@@ -20,11 +20,13 @@ adapters, bias) is ``lora_linear``'s; a projection may have no adapter at all.
 
 The elementwise steps are where a GPU spends the recomputation: eagerly, h = act(g) ⊙ u is two
 kernels and (dg, du) three, each reading and writing [N, intermediate] tensors. With
-``compile_elementwise`` (the default on CUDA) each becomes one ``torch.compile``d kernel:
-h reads g, u and writes h; (dg, du) reads g, u, dh and writes dg, du. Counting each read or
-write of an [N, intermediate] tensor as a pass: 3 instead of 5 in forward, 8 instead of 14 in
-backward, where the frozen model's own autograd makes 5 and 9. If compiling fails (no compiler
-for the device, say), a warning says so once and the eager kernels run from then on.
+``compile_elementwise`` (the default on CUDA, while gradients are on) each becomes one
+``torch.compile``d kernel, over 2-D [N, intermediate] views in both directions so that one graph
+per dtype serves every batch shape: h reads g, u and writes h; (dg, du) reads g, u, dh and writes
+dg, du. Counting each read or write of an [N, intermediate] tensor as a pass: 3 instead of 5 in
+forward, 8 instead of 14 in backward, where the frozen model's own autograd makes 5 and 9. If
+compiling fails (no compiler for the device, say), a warning says so once and the eager kernels
+run from then on; errors of running (out of memory) propagate as they would eagerly.
 """
 
 from __future__ import annotations
@@ -94,10 +96,12 @@ def fused_lora_mlp(
 
     ``activation`` is a key of ``ACTIVATIONS``. Dtypes follow ``fused_lora_linear``: the base
     GEMMs in the activation (or autocast) dtype, the rank-r math too unless ``adapter_dtype``.
-    ``compile_elementwise`` (default: on CUDA only) runs the elementwise steps as compiled kernels.
+    ``compile_elementwise`` (default: on CUDA) runs the elementwise steps as compiled kernels while
+    gradients are on.
     """
     projections = (gate, up, down)
     compiled = x.is_cuda if compile_elementwise is None else compile_elementwise
+    compiled = compiled and torch.is_grad_enabled()  # inference (decoding, evaluation) stays eager: fewer graphs
     specs = tuple(projection_spec(x, p.adapters, False, adapter_dtype) for p in projections)
     spec = MlpSpec(specs, activation, compiled)
     factors = [t for p in projections for t in (*(f.a for f in p.adapters), *(f.b for f in p.adapters))]
@@ -133,7 +137,8 @@ def _forward(x, spec: MlpSpec, weights, biases, a_factors, b_factors):
     gate, up, down = spec.projections
     g, hidden_g = linear_forward(x, weights[0], biases[0], gate, a_factors[0], b_factors[0])
     u, hidden_u = linear_forward(x, weights[1], biases[1], up, a_factors[1], b_factors[1])
-    h = _elementwise(gated_product, spec.compile_elementwise)(g, u, spec.activation)
+    rows_g, rows_u = g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])  # 2-D, as in backward: one graph
+    h = _elementwise(gated_product, spec.compile_elementwise)(rows_g, rows_u, spec.activation).view(g.shape)
     y, hidden_d = linear_forward(h, weights[2], biases[2], down, a_factors[2], b_factors[2])
     return y, g, u, (hidden_g, hidden_u, hidden_d)
 
@@ -163,7 +168,7 @@ def _run_compiled(fn: Callable, *args):
     global _compile_failed
     try:
         return _compiled(fn)(*args)
-    except Exception as error:  # e.g. no compiler for this device: correct results matter more than speed
+    except torch._dynamo.exc.TorchDynamoException as error:  # e.g. no compiler for the device (not OOM: that propagates)
         _compile_failed = True
         warnings.warn(
             f"deltatune: compiling the fused MLP's elementwise kernels failed ({type(error).__name__}: {error}); "
