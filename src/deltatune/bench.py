@@ -127,9 +127,7 @@ def attach(model: nn.Module, mode: str, rank: int, dropout: float) -> nn.Module:
     from . import LoraConfig, get_delta_model
 
     model = get_delta_model(model, LoraConfig(**kwargs))
-    set_fused(model, mode.startswith("fused"), fuse_mlp=mode in ("fused", "fused-eager"))
-    if mode == "fused-eager":
-        set_fused(model, True, compile_mlp=False)
+    set_fused(model, mode.startswith("fused"), mode in ("fused", "fused-eager"), False if mode == "fused-eager" else None)
     return model
 
 

@@ -113,23 +113,30 @@ def fused_lora_mlp(
 
 
 class _Unpacked(NamedTuple):
-    """The flat tensor arguments of the function, grouped per projection (gate, up, down)."""
+    """The flat arguments of the function (tensors, or which of them need a gradient), per projection."""
 
-    weights: list[torch.Tensor]
-    biases: list[torch.Tensor | None]
-    a_factors: list[Sequence[torch.Tensor]]
-    b_factors: list[Sequence[torch.Tensor]]
+    weights: list
+    biases: list
+    a_factors: list[Sequence]
+    b_factors: list[Sequence]
 
 
-def _unpack(spec: MlpSpec, tensors: Sequence[torch.Tensor | None]) -> _Unpacked:
+def _unpack(spec: MlpSpec, flat: Sequence) -> _Unpacked:
     """Split [W_g, b_g, W_u, b_u, W_d, b_d, A_g..., B_g..., A_u..., B_u..., A_d..., B_d...] per projection."""
-    a_factors, b_factors, start = [], [], 6
-    for projection in spec.projections:
-        count = len(projection.scalings)
-        a_factors.append(tensors[start : start + count])
-        b_factors.append(tensors[start + count : start + 2 * count])
-        start += 2 * count
-    return _Unpacked(list(tensors[0:6:2]), list(tensors[1:6:2]), a_factors, b_factors)
+    groups = _split(flat[6:], [2 * len(p.scalings) for p in spec.projections])
+    halves = [len(group) // 2 for group in groups]
+    a_factors = [group[:half] for group, half in zip(groups, halves)]
+    b_factors = [group[half:] for group, half in zip(groups, halves)]
+    return _Unpacked(list(flat[0:6:2]), list(flat[1:6:2]), a_factors, b_factors)
+
+
+def _split(flat: Sequence, sizes: Sequence[int]) -> list[Sequence]:
+    """``flat`` cut into consecutive groups of ``sizes``."""
+    groups, start = [], 0
+    for size in sizes:
+        groups.append(flat[start : start + size])
+        start += size
+    return groups
 
 
 def _forward(x, spec: MlpSpec, weights, biases, a_factors, b_factors):
@@ -204,17 +211,10 @@ class _LoraMlpFunction(torch.autograd.Function):
         factor_count = 2 * sum(len(p.scalings) for p in spec.projections)
         weights, factors, hidden_flat = rest[:3], rest[3 : 3 + factor_count], rest[3 + factor_count :]
         unpacked = _unpack(spec, [weights[0], None, weights[1], None, weights[2], None, *factors])
-        # per projection: its rank-r products, and which of its bias / A / B inputs need a gradient
-        needs = ctx.needs_input_grad[2:]  # after x and spec: W_g, b_g, W_u, b_u, W_d, b_d, factors...
-        hidden, need_a, need_b, bias_dtypes = [], [], [], []
-        start, hidden_start = 6, 0
-        for i, projection in enumerate(spec.projections):
-            count = len(projection.scalings)
-            hidden.append(hidden_flat[hidden_start : hidden_start + count])
-            need_a.append(needs[start : start + count])
-            need_b.append(needs[start + count : start + 2 * count])
-            bias_dtypes.append(ctx.bias_dtypes[i] if needs[1 + 2 * i] else None)
-            start, hidden_start = start + 2 * count, hidden_start + count
+        needs = _unpack(spec, ctx.needs_input_grad[2:])  # the same layout: after x and spec come W_g, b_g, ...
+        need_a, need_b = needs.a_factors, needs.b_factors
+        bias_dtypes = [dtype if need else None for dtype, need in zip(ctx.bias_dtypes, needs.biases)]
+        hidden = _split(hidden_flat, [len(p.scalings) for p in spec.projections])  # rank-r products per projection
         need_x = ctx.needs_input_grad[0]
         need_dh = need_x or any(
             bias_dtypes[i] is not None or any(need_a[i]) or any(need_b[i]) for i in range(2)
