@@ -11,8 +11,8 @@ s = lora_alpha / r (``lora_alpha / sqrt(r)`` for rsLoRA). Only A and B train: 2�
 per square d x d projection instead of d². Merging adds s · B A into W0, so inference costs
 nothing extra; unmerging subtracts it again.
 
-One wrapper class per base layer type (``nn.Linear`` and GPT-2 ``Conv1D``, ``nn.Embedding``,
-``nn.Conv2d``); each holds any number of named adapters over ONE shared base layer. Parameter
+One wrapper class per base layer type (``nn.Linear`` and GPT-2 ``Conv1D`` here; ``nn.Embedding`` in
+``lora_embedding.py``, convolutions in ``lora_conv.py``); each holds any number of named adapters over ONE shared base layer. Parameter
 names follow peft (``lora_A.<adapter>.weight``, ``lora_embedding_A.<adapter>``) so that the key
 mapping to peft's files is a pure rename.
 
@@ -31,7 +31,6 @@ import math
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -251,77 +250,3 @@ def has_hooks(module: nn.Module) -> bool:
         or nn.modules.module._global_backward_hooks
         or nn.modules.module._global_backward_pre_hooks
     )
-
-
-class LoraEmbedding(LoraLayer):
-    """LoRA on ``nn.Embedding``: row lookup in Aᵀ [vocab, r], then × Bᵀ [r, dim].
-
-    As in the paper's code, A starts at zero and B is normal, so the update is still zero at start.
-    """
-
-    def __init__(self, base_layer: nn.Embedding) -> None:
-        super().__init__(base_layer)
-        self.lora_embedding_A = nn.ParameterDict()
-        self.lora_embedding_B = nn.ParameterDict()
-
-    def _named_containers(self):
-        return [("lora_embedding_A", self.lora_embedding_A), ("lora_embedding_B", self.lora_embedding_B)]
-
-    def _create(self, name, rank, device, dtype):
-        vocab, dim = self.base_layer.weight.shape
-        self.lora_embedding_A[name] = nn.Parameter(torch.empty(rank, vocab, device=device, dtype=dtype))
-        self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, rank, device=device, dtype=dtype))
-
-    def _initialise(self, name, init):
-        if init is False:
-            nn.init.normal_(self.lora_embedding_A[name])
-        else:
-            nn.init.zeros_(self.lora_embedding_A[name])
-        nn.init.normal_(self.lora_embedding_B[name])
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        delta = (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
-        return delta.to(self.base_layer.weight.dtype)
-
-    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        base = self.base_layer
-        after_a = F.embedding(
-            x,
-            self.lora_embedding_A[name].T,
-            padding_idx=base.padding_idx,
-            max_norm=base.max_norm,
-            norm_type=base.norm_type,
-            scale_grad_by_freq=base.scale_grad_by_freq,
-            sparse=base.sparse,
-        )
-        return (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
-
-
-class LoraConv2d(LoraLayer):
-    """LoRA on ``nn.Conv2d``: A is a conv with the base kernel to r channels, B a 1x1 conv back."""
-
-    def __init__(self, base_layer: nn.Conv2d) -> None:
-        super().__init__(base_layer)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-
-    def _named_containers(self):
-        return [("lora_A", self.lora_A), ("lora_B", self.lora_B)]
-
-    def _create(self, name, rank, device, dtype):
-        base = self.base_layer
-        self.lora_A[name] = nn.Conv2d(
-            base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
-            bias=False, padding_mode=base.padding_mode, device=device, dtype=dtype,
-        )  # fmt: skip
-        self.lora_B[name] = nn.Conv2d(rank, base.out_channels, 1, bias=False, device=device, dtype=dtype)
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight  # [r, in, kh, kw], [out, r, 1, 1]
-        delta = torch.einsum("or,rikl->oikl", weight_b[:, :, 0, 0], weight_a) * self.scaling[name]
-        return delta.to(self.base_layer.weight.dtype)
-
-    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        x = self.lora_dropout[name](x.to(lora_a.weight.dtype))
-        return lora_b(lora_a(x)) * self.scaling[name]

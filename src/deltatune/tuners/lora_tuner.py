@@ -14,7 +14,9 @@ from ..config import LoraConfig
 from ..errors import ConfigError, MergeError
 from ..targeting import find_targets, pattern_value
 from .base import Tuner, replace_module
-from .lora import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from .lora import LoraLayer, LoraLinear
+from .lora_conv import LoraConv2d
+from .lora_embedding import LoraEmbedding
 from .lora_mlp import sync_fused_mlps
 
 
