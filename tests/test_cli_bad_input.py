@@ -100,7 +100,7 @@ CASES = {
     "NaN adapter weights in a merge": (_merge("nan_adapter"), "holds NaN or Inf values; the adapter is corrupt"),
     "infinite learning rate": (_train("data", "learning_rate=.inf"), "learning_rate=inf must be a finite number"),
     "negative kto weight": (_train("data", "stage=kto", "desirable_weight=-1"), "desirable_weight=-1.0 must be positive"),
-    "r larger than the layer": (_train("data", "r=1000"), "r=1000 is larger than model.layers.0.self_attn.q_proj's"),
+    "DoRA with a LoRA bias": (_train("data", "use_dora=true", "lora_bias=true"), "lora_bias=True does not combine with use_dora"),
     "targets matching nothing": (_train("data", "target_modules=no_such_proj"), "matched no module of this LlamaForCausalLM"),
     "packing with prompt tuning": (_train("data", "method=prompt_tuning", "packing=true"),
                                    "packing=true does not work with method=prompt_tuning"),  # fmt: skip

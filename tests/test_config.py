@@ -34,7 +34,22 @@ from deltatune.config import CONFIG_NAME, TASK_TYPES
         ({"lora_dropout": "0.1"}, "lora_dropout"),
         ({"bias": "some"}, "bias"),
         ({"bias": None}, "bias"),
-        ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+        ({"init_lora_weights": "pissa_niter_0"}, "init_lora_weights"),
+        ({"init_lora_weights": "mica"}, "init_lora_weights"),
+        ({"use_dora": "yes"}, "use_dora"),
+        ({"lora_bias": 1}, "lora_bias"),
+        ({"use_dora": True, "lora_bias": True}, "lora_bias"),
+        ({"lora_bias": True, "init_lora_weights": "gaussian"}, "lora_bias"),
+        ({"trainable_token_indices": []}, "trainable_token_indices"),
+        ({"trainable_token_indices": [1, -2]}, "trainable_token_indices"),
+        ({"trainable_token_indices": {"embed_tokens": "1"}}, "trainable_token_indices"),
+        ({"target_parameters": "experts.down_proj"}, "target_parameters"),
+        ({"target_parameters": [""]}, "target_parameters"),
+        ({"use_qalora": True}, "use_qalora"),
+        ({"layer_replication": [[0, 2], [1, 3]]}, "layer_replication"),
+        ({"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens"),
+        ({"megatron_config": {"tensor_model_parallel_size": 2}}, "megatron_config"),
+        ({"runtime_config": {"ephemeral_gpu_offload": True}}, "runtime_config"),
         ({"init_lora_weights": 1}, "init_lora_weights"),
         ({"init_lora_weights": None}, "init_lora_weights"),
         ({"task_type": "CAUSAL"}, "task_type"),
@@ -162,11 +177,11 @@ def test_peft_reads_an_adapter_config_written_here(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("use_dora", True),
-        ("lora_bias", True),
         ("layer_replication", [[0, 1]]),
         ("loftq_config", {"loftq_bits": 4}),
-        ("target_parameters", ["experts.gate_up_proj"]),
+        ("use_qalora", True),
+        ("alora_invocation_tokens", [3, 4]),
+        ("velora_config", {"rank": 2}),
     ],
 )
 def test_peft_file_with_an_unsupported_feature_is_refused(tmp_path: Path, key: str, value) -> None:
@@ -176,7 +191,7 @@ def test_peft_file_with_an_unsupported_feature_is_refused(tmp_path: Path, key: s
     assert key in data
     data[key] = value
     path.write_text(json.dumps(data))
-    with pytest.raises(ConfigError, match=rf"{key}=.*does not support") as info:
+    with pytest.raises(ConfigError, match=rf"{key}=.*is not supported by deltatune\b") as info:
         DeltaConfig.from_pretrained(tmp_path)
     assert "\n" not in str(info.value)
 
@@ -186,7 +201,8 @@ def test_peft_file_with_an_unsupported_feature_is_refused(tmp_path: Path, key: s
     [
         ({"peft_type": "IA3", "target_modules": ["q"]}, "IA3"),
         ({"peft_type": "LORA", "r": 0}, "r=0"),
-        ({"peft_type": "LORA", "init_lora_weights": "pissa"}, "pissa"),
+        ({"peft_type": "LORA", "init_lora_weights": "mica"}, "mica"),
+        ({"peft_type": "LORA", "use_bdlora": {"target_modules_bd_a": ["q_proj"]}}, "use_bdlora"),
         ({"peft_type": "LORA", "made_up_switch": 1}, "made_up_switch"),
     ],
 )
@@ -263,3 +279,31 @@ def test_property_valid_configs_round_trip_exactly(fields: dict) -> None:
     assert LoraConfig.from_dict(data).to_dict() == data
     again = DeltaConfig.from_dict(json.loads(config.to_json()))
     assert again == config and again.to_json() == config.to_json()
+
+
+def test_every_peft_lora_field_is_accepted_by_name() -> None:
+    """Each field of peft's LoraConfig is a LoraConfig keyword here: at peft's default value it builds, never a TypeError."""
+    import dataclasses
+
+    ours = {f.name for f in dataclasses.fields(LoraConfig)}
+    theirs = {f.name for f in dataclasses.fields(peft.LoraConfig) if f.init} - {"peft_type", "auto_mapping", "peft_version"}
+    assert theirs <= ours, sorted(theirs - ours)
+    for f in dataclasses.fields(peft.LoraConfig):
+        if f.init and f.name in ours and f.name != "runtime_config":
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            LoraConfig(**{f.name: default})
+
+
+def test_files_keep_new_keys_out_unless_set() -> None:
+    """Older peft versions refuse unknown keys: the fields added after peft 0.13 are written only when set."""
+    plain = LoraConfig().to_dict()
+    assert "use_dora" not in plain and "target_parameters" not in plain and "lora_bias" not in plain
+    dora = LoraConfig(use_dora=True).to_dict()
+    assert dora["use_dora"] is True
+    assert LoraConfig.from_dict(dora) == LoraConfig(use_dora=True)
+
+
+def test_a_peft_written_config_reads_back_with_every_key(tmp_path: Path) -> None:
+    peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True).save_pretrained(tmp_path)
+    config = DeltaConfig.from_pretrained(tmp_path)
+    assert isinstance(config, LoraConfig) and config.use_dora and config.r == 4
