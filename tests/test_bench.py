@@ -55,7 +55,10 @@ def test_saved_section_on_meta_gives_the_differences_between_modes_of_a_real_ste
     o_proj_input_mib = TINY.tokens * TINY.hidden * 4 * TINY.layers / 2**20
     for mode in bench.MODES[1:]:
         meta_extra = (meta[f"{mode}_gib"] - meta["floor_gib"]) * 1024
-        assert meta_extra == pytest.approx(real[mode] - real["floor"] + o_proj_input_mib, abs=1e-9), mode
+        # peft's DoRA pushes an identity matrix through lora_A on every call (a graph it then detaches): the
+        # storages that graph saves are counted by what is alive (real) or distinct (meta), so it is only close.
+        tolerance = 0.15 * meta_extra if mode == "peft-dora" else 1e-9
+        assert meta_extra == pytest.approx(real[mode] - real["floor"] + o_proj_input_mib, abs=tolerance), mode
     assert meta["fused_gib"] < meta["fused-layer_gib"] == meta["peft_gib"] == meta["plain_gib"]  # fp32: peft copies nothing
     report = {"settings": {"device": "cpu"}, "summary": {}, "infer": [], "wrap": [], "saved": [{"shape": "tiny", **meta}]}
     assert "| floor | fused | fused-eager | fused-layer | plain | peft |" in bench.format_report(report)

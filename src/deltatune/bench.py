@@ -12,7 +12,9 @@ random weights (LoRA r=16 on all seven projections, AdamW), side by side in one 
   is ``fused`` itself; on CUDA ``fused`` compiles them: a diagnostic);
 - ``fused-layer``: every projection through ``lora_linear``, no MLP-level function (a diagnostic);
 - ``plain``: deltatune's plain autograd path (``LoraLinear.fused = False``), a diagnostic;
-- ``peft``: Hugging Face peft, when installed.
+- ``peft``: Hugging Face peft, when installed;
+- ``dora`` and ``peft-dora``: DoRA (``use_dora=True``) through deltatune's fused path
+  (``deltatune.kernels.dora_linear``) and through peft, on the same projections.
 
 Reported per mode: tokens/s (median step over the timed steps), peak memory, and the bytes
 autograd saves for backward. Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA; on
@@ -48,7 +50,9 @@ import torch
 from torch import nn
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MODES = ("floor", "fused", "fused-eager", "fused-layer", "plain", "peft")
+MODES = ("floor", "fused", "fused-eager", "fused-layer", "plain", "peft", "dora", "peft-dora")
+# Each mode's speed and memory are also given as ratios to these modes, where they ran.
+REFERENCES = ("floor", "peft", "peft-dora", "fused")
 SECTIONS = ("train", "infer", "wrap", "saved")
 RESULT_PREFIX = "BENCH_RESULT "
 MIB = 2**20
@@ -121,12 +125,14 @@ def attach(model: nn.Module, mode: str, rank: int, dropout: float) -> nn.Module:
         model.enable_input_require_grads()
         return model
     kwargs = dict(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=LLAMA_PROJECTIONS)
-    if mode == "peft":
+    kwargs["use_dora"] = mode in ("dora", "peft-dora")
+    if mode.startswith("peft"):
         peft = _import_peft()
         return peft.get_peft_model(model, peft.LoraConfig(**kwargs))
     from . import LoraConfig, get_delta_model
 
     model = get_delta_model(model, LoraConfig(**kwargs))
+    mode = "fused" if mode == "dora" else mode
     set_fused(model, mode.startswith("fused"), mode in ("fused", "fused-eager"), False if mode == "fused-eager" else None)
     return model
 
@@ -335,7 +341,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     """Every requested section, modes interleaved per repeat; returns the JSON-ready report."""
     device = args.device
     shapes = args.shapes or DEFAULT_SHAPES[device]
-    if "peft" in args.modes:
+    if any(mode.startswith("peft") for mode in args.modes):
         _import_peft()  # fail in one line now rather than in every child
     common = {"device": device, "threads": args.threads, "dtype": args.dtype}
     settings = {key: value for key, value in vars(args).items() if key != "job"}
@@ -355,7 +361,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             job = {"kind": "infer", "shape": shape, "steps": args.steps, "warmup": args.warmup, "rank": args.rank, **common}
             report["infer"].append({"shape": shape, **run_job(job, args.isolate)})
     if "wrap" in args.sections:
-        libraries = [lib for lib in ("deltatune", "peft") if lib == "deltatune" or "peft" in args.modes]
+        libraries = ["deltatune", "peft"] if "peft" in args.modes else ["deltatune"]
         job = {"kind": "wrap", "shape": args.wrap_shape, "device": args.wrap_device or device, "rank": args.rank,
                "libraries": libraries, "threads": args.threads}  # fmt: skip
         report["wrap"].append({"shape": args.wrap_shape, "device": job["device"], **run_job(job, args.isolate)})
@@ -385,7 +391,7 @@ def summarize(report: dict) -> dict:
             for key in list(entry):
                 entry[f"{key}_range"] = [min(entry[key]), max(entry[key])]
                 entry[key] = statistics.median(entry[key])
-        for reference in ("floor", "peft"):
+        for reference in REFERENCES:
             if reference in modes:
                 for entry in modes.values():
                     entry[f"speed_vs_{reference}"] = entry[clock] / modes[reference][clock]
@@ -411,6 +417,10 @@ def format_report(report: dict) -> str:
                 f"{_ratio(e, 'speed_vs_peft')} | {e['tokens_per_s']:,.0f} | {e['peak_mib']:,.1f} | "
                 f"{_ratio(e, 'memory_vs_floor')} | {_ratio(e, 'memory_vs_peft')} | {e['saved_mib']:,.1f} |"
             )
+        if "dora" in modes and {"peft-dora", "fused"} & set(modes):
+            e = modes["dora"]
+            lines.append(f"\nDoRA: {_ratio(e, 'speed_vs_peft-dora')} peft-DoRA's speed, {_ratio(e, 'memory_vs_peft-dora')} "
+                         f"its peak memory; step time {_inverse(e, 'speed_vs_fused')} deltatune's LoRA step")  # fmt: skip
     for record in report["infer"]:
         base = record["base_ms"]
         cells = [f"{base:.2f}"] + [
@@ -438,6 +448,10 @@ def _clock(report: dict) -> str:
 
 def _ratio(entry: dict, key: str) -> str:
     return f"{entry[key]:.2f}x" if key in entry else "-"
+
+
+def _inverse(entry: dict, key: str) -> str:
+    return f"{1 / entry[key]:.2f}x" if key in entry else "-"
 
 
 def environment(device: str, threads: int | None) -> dict:

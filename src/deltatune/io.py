@@ -35,7 +35,8 @@ FILE_PREFIX = "base_model.model."
 
 # Containers whose children are keyed by adapter name; the name is dropped in the file.
 ADAPTER_CONTAINERS = frozenset(
-    {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "adapter_down", "adapter_up"}
+    {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "adapter_down", "adapter_up",
+     "trainable_tokens_delta"}
 )
 # Containers dropped together with the adapter name (the copy replaces the module itself).
 WRAPPER_CONTAINERS = frozenset({"modules_to_save"})

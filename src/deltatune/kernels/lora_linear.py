@@ -35,6 +35,8 @@ from typing import NamedTuple
 
 import torch
 
+from .base_weight import dense
+
 
 class LoraFactors(NamedTuple):
     """One adapter of a linear layer: A [r, in], B [out, r], y += scaling · B A dropout(x)."""
@@ -43,6 +45,8 @@ class LoraFactors(NamedTuple):
     b: torch.Tensor
     scaling: float
     dropout: float = 0.0  # the probability applied now: 0 when the dropout module is in eval mode
+    magnitude: torch.Tensor | None = None  # DoRA's m [out] (``dora_linear``); None for plain LoRA
+    norm: torch.Tensor | None = None  # DoRA's ||W + s·BA|| per row [out], a constant
 
 
 class ProjectionSpec(NamedTuple):
@@ -174,17 +178,34 @@ def linear_backward(
     ``bias_dtype`` None skips db. ``dx_into`` (an [N, in] tensor in the compute dtype) receives
     dx in place, for two projections that read the same x (gate and up of a gated MLP).
     """
-    count = len(spec.scalings)
-    grads_a: list[torch.Tensor | None] = [None] * count
-    grads_b: list[torch.Tensor | None] = [None] * count
     dx = dbias = None
     dy = _cast(dy.reshape(-1, dy.shape[-1]), spec.compute_dtype)
     if need_x:
-        w = _cast(weight, spec.compute_dtype)
+        w = dense(weight, spec.compute_dtype)
         w = w.t() if spec.fan_in_fan_out else w
         dx = torch.mm(dy, w) if dx_into is None else dx_into.addmm_(dy, w)
     if bias_dtype is not None:
         dbias = _cast(dy.sum(0), bias_dtype)
+    grads_a, grads_b = adapter_backward(dy, x, spec, a_factors, b_factors, hidden, dx, need_a, need_b)
+    return dx, dbias, grads_a, grads_b
+
+
+def adapter_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    spec: ProjectionSpec,
+    a_factors: Sequence[torch.Tensor],
+    b_factors: Sequence[torch.Tensor],
+    hidden: Sequence[torch.Tensor],
+    dx: torch.Tensor | None,
+    need_a: Sequence[bool],
+    need_b: Sequence[bool],
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """([dA_i], [dB_i]) for dy [N, out]; each adapter's share of dx is added into ``dx`` [N, in] in place (None: skip)."""
+    count = len(spec.scalings)
+    grads_a: list[torch.Tensor | None] = [None] * count
+    grads_b: list[torch.Tensor | None] = [None] * count
+    need_x = dx is not None
     rows = _rows(x, spec.adapter_dtype) if need_x or any(need_a) else None
     dy = _cast(dy, spec.adapter_dtype)
     for i, (a, b, h) in enumerate(zip(a_factors, b_factors, hidden)):
@@ -203,15 +224,26 @@ def linear_backward(
             _add_product(dx, g, _cast(a, spec.adapter_dtype), scaling)
         elif need_x:
             dx.add_(torch.mm(g, _cast(a, spec.adapter_dtype)).mul_(mask), alpha=scaling)
-    return dx, dbias, grads_a, grads_b
+    return grads_a, grads_b
 
 
 def linear_forward(x, weight, bias, spec: ProjectionSpec, a_factors, b_factors) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(y, [h_i]): the base GEMM, then each adapter's rank-r product added into its output in place."""
     rows = _rows(x, spec.compute_dtype)
-    w = _cast(weight, spec.compute_dtype)
+    out = base_product(rows, weight, bias, spec)
+    hidden = add_adapter_products(out, rows, spec, a_factors, b_factors)
+    return out.view(*x.shape[:-1], out.shape[-1]), hidden
+
+
+def base_product(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ProjectionSpec) -> torch.Tensor:
+    """x Wᵀ + b [N, out] in the compute dtype, for x as [N, in] ``rows``; the weight comes through ``dense``."""
+    w = dense(weight, spec.compute_dtype)
     w_t = w if spec.fan_in_fan_out else w.t()
-    out = torch.mm(rows, w_t) if bias is None else torch.addmm(_cast(bias, spec.compute_dtype), rows, w_t)
+    return torch.mm(rows, w_t) if bias is None else torch.addmm(_cast(bias, spec.compute_dtype), rows, w_t)
+
+
+def add_adapter_products(out: torch.Tensor, rows: torch.Tensor, spec: ProjectionSpec, a_factors, b_factors) -> list[torch.Tensor]:
+    """out [N, out] += Σ s_i h_i B_iᵀ in place, h_i = (x ⊙ M_i / q_i) A_iᵀ; returns [h_i] (saved for backward)."""
     rows = _cast(rows, spec.adapter_dtype)
     hidden = []
     for i, (a, b) in enumerate(zip(a_factors, b_factors)):
@@ -221,7 +253,7 @@ def linear_forward(x, weight, bias, spec: ProjectionSpec, a_factors, b_factors) 
             h.mul_(1 / (1 - spec.dropouts[i]))
         _add_product(out, h, _cast(b, spec.adapter_dtype).t(), spec.scalings[i])
         hidden.append(h)
-    return out.view(*x.shape[:-1], out.shape[-1]), hidden
+    return hidden
 
 
 def _any_requires_grad(*tensors: torch.Tensor | None) -> bool:

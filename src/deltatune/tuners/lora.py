@@ -37,7 +37,11 @@ from transformers.pytorch_utils import Conv1D
 from ..config import LoraConfig
 from ..errors import MergeError
 from ..kernels import LoraFactors, fused_lora_linear
+from ..kernels.base_weight import dense
+from ..kernels.dora_linear import fused_dora_linear
+from ..kernels.dora_linear import weight_norm as dora_weight_norm
 from ..kernels.lora_linear import autocast_dtype
+from .lora_init import check_initialisable, initial_factors
 
 
 class LoraLayer(nn.Module):
@@ -55,6 +59,9 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        # DoRA: adapter -> trainable magnitude m (peft's file shape), and m / ||W0 + s·BA|| as it was merged.
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._merged_dora_scales: dict[str, torch.Tensor] = {}
 
     # -- adapter bookkeeping -------------------------------------------------------------
     def add(self, name: str, rank: int, alpha: float, config: LoraConfig) -> None:
@@ -68,11 +75,14 @@ class LoraLayer(nn.Module):
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         self._create(name, rank, weight.device, dtype)
         self._initialise(name, config.init_lora_weights)
+        if config.use_dora:  # m starts at ||W0 + s·BA||, so DoRA starts where LoRA does
+            norm = self.weight_norm(name).to(dtype)
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.reshape(self.magnitude_shape(norm.numel())))
 
     def delete(self, name: str) -> None:
         if name in self.merged_adapters:
             raise MergeError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting it")
-        for container in [*self._containers(), self.lora_dropout]:
+        for container in [*self._containers(), self.lora_dropout, self.lora_magnitude_vector]:
             if name in container:  # ModuleDict/ParameterDict.pop takes no default
                 del container[name]
         for table in (self.r, self.lora_alpha, self.scaling):
@@ -85,7 +95,7 @@ class LoraLayer(nn.Module):
 
     def adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
         """(name relative to this layer, parameter) of adapter ``name``."""
-        for prefix, container in self._named_containers():
+        for prefix, container in [*self._named_containers(), ("lora_magnitude_vector", self.lora_magnitude_vector)]:
             if name in container:
                 item = container[name]
                 if isinstance(item, nn.Parameter):
@@ -103,24 +113,93 @@ class LoraLayer(nn.Module):
         """The adapters of ``names`` this layer holds and has not merged yet."""
         return [name for name in names if name in self.r and name not in self.merged_adapters]
 
+    def merged_weight(self, name: str, dora_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The base weight with adapter ``name`` merged in, as a new tensor: W + s·BA, or for DoRA
+        ``dora_scale`` ⊙ (W + s·BA) per unit (row) of ``rows``, the scale m / ||W0 + s·BA|| by default."""
+        merged = dense(self.base_layer.weight.data) + self.delta_weight(name)
+        if name in self.lora_magnitude_vector:
+            scale = self.dora_scale(name) if dora_scale is None else dora_scale
+            self.rows(merged).mul_(scale[:, None].to(merged.dtype))
+        return merged
+
     def merge(self, names: list[str]) -> None:
-        """W0 += s · B A for each adapter in ``names`` not merged yet."""
-        for name in self.unmerged(names):
-            self.base_layer.weight.data += self.delta_weight(name)
+        """W ← ``merged_weight(name)`` for each adapter in ``names`` not merged yet, in order.
+
+        As in peft, a DoRA adapter's norm is taken over the unmerged base weight, so that merging in
+        turn computes what the forward pass computes with the adapters applied in turn.
+        """
+        pending = self.unmerged(names)
+        base = self.unmerged_base_weight() if any(n in self.lora_magnitude_vector for n in pending) else None
+        for name in pending:
+            scale = None
+            if name in self.lora_magnitude_vector:  # kept as merged, so that unmerge inverts it exactly
+                scale = self._merged_dora_scales[name] = self.dora_scale(name, base)
+            self.base_layer.weight.data.copy_(self.merged_weight(name, scale))
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """W0 -= s · B A for every merged adapter, newest first."""
+        """W ← W − s·BA (DoRA: W / scale − s·BA) for every merged adapter, newest first."""
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            self.base_layer.weight.data -= self.delta_weight(name)
+            name = self.merged_adapters[-1]
+            self.base_layer.weight.data.copy_(self._without_merged(dense(self.base_layer.weight.data), name))
+            self.merged_adapters.pop()
+            self._merged_dora_scales.pop(name, None)
+
+    def unmerged_base_weight(self) -> torch.Tensor:
+        """W0: the base weight with every merged adapter taken out again (a new tensor)."""
+        weight = dense(self.base_layer.weight.data).clone()  # merging writes into the base weight's storage
+        for name in reversed(self.merged_adapters):
+            weight = self._without_merged(weight, name)
+        return weight
+
+    def _without_merged(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """``weight`` with merged adapter ``name`` taken out, as a new tensor."""
+        if name in self._merged_dora_scales:
+            weight = weight.clone()
+            self.rows(weight).div_(self._merged_dora_scales[name][:, None].to(weight.dtype))
+        return weight - self.delta_weight(name)
+
+    # -- DoRA ---------------------------------------------------------------------------
+    def rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """A 2-D view [units, fan] of a tensor laid out like the base weight; DoRA keeps one magnitude per unit."""
+        raise NotImplementedError
+
+    def magnitude_shape(self, units: int) -> tuple[int, ...]:
+        """The shape of DoRA's magnitude parameter (peft's file shape): one entry per unit."""
+        return (units,)
+
+    def weight_norm(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """||W + s·BA|| per unit [units] for W = ``weight`` or the base weight as it is, in fp32; a constant
+        for the gradient (DoRA paper §4.3)."""
+        with torch.no_grad():
+            weight = self.base_layer.weight if weight is None else weight
+            merged = dense(weight, torch.float32) + self.delta_weight(name).float()
+            return torch.linalg.vector_norm(self.rows(merged), dim=1)
+
+    def dora_scale(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """m / ||W + s·BA|| per unit [units], in fp32: the factor DoRA puts on the adapted weight's rows."""
+        return self.lora_magnitude_vector[name].reshape(-1).float() / self.weight_norm(name, weight)
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         for name in self.unmerged_active():
-            result = result + self.lora_output(x, name).to(result.dtype)
+            lora = self.lora_output(x, name).to(result.dtype)
+            if name in self.lora_magnitude_vector:  # as peft: y ← y + (m/n − 1) ⊙ (y − b) + (m/n) ⊙ s·BA x
+                scale = self._channels(self.dora_scale(name), result)
+                result = result + (scale - 1) * self._without_bias(result) + scale * lora
+            else:
+                result = result + lora
         return result
+
+    def _channels(self, per_unit: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A per-unit vector shaped to broadcast over ``like`` (an output), in its dtype: units on the last dim."""
+        return per_unit.to(like.dtype)
+
+    def _without_bias(self, result: torch.Tensor) -> torch.Tensor:
+        """The base output less the base layer's bias: W0 x."""
+        bias = getattr(self.base_layer, "bias", None)
+        return result if bias is None else result - self._channels(bias, result)
 
     def unmerged_active(self) -> list[str]:
         """The adapters whose update the forward pass adds: active, not merged, layer not disabled."""
@@ -143,22 +222,70 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def _initialise(self, name: str, init: bool | str) -> None:
-        """A: Kaiming-uniform (as nn.Linear) or N(0, 1/r); B: zero. ``False`` leaves both random."""
+        """A: Kaiming-uniform (as nn.Linear) or N(0, 1/r); B: zero. ``False`` keeps both modules' own random init.
+
+        PiSSA, OLoRA and orthogonal (``lora_init.py``) apply to ``LoraLinear`` only, as in peft;
+        PiSSA and OLoRA also replace the base weight by the residual W0 − s · B A. As in peft, the
+        factors are then rounded to a half-precision base's dtype (the master copy stays fp32).
+        """
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-        if init is False:
-            nn.init.kaiming_uniform_(lora_b, a=math.sqrt(5))
-            return
-        if init == "gaussian":
-            nn.init.normal_(lora_a, std=1 / self.r[name])
-        else:
-            nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
-        nn.init.zeros_(lora_b)
+        base = self.base_layer.weight
+        check_initialisable(init, self.base_layer, self.r[name])
+        if init not in (True, False, "gaussian"):
+            weight = dense(base)
+            start = initial_factors(init, weight.T if self.fan_in_fan_out else weight, self.r[name], self.scaling[name])
+            with torch.no_grad():
+                lora_a.copy_(start.a)
+                lora_b.copy_(start.b)
+                if start.base is not None:
+                    base.copy_(start.base.T if self.fan_in_fan_out else start.base)
+        elif init is not False:
+            if init == "gaussian":
+                nn.init.normal_(lora_a, std=1 / self.r[name])
+            else:
+                nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+            nn.init.zeros_(lora_b)
+        if base.dtype.is_floating_point and base.dtype != lora_a.dtype:
+            with torch.no_grad():
+                for factor in (lora_a, lora_b):
+                    factor.copy_(factor.to(base.dtype))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}: r={self.r[name]}, scaling={self.scaling[name]:g}" for name in self.r)
 
 
-class LoraLinear(LoraLayer):
+class LoraBias:
+    """peft's ``lora_bias``, mixed into the layers whose B is a module (Linear, convolutions): B gets a
+    trainable bias b, zero at start, so the update is s · (B A x + b); merging adds s · b to the base bias."""
+
+    def add(self, name: str, rank: int, alpha: float, config: LoraConfig) -> None:
+        super().add(name, rank, alpha, config)
+        if config.lora_bias:
+            weight = self.lora_B[name].weight
+            bias = torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype)
+            self.lora_B[name].bias = nn.Parameter(bias)
+
+    def merge_bias(self, name: str, sign: int) -> None:
+        """Base bias += sign · s · b for adapter ``name``; nothing when its B has no bias."""
+        bias = self.lora_B[name].bias
+        if bias is not None:
+            base_bias = self.base_layer.bias
+            base_bias.data += (sign * self.scaling[name] * bias.detach()).to(base_bias.dtype)
+
+    def merge(self, names: list[str]) -> None:
+        pending = self.unmerged(names)
+        super().merge(names)
+        for name in pending:
+            self.merge_bias(name, 1)
+
+    def unmerge(self) -> None:
+        merged = list(self.merged_adapters)
+        super().unmerge()
+        for name in merged:
+            self.merge_bias(name, -1)
+
+
+class LoraLinear(LoraBias, LoraLayer):
     """LoRA on ``nn.Linear`` (weight [out, in]) or GPT-2 ``Conv1D`` (weight [in, out], fan_in_fan_out).
 
     Runtime options (class attributes; set on an instance to change one layer), never saved:
@@ -205,14 +332,29 @@ class LoraLinear(LoraLayer):
         if not names or args or kwargs or x.shape[-1] != self.in_features or not self.fusable(x, names):
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
-        return fused_lora_linear(x, base.weight, base.bias, self.factors(names), self.fan_in_fan_out, self.adapter_dtype)
+        fused = fused_dora_linear if any(name in self.lora_magnitude_vector for name in names) else fused_lora_linear
+        return fused(x, base.weight, base.bias, self.factors(names), self.fan_in_fan_out, self.adapter_dtype)
 
     def factors(self, names: list[str]) -> list[LoraFactors]:
         """The adapters ``names`` as the fused functions take them (dropout p only while training)."""
         return [
-            LoraFactors(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], self._dropout_p(name))
+            LoraFactors(
+                self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], self._dropout_p(name),
+                self.lora_magnitude_vector[name] if name in self.lora_magnitude_vector else None,
+                self.weight_norm(name) if name in self.lora_magnitude_vector else None,
+            )
             for name in names
-        ]
+        ]  # fmt: skip
+
+    def rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """[out, in]: ``nn.Linear``'s own layout, the transpose of ``Conv1D``'s."""
+        return weight.t() if self.fan_in_fan_out else weight
+
+    def weight_norm(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """||W + s·BA|| per output row from rank-r products (``kernels.dora_linear.weight_norm``), fp32."""
+        weight = self.base_layer.weight if weight is None else weight
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        return dora_weight_norm(weight, a, b, self.scaling[name], self.fan_in_fan_out)
 
     def _dropout_p(self, name: str) -> float:
         dropout = self.lora_dropout[name]
@@ -224,6 +366,7 @@ class LoraLinear(LoraLayer):
             self.fused
             and is_frozen_plain_linear(self.base_layer, x)
             and not (torch.compiler.is_compiling() and any(self._dropout_p(name) > 0 for name in names))
+            and not any(self.lora_B[name].bias is not None for name in names)  # the fused function has no B bias
         )
 
 

@@ -1,4 +1,7 @@
-"""LoRA on ``nn.Embedding``: the update is a row lookup in Aᵀ [vocab, r] followed by a product with Bᵀ [r, dim]."""
+"""LoRA on ``nn.Embedding``: the update is a row lookup in Aᵀ [vocab, r] followed by a product with Bᵀ [r, dim].
+
+With DoRA, one magnitude per embedding dimension: y = (m / ||E + s·(BA)ᵀ||) ⊙ (E[x] + s·B A[x]).
+"""
 
 from __future__ import annotations
 
@@ -38,6 +41,10 @@ class LoraEmbedding(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
         return delta.to(self.base_layer.weight.dtype)
+
+    def rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """[dim, vocab]: DoRA keeps one magnitude per embedding dimension, as peft does."""
+        return weight.t()
 
     def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         base = self.base_layer
