@@ -20,9 +20,12 @@ from .errors import AdapterLoadError, ConfigError, MergeError
 from .io import adapter_dir, check_tensors_fit, file_key_map, read_adapter_weights, write_adapter
 from .tuners import tuner_for
 from .targeting import CLASSIFIER_HEADS, CLASSIFIER_TASKS
+from .tuners.lora_init import plain_lora
 from .tuners.modules_to_save import ModulesToSaveTuner
+from .tuners.trainable_tokens import TrainableTokensTuner
 
 _MODULES_TO_SAVE = ModulesToSaveTuner()
+_TRAINABLE_TOKENS = TrainableTokensTuner()
 
 
 class DeltaModel(nn.Module):
@@ -80,7 +83,7 @@ class DeltaModel(nn.Module):
     @property
     def merged_adapters(self) -> list[str]:
         return sorted(
-            {name for tuner in self._tuners() for _, layer in tuner.layers(self.base_model)
+            {name for tuner in self._merging_tuners() for _, layer in tuner.layers(self.base_model)
              for name in getattr(layer, "merged_adapters", [])}
         )  # fmt: skip
 
@@ -105,8 +108,10 @@ class DeltaModel(nn.Module):
         tuner_for(config).inject(self.base_model, config, adapter_name)
         try:
             _MODULES_TO_SAVE.inject(self.base_model, config, adapter_name)
+            _TRAINABLE_TOKENS.inject(self.base_model, config, adapter_name)
         except Exception:
             tuner_for(config).delete(self.base_model, adapter_name)
+            _MODULES_TO_SAVE.delete(self.base_model, adapter_name)
             raise
         finally:
             tuner_for(config).refresh(self.base_model)
@@ -130,6 +135,7 @@ class DeltaModel(nn.Module):
         config = self.peft_config.pop(adapter_name)
         tuner_for(config).delete(self.base_model, adapter_name)
         _MODULES_TO_SAVE.delete(self.base_model, adapter_name)
+        _TRAINABLE_TOKENS.delete(self.base_model, adapter_name)
         tuner_for(config).refresh(self.base_model)
         self._active = [name for name in self._active if name != adapter_name] or list(self.peft_config)[:1]
         self._apply_state()
@@ -161,12 +167,12 @@ class DeltaModel(nn.Module):
         names = self._active if adapter_names is None else list(adapter_names)
         for name in names:
             self._check_exists(name)
-        for tuner in self._tuners():
+        for tuner in self._merging_tuners():
             tuner.merge(self.base_model, names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights again."""
-        for tuner in self._tuners():
+        for tuner in self._merging_tuners():
             tuner.unmerge(self.base_model)
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
@@ -175,7 +181,7 @@ class DeltaModel(nn.Module):
         The result saves and loads with transformers alone. This DeltaModel is empty afterwards.
         """
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        for tuner in self._tuners():
+        for tuner in self._merging_tuners():
             tuner.unload(self.base_model)
         _MODULES_TO_SAVE.keep_trained(self.base_model)
         return self._release()
@@ -183,7 +189,7 @@ class DeltaModel(nn.Module):
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the base model exactly as it was."""
         self.unmerge_adapter()
-        for tuner in self._tuners():
+        for tuner in self._merging_tuners():
             tuner.unload(self.base_model)
         _MODULES_TO_SAVE.unload(self.base_model)
         return self._release()
@@ -196,6 +202,7 @@ class DeltaModel(nn.Module):
         tuner = tuner_for(config)
         state = tuner.adapter_parameters(self.base_model, adapter_name)
         state.update(_MODULES_TO_SAVE.adapter_parameters(self.base_model, adapter_name))
+        state.update(_TRAINABLE_TOKENS.adapter_parameters(self.base_model, adapter_name))
         state.update(tuner.trained_base_parameters(self.base_model, config, adapter_name))
         return state
 
@@ -215,12 +222,17 @@ class DeltaModel(nn.Module):
         save_directory: str | os.PathLike,
         selected_adapters: list[str] | None = None,
         state_dict: Mapping[str, torch.Tensor] | None = None,
+        convert_to_lora_from: str | os.PathLike | None = None,
     ) -> None:
         """Write adapters in peft's format: "default" in ``save_directory``, others in sub-folders.
 
         Each file is written atomically, so an interrupted save keeps the previous version.
         ``state_dict`` (keys as in ``self.state_dict()``) gives the tensors to save instead of the
         live parameters, e.g. adapters gathered from FSDP shards by ``distributed.gather_adapter_state``.
+        ``convert_to_lora_from``: a folder where these PiSSA/OLoRA adapters were saved right after
+        they were created; each is then written as a plain LoRA of rank 2r for the ORIGINAL base
+        (peft's ``path_initial_model_for_weight_conversion``; ``tuners.lora_init.plain_lora``).
+        Unlike peft, the initial folder is only read, never rewritten.
         """
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
@@ -232,6 +244,9 @@ class DeltaModel(nn.Module):
                 state = _entries(state_dict, state)
             tensors = tuner_for(config).file_tensors(self.base_model, name, state)
             saved_config = type(config).from_dict({**config.to_dict(), "inference_mode": True})
+            if convert_to_lora_from is not None:
+                initial = read_adapter_weights(adapter_dir(convert_to_lora_from, name))
+                saved_config, tensors = plain_lora(saved_config, tensors, initial)
             write_adapter(adapter_dir(save_directory, name), saved_config.to_json(), tensors)
 
     @classmethod
@@ -301,6 +316,10 @@ class DeltaModel(nn.Module):
     def _tuners(self):
         return list({type(tuner_for(c)): tuner_for(c) for c in self.peft_config.values()}.values())
 
+    def _merging_tuners(self):
+        """The adapters' tuners, then the trainable-token rows (merged and unloaded with them)."""
+        return [*self._tuners(), _TRAINABLE_TOKENS]
+
     def _check_exists(self, name: str) -> None:
         if name not in self.peft_config:
             known = ", ".join(self.peft_config) or "none"
@@ -308,12 +327,12 @@ class DeltaModel(nn.Module):
 
     def _set_disabled(self, disabled: bool) -> None:
         self._disabled = disabled
-        for tuner in [*self._tuners(), _MODULES_TO_SAVE]:
+        for tuner in [*self._merging_tuners(), _MODULES_TO_SAVE]:
             tuner.set_disabled(self.base_model, disabled)
 
     def _apply_state(self) -> None:
         """Activate the active adapters in every layer; only their parameters train."""
-        for tuner in [*self._tuners(), _MODULES_TO_SAVE]:
+        for tuner in [*self._merging_tuners(), _MODULES_TO_SAVE]:
             tuner.set_active(self.base_model, self._active)
         self.base_model.requires_grad_(False)
         for name in self._active:

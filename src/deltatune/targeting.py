@@ -24,7 +24,7 @@ from .errors import TargetError
 ALL_LINEAR = "all-linear"
 
 # Classes a LoRA layer can wrap.
-ADAPTABLE_TYPES = (nn.Linear, Conv1D, nn.Embedding, nn.Conv2d)
+ADAPTABLE_TYPES = (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
 # Classification heads: excluded from "all-linear" for SEQ_CLS models, and trained in full
@@ -105,6 +105,15 @@ def pattern_value(name: str, patterns: Mapping[str, V], default: V) -> V:
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
+
+
+def shares_weight(model: nn.Module, name: str) -> bool:
+    """Whether module ``name``'s weight is also another module's (tied input and output embeddings)."""
+    module = model.get_submodule(name)
+    weight = getattr(module, "weight", None)
+    return weight is not None and any(
+        other is not module and getattr(other, "weight", None) is weight for _, other in walk_modules(model)
+    )
 
 
 def walk_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -188,8 +197,8 @@ def find_targets(model: nn.Module, config: Any) -> list[str]:
             continue
         if not isinstance(module, ADAPTABLE_TYPES):
             raise TargetError(
-                f"target {name!r} is a {type(module).__name__}; LoRA adapts nn.Linear, Conv1D, "
-                f"nn.Embedding and nn.Conv2d; name a leaf module instead"
+                f"target {name!r} is a {type(module).__name__}; LoRA adapts nn.Linear, Conv1D, nn.Embedding, "
+                f"nn.Conv1d/2d/3d and nn.MultiheadAttention; name a leaf module (or an attention) instead"
             )
         selected.append(name)
     if not selected:

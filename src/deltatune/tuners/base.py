@@ -79,8 +79,8 @@ class Tuner:
             layer.disabled = disabled
 
     def delete(self, model: nn.Module, adapter_name: str) -> None:
-        """Remove one adapter; a layer left with no adapter is replaced by its base module."""
-        for name, layer in list(self.layers(model)):
+        """Remove one adapter; a layer left with no adapter is replaced by its base module (inner layers first)."""
+        for name, layer in reversed(list(self.layers(model))):
             layer.delete(adapter_name)
             if not layer.adapter_names:
                 replace_module(model, name, layer.base_layer)
@@ -101,6 +101,10 @@ class Tuner:
         """Re-derive what depends on which modules are wrapped; the model calls it after every add and delete."""
 
     def unload(self, model: nn.Module) -> None:
-        """Remove every layer of this method, putting the base modules back as they are now."""
-        for name, layer in list(self.layers(model)):
+        """Remove every layer of this method, putting the base modules back as they are now.
+
+        Inner layers go first: a layer inside another's base module (MultiheadAttention's out_proj)
+        is named through it.
+        """
+        for name, layer in reversed(list(self.layers(model))):
             replace_module(model, name, layer.base_layer)

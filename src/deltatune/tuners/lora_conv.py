@@ -1,18 +1,36 @@
-"""LoRA on convolutions: A is a convolution with the base kernel down to r channels, B a 1x1 convolution back up."""
+"""LoRA on ``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d``: A is a convolution with the base kernel down to r
+channels, B a 1x1 convolution back up::
+
+    x ──► W0 (conv, groups g) ───────────────────────────────────────┐
+    │                                                               (+) ──► y
+    └──► dropout ──► A: conv k×…, in → r ──► B: 1×…, r → out, groups g ──► · s
+
+The update as a kernel is ΔW[o, i, …] = s · Σ_r B[o, r] A[r, i, …] (groups = 1). With groups > 1
+(as in peft) A still sees every input channel while B is grouped, so r must be a multiple of
+``groups``; such an update has no grouped kernel to merge into, so these layers cannot merge.
+
+Unlike peft, A also takes the base's ``dilation`` and ``padding_mode`` (peft's A keeps the defaults):
+the forward then is exactly the merged convolution. Both agree when these are the defaults.
+DoRA keeps one magnitude per output channel (peft's file shape [1, out, 1, …]).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .lora import LoraLayer
+from ..errors import MergeError
+from .lora import LoraBias, LoraLayer
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class LoraConv2d(LoraLayer):
-    """LoRA on ``nn.Conv2d``: A is a conv with the base kernel to r channels, B a 1x1 conv back."""
+class LoraConvNd(LoraBias, LoraLayer):
+    """LoRA on a 1-, 2- or 3-d convolution (weight [out, in / groups, k…]); peft's ``Conv1d/2d/3d``."""
 
-    def __init__(self, base_layer: nn.Conv2d) -> None:
+    def __init__(self, base_layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
         super().__init__(base_layer)
+        self.conv_class = CONV_TYPES[base_layer.weight.dim() - 3]
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
@@ -21,18 +39,38 @@ class LoraConv2d(LoraLayer):
 
     def _create(self, name, rank, device, dtype):
         base = self.base_layer
-        self.lora_A[name] = nn.Conv2d(
+        self.lora_A[name] = self.conv_class(
             base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
             bias=False, padding_mode=base.padding_mode, device=device, dtype=dtype,
         )  # fmt: skip
-        self.lora_B[name] = nn.Conv2d(rank, base.out_channels, 1, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = self.conv_class(
+            rank, base.out_channels, 1, groups=base.groups, bias=False, device=device, dtype=dtype
+        )
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight  # [r, in, kh, kw], [out, r, 1, 1]
-        delta = torch.einsum("or,rikl->oikl", weight_b[:, :, 0, 0], weight_a) * self.scaling[name]
-        return delta.to(self.base_layer.weight.dtype)
+        weight = self.base_layer.weight
+        if self.base_layer.groups > 1:
+            raise MergeError(
+                f"a LoRA update on a grouped convolution (groups={self.base_layer.groups}) cannot be merged: it "
+                f"mixes all input channels, each group's kernel sees only its own (peft refuses it too); keep the "
+                f"adapter loaded instead"
+            )
+        weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight  # [r, in, k…], [out, r, 1…]
+        delta = (weight_b.flatten(1) @ weight_a.flatten(1)).reshape(weight.shape) * self.scaling[name]
+        return delta.to(weight.dtype)
 
     def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         x = self.lora_dropout[name](x.to(lora_a.weight.dtype))
         return lora_b(lora_a(x)) * self.scaling[name]
+
+    # -- DoRA: one unit per output channel --------------------------------------------------
+    def rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.flatten(1)
+
+    def magnitude_shape(self, units: int) -> tuple[int, ...]:
+        return (1, units) + (1,) * (self.base_layer.weight.dim() - 2)
+
+    def _channels(self, per_unit: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Channels sit before the spatial dims (batched or not): [out, 1, …] broadcasts over both."""
+        return per_unit.reshape((-1,) + (1,) * (self.base_layer.weight.dim() - 2)).to(like.dtype)

@@ -6,18 +6,24 @@ After every change of which modules carry LoRA it re-syncs the fused gated-MLP f
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from transformers.pytorch_utils import Conv1D
 
 from ..config import LoraConfig
 from ..errors import ConfigError, MergeError
-from ..targeting import find_targets, pattern_value
+from ..targeting import pattern_value, shares_weight
 from .base import Tuner, replace_module
 from .lora import LoraLayer, LoraLinear
-from .lora_conv import LoraConv2d
+from .lora_conv import CONV_TYPES, LoraConvNd
 from .lora_embedding import LoraEmbedding
+from .lora_init import check_initialisable
+from .lora_mha import LoraMultiheadAttention
 from .lora_mlp import sync_fused_mlps
+from .lora_param import inject_parameters, module_targets, parameter_targets
 
 
 def _layer_class(module: nn.Module) -> type[LoraLayer]:
@@ -25,8 +31,10 @@ def _layer_class(module: nn.Module) -> type[LoraLayer]:
         return LoraLinear
     if isinstance(module, nn.Embedding):
         return LoraEmbedding
-    if isinstance(module, nn.Conv2d):
-        return LoraConv2d
+    if isinstance(module, CONV_TYPES):
+        return LoraConvNd
+    if isinstance(module, nn.MultiheadAttention):
+        return LoraMultiheadAttention
     raise ConfigError(f"LoRA cannot wrap {type(module).__name__}")
 
 
@@ -37,18 +45,27 @@ class LoraTuner(Tuner):
     layer_class = LoraLayer
 
     def inject(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
-        targets = find_targets(model, config)
+        targets = module_targets(model, config)
         _sync_fan_in_fan_out(model, config, targets)
         plan = []
         for name in targets:  # validate everything before the model is touched
             module = model.get_submodule(name)
             rank = pattern_value(name, config.rank_pattern, config.r)
-            _check_target(name, _base(module), rank)
+            _check_target(name, _base(module), rank, config)
             plan.append((name, module, rank, pattern_value(name, config.alpha_pattern, config.lora_alpha)))
+        tied = [name for name in targets if isinstance(_base(model.get_submodule(name)), nn.Embedding)
+                and config.ensure_weight_tying and shares_weight(model, name)]  # fmt: skip
+        if tied:
+            raise ConfigError(
+                f"ensure_weight_tying=True with LoRA on the tied embedding {tied[0]} is not supported (peft would tie "
+                f"a LoRA on the output head to it); drop ensure_weight_tying, or leave {tied[0]} out of target_modules"
+            )
+        parameters = parameter_targets(model, config, targets)
         for name, module, rank, alpha in plan:
             if not isinstance(module, LoraLayer):
                 module = replace_module(model, name, _layer_class(module)(module))
             module.add(adapter_name, rank, alpha, config)
+        inject_parameters(model, parameters, adapter_name, config)
 
     def refresh(self, model: nn.Module) -> None:
         """Gated MLPs with a LoRA projection (and no other wrapper on one) run fused; the others as they are."""
@@ -87,7 +104,7 @@ class LoraTuner(Tuner):
         if safe_merge:  # check every layer before touching any, so a refusal changes nothing
             for layer_name, layer in layers:
                 for name in layer.unmerged(adapter_names):
-                    if not torch.isfinite(layer.base_layer.weight.data + layer.delta_weight(name)).all():
+                    if not torch.isfinite(layer.merged_weight(name)).all():
                         raise MergeError(
                             f"merging adapter {name!r} would put NaN/Inf into the weights of {layer_name}; "
                             f"nothing was changed (check the adapter's weights)"
@@ -103,15 +120,58 @@ class LoraTuner(Tuner):
         return any(layer.merged_adapters for _, layer in self.layers(model))
 
 
-def _check_target(name: str, base: nn.Module, rank: int) -> None:
-    if isinstance(base, nn.Conv2d) and base.groups != 1:
-        raise ConfigError(f"LoRA on grouped Conv2d {name} (groups={base.groups}) is not supported; exclude it")
-    smallest = min(base.weight.flatten(1).shape)  # a Conv2d update is [out, in * kh * kw]
-    if rank > smallest:
+def _check_target(name: str, base: nn.Module, rank: int, config: LoraConfig) -> None:
+    """Refuse, as peft does, what this layer type cannot carry; warn about a rank above the layer's."""
+    kind = type(base).__name__
+    if isinstance(base, nn.MultiheadAttention):
+        _check_attention(name, base, config)
+    elif isinstance(base, NonDynamicallyQuantizableLinear):  # only ever a MultiheadAttention's out_proj
         raise ConfigError(
-            f"r={rank} is larger than {name}'s smallest dimension {smallest}; use r <= {smallest} "
-            f"(or a rank_pattern entry for this module)"
+            f"{name} is a MultiheadAttention's out_proj, whose forward the attention never calls; target the "
+            f"MultiheadAttention itself (its LoRA covers out_proj) and leave {name} out"
         )
+    elif config.lora_bias and (isinstance(base, nn.Embedding) or base.bias is None):
+        why = "peft has no B bias for embeddings" if isinstance(base, nn.Embedding) else "it has no bias to merge into"
+        raise ConfigError(f"lora_bias=True does not work on {kind} {name} ({why}); exclude it or set lora_bias=False")
+    if isinstance(base, CONV_TYPES) and base.groups > 1:
+        if rank % base.groups:
+            raise ConfigError(
+                f"{kind} {name} has groups={base.groups}: LoRA needs a rank divisible by it (as in peft), "
+                f"not r={rank}; change r or add a rank_pattern entry"
+            )
+        if config.use_dora:
+            raise ConfigError(
+                f"DoRA does not work on grouped {kind} {name} (as in peft); exclude it or set use_dora=False"
+            )
+    check_initialisable(config.init_lora_weights, base, rank)
+    weight = base.in_proj_weight if isinstance(base, nn.MultiheadAttention) else base.weight
+    smallest = min(weight.flatten(1).shape)  # a convolution's update is [out, in * k…]
+    if rank > smallest:  # allowed, as in peft (its files must load), but the extra rank buys nothing
+        warnings.warn(
+            f"r={rank} is larger than {name}'s smallest dimension {smallest}: the update's rank is at most "
+            f"{smallest}, so r <= {smallest} trains the same model with fewer parameters",
+            stacklevel=3,
+        )
+
+
+def _check_attention(name: str, base: nn.MultiheadAttention, config: LoraConfig) -> None:
+    """peft's limits for MultiheadAttention: packed q/k/v of one size, a Linear out_proj, plain inits, no DoRA,
+    no lora_bias."""
+    if not base._qkv_same_embed_dim:
+        raise ConfigError(f"LoRA on MultiheadAttention {name} needs kdim = vdim = embed_dim (as in peft); exclude it")
+    if not isinstance(_base(base.out_proj), nn.Linear):
+        raise ConfigError(f"LoRA on MultiheadAttention {name} needs an nn.Linear out_proj; exclude it")
+    if config.init_lora_weights not in (True, False, "gaussian"):
+        raise ConfigError(
+            f"init_lora_weights={config.init_lora_weights!r} does not work on MultiheadAttention {name} (as in peft); "
+            f"use True, False or 'gaussian'"
+        )
+    for option in ("use_dora", "lora_bias"):
+        if getattr(config, option):
+            raise ConfigError(
+                f"{option}=True does not work on MultiheadAttention {name} (as in peft); "
+                f"exclude it or set {option}=False"
+            )
 
 
 def _sync_fan_in_fan_out(model: nn.Module, config: LoraConfig, targets: list[str]) -> None:
