@@ -298,3 +298,14 @@ def test_refusals_name_the_module_and_leave_the_model_alone(refusal):
     with pytest.raises(ConfigError, match=message):
         deltatune.get_delta_model(model, deltatune.LoraConfig(**{**LORA, **lora}))
     assert [type(m) for m in model.modules()] == [type(m) for m in pristine.modules()]
+
+
+def test_a_grouped_convolution_refuses_to_merge_before_any_other_layer_merges():
+    """The grouped conv comes after an adapted Linear: the refusal leaves the Linear unmerged too."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Unflatten(1, (4, 1)), nn.Conv1d(4, 4, 1, groups=2))
+    delta = deltatune.get_delta_model(model, deltatune.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False))
+    before = {name: p.clone() for name, p in delta.base_model.state_dict().items()}
+    with pytest.raises(deltatune.MergeError, match="grouped convolution"):
+        delta.merge_adapter()
+    assert not delta.merged_adapters
+    assert all(torch.equal(delta.base_model.state_dict()[name], value) for name, value in before.items())

@@ -222,3 +222,11 @@ def test_refusals_name_the_module_and_leave_the_model_alone(refusal):
     with pytest.raises(ConfigError, match=message):
         deltatune.get_delta_model(model, deltatune.LoraConfig(**{**LORA, **lora}))
     assert type(model.attn) is nn.MultiheadAttention and type(model.attn.out_proj) is not LoraLinear
+
+
+def test_all_linear_leaves_an_attention_out_proj_to_the_attention():
+    """"all-linear" skips nn.MultiheadAttention's out_proj (the attention never calls it as a module)."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2))
+    delta = deltatune.get_delta_model(model, deltatune.LoraConfig(r=2, target_modules="all-linear"))
+    adapted = {name for name, m in delta.base_model.named_modules() if getattr(m, "is_delta_layer", False)}
+    assert adapted == {"0"}

@@ -288,12 +288,12 @@ def test_half_precision_base_keeps_fp32_factors_and_matches_peft(tmp_path):
 def test_safe_merge_refuses_non_finite_and_changes_nothing():
     ours = delta_lora("qwen3_moe", init_lora_weights=False)
     layer = ours.base_model.model.layers[0].mlp.experts
-    before = layer.parameter.detach().clone()
+    before = layer.base_weight.detach().clone()
     with torch.no_grad():
         layer.lora_B["default"].weight[0, 0] = math.inf
     with pytest.raises(MergeError, match="NaN/Inf"):
         ours.merge_adapter(safe_merge=True)
-    assert torch.equal(layer.parameter, before) and not ours.merged_adapters
+    assert torch.equal(layer.base_weight, before) and not ours.merged_adapters
 
 
 def no_lora(model: nn.Module) -> bool:

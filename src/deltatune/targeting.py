@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from transformers.pytorch_utils import Conv1D
 
 from .errors import TargetError
@@ -168,7 +169,9 @@ def all_linear_names(model: nn.Module, task_type: str | None) -> list[str]:
     return [
         name
         for name, module in walk_modules(model)
-        if isinstance(module, LINEAR_TYPES) and not any(name == e or name.startswith(e + ".") for e in excluded)
+        if isinstance(module, LINEAR_TYPES)
+        and not isinstance(module, NonDynamicallyQuantizableLinear)  # an attention's out_proj: LoRA its attention
+        and not any(name == e or name.startswith(e + ".") for e in excluded)
     ]
 
 

@@ -70,7 +70,7 @@ class LoraLayer(nn.Module):
         self.lora_alpha[name] = alpha
         self.scaling[name] = config.scaling(rank, alpha)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        weight = self.base_layer.weight
+        weight = self.base_weight
         # Master weights stay fp32 when the base is half precision (peft does the same).
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         self._create(name, rank, weight.device, dtype)
@@ -92,6 +92,12 @@ class LoraLayer(nn.Module):
     @property
     def adapter_names(self) -> list[str]:
         return list(self.r)
+
+    @property
+    def base_weight(self) -> nn.Parameter:
+        """The frozen weight the updates add to (``base_layer.weight``; a layer whose base keeps it
+        elsewhere, such as an attention's ``in_proj_weight``, says so here)."""
+        return self.base_layer.weight
 
     def adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
         """(name relative to this layer, parameter) of adapter ``name``."""
@@ -116,11 +122,15 @@ class LoraLayer(nn.Module):
     def merged_weight(self, name: str, dora_scale: torch.Tensor | None = None) -> torch.Tensor:
         """The base weight with adapter ``name`` merged in, as a new tensor: W + s·BA, or for DoRA
         ``dora_scale`` ⊙ (W + s·BA) per unit (row) of ``rows``, the scale m / ||W0 + s·BA|| by default."""
-        merged = dense(self.base_layer.weight.data) + self.delta_weight(name)
+        merged = dense(self.base_weight.data) + self.delta_weight(name)
         if name in self.lora_magnitude_vector:
             scale = self.dora_scale(name) if dora_scale is None else dora_scale
             self.rows(merged).mul_(scale[:, None].to(merged.dtype))
         return merged
+
+    def check_mergeable(self) -> None:
+        """Raise ``MergeError`` when this layer's updates cannot be written into its weight (the tuner asks
+        every layer before it merges any)."""
 
     def merge(self, names: list[str]) -> None:
         """W ← ``merged_weight(name)`` for each adapter in ``names`` not merged yet, in order.
@@ -134,20 +144,20 @@ class LoraLayer(nn.Module):
             scale = None
             if name in self.lora_magnitude_vector:  # kept as merged, so that unmerge inverts it exactly
                 scale = self._merged_dora_scales[name] = self.dora_scale(name, base)
-            self.base_layer.weight.data.copy_(self.merged_weight(name, scale))
+            self.base_weight.data.copy_(self.merged_weight(name, scale))
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """W ← W − s·BA (DoRA: W / scale − s·BA) for every merged adapter, newest first."""
         while self.merged_adapters:
             name = self.merged_adapters[-1]
-            self.base_layer.weight.data.copy_(self._without_merged(dense(self.base_layer.weight.data), name))
+            self.base_weight.data.copy_(self._without_merged(dense(self.base_weight.data), name))
             self.merged_adapters.pop()
             self._merged_dora_scales.pop(name, None)
 
     def unmerged_base_weight(self) -> torch.Tensor:
         """W0: the base weight with every merged adapter taken out again (a new tensor)."""
-        weight = dense(self.base_layer.weight.data).clone()  # merging writes into the base weight's storage
+        weight = dense(self.base_weight.data).clone()  # merging writes into the base weight's storage
         for name in reversed(self.merged_adapters):
             weight = self._without_merged(weight, name)
         return weight
@@ -172,7 +182,7 @@ class LoraLayer(nn.Module):
         """||W + s·BA|| per unit [units] for W = ``weight`` or the base weight as it is, in fp32; a constant
         for the gradient (DoRA paper §4.3)."""
         with torch.no_grad():
-            weight = self.base_layer.weight if weight is None else weight
+            weight = self.base_weight if weight is None else weight
             merged = dense(weight, torch.float32) + self.delta_weight(name).float()
             return torch.linalg.vector_norm(self.rows(merged), dim=1)
 
@@ -229,7 +239,7 @@ class LoraLayer(nn.Module):
         factors are then rounded to a half-precision base's dtype (the master copy stays fp32).
         """
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-        base = self.base_layer.weight
+        base = self.base_weight
         check_initialisable(init, self.base_layer, self.r[name])
         if init not in (True, False, "gaussian"):
             weight = dense(base)
@@ -352,7 +362,7 @@ class LoraLinear(LoraBias, LoraLayer):
 
     def weight_norm(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
         """||W + s·BA|| per output row from rank-r products (``kernels.dora_linear.weight_norm``), fp32."""
-        weight = self.base_layer.weight if weight is None else weight
+        weight = self.base_weight if weight is None else weight
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         return dora_weight_norm(weight, a, b, self.scaling[name], self.fan_in_fan_out)
 

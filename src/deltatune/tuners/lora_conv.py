@@ -47,14 +47,17 @@ class LoraConvNd(LoraBias, LoraLayer):
             rank, base.out_channels, 1, groups=base.groups, bias=False, device=device, dtype=dtype
         )
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        weight = self.base_layer.weight
+    def check_mergeable(self) -> None:
         if self.base_layer.groups > 1:
             raise MergeError(
                 f"a LoRA update on a grouped convolution (groups={self.base_layer.groups}) cannot be merged: it "
                 f"mixes all input channels, each group's kernel sees only its own (peft refuses it too); keep the "
                 f"adapter loaded instead"
             )
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        weight = self.base_layer.weight
+        self.check_mergeable()
         weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight  # [r, in, k…], [out, r, 1…]
         delta = (weight_b.flatten(1) @ weight_a.flatten(1)).reshape(weight.shape) * self.scaling[name]
         return delta.to(weight.dtype)

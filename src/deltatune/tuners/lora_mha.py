@@ -14,7 +14,6 @@ merge (huggingface/peft#3774); deltatune adds it once.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
@@ -45,27 +44,16 @@ class LoraMultiheadAttention(LoraLayer):
     def _named_containers(self):
         return [("lora_A", self.lora_A), ("lora_B", self.lora_B)]
 
-    def add(self, name: str, rank: int, alpha: float, config: LoraConfig) -> None:
-        """Adapter ``name`` on in_proj (here, as ``LoraLayer.add`` reads a ``weight`` this module lacks) and on
-        out_proj (its ``LoraLinear``)."""
-        weight = self.base_layer.in_proj_weight
-        self.r[name], self.lora_alpha[name] = rank, alpha
-        self.scaling[name] = config.scaling(rank, alpha)
-        self.lora_dropout[name] = nn.Identity()  # never called: the update acts on the weight
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        self._create(name, rank, weight.device, dtype)
-        self._initialise(name, config.init_lora_weights)
-        self.out_proj.add(name, rank, alpha, config)
+    @property
+    def base_weight(self) -> nn.Parameter:
+        """in_proj_weight [3·E, E]: out_proj carries its own updates, as a layer of the tuner."""
+        return self.base_layer.in_proj_weight
 
-    def _initialise(self, name, init):
-        """A: Kaiming-uniform or N(0, 1/r), B: zero; ``False`` keeps both random (the tuner refuses other inits)."""
-        if init is False:
-            return
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A[name].weight, std=1 / self.r[name])
-        else:
-            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[name].weight)
+    def add(self, name: str, rank: int, alpha: float, config: LoraConfig) -> None:
+        """Adapter ``name`` on in_proj (here) and on out_proj (its ``LoraLinear``); no dropout, as in peft."""
+        super().add(name, rank, alpha, config)
+        self.lora_dropout[name] = nn.Identity()  # never called: the update acts on the weight
+        self.out_proj.add(name, rank, alpha, config)
 
     def _create(self, name, rank, device, dtype):
         embed_dim = self.base_layer.embed_dim
@@ -74,21 +62,7 @@ class LoraMultiheadAttention(LoraLayer):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
-        return delta.to(self.base_layer.in_proj_weight.dtype)
-
-    def merged_weight(self, name: str, dora_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """in_proj_weight + s · B A, as a new tensor (no DoRA here)."""
-        return self.base_layer.in_proj_weight.data + self.delta_weight(name)
-
-    def merge(self, names: list[str]) -> None:
-        """in_proj_weight += s · B A (out_proj merges itself, as a layer of the tuner)."""
-        for name in self.unmerged(names):
-            self.base_layer.in_proj_weight.data.copy_(self.merged_weight(name))
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        while self.merged_adapters:
-            self.base_layer.in_proj_weight.data -= self.delta_weight(self.merged_adapters.pop())
+        return delta.to(self.base_weight.dtype)
 
     def forward(self, query: torch.Tensor, *args, **kwargs):
         """The base module's own forward (all its options, fast path included) on the adapted weights."""

@@ -25,7 +25,6 @@ weight (PiSSA, OLoRA, orthogonal).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -50,7 +49,7 @@ class LoraParameter(LoraLayer):
     def __init__(self, base_layer: nn.Module, parameter_name: str) -> None:
         super().__init__(base_layer)
         self.parameter_name = parameter_name
-        shape = self.parameter.shape
+        shape = self.base_weight.shape
         self.transposed = len(shape) == 3 and bool(getattr(self.owner, "is_transposed", False))
         self.num_experts = shape[0] if len(shape) == 3 else 1
         rows, cols = shape[-2:]
@@ -64,43 +63,17 @@ class LoraParameter(LoraLayer):
         return _unwrapped(self.base_layer)
 
     @property
-    def parameter(self) -> nn.Parameter:
-        """The adapted base parameter W0."""
+    def base_weight(self) -> nn.Parameter:
+        """The adapted base parameter W0 (what merging writes into)."""
         return getattr(self.owner, self.parameter_name)
 
     def _named_containers(self):
         return [("lora_A", self.lora_A), ("lora_B", self.lora_B)]
 
-    def add(self, name: str, rank: int, alpha: float, config: LoraConfig) -> None:
-        """Create adapter ``name``: A [E·r, in], B [out, r·E], initialised per ``config`` (no dropout)."""
-        self.r[name] = rank
-        self.lora_alpha[name] = alpha
-        self.scaling[name] = config.scaling(rank, alpha)
-        self.lora_dropout[name] = nn.Identity()
-        param = self.parameter
-        dtype = torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
-        self._create(name, rank, param.device, dtype)
-        self._initialise(name, config.init_lora_weights)
-
     def _create(self, name, rank, device, dtype):
         experts = self.num_experts
         self.lora_A[name] = nn.Linear(self.in_features, rank * experts, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(rank * experts, self.out_features, bias=False, device=device, dtype=dtype)
-
-    def _initialise(self, name, init):
-        """A: Kaiming-uniform or N(0, 1/r), B: zero; ``False`` keeps both random. Rounded to a half base's dtype."""
-        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-        if init is not False:
-            if init == "gaussian":
-                nn.init.normal_(lora_a, std=1 / self.r[name])
-            else:
-                nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
-            nn.init.zeros_(lora_b)
-        dtype = self.parameter.dtype
-        if dtype.is_floating_point and dtype != lora_a.dtype:
-            with torch.no_grad():
-                for factor in (lora_a, lora_b):
-                    factor.copy_(factor.to(dtype))
 
     # -- the update ---------------------------------------------------------------------
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,12 +85,12 @@ class LoraParameter(LoraLayer):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         left, right = self.factors(name)
-        param = self.parameter
+        param = self.base_weight
         return (torch.bmm(left, right) * self.scaling[name]).reshape(param.shape).to(param.dtype)
 
     def adapted(self, names: list[str]) -> torch.Tensor:
         """W0 + Σ s · left @ right over ``names``, in W0's dtype (autocast off: the owner expects W0's dtype)."""
-        param = self.parameter
+        param = self.base_weight
         weight = param.view(self.num_experts, *param.shape[-2:])
         with torch.autocast(param.device.type, enabled=False):
             for name in names:
@@ -131,19 +104,6 @@ class LoraParameter(LoraLayer):
             return self.base_layer(*args, **kwargs)
         path = ".".join([*["base_layer"] * len(_stack(self.base_layer)), self.parameter_name])
         return torch.func.functional_call(self.base_layer, {path: self.adapted(names)}, args, kwargs)
-
-    # -- merging ------------------------------------------------------------------------
-    def merged_weight(self, name: str) -> torch.Tensor:
-        return self.parameter.data + self.delta_weight(name)
-
-    def merge(self, names: list[str]) -> None:
-        for name in self.unmerged(names):
-            self.parameter.data += self.delta_weight(name)
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        while self.merged_adapters:
-            self.parameter.data -= self.delta_weight(self.merged_adapters.pop())
 
     def extra_repr(self) -> str:
         return f"parameter_name={self.parameter_name!r}, experts={self.num_experts}, " + super().extra_repr()

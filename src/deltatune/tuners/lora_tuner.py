@@ -101,6 +101,9 @@ class LoraTuner(Tuner):
 
     def merge(self, model: nn.Module, adapter_names: list[str], safe_merge: bool = False) -> None:
         layers = list(self.layers(model))
+        for _, layer in layers:  # a layer that cannot merge refuses before any other has merged
+            if layer.unmerged(adapter_names):
+                layer.check_mergeable()
         if safe_merge:  # check every layer before touching any, so a refusal changes nothing
             for layer_name, layer in layers:
                 for name in layer.unmerged(adapter_names):
