@@ -12,6 +12,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
+import torch.nn.functional as F
 from tensor_checks import assert_close_rel, saved_bytes
 from tiny_models import LLAMA_LINEAR, build, inputs_for, output_tensor, perturb_trainable, tiny_llama, token_inputs
 from torch import nn
@@ -22,11 +23,13 @@ from deltatune import LoraConfig, MergeError, get_delta_model
 from deltatune.kernels import LoraFactors
 from deltatune.kernels.dora_linear import fused_dora_linear, weight_norm
 from deltatune.kernels.lora_linear import draw_seed, dropout_mask, quantized_dropout
+from deltatune.kernels.lora_mlp import Projection, fused_lora_mlp
 from deltatune.tuners.lora import LoraLinear
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 DORA_NODE = "_DoraLinearFunctionBackward"
+MLP_NODE = "_LoraMlpFunctionBackward"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 IN, OUT = 24, 20
 
@@ -269,3 +272,99 @@ def test_fused_and_plain_paths_agree_with_dropout_in_eval_and_train_without(make
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-6)
     for name, grad in results[True][2].items():
         torch.testing.assert_close(grad, results[False][2][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# -- DoRA inside the fused gated MLP ------------------------------------------------------------
+MLP_HIDDEN, MLP_INTER = 16, 40
+
+
+def make_dora_mlp_case(dtype, kinds, bias=True, dropout=0.0, seed=0):
+    """x and gate/up/down projections whose adapters are ``kinds[i]`` ("dora" or "lora" each): frozen W/b in
+    ``dtype``, fp32 factors and magnitudes (m = 1.2 · n ± noise, so the gain is not 1)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def leaf(*size, dtype=dtype, scale=0.3):
+        return (torch.randn(*size, generator=gen) * scale).to(dtype).requires_grad_()
+
+    def projection(out_features, in_features, adapter_kinds):
+        weight = leaf(out_features, in_features).detach()
+        adapters = []
+        for j, kind in enumerate(adapter_kinds):
+            a, b = leaf(4, in_features, dtype=torch.float32), leaf(out_features, 4, dtype=torch.float32)
+            scaling, p = (2.0, 0.5)[j % 2], dropout if j == 0 else 0.0
+            magnitude = norm = None
+            if kind == "dora":
+                norm = weight_norm(weight, a, b, scaling, False)
+                magnitude = (norm * (1.2 + 0.1 * torch.randn(out_features, generator=gen))).detach().requires_grad_()
+            adapters.append(LoraFactors(a, b, scaling, p, magnitude, norm))
+        return Projection(weight, leaf(out_features) if bias else None, adapters)
+
+    x = leaf(2, 3, MLP_HIDDEN, scale=1.0)
+    return x, projection(MLP_INTER, MLP_HIDDEN, kinds[0]), projection(MLP_INTER, MLP_HIDDEN, kinds[1]), \
+        projection(MLP_HIDDEN, MLP_INTER, kinds[2])  # fmt: skip
+
+
+def check_dora_mlp(x, gate, up, down, seed=1234):
+    projections = (gate, up, down)
+    torch.manual_seed(seed)
+    y = fused_lora_mlp(x, gate, up, down, "silu")
+    leaves = [x] + [p.bias for p in projections if p.bias is not None]
+    leaves += [t for p in projections for f in p.adapters for t in (f.a, f.b, f.magnitude) if t is not None]
+    copies = {id(t): t.detach().double().requires_grad_() for t in leaves}
+    torch.manual_seed(seed)
+
+    def linear(inputs, projection):  # peft's order, as in ``reference`` above
+        bias = None if projection.bias is None else copies[id(projection.bias)]
+        out = inputs @ projection.weight.double().t()
+        out = out if bias is None else out + bias
+        for f in projection.adapters:
+            kept = inputs
+            if f.dropout > 0:
+                mask = dropout_mask(inputs.shape, f.dropout, draw_seed(), inputs.device)
+                kept = inputs * mask.double() / (1 - quantized_dropout(f.dropout))
+            lora = f.scaling * (kept @ copies[id(f.a)].t()) @ copies[id(f.b)].t()
+            if f.magnitude is None:
+                out = out + lora
+            else:
+                gain = copies[id(f.magnitude)] / f.norm.double()
+                out = out + (gain - 1) * (out if bias is None else out - bias) + gain * lora
+        return out
+
+    x64 = copies[id(x)]
+    ref = linear(F.silu(linear(x64, gate)) * linear(x64, up), down)
+    tol = TOLERANCE[x.dtype]
+    assert y.grad_fn.name() == MLP_NODE
+    assert_close_rel(y, ref, tol, "output")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype)
+    y.backward(dy)
+    ref.backward(dy.double())
+    for i, t in enumerate(leaves):
+        assert t.grad is not None and t.grad.dtype == t.dtype, i
+        assert_close_rel(t.grad, copies[id(t)].grad, tol, f"gradient of leaf {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "kinds",
+    [
+        (("dora",), ("dora",), ("dora",)),
+        (("dora", "lora"), (), ("lora", "dora")),
+        (("lora",), ("dora", "dora"), ()),
+    ],
+    ids=["all-dora", "mixed", "up-only-two"],
+)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_fused_mlp_with_dora_equals_formula(dtype, kinds, bias):
+    """gate/up read Σ dy ⊙ z from their saved outputs; down keeps z; with dropout on the first adapters."""
+    check_dora_mlp(*make_dora_mlp_case(dtype, kinds, bias, dropout=0.2))
+
+
+def test_fused_mlp_with_dora_saves_only_down_z_beyond_lora():
+    """Beyond a LoRA MLP's x, g, u and rank-r products: the norms [out] and z_d = h W_dᵀ [N, hidden]."""
+    x, gate, up, down = make_dora_mlp_case(torch.float32, (("dora",), ("dora",), ("dora",)))
+    parameters = [t for p in (gate, up, down) for t in (p.weight, p.bias)]
+    parameters += [t for p in (gate, up, down) for f in p.adapters for t in (f.a, f.b, f.magnitude)]
+    rows = 2 * 3
+    lora = rows * (MLP_HIDDEN + 2 * MLP_INTER) * 4 + rows * 3 * 4 * 4
+    extra = rows * MLP_HIDDEN * 4 + (2 * MLP_INTER + MLP_HIDDEN) * 4
+    assert saved_bytes(lambda: fused_lora_mlp(x, gate, up, down, "silu"), parameters) == {"torch.float32": lora + extra}

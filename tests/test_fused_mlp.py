@@ -137,7 +137,8 @@ def test_fused_mlp_saves_x_gate_and_up_only(dtype):
     expected = {str(dtype): rows * (HIDDEN + 2 * INTER) * size + rows * (4 + 2 + 3) * size}
     for dropout in (0.0, 0.3):
         x, gate, up, down = make_mlp_case(dtype, (2, 5, HIDDEN), dropout=dropout)
-        weights = [p.weight for p in (gate, up, down)] + [t for p in (gate, up, down) for f in p.adapters for t in f[:2]]
+        parameters = [t for p in (gate, up, down) for t in (p.weight, p.bias) if t is not None]  # saved as references
+        weights = parameters + [t for p in (gate, up, down) for f in p.adapters for t in f[:2]]
         assert saved_bytes(lambda: fused_lora_mlp(x, gate, up, down, "silu"), weights) == expected
 
 

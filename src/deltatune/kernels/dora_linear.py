@@ -72,7 +72,7 @@ def fused_dora_linear(
     if torch.is_grad_enabled() and _any_requires_grad(x, bias, *a_factors, *b_factors, *magnitudes):
         return _DoraLinearFunction.apply(x, weight, bias, spec, dora, *a_factors, *b_factors, *magnitudes, *norms)
     with _autocast_off(x.device.type):
-        return _forward(x, weight, bias, spec, dora, a_factors, b_factors, magnitudes, norms)[0]
+        return dora_forward(x, weight, bias, spec, dora, a_factors, b_factors, magnitudes, norms)[0]
 
 
 def _gains(dora: tuple[bool, ...], magnitudes, norms) -> list[torch.Tensor | None]:
@@ -103,8 +103,8 @@ def _scaled_b(b_factors, suffix_gains) -> list[torch.Tensor]:
     return [b if g is None else b.float() * g[:, None] for b, g in zip(b_factors, suffix_gains)]
 
 
-def _forward(x, weight, bias, spec: ProjectionSpec, dora, a_factors, b_factors, magnitudes, norms):
-    """(y, [h_i], z): the module docstring's forward, autocast off."""
+def dora_forward(x, weight, bias, spec: ProjectionSpec, dora, a_factors, b_factors, magnitudes, norms):
+    """(y, [h_i], z): the module docstring's forward, autocast off; z = x Wᵀ as [N, out]."""
     rows = _rows(x, spec.compute_dtype)
     z = base_product(rows, weight, None, spec)
     suffix = _suffix_gains(_gains(dora, magnitudes, norms))
@@ -113,6 +113,53 @@ def _forward(x, weight, bias, spec: ProjectionSpec, dora, a_factors, b_factors, 
         out.add_(_cast(bias, out.dtype))
     hidden = add_adapter_products(out, rows, spec, a_factors, _scaled_b(b_factors, suffix))
     return out.view(*x.shape[:-1], out.shape[-1]), hidden, z
+
+
+def dora_backward(
+    dy, x, weight, spec: ProjectionSpec, dora, a_factors, b_factors, magnitudes, norms, hidden, *,
+    z=None, out=None, bias=None, need_x: bool, bias_dtype, need_a, need_b, need_m, dx_into=None,
+):  # fmt: skip
+    """(dx, db, [dA_i], [dB_i], [dm_k]) of the module docstring, autocast off.
+
+    Σ_rows dy ⊙ z comes from the saved z, or, where the caller keeps the output y instead (a fused
+    MLP keeps gate(x) and up(x) anyway), from y: Σ dy ⊙ z = (Σ dy ⊙ y − (Σ dy) ⊙ b − Σ_i G_i ⊙ Σ_r B_i ⊙ P_i) / c,
+    a division per output unit, never per element. ``need_m`` has one flag per adapter (False for LoRA ones).
+    """
+    dy = _cast(dy.reshape(-1, dy.shape[-1]), spec.compute_dtype)
+    gains = _gains(dora, magnitudes, norms)
+    suffix = _suffix_gains(gains)
+    dx = None
+    if need_x:
+        w = dense(weight, spec.compute_dtype)
+        w = w.t() if spec.fan_in_fan_out else w
+        scaled_dy = dy * suffix[0].to(dy.dtype)
+        dx = torch.mm(scaled_dy, w) if dx_into is None else dx_into.addmm_(scaled_dy, w)
+        del scaled_dy
+    column_sums = dy.sum(0, dtype=torch.float32) if bias_dtype is not None or (out is not None and bias is not None) else None
+    dbias = _cast(column_sums, bias_dtype) if bias_dtype is not None else None
+    grads_a, products = adapter_backward(
+        dy, x, spec, a_factors, _scaled_b(b_factors, suffix), hidden, dx, need_a,
+        [nb or any(need_m[i:]) for i, nb in enumerate(need_b)],
+    )  # fmt: skip
+    grads_b = [
+        None if not need_b[i] else p if g is None else _cast(p.float() * g[:, None], b.dtype)
+        for i, (b, g, p) in enumerate(zip(b_factors, suffix, products))
+    ]
+    grads_m: list[torch.Tensor | None] = [None] * len(norms)
+    if any(need_m):
+        through_b = [None if p is None else (b.float() * p.float()).sum(1) for b, p in zip(b_factors, products)]
+        if z is not None:
+            through_z = (dy * z.reshape(dy.shape)).sum(0, dtype=torch.float32)
+        else:
+            through_out = (dy * out.reshape(dy.shape)).sum(0, dtype=torch.float32)
+            if bias is not None:
+                through_out -= column_sums * bias.float()
+            for g, t in zip(suffix, through_b):
+                if t is not None:
+                    through_out -= _times(g, t)
+            through_z = through_out / suffix[0]
+        grads_m = _magnitude_grads(through_z, through_b, gains, need_m, norms, magnitudes)
+    return dx, dbias, grads_a, grads_b, grads_m
 
 
 class _DoraLinearFunction(torch.autograd.Function):
@@ -124,7 +171,7 @@ class _DoraLinearFunction(torch.autograd.Function):
         a_factors, b_factors = tensors[:count], tensors[count : 2 * count]
         magnitudes, norms = tensors[2 * count : 2 * count + dora_count], tensors[2 * count + dora_count :]
         with _autocast_off(x.device.type):
-            out, hidden, z = _forward(x, weight, bias, spec, dora, a_factors, b_factors, magnitudes, norms)
+            out, hidden, z = dora_forward(x, weight, bias, spec, dora, a_factors, b_factors, magnitudes, norms)
         ctx.spec, ctx.dora = spec, dora
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x, weight, z, *tensors, *hidden)
@@ -140,38 +187,26 @@ class _DoraLinearFunction(torch.autograd.Function):
         norms = rest[2 * count + dora_count : 2 * count + 2 * dora_count]
         hidden = rest[2 * count + 2 * dora_count :]
         needs = ctx.needs_input_grad
-        need_a, need_b = needs[5 : 5 + count], needs[5 + count : 5 + 2 * count]
-        need_m_dora = iter(needs[5 + 2 * count : 5 + 2 * count + dora_count])
-        need_m = [next(need_m_dora) if is_dora else False for is_dora in dora]
         with _autocast_off(dy.device.type):
-            dy = _cast(dy.reshape(-1, dy.shape[-1]), spec.compute_dtype)
-            gains = _gains(dora, magnitudes, norms)
-            suffix = _suffix_gains(gains)
-            dx = None
-            if needs[0]:
-                w = dense(weight, spec.compute_dtype)
-                dx = torch.mm(dy * suffix[0].to(dy.dtype), w.t() if spec.fan_in_fan_out else w)
-            dbias = _cast(dy.sum(0), ctx.bias_dtype) if needs[2] else None
-            grads_a, products = adapter_backward(
-                dy, x, spec, a_factors, _scaled_b(b_factors, suffix), hidden, dx, need_a,
-                [nb or any(need_m[i:]) for i, nb in enumerate(need_b)],
+            dx, dbias, grads_a, grads_b, grads_m = dora_backward(
+                dy, x, weight, spec, dora, a_factors, b_factors, magnitudes, norms, hidden, z=z,
+                need_x=needs[0], bias_dtype=ctx.bias_dtype if needs[2] else None,
+                need_a=needs[5 : 5 + count], need_b=needs[5 + count : 5 + 2 * count],
+                need_m=per_adapter(dora, needs[5 + 2 * count : 5 + 2 * count + dora_count], False),
             )  # fmt: skip
-            grads_b = [
-                None if not need_b[i] else p if g is None else _cast(p.float() * g[:, None], b.dtype)
-                for i, (b, g, p) in enumerate(zip(b_factors, suffix, products))
-            ]
-            grads_m = _magnitude_grads(dy, z, gains, b_factors, products, need_m, norms, magnitudes)
         if dx is not None:
             dx = _cast(dx.view(x.shape), x.dtype)
         return (dx, None, dbias, None, None, *grads_a, *grads_b, *grads_m, *([None] * dora_count))
 
 
-def _magnitude_grads(dy, z, gains, b_factors, products, need_m, norms, magnitudes) -> list[torch.Tensor | None]:
+def per_adapter(dora: Sequence[bool], dora_values: Sequence, default) -> list:
+    """One entry per adapter from one entry per DoRA adapter (``default`` for the LoRA ones)."""
+    values = iter(dora_values)
+    return [next(values) if is_dora else default for is_dora in dora]
+
+
+def _magnitude_grads(through_z, through_b, gains, need_m, norms, magnitudes) -> list[torch.Tensor | None]:
     """dm_k for each DoRA adapter k (the module docstring's formula), in its magnitude's dtype; None where not needed."""
-    if not any(need_m):
-        return [None] * len(norms)
-    through_z = (dy * z).sum(0, dtype=torch.float32)  # Σ_rows dy ⊙ z
-    through_b = [None if p is None else (b.float() * p.float()).sum(1) for b, p in zip(b_factors, products)]  # Σ_r B_i ⊙ P_i
     grads, dora_index = [], 0
     for k, gain in enumerate(gains):
         if gain is None:

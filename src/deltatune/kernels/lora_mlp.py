@@ -16,7 +16,10 @@ keeps g (for act's backward), a and u (for the product's) and, because each LoRA
 keep its input for dA, x and h too: hidden + 4·intermediate. The frozen model without adapters
 keeps g, a and u: 3·intermediate, more than this function whenever intermediate > hidden.
 Each projection's own math (dtypes, autocast, dropout masks regenerated from seeds, several
-adapters, bias) is ``lora_linear``'s; a projection may have no adapter at all.
+adapters, bias) is ``lora_linear``'s; a projection may have no adapter at all. A projection with
+DoRA adapters runs ``dora_linear``'s math: gate and up need nothing more saved (DoRA's magnitude
+gradient needs Σ_rows dy ⊙ x Wᵀ, which backward reads from g and u themselves), down keeps
+z_d = h W_dᵀ [N, hidden] (its output is not kept here), and every DoRA projection its norm [out].
 
 The elementwise steps are where a GPU spends the recomputation: eagerly, h = act(g) ⊙ u is two
 kernels and (dg, du) three, each reading and writing [N, intermediate] tensors. With
@@ -39,6 +42,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .dora_linear import dora_backward, dora_forward, per_adapter
 from .lora_linear import (
     LoraFactors,
     ProjectionSpec,
@@ -81,6 +85,7 @@ class MlpSpec(NamedTuple):
     projections: tuple[ProjectionSpec, ProjectionSpec, ProjectionSpec]  # gate, up, down
     activation: str
     compile_elementwise: bool
+    dora: tuple[tuple[bool, ...], ...] = ((), (), ())  # per projection: which adapters are DoRA adapters
 
 
 def fused_lora_mlp(
@@ -103,13 +108,20 @@ def fused_lora_mlp(
     compiled = x.is_cuda if compile_elementwise is None else compile_elementwise
     compiled = compiled and torch.is_grad_enabled()  # inference (decoding, evaluation) stays eager: fewer graphs
     specs = tuple(projection_spec(x, p.adapters, False, adapter_dtype) for p in projections)
-    spec = MlpSpec(specs, activation, compiled)
-    factors = [t for p in projections for t in (*(f.a for f in p.adapters), *(f.b for f in p.adapters))]
+    dora = tuple(tuple(f.magnitude is not None for f in p.adapters) for p in projections)
+    spec = MlpSpec(specs, activation, compiled, dora)
+    factors = [t for p in projections for t in _adapter_tensors(p.adapters)]
     tensors = [t for p in projections for t in (p.weight, p.bias)] + factors
     if torch.is_grad_enabled() and _any_requires_grad(x, *(p.bias for p in projections), *factors):
         return _LoraMlpFunction.apply(x, spec, *tensors)
     with _autocast_off(x.device.type):  # nothing to differentiate: skip autograd's bookkeeping
         return _forward(x, spec, *_unpack(spec, tensors))[0]
+
+
+def _adapter_tensors(adapters: Sequence[LoraFactors]) -> list[torch.Tensor]:
+    """A..., B..., then m..., n... of the DoRA adapters: one projection's share of the flat arguments."""
+    doras = [f for f in adapters if f.magnitude is not None]
+    return [*(f.a for f in adapters), *(f.b for f in adapters), *(f.magnitude for f in doras), *(f.norm for f in doras)]
 
 
 class _Unpacked(NamedTuple):
@@ -119,15 +131,16 @@ class _Unpacked(NamedTuple):
     biases: list
     a_factors: list[Sequence]
     b_factors: list[Sequence]
+    magnitudes: list[Sequence]
+    norms: list[Sequence]
 
 
 def _unpack(spec: MlpSpec, flat: Sequence) -> _Unpacked:
-    """Split [W_g, b_g, W_u, b_u, W_d, b_d, A_g..., B_g..., A_u..., B_u..., A_d..., B_d...] per projection."""
-    groups = _split(flat[6:], [2 * len(p.scalings) for p in spec.projections])
-    halves = [len(group) // 2 for group in groups]
-    a_factors = [group[:half] for group, half in zip(groups, halves)]
-    b_factors = [group[half:] for group, half in zip(groups, halves)]
-    return _Unpacked(list(flat[0:6:2]), list(flat[1:6:2]), a_factors, b_factors)
+    """Split [W_g, b_g, W_u, b_u, W_d, b_d, then per projection A..., B..., m..., n...] per projection."""
+    counts = [(len(p.scalings), sum(d)) for p, d in zip(spec.projections, spec.dora)]
+    groups = _split(flat[6:], [2 * count + 2 * doras for count, doras in counts])
+    parts = [_split(group, [count, count, doras, doras]) for group, (count, doras) in zip(groups, counts)]
+    return _Unpacked(list(flat[0:6:2]), list(flat[1:6:2]), *(list(column) for column in zip(*parts)))
 
 
 def _split(flat: Sequence, sizes: Sequence[int]) -> list[Sequence]:
@@ -139,15 +152,21 @@ def _split(flat: Sequence, sizes: Sequence[int]) -> list[Sequence]:
     return groups
 
 
-def _forward(x, spec: MlpSpec, weights, biases, a_factors, b_factors):
-    """(y, g, u, [rank-r products per projection]) with autocast off."""
-    gate, up, down = spec.projections
-    g, hidden_g = linear_forward(x, weights[0], biases[0], gate, a_factors[0], b_factors[0])
-    u, hidden_u = linear_forward(x, weights[1], biases[1], up, a_factors[1], b_factors[1])
+def _forward(x, spec: MlpSpec, weights, biases, a_factors, b_factors, magnitudes, norms):
+    """(y, g, u, [rank-r products per projection], z_d) with autocast off; z_d = h W_dᵀ when down has DoRA."""
+
+    def project(i, inputs):
+        if any(spec.dora[i]):
+            return dora_forward(inputs, weights[i], biases[i], spec.projections[i], spec.dora[i], a_factors[i],
+                                b_factors[i], magnitudes[i], norms[i])  # fmt: skip
+        return (*linear_forward(inputs, weights[i], biases[i], spec.projections[i], a_factors[i], b_factors[i]), None)
+
+    g, hidden_g, _ = project(0, x)  # DoRA's z of gate and up is never kept: backward reads it from g and u
+    u, hidden_u, _ = project(1, x)
     rows_g, rows_u = g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])  # 2-D, as in backward: one graph
     h = _elementwise(gated_product, spec.compile_elementwise)(rows_g, rows_u, spec.activation).view(g.shape)
-    y, hidden_d = linear_forward(h, weights[2], biases[2], down, a_factors[2], b_factors[2])
-    return y, g, u, (hidden_g, hidden_u, hidden_d)
+    y, hidden_d, z_d = project(2, h)
+    return y, g, u, (hidden_g, hidden_u, hidden_d), z_d
 
 
 def gated_product(g: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor:
@@ -192,45 +211,56 @@ def _compiled(fn: Callable) -> Callable:
 
 
 class _LoraMlpFunction(torch.autograd.Function):
-    """Forward and backward of the module docstring; saves x, g, u, the weights, factors and rank-r products."""
+    """Forward and backward of the module docstring; saves x, g, u, the weights, factors and rank-r products
+    (and, when down has a DoRA adapter, z_d = h W_dᵀ)."""
 
     @staticmethod
     def forward(ctx, x, spec: MlpSpec, *tensors):
         unpacked = _unpack(spec, tensors)
         with _autocast_off(x.device.type):
-            y, g, u, hidden = _forward(x, spec, *unpacked)
+            y, g, u, hidden, z_d = _forward(x, spec, *unpacked)
         ctx.spec = spec
         ctx.bias_dtypes = [None if b is None else b.dtype for b in unpacked.biases]
-        ctx.save_for_backward(x, g, u, *unpacked.weights, *tensors[6:], *(h for group in hidden for h in group))
+        ctx.save_for_backward(x, g, u, z_d, *tensors, *(h for group in hidden for h in group))
         return y
 
     @staticmethod
     def backward(ctx, dy):
         spec: MlpSpec = ctx.spec
-        x, g, u, *rest = ctx.saved_tensors
-        factor_count = 2 * sum(len(p.scalings) for p in spec.projections)
-        weights, factors, hidden_flat = rest[:3], rest[3 : 3 + factor_count], rest[3 + factor_count :]
-        unpacked = _unpack(spec, [weights[0], None, weights[1], None, weights[2], None, *factors])
+        x, g, u, z_d, *rest = ctx.saved_tensors
+        tensor_count = 6 + sum(2 * len(p.scalings) + 2 * sum(d) for p, d in zip(spec.projections, spec.dora))
+        unpacked = _unpack(spec, rest[:tensor_count])
+        hidden = _split(rest[tensor_count:], [len(p.scalings) for p in spec.projections])  # rank-r products
         needs = _unpack(spec, ctx.needs_input_grad[2:])  # the same layout: after x and spec come W_g, b_g, ...
-        need_a, need_b = needs.a_factors, needs.b_factors
         bias_dtypes = [dtype if need else None for dtype, need in zip(ctx.bias_dtypes, needs.biases)]
-        hidden = _split(hidden_flat, [len(p.scalings) for p in spec.projections])  # rank-r products per projection
+        need_m = [per_adapter(spec.dora[i], needs.magnitudes[i], False) for i in range(3)]
         need_x = ctx.needs_input_grad[0]
         need_dh = need_x or any(
-            bias_dtypes[i] is not None or any(need_a[i]) or any(need_b[i]) for i in range(2)
+            bias_dtypes[i] is not None or any(needs.a_factors[i]) or any(needs.b_factors[i]) or any(need_m[i])
+            for i in range(2)
         )  # anything upstream of h
         activation = ACTIVATIONS[spec.activation]
         g, u = g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])
-        grads = [(None, [None] * len(hidden[i]), [None] * len(hidden[i])) for i in range(3)]
+        grads = [(None, [None] * len(hidden[i]), [None] * len(hidden[i]), []) for i in range(3)]
+
+        def project_back(i, d_out, inputs, need_inputs, dx_into=None, **dora_source):
+            """(d inputs, db, [dA], [dB], [dm]) of projection i (0 gate, 1 up, 2 down)."""
+            common = dict(need_a=needs.a_factors[i], need_b=needs.b_factors[i], bias_dtype=bias_dtypes[i])
+            if any(spec.dora[i]):
+                return dora_backward(
+                    d_out, inputs, unpacked.weights[i], spec.projections[i], spec.dora[i], unpacked.a_factors[i],
+                    unpacked.b_factors[i], unpacked.magnitudes[i], unpacked.norms[i], hidden[i],
+                    need_x=need_inputs, need_m=need_m[i], dx_into=dx_into, **dora_source, **common,
+                )  # fmt: skip
+            return (*linear_backward(d_out, inputs, unpacked.weights[i], spec.projections[i], unpacked.a_factors[i],
+                                     unpacked.b_factors[i], hidden[i], need_x=need_inputs, dx_into=dx_into, **common), [])  # fmt: skip
+
         dx = None
         compiled = spec.compile_elementwise
         with _autocast_off(dy.device.type):
             a = None if compiled else activation.forward(g)  # eagerly, a serves h and du both
             h = _elementwise(gated_product, True)(g, u, spec.activation) if compiled else a * u
-            dh, *grads[2] = linear_backward(
-                dy, h, weights[2], spec.projections[2], unpacked.a_factors[2], unpacked.b_factors[2], hidden[2],
-                need_x=need_dh, bias_dtype=bias_dtypes[2], need_a=need_a[2], need_b=need_b[2],
-            )  # fmt: skip
+            dh, *grads[2] = project_back(2, dy, h, need_dh, z=z_d)
             del h
             if need_dh and compiled:
                 dg, du = _elementwise(gated_grads, True)(g, u, dh, spec.activation)
@@ -240,14 +270,13 @@ class _LoraMlpFunction(torch.autograd.Function):
                 dg = activation.backward(dh.mul_(u), g)  # dh ⊙ u is the gradient of a
             if need_dh:
                 del dh
-                for i, d_out in enumerate((dg, du)):
-                    dx, *grads[i] = linear_backward(
-                        d_out, x, weights[i], spec.projections[i], unpacked.a_factors[i], unpacked.b_factors[i],
-                        hidden[i], need_x=need_x, bias_dtype=bias_dtypes[i], need_a=need_a[i], need_b=need_b[i],
-                        dx_into=dx,
-                    )  # fmt: skip
+                for i, (d_out, out) in enumerate(((dg, g), (du, u))):  # DoRA reads Σ dy ⊙ z from g and u
+                    dx, *grads[i] = project_back(i, d_out, x, need_x, dx_into=dx, out=out, bias=unpacked.biases[i])
         if dx is not None:
             dx = _cast(dx.view(x.shape), x.dtype)
         bias_grads = [grad[0] for grad in grads]
-        factor_grads = [t for grad in grads for t in (*grad[1], *grad[2])]
+        factor_grads = [
+            t for i, grad in enumerate(grads)
+            for t in (*grad[1], *grad[2], *(grad[3] or [None] * sum(spec.dora[i])), *([None] * sum(spec.dora[i])))
+        ]  # fmt: skip
         return (dx, None, None, bias_grads[0], None, bias_grads[1], None, bias_grads[2], *factor_grads)

@@ -178,8 +178,6 @@ def _fused_call(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
             names = layer.unmerged_active()
             if not (layer.fuse_mlp and not has_hooks(layer) and layer.fusable(x, names)):
                 return None
-            if any(name in layer.lora_magnitude_vector for name in names):  # DoRA runs per projection
-                return None
             projections.append(Projection(base.weight, base.bias, layer.factors(names)))
             any_adapter = any_adapter or bool(names)
         elif is_frozen_plain_linear(base, x):
