@@ -92,10 +92,13 @@ class Tuner:
         )
 
     def unmerge(self, model: nn.Module) -> None:
-        """Undo ``merge``; methods that cannot merge have nothing to undo."""
+        """Undo ``merge`` in every layer that merges (methods that cannot merge have nothing to undo)."""
+        for _, layer in self.layers(model):
+            if hasattr(layer, "unmerge"):
+                layer.unmerge()
 
     def is_merged(self, model: nn.Module) -> bool:
-        return False
+        return any(getattr(layer, "merged_adapters", None) for _, layer in self.layers(model))
 
     def refresh(self, model: nn.Module) -> None:
         """Re-derive what depends on which modules are wrapped; the model calls it after every add and delete."""

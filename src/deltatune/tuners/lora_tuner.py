@@ -6,6 +6,7 @@ After every change of which modules carry LoRA it re-syncs the fused gated-MLP f
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -15,9 +16,11 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import LoraConfig
 from ..errors import ConfigError, MergeError
+from ..kernels.base_weight import is_quantized, logical_shape
 from ..targeting import pattern_value, shares_weight
 from .base import Tuner, replace_module
 from .lora import LoraLayer, LoraLinear
+from .lora_bnb import LoraQuantLinear
 from .lora_conv import CONV_TYPES, LoraConvNd
 from .lora_embedding import LoraEmbedding
 from .lora_init import check_initialisable
@@ -27,6 +30,8 @@ from .lora_param import inject_parameters, module_targets, parameter_targets
 
 
 def _layer_class(module: nn.Module) -> type[LoraLayer]:
+    if isinstance(module, nn.Linear) and is_quantized(module.weight):  # bitsandbytes Linear4bit / Linear8bitLt
+        return LoraQuantLinear
     if isinstance(module, (nn.Linear, Conv1D)):
         return LoraLinear
     if isinstance(module, nn.Embedding):
@@ -115,12 +120,6 @@ class LoraTuner(Tuner):
         for _, layer in layers:
             layer.merge(adapter_names)
 
-    def unmerge(self, model: nn.Module) -> None:
-        for _, layer in self.layers(model):
-            layer.unmerge()
-
-    def is_merged(self, model: nn.Module) -> bool:
-        return any(layer.merged_adapters for _, layer in self.layers(model))
 
 
 def _check_target(name: str, base: nn.Module, rank: int, config: LoraConfig) -> None:
@@ -146,9 +145,15 @@ def _check_target(name: str, base: nn.Module, rank: int, config: LoraConfig) -> 
             raise ConfigError(
                 f"DoRA does not work on grouped {kind} {name} (as in peft); exclude it or set use_dora=False"
             )
-    check_initialisable(config.init_lora_weights, base, rank)
     weight = base.in_proj_weight if isinstance(base, nn.MultiheadAttention) else base.weight
-    smallest = min(weight.flatten(1).shape)  # a convolution's update is [out, in * k…]
+    if is_quantized(weight) and config.init_lora_weights not in (True, False, "gaussian", "orthogonal"):
+        raise ConfigError(
+            f"init_lora_weights={config.init_lora_weights!r} rewrites the base weight, which is quantised in {kind} "
+            f"{name}; use True, False, 'gaussian' or 'orthogonal' over a quantised base"
+        )
+    check_initialisable(config.init_lora_weights, base, rank)
+    shape = logical_shape(weight)  # a 4-bit weight's .shape is its packed storage
+    smallest = min(shape[0], math.prod(shape[1:]))  # a convolution's update is [out, in * k…]
     if rank > smallest:  # allowed, as in peft (its files must load), but the extra rank buys nothing
         warnings.warn(
             f"r={rank} is larger than {name}'s smallest dimension {smallest}: the update's rank is at most "

@@ -205,12 +205,6 @@ class TrainableTokensTuner(Tuner):
         for layer in layers:
             layer.merge(adapter_names)
 
-    def unmerge(self, model: nn.Module) -> None:
-        for _, layer in self.layers(model):
-            layer.unmerge()
-
-    def is_merged(self, model: nn.Module) -> bool:
-        return any(layer.merged_adapters for _, layer in self.layers(model))
 
 
 def _check_disjoint(names: list[str], rows) -> None:
