@@ -37,7 +37,7 @@ from transformers.pytorch_utils import Conv1D
 from ..config import LoraConfig
 from ..errors import MergeError
 from ..kernels import LoraFactors, fused_lora_linear
-from ..kernels.base_weight import dense
+from ..kernels.base_weight import QUANTIZED_LINEARS, dense, logical_shape
 from ..kernels.dora_linear import fused_dora_linear
 from ..kernels.dora_linear import weight_norm as dora_weight_norm
 from ..kernels.lora_linear import autocast_dtype
@@ -71,8 +71,8 @@ class LoraLayer(nn.Module):
         self.scaling[name] = config.scaling(rank, alpha)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         weight = self.base_weight
-        # Master weights stay fp32 when the base is half precision (peft does the same).
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        # Master weights stay fp32 when the base is half precision or quantised (peft does the same).
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         self._create(name, rank, weight.device, dtype)
         self._initialise(name, config.init_lora_weights)
         if config.use_dora:  # m starts at ||W0 + s·BA||, so DoRA starts where LoRA does
@@ -315,7 +315,8 @@ class LoraLinear(LoraBias, LoraLayer):
     def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        in_features, out_features = base_layer.weight.shape[::-1] if not self.fan_in_fan_out else base_layer.weight.shape
+        shape = logical_shape(base_layer.weight)  # a 4-bit weight's own .shape is its packed storage
+        in_features, out_features = shape[::-1] if not self.fan_in_fan_out else shape
         self.in_features, self.out_features = in_features, out_features
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -381,7 +382,15 @@ class LoraLinear(LoraBias, LoraLayer):
 
 
 def is_frozen_plain_linear(module: nn.Module, x: torch.Tensor) -> bool:
-    """``module`` is exactly ``nn.Linear``/``Conv1D`` with a frozen weight, no hooks, and ``x``'s dtype (or autocast)."""
+    """``module`` is exactly ``nn.Linear``/``Conv1D`` with a frozen weight, no hooks, and ``x``'s dtype (or autocast);
+    or exactly a bitsandbytes 4-/8-bit Linear, frozen, hook-free, computing in ``x``'s dtype, autocast off."""
+    if type(module).__name__ in QUANTIZED_LINEARS:
+        return (
+            not has_hooks(module)
+            and not module.weight.requires_grad
+            and getattr(module, "compute_dtype", None) in (None, x.dtype)
+            and autocast_dtype(x.device.type) is None
+        )
     return (
         type(module) in (nn.Linear, Conv1D)
         and not has_hooks(module)
