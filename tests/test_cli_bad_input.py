@@ -7,6 +7,7 @@ infinite learning rate, a negative weight, r above a layer's size) and combinati
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -26,6 +27,12 @@ from deltatune.train.config import TrainConfig
 from sft_helpers import save_tiny_chat_model, write_arithmetic_jsonl
 
 ROWS = '{"prompt": "What is 1 plus 1?", "completion": "It is 2."}\n'
+WEATHER = '[{"name": "get_weather", "parameters": {"type": "object"}}]'
+
+
+def _tool_row(call: str, tools: str) -> str:
+    turns = [{"from": "human", "value": "Weather?"}, {"from": "function_call", "value": call}, {"from": "gpt", "value": "Sunny."}]
+    return json.dumps({"conversations": turns, "tools": tools}) + "\n"
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +47,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "empty.jsonl": "",
         "missing_field.jsonl": ROWS * 5 + '{"prompt": "What is 3 plus 3?"}\n' + ROWS * 5,
         "mistyped_field.jsonl": '{"prompt": 5, "completion": "It is 2."}\n' * 10,
+        "absent_tool.jsonl": _tool_row('{"name": "get_time", "arguments": {}}', WEATHER) * 4,
+        "malformed_tools.jsonl": _tool_row('{"name": "get_weather", "arguments": {}}', WEATHER[:-1]) * 4,
+        "bad_label.jsonl": '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], '
+                           '"label": "maybe"}\n' * 4,
+        "kto_messages.jsonl": '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], '
+                              '"label": false}\n' * 4,
+        "unread_column.jsonl": '{"prompt": "Hi", "completion": "Hello", "id": 3}\n' * 4,
     }
     for name, text in texts.items():
         files[name] = root / name
@@ -104,7 +118,17 @@ CASES = {
     "targets matching nothing": (_train("data", "target_modules=no_such_proj"), "matched no module of this LlamaForCausalLM"),
     "packing with prompt tuning": (_train("data", "method=prompt_tuning", "packing=true"),
                                    "packing=true does not work with method=prompt_tuning"),  # fmt: skip
-}
+    "tool call absent from tools": (_train("absent_tool.jsonl"),
+                                    "row 1: 'conversations' message 2 calls 'get_time', which column 'tools' does not offer"),
+    "malformed tools JSON": (_train("malformed_tools.jsonl"), "malformed_tools.jsonl: row 1: column 'tools' is not valid JSON"),
+    "non-boolean label": (_train("bad_label.jsonl", "stage=kto"), "row 1: column 'label' must be true or false, got str 'maybe'"),
+    "KTO data under stage=sft": (_train("kto_messages.jsonl"), "is kto data (format messages_kto); did you mean stage=kto?"),
+    "unread column": (_train("unread_column.jsonl"), "column 'id' is not read by the prompt_completion format"),
+    "mapping to a missing column": (_train("data", 'columns={"prompt": "question", "completion": "completion"}'),
+                                    "columns maps 'prompt' to 'question', which is not a column"),
+    "weight list of the wrong length": (_train("data", "data_weights=1,2"),
+                                        "data_weights='1,2' has 2 weights for 1 data sources"),
+}  # fmt: skip
 
 
 PROGRESS_BAR = re.compile(r"^[\w ]+: +\d+%\|")  # "Loading weights: 100%|####| 20/20 [...]" (transformers)

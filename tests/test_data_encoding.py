@@ -140,8 +140,8 @@ def test_truncation_is_counted_and_label_free_examples_are_dropped(tokenizer) ->
     assert (encoded.n_truncated, encoded.n_dropped, len(encoded.examples)) == (2, 1, 2)
     assert encoded.examples[1] == {"input_ids": full["input_ids"][:40], "labels": full["labels"][:40]}
     assert encoded.summary(40) == (
-        f"2 examples, {encoded.n_tokens:,} tokens; 2 longer than max_length=40 were cut "
-        "(1 lost every labelled token and were dropped)"
+        f"2 examples, {encoded.n_tokens:,} tokens; 2 longer than max_length=40 "
+        "(cut at the end: 1, dropped, no answer token left: 1)"
     )
 
 

@@ -65,6 +65,16 @@ CASES = [
      KTOExample((Message(U, "Hi"),), (Message(A, "Hello!"),), True)),
     ("kto", {"prompt": msgs((U, "Hi")), "completion": msgs((A, "Go away.")), "label": False},
      KTOExample((Message(U, "Hi"),), (Message(A, "Go away."),), False)),
+    ("sharegpt_preference", {"conversations": [{"from": "human", "value": "Hi"}], "chosen": {"from": "gpt", "value": "Hello!"},
+                             "rejected": [{"from": "gpt", "value": "Go away."}]},
+     PreferencePair((Message(U, "Hi"),), (Message(A, "Hello!"),), (Message(A, "Go away."),))),
+    ("alpaca_preference", {"instruction": "Say hi.", "input": "", "chosen": "Hi.", "rejected": "No."},
+     PreferencePair((Message(U, "Say hi."),), (Message(A, "Hi."),), (Message(A, "No."),))),
+    ("messages_kto", {"messages": msgs((U, "Hi"), (A, "Hello!")), "label": True},
+     KTOExample((Message(U, "Hi"),), (Message(A, "Hello!"),), True)),
+    ("sharegpt_kto", {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Go away."}],
+                      "kto_tag": False},
+     KTOExample((Message(U, "Hi"),), (Message(A, "Go away."),), False)),
 ]  # fmt: skip
 
 
@@ -85,13 +95,19 @@ def test_kinds_follow_the_records(tmp_path: Path) -> None:
     assert kinds == {
         "messages": "sft", "sharegpt": "sft", "alpaca": "sft", "prompt_completion": "sft", "text": "sft",
         "classification": "classification", "preference": "preference", "kto": "kto",
+        "sharegpt_preference": "preference", "alpaca_preference": "preference", "messages_kto": "kto", "sharegpt_kto": "kto",
     }  # fmt: skip
 
 
-def test_extra_columns_are_ignored_and_explicit_format_overrides_detection(tmp_path: Path) -> None:
+def test_unread_columns_are_errors_unless_ignored_and_explicit_format_overrides_detection(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"id": 7, "text": "hello", "label": "x"}])
-    assert load_records(path).format == "classification"
-    assert load_records(path, data_format="text").records == [TextExample("hello")]
+    with pytest.raises(DataError, match=r"d.jsonl: row 1: column 'id' is not read by the classification format .*"
+                                        r"ignore_columns=id"):  # fmt: skip
+        load_records(path)
+    assert load_records(path, ignore_columns=["id"]).format == "classification"
+    with pytest.raises(DataError, match="column 'label' is not read by the text format .*did you mean stage=kto"):
+        load_records(path, data_format="text", ignore_columns=["id"])
+    assert load_records(path, data_format="text", ignore_columns=["id", "label"]).records == [TextExample("hello")]
 
 
 def test_kto_labels_from_csv_strings(tmp_path: Path) -> None:
@@ -165,5 +181,5 @@ def test_other_format_errors(tmp_path: Path, rows: list, message: str) -> None:
 
 def test_unknown_explicit_format(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}])
-    with pytest.raises(DataError, match="data_format='chatml' is unknown; use auto or one of preference, kto"):
+    with pytest.raises(DataError, match="data_format='chatml' is unknown; use auto or one of sharegpt_preference, "):
         load_records(path, data_format="chatml")

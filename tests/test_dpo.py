@@ -71,10 +71,13 @@ def test_chat_encoding_labels_only_each_answer_after_a_shared_prompt(smollm2_dir
             prompts.append(ids[:start])
         assert prompts[0] == prompts[1] and pair.prompt[0].content in tokenizer.decode(prompts[0])
     # SmolLM2's default system prompt and the question take 34 tokens (35 for the last pair): at 35,
-    # every pair is cut and the last one keeps no answer token
+    # every pair is cut, and keeps its rows: the prompt loses its start, the answers keep theirs
     cut = encode_preference_pairs(tokenizer, pairs, max_length=35)
-    assert (cut.n_truncated, cut.n_dropped, len(cut.examples)) == (6, 1, 5)
-    assert all(len(example["chosen_input_ids"]) == 35 for example in cut.examples)
+    assert (cut.n_truncated, cut.n_dropped, len(cut.examples)) == (6, 0, 6)
+    assert all(max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) == 35 for e in cut.examples)
+    for pair, example in zip(pairs, cut.examples):
+        kept = pair.prompt[-1].content + "<|im_end|>\n<|im_start|>assistant\n" + pair.chosen[0].content[:3]
+        assert kept in tokenizer.decode(example["chosen_input_ids"])
 
 
 def test_at_step_zero_the_rewards_are_exactly_zero(tmp_path) -> None:

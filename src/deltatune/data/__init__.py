@@ -10,22 +10,29 @@ The layer has three steps, each usable on its own:
        data.format, data.kind, len(data)               # "messages", "sft", 1234
        data.records[0]                                 # Conversation(messages=(Message(...), ...))
 
-   ``data_format="auto"`` detects the format from the columns (see ``formats``): TRL ``messages``,
-   ``prompt``/``completion``, ``text``, Alpaca, ShareGPT, preference ``prompt``/``chosen``/
-   ``rejected``, KTO ``prompt``/``completion``/``label``, ``text``/``label`` classification.
-   Every row is checked; the first bad one raises ``DataError`` naming the source, the 1-based
-   row and the problem, e.g. ``train.jsonl: row 7: column 'completion' is an empty completion``.
+   ``data_format="auto"`` detects the format from the columns (see ``formats``): TRL ``messages``
+   (with tool calls), ``prompt``/``completion``, ``text``, Alpaca, ShareGPT (with
+   ``function_call``/``observation`` turns), preference (``chosen``/``rejected`` with a prompt, a
+   TRL conversation or a sharegpt one), KTO (a ``label`` or ``kto_tag`` with prompt/completion, TRL
+   messages or sharegpt), ``text``/``label`` classification. ``columns=`` maps other column names
+   (``mapping``), ``"dataset_info.json#name"`` reads a LLaMA-Factory entry (``dataset_info``), and a
+   column no format step reads is an error unless ``ignore_columns`` lists it. Every row is
+   checked; the first bad one raises ``DataError`` naming the source, the 1-based row and the
+   problem, e.g. ``train.jsonl: row 7: column 'completion' is an empty completion``.
+   ``load_sources("a.jsonl,b.jsonl")`` reads several; ``mix(records, sources, weights)`` resizes
+   them by ``data_weights`` (``mixing``). Every record keeps its ``origin`` (source, row).
 
 2. **Records** (``records``), frozen dataclasses with message tuples:
 
-   - ``Conversation(messages)``: SFT; every assistant message is a target (kind "sft").
+   - ``Conversation(messages, tools)``: SFT; every assistant message (tool calls included) is a
+     target (kind "sft").
    - ``TextExample(text)``: SFT on raw text, every token a target (kind "sft").
    - ``PreferencePair(prompt, chosen, rejected)``: DPO (kind "preference").
    - ``KTOExample(prompt, completion, label)``: KTO, ``label`` True = desirable (kind "kto").
    - ``LabelledText(text, label)``: sequence classification (kind "classification").
 
-   A ``Message(role, content)`` has role "system", "user" or "assistant"; ``prompt`` fields end
-   with a non-assistant message and completions are assistant messages. ``unpair(pairs)`` turns
+   A ``Message(role, content, tool_calls)`` has role "system", "user", "assistant" or "tool";
+   ``prompt`` fields end with a non-assistant message and completions are assistant messages. ``unpair(pairs)`` turns
    preference pairs into KTO examples. ``split_records(records, eval_fraction, seed)`` splits
    deterministically, keeping every record of one prompt on one side.
 
@@ -36,8 +43,10 @@ The layer has three steps, each usable on its own:
      ``encode_completion(tokenizer, prompt, completion)`` return ``{"input_ids", "labels"}`` lists,
      labels -100 outside the targets; ``encode_completion`` labels only ``completion`` (DPO/KTO:
      encode ``prompt`` + ``chosen`` and ``prompt`` + ``rejected``).
-   - ``encode_records(tokenizer, records, max_length, train_on_prompt)`` -> ``EncodedSet`` with the
-     examples and the counts of truncated / dropped ones; ``truncate(example, max_length)``.
+   - ``encode_records(tokenizer, records, max_length, train_on_prompt, truncation_side)`` ->
+     ``EncodedSet`` with the examples and the counts of cut / dropped ones by reason;
+     ``truncate(example, max_length, side)``. Tools render through the template's own tool
+     support, else a plain ``<tools>``/``<tool_call>``/``<tool_response>`` layout (``encoding``).
    - ``prompt_ids(tokenizer, messages)`` and ``render(...)`` for generation.
    - ``collate_causal(batch, pad_token_id)`` pads; ``pack_examples(examples, max_length)`` packs.
 
@@ -47,10 +56,6 @@ other questions' answers).
 """
 
 from __future__ import annotations
-
-import os
-from dataclasses import dataclass
-from typing import Any
 
 from ..errors import DataError
 from .chatterbot import BUILTIN, unpair
@@ -68,6 +73,8 @@ from .encoding import (
     truncate,
 )
 from .formats import FORMATS, detect_format, normalise
+from .mapping import ColumnMap
+from .mixing import Mixed, mix, parse_weights
 from .readers import read_table
 from .records import (
     KINDS,
@@ -78,12 +85,15 @@ from .records import (
     PreferencePair,
     Record,
     TextExample,
+    ToolCall,
 )
+from .sources import RecordSet, load_records, load_sources, split_sources
 from .split import split_records
 
 __all__ = [
     "BUILTIN",
     "FORMATS",
+    "ColumnMap",
     "IGNORE_INDEX",
     "PLAIN_TEMPLATE",
     "Conversation",
@@ -92,10 +102,12 @@ __all__ = [
     "KTOExample",
     "LabelledText",
     "Message",
+    "Mixed",
     "PreferencePair",
     "Record",
     "RecordSet",
     "TextExample",
+    "ToolCall",
     "collate_causal",
     "detect_format",
     "encode_completion",
@@ -103,45 +115,14 @@ __all__ = [
     "encode_records",
     "encode_text",
     "load_records",
+    "load_sources",
+    "mix",
     "pack_examples",
+    "parse_weights",
     "prompt_ids",
     "render",
     "split_records",
+    "split_sources",
     "truncate",
     "unpair",
 ]
-
-
-@dataclass
-class RecordSet:
-    """Validated records of one source, all of one format."""
-
-    source: str
-    format: str
-    records: list[Record]
-
-    @property
-    def kind(self) -> str:
-        """"sft", "preference", "kto" or "classification" (what the records train)."""
-        return KINDS[type(self.records[0])]
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-
-def load_records(source: str | os.PathLike | Any, data_format: str = "auto", split: str | None = None) -> RecordSet:
-    """Read ``source`` and validate every row into records (see the module docstring).
-
-    ``source``: a data file, a ``save_to_disk`` folder, a ``datasets.Dataset``/``DatasetDict``, or a
-    built-in name (``BUILTIN``). ``data_format``: "auto" or a ``FORMATS`` name. ``split``: the
-    ``DatasetDict`` split (default "train").
-    """
-    if isinstance(source, str) and source in BUILTIN:
-        records = BUILTIN[source]()
-        fmt = {"sft": "messages"}.get(KINDS[type(records[0])], KINDS[type(records[0])])
-        if data_format not in ("auto", fmt):
-            raise DataError(f"data={source!r} is built in, in the {fmt} format; drop data_format={data_format!r}")
-        return RecordSet(source, fmt, records)
-    table = read_table(source, split)
-    fmt, records = normalise(table, data_format)
-    return RecordSet(table.name, fmt, records)

@@ -3,36 +3,75 @@
 SFT trains on ``Conversation`` (loss on every assistant message) or ``TextExample`` (loss on
 every token); DPO on ``PreferencePair``; KTO on ``KTOExample``; sequence classification on
 ``LabelledText``. Message lists are tuples of ``Message`` so records can be compared and hashed.
+
+Tool use: an assistant ``Message`` may carry ``tool_calls`` (``ToolCall(name, arguments)``, the
+arguments as JSON object text), a "tool" message holds a call's result, and a record's ``tools``
+is the JSON text of the function schemas the conversation may call. Each record remembers its
+``origin`` (source and row), which is left out of comparisons.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Union
+import json
+from dataclasses import dataclass, field
+from typing import Any, Union
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a record came from: its data source and 1-based row (for error messages and counts)."""
+
+    source: str
+    row: int
+
+    def __str__(self) -> str:
+        return f"{self.source}: row {self.row}"
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call made by the assistant: the function's name and its arguments as JSON object text."""
+
+    name: str
+    arguments: str = "{}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``{"type": "function", "function": {"name", "arguments"}}`` dict chat templates take."""
+        return {"type": "function", "function": {"name": self.name, "arguments": json.loads(self.arguments)}}
 
 
 @dataclass(frozen=True)
 class Message:
-    """One chat turn: ``role`` is "system", "user" or "assistant"."""
+    """One chat turn: ``role`` is "system", "user", "assistant" or "tool" (a tool call's result)."""
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
 
-    def as_dict(self) -> dict[str, str]:
-        """The ``{"role": ..., "content": ...}`` dict chat templates take."""
-        return {"role": self.role, "content": self.content}
+    def as_dict(self) -> dict[str, Any]:
+        """The ``{"role": ..., "content": ...}`` dict chat templates take (plus ``tool_calls`` when it has some)."""
+        if not self.tool_calls:
+            return {"role": self.role, "content": self.content}
+        return {"role": self.role, "content": self.content, "tool_calls": [c.as_dict() for c in self.tool_calls]}
 
 
 Messages = tuple[Message, ...]
 
 
+def _origin() -> Any:
+    return field(default=None, compare=False, repr=False)
+
+
 @dataclass(frozen=True)
 class Conversation:
-    """An SFT example: messages in order; every assistant message is a training target."""
+    """An SFT example: messages in order; every assistant message is a training target.
+    ``tools``: JSON text of the functions it may call (None: no tools)."""
 
     messages: Messages
+    tools: str | None = None
+    origin: Origin | None = _origin()
 
     @property
     def prompt(self) -> Messages:
@@ -46,6 +85,7 @@ class TextExample:
     """Plain language-modelling text (the ``text`` format): every token is a training target."""
 
     text: str
+    origin: Origin | None = _origin()
 
 
 @dataclass(frozen=True)
@@ -58,6 +98,8 @@ class PreferencePair:
     prompt: Messages
     chosen: Messages
     rejected: Messages
+    tools: str | None = None
+    origin: Origin | None = _origin()
 
 
 @dataclass(frozen=True)
@@ -67,6 +109,8 @@ class KTOExample:
     prompt: Messages
     completion: Messages
     label: bool
+    tools: str | None = None
+    origin: Origin | None = _origin()
 
 
 @dataclass(frozen=True)
@@ -75,6 +119,7 @@ class LabelledText:
 
     text: str
     label: str
+    origin: Origin | None = _origin()
 
 
 Record = Union[Conversation, TextExample, PreferencePair, KTOExample, LabelledText]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,10 @@ import yaml
 from transformers.trainer_utils import SchedulerType
 
 from ..config import PromptLearningConfig
-from ..errors import ConfigError
+from ..data import ColumnMap, parse_weights, split_sources
+from ..data.encoding import TRUNCATION_SIDES
+from ..errors import ConfigError, DataError
+from ..quantization import QUANTIZATIONS
 from .methods import build_config, option_defaults
 
 EMBEDDED_MODEL = "smollm2"
@@ -37,10 +41,16 @@ class TrainConfig:
     SmolLM2-135M-Instruct on chatterbot question/answer pairs, a few minutes on a laptop CPU."""
 
     model: str = _key(EMBEDDED_MODEL, "model folder (config.json + weights), or 'smollm2' (embedded)")
-    data: str = _key(EMBEDDED_DATA, "a .jsonl/.json/.csv/.tsv/.parquet file, a datasets folder, or built-in: "
-                     "chatterbot, chatterbot-preference-synthetic, chatterbot-kto-synthetic")  # fmt: skip
+    data: str = _key(EMBEDDED_DATA, "a .jsonl/.json/.csv/.tsv/.parquet file, a datasets folder, dataset_info.json#name, "
+                     "or built-in: chatterbot, chatterbot-preference-synthetic, chatterbot-kto-synthetic; "
+                     "several: a.jsonl,b.jsonl")  # fmt: skip
     data_format: str = _key("auto", "auto (from the columns), messages, prompt_completion, text, alpaca, sharegpt, "
-                            "preference, kto")  # fmt: skip
+                            "preference, kto, sharegpt_preference, sharegpt_kto, messages_kto, alpaca_preference")  # fmt: skip
+    columns: str = _key("", "column mapping {our name: your column} as JSON or YAML, e.g. "
+                        "'{\"prompt\": \"question\", \"completion\": \"answer\"}'; sharegpt tags too (role_tag, ...)")  # fmt: skip
+    ignore_columns: str = _key("", "columns the data may hold unread (comma-separated); any other unread column is an error")
+    data_weights: str = _key("", "one weight per data source (e.g. 3,1): source i gives round(N*w_i/sum(w)) of the "
+                             "N training rows, repeated or sampled; empty: every row once")  # fmt: skip
     eval_data: str = _key("", "held-out data file; empty: hold out eval_fraction of data")
     eval_fraction: float = _key(0.1, "share of distinct prompts held out when eval_data is empty")
     eval_examples: int = _key(96, "at most this many held-out examples are scored")
@@ -56,6 +66,9 @@ class TrainConfig:
     warmup_steps: int = _key(5, "linear warm-up steps")
     weight_decay: float = _key(0.0, "AdamW weight decay")
     max_length: int = _key(128, "tokens per example; longer ones are cut (and counted)")
+    truncation_side: str = _key("right", "sft: cut over-long examples at the end (right) or the start (left)")
+    max_prompt_length: int = _key(0, "dpo/kto: prompt tokens a too-long row keeps at least (its prompt is cut from "
+                                  "the left, the answer from the right); 0: max_length // 2")  # fmt: skip
     train_on_prompt: bool = _key(False, "also put loss on prompt tokens (default: only on answers)")
     packing: bool = _key(False, "pack several examples into each max_length row (sft)")
     eval_steps: int = _key(0, "evaluate every N steps; 0: only before and after training")
@@ -64,6 +77,8 @@ class TrainConfig:
     save_total_limit: int = _key(2, "keep at most this many checkpoints")
     resume_from_checkpoint: str = _key("", "a checkpoint folder, or 'last' (the newest in output_dir/checkpoints)")
     gradient_checkpointing: bool = _key(False, "recompute activations in backward: less memory, ~30% slower")
+    quantization: str = _key("none", "hold the frozen base's linear layers as nf4, fp4 or int8 (QLoRA; needs "
+                             "pip install deltatune[qlora]) or none; the adapter stays fp32")  # fmt: skip
     precision: str = _key("auto", "fp32, bf16, fp16 (mixed precision) or auto (bf16 on a GPU that has it, else fp32)")
     logging_steps: int = _key(0, "log the training loss every N steps; 0: about 50 times per run")
     tensorboard: bool = _key(False, "also log to TensorBoard in output_dir/tensorboard (needs tensorboard)")
@@ -99,7 +114,23 @@ class TrainConfig:
             raise ConfigError("stage=kto needs batch_size >= 2 (its KL term pairs each prompt with another row's answer)")
         if self.stage != "sft" and (self.packing or self.train_on_prompt):
             raise ConfigError(f"packing and train_on_prompt apply to stage=sft only, not stage={self.stage}")
+        if self.stage != "sft" and self.truncation_side != "right":
+            raise ConfigError(f"truncation_side applies to stage=sft only; stage={self.stage} cuts prompts from the "
+                              f"left and answers from the right (see max_prompt_length)")  # fmt: skip
+        _check("truncation_side", self.truncation_side, self.truncation_side in TRUNCATION_SIDES,
+               "is unknown; use right (keep the start) or left (keep the end)")  # fmt: skip
+        _check("max_prompt_length", self.max_prompt_length, 0 <= self.max_prompt_length < self.max_length,
+               f"must be 0 or more and below max_length={self.max_length}")  # fmt: skip
+        if self.max_prompt_length and self.stage == "sft":
+            raise ConfigError("max_prompt_length applies to stage=dpo and kto; use truncation_side for sft")
+        try:
+            ColumnMap.parse(self.columns)
+            parse_weights(self.data_weights, len(split_sources(self.data)))
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
         _check("stage", self.stage, self.stage in STAGES, f"is unknown; use one of {', '.join(STAGES)}")
+        _check("quantization", self.quantization, self.quantization in QUANTIZATIONS,
+               f"is unknown; use one of {', '.join(QUANTIZATIONS)}")  # fmt: skip
         _check("precision", self.precision, self.precision in PRECISIONS, f"is unknown; use one of {', '.join(PRECISIONS)}")
         schedulers = [s.value for s in SchedulerType if s.value != "reduce_lr_on_plateau"]
         _check("lr_scheduler", self.lr_scheduler, self.lr_scheduler in schedulers, f"is unknown; use one of {', '.join(schedulers)}")
@@ -196,6 +227,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _coerce(key: str, value: Any, kind: type) -> Any:
     if kind is str and isinstance(value, list):
         return ",".join(str(item) for item in value)
+    if kind is str and isinstance(value, dict):  # a YAML mapping (columns)
+        return json.dumps(value)
     if kind is bool:
         if isinstance(value, bool):
             return value

@@ -1,7 +1,8 @@
 """Find and load models, tokenizers and adapters from local folders (or the embedded assets).
 
 A model is named by a folder holding ``config.json``, or by an embedded name: "smollm2"
-(SmolLM2-135M-Instruct) or "minilm" (all-MiniLM-L6-v2). Nothing is downloaded, no code a model
+(SmolLM2-135M-Instruct) or "minilm" (all-MiniLM-L6-v2), or their hub ids, which adapters of them
+record so their files travel (resolved to the embedded copies, offline). Nothing is downloaded, no code a model
 folder ships is run (``trust_remote_code=False``), and weights are read from safetensors only: a
 pickled ``pytorch_model.bin`` can run code when loaded, so it needs ``allow_pickle=True``.
 """
@@ -21,21 +22,32 @@ from .. import assets
 from ..config import DeltaConfig
 from ..errors import ConfigError
 from ..model import DeltaModel
+from ..quantization import check_quantization, loading_options, saved_quantization
 
 EMBEDDED_MODELS: dict[str, Callable[[], Path]] = {"smollm2": assets.smollm2_path, "minilm": assets.minilm_path}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HUB_IDS = {"smollm2": assets.SMOLLM2_HUB_ID, "minilm": assets.MINILM_HUB_ID}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # fmt: skip
 _TASK_CLASSES = {None: AutoModelForCausalLM, "CAUSAL_LM": AutoModelForCausalLM, "SEQ_CLS": AutoModelForSequenceClassification}
 
 
 def model_folder(model: str | os.PathLike) -> Path:
-    """The folder of ``model``: an embedded name, or a local folder with config.json."""
-    if str(model) in EMBEDDED_MODELS:
-        return EMBEDDED_MODELS[str(model)]()
+    """The folder of ``model``: an embedded name or its hub id (``HUB_IDS``; a local folder of that
+    name wins), or a local folder with config.json."""
     path = Path(model)
+    embedded = {hub_id: name for name, hub_id in HUB_IDS.items()}.get(str(model), str(model))
+    if embedded in EMBEDDED_MODELS and not (path / "config.json").is_file():
+        return EMBEDDED_MODELS[embedded]()
     if not (path / "config.json").is_file():
         names = ", ".join(repr(name) for name in EMBEDDED_MODELS)
         raise ConfigError(f"model={str(model)!r} is not a model folder (no config.json); use {names} or a local path")
     return path
+
+
+def base_model_id(model: str | os.PathLike) -> str:
+    """What an adapter records as ``base_model_name_or_path``: an embedded model's public hub id, else
+    ``model`` as the user gave it."""
+    return HUB_IDS.get(str(model), str(model))
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -47,10 +59,17 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 def load_causal_lm(
-    path: str | os.PathLike, dtype: torch.dtype = torch.float32, allow_pickle: bool = False
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, allow_pickle: bool = False, quantization: str = "none"
 ) -> torch.nn.Module:
-    """A causal LM (mixed precision, when a run asks for it, runs under autocast over fp32 weights)."""
-    return _from_pretrained(AutoModelForCausalLM, path, dtype, allow_pickle)
+    """A causal LM (mixed precision, when a run asks for it, runs under autocast over fp32 weights), its
+    linear layers held as ``quantization`` asks (``deltatune.quantization``; "none": as saved)."""
+    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    check_quantization(quantization, device)
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    options = loading_options(quantization, config, dtype)
+    if options or saved_quantization(config) != "none":  # bitsandbytes layers are placed at load time
+        options["device_map"] = {"": torch.cuda.current_device()} if device == "cuda" else device
+    return _from_pretrained(AutoModelForCausalLM, path, dtype, allow_pickle, **options)
 
 
 def load_saved_class(path: str | os.PathLike, allow_pickle: bool = False) -> torch.nn.Module:
@@ -62,7 +81,7 @@ def load_saved_class(path: str | os.PathLike, allow_pickle: bool = False) -> tor
     return _from_pretrained(cls, path, torch.float32, allow_pickle)
 
 
-def _from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype, allow_pickle: bool) -> torch.nn.Module:
+def _from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype, allow_pickle: bool, **options) -> torch.nn.Module:
     """``cls.from_pretrained`` from local files, with no remote code, from safetensors weights unless
     pickles are allowed; a torn or corrupt weights file is a one-line ``ConfigError``."""
     if not allow_pickle and not any(Path(path).glob("*.safetensors")):
@@ -72,7 +91,7 @@ def _from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype, allow_pic
     safetensors_only = {} if allow_pickle else {"use_safetensors": True}
     try:
         return cls.from_pretrained(
-            path, dtype=dtype, local_files_only=True, trust_remote_code=False, **safetensors_only
+            path, dtype=dtype, local_files_only=True, trust_remote_code=False, **safetensors_only, **options
         )
     except SafetensorError as exc:
         raise ConfigError(f"{path}: the model weights are not a readable safetensors file ({exc}); copy or "

@@ -11,10 +11,14 @@ A DPO batch stacks the chosen rows over the rejected rows (``input_ids``, ``atte
 ``attention_mask``, ``labels``, ``desirable`` (bool), and the same three keys prefixed ``kl_`` for
 the mismatched pairs its KL term is estimated from: row i's prompt with row i−1's completion
 (cyclically, as TRL does).
+
+Too-long rows keep the end of the prompt and the start of the answer (``fit``), so a long prompt
+costs its beginning, not the row; every cut and drop is counted by reason.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,52 +27,75 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..data.collate import collate_causal
-from ..data.encoding import IGNORE_INDEX, EncodedSet, Example, encode_completion, truncate
+from ..data.encoding import IGNORE_INDEX, EncodedSet, Example, encode_completion, has_target
 from ..data.records import KTOExample, PreferencePair
 from ..errors import DataError
 
 
 def encode_preference_pairs(
-    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PreferencePair], max_length: int
-) -> EncodedSet:
-    """Tokenise DPO pairs with the chat template; a pair longer than ``max_length`` is cut, and dropped
-    when either side is left without a completion token."""
-    examples, n_truncated, n_dropped = [], 0, 0
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PreferencePair], max_length: int,
+    max_prompt_length: int | None = None,
+) -> EncodedSet:  # fmt: skip
+    """Tokenise DPO pairs with the chat template; a pair longer than ``max_length`` is cut by ``fit``."""
+    examples, reasons, n_truncated = [], Counter(), 0
     for pair in pairs:
         sides = {
-            "chosen": encode_completion(tokenizer, pair.prompt, pair.chosen),
-            "rejected": encode_completion(tokenizer, pair.prompt, pair.rejected),
+            "chosen": encode_completion(tokenizer, pair.prompt, pair.chosen, tools=pair.tools),
+            "rejected": encode_completion(tokenizer, pair.prompt, pair.rejected, tools=pair.tools),
         }
-        if any(len(side["input_ids"]) > max_length for side in sides.values()):
-            n_truncated += 1
-            sides = {name: truncate(side, max_length) for name, side in sides.items()}
-            if not all(_has_target(side) for side in sides.values()):
-                n_dropped += 1
-                continue
-        examples.append({f"{name}_{key}": ids for name, side in sides.items() for key, ids in side.items()})
-    return EncodedSet(examples, n_truncated, n_dropped)
+        n_truncated += max(len(side["input_ids"]) for side in sides.values()) > max_length
+        sides = fit(sides, max_length, max_prompt_length, reasons)
+        if sides is not None:
+            examples.append({f"{name}_{key}": ids for name, side in sides.items() for key, ids in side.items()})
+    return EncodedSet(examples, n_truncated, sum(n for r, n in reasons.items() if r.startswith("dropped")), reasons)
 
 
 def encode_kto_examples(
-    tokenizer: PreTrainedTokenizerBase, records: Sequence[KTOExample], max_length: int
-) -> EncodedSet:
-    """Tokenise KTO examples with the chat template; cut to ``max_length``, dropped when no completion token is left."""
-    examples, n_truncated, n_dropped = [], 0, 0
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[KTOExample], max_length: int,
+    max_prompt_length: int | None = None,
+) -> EncodedSet:  # fmt: skip
+    """Tokenise KTO examples with the chat template; one longer than ``max_length`` is cut by ``fit``."""
+    examples, reasons, n_truncated = [], Counter(), 0
     for record in records:
-        example = encode_completion(tokenizer, record.prompt, record.completion)
-        if len(example["input_ids"]) > max_length:
-            n_truncated += 1
-            example = truncate(example, max_length)
-            if not _has_target(example):
-                n_dropped += 1
-                continue
-        examples.append({**example, "label": bool(record.label)})
-    return EncodedSet(examples, n_truncated, n_dropped)
+        example = encode_completion(tokenizer, record.prompt, record.completion, tools=record.tools)
+        n_truncated += len(example["input_ids"]) > max_length
+        fitted = fit({"completion": example}, max_length, max_prompt_length, reasons)
+        if fitted is not None:
+            examples.append({**fitted["completion"], "label": bool(record.label)})
+    return EncodedSet(examples, n_truncated, sum(n for r, n in reasons.items() if r.startswith("dropped")), reasons)
 
 
-def _has_target(example: Example) -> bool:
-    """Whether a label is left to score (position 0 is never predicted)."""
-    return any(label != IGNORE_INDEX for label in example["labels"][1:])
+def fit(
+    sides: dict[str, Example], max_length: int, max_prompt_length: int | None, reasons: Counter
+) -> dict[str, Example] | None:
+    """Cut examples that share a prompt (the tokens before the first label) to ``max_length``::
+
+        prompt kept = min(prompt, max(max_prompt_length, max_length - longest answer))   # cut from the left
+        answer kept = max_length - prompt kept                                          # cut from the right
+
+    ``max_prompt_length`` defaults to half of ``max_length``. Counts each cut in ``reasons``; None
+    (counted as dropped) when no answer token would be left to score.
+    """
+    longest = max(len(side["input_ids"]) for side in sides.values())
+    if longest <= max_length:
+        return sides
+    start = _first_label(next(iter(sides.values())))
+    limit = max_length // 2 if max_prompt_length is None else max_prompt_length
+    kept = min(start, max(limit, max_length - (longest - start)))
+    cut = {name: {key: ids[start - kept : start - kept + max_length] for key, ids in side.items()}
+           for name, side in sides.items()}  # fmt: skip
+    if not all(has_target(side) for side in cut.values()):
+        reasons["dropped, no answer token fits after the prompt"] += 1
+        return None
+    if kept < start:
+        reasons["prompt cut from the left"] += 1
+    if longest - start > max_length - kept:
+        reasons["answer cut from the right"] += 1
+    return cut
+
+
+def _first_label(example: Example) -> int:
+    return next((i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX), len(example["labels"]))
 
 
 @dataclass

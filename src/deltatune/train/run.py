@@ -18,13 +18,14 @@ from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
 from ..checkpoints import latest_complete_checkpoint
-from ..data import EncodedSet, Record, RecordSet, TextExample, load_records, prompt_ids, split_records
+from ..data import EncodedSet, Record, RecordSet, TextExample, load_sources, mix, parse_weights, prompt_ids, split_records
 from ..data.records import Messages
 from ..errors import ConfigError, DataError, MergeError
 from ..model import DeltaModel, get_delta_model
+from ..quantization import is_quantized_model, prepare_for_kbit_training
 from .config import TrainConfig
 from .evaluate import answer
-from .loading import load_causal_lm, load_tokenizer, model_folder
+from .loading import base_model_id, load_causal_lm, load_tokenizer, model_folder
 from .progress import ProgressBar
 from .report import plot_losses, write_metrics
 from .stages import STAGES, Stage
@@ -68,7 +69,7 @@ def run_training(config: TrainConfig, log=print) -> RunResult:
     mixed_precision = _precision(config.precision)
     progress = ProgressBar()
     callbacks = [progress, *_optional_callbacks(config)]
-    train_records, eval_records = _records(config, stage)
+    train_records, eval_records, sources = _records(config, stage, log)
 
     tokenizer = load_tokenizer(model_path)
     train_set, eval_set = (stage.encode(tokenizer, records, config) for records in (train_records, eval_records))
@@ -78,9 +79,12 @@ def run_training(config: TrainConfig, log=print) -> RunResult:
         if not encoded.examples:
             raise DataError(f"no {name} example is left after truncation to max_length={config.max_length}")
 
-    model = load_causal_lm(model_path)
+    model = load_causal_lm(model_path, quantization=config.quantization)
+    if is_quantized_model(model):  # QLoRA: fp32 norms/head, input gradients, no CPU repacking of 4-bit weights
+        prepare_for_kbit_training(model, config.gradient_checkpointing)
     model.config.use_cache = False  # training needs no KV cache (and packing needs none: see data.collate)
-    delta = get_delta_model(model, config.delta_config(str(model_path.resolve())))
+    delta = get_delta_model(model, config.delta_config(base_model_id(config.model)))
+    delta._hf_peft_config_loaded = True  # transformers' Trainer trains a quantised base only under adapters
     trainable, total = delta.get_nb_trainable_parameters()
     log(f"{config.method}: {trainable:,} trainable of {total:,} parameters")
     arguments = _arguments(config, train_set, mixed_precision)
@@ -128,7 +132,7 @@ def run_training(config: TrainConfig, log=print) -> RunResult:
     if trainer.args.should_save:
         write_metrics(
             output / "metrics.json", config=dataclasses.asdict(config), result=dataclasses.asdict(result),
-            data=_data_stats(train_records, eval_records, train_set, eval_set), log_history=history,
+            data=_data_stats(train_records, eval_records, train_set, eval_set, sources), log_history=history,
         )  # fmt: skip
         plot_losses(output / "loss.png", history, title=f"{stage.name} · {config.method} · {model_path.name}")
     return result
@@ -150,26 +154,35 @@ def _checkpoint(config: TrainConfig) -> str | None:
     return str(path)
 
 
-def _records(config: TrainConfig, stage: Stage) -> tuple[list[Record], list[Record]]:
-    """(train, held-out) records, every row validated."""
-    data = _checked(load_records(config.data, config.data_format), stage)
+def _records(config: TrainConfig, stage: Stage, log) -> tuple[list[Record], list[Record], dict[str, tuple[int, int]]]:
+    """(train, held-out, per source (rows, rows used)): every row validated; several sources are mixed by
+    data_weights after the held-out split (``data.mixing``)."""
+    ignore = [column.strip() for column in config.ignore_columns.split(",") if column.strip()]
+    sets = [_checked(s, stage) for s in load_sources(config.data, config.data_format, config.columns, ignore)]
+    records = [record for data in sets for record in data.records]
     if config.eval_data:
-        train = data.records
-        held_out = _checked(load_records(config.eval_data, config.data_format), stage).records
+        train = records
+        held_out = [r for s in load_sources(config.eval_data, config.data_format, config.columns, ignore)
+                    for r in _checked(s, stage).records]  # fmt: skip
     else:
-        train, held_out = split_records(data.records, config.eval_fraction, config.seed)
+        train, held_out = split_records(records, config.eval_fraction, config.seed)
         if not train or not held_out:
-            raise DataError(f"{data.source}: {len(data)} examples are too few to hold out eval_fraction="
+            raise DataError(f"{config.data}: {len(records)} examples are too few to hold out eval_fraction="
                             f"{config.eval_fraction}; add rows or pass eval_data")  # fmt: skip
-    return train, held_out[: config.eval_examples]
+        log(f"data: {len(records)} rows, {len(held_out)} held out (eval_fraction={config.eval_fraction}), "
+            f"{min(len(held_out), config.eval_examples)} of them scored (eval_examples)")  # fmt: skip
+    mixed = mix(train, [data.source for data in sets], parse_weights(config.data_weights, len(sets)), config.seed)
+    for line in mixed.summary() if len(sets) > 1 else []:
+        log(f"data: {line}")
+    return mixed.records, held_out[: config.eval_examples], mixed.counts
 
 
 def _checked(data: RecordSet, stage: Stage) -> RecordSet:
     if data.kind not in stage.kinds:
-        raise DataError(
-            f"stage={stage.name} trains on {' or '.join(stage.kinds)} data, but {data.source} is {data.kind} data "
-            f"(format {data.format}); e.g. data={stage.data_hint}"
-        )
+        meant = next((s.name for s in STAGES.values() if data.kind in s.kinds), None)
+        hint = f"did you mean stage={meant}?" if meant else "use `deltatune classify` for it"
+        raise DataError(f"stage={stage.name} trains on {' or '.join(stage.kinds)} data, but {data.source} is "
+                        f"{data.kind} data (format {data.format}); {hint} (or e.g. data={stage.data_hint})")  # fmt: skip
     return data
 
 
@@ -283,14 +296,21 @@ def _merged_check(delta: DeltaModel, tokenizer, prompt: Messages | None, probe: 
         delta.unmerge_adapter()
 
 
-def _data_stats(train_records, eval_records, train_set: EncodedSet, eval_set: EncodedSet) -> dict[str, int]:
-    return {
+def _data_stats(train_records, eval_records, train_set: EncodedSet, eval_set: EncodedSet, sources) -> dict:
+    """Row and token counts; the cuts by reason and the per-source mix appear when there are any."""
+    stats = {
         "train_records": len(train_records), "train_examples": len(train_set.examples),
         "train_tokens": train_set.n_tokens, "train_truncated": train_set.n_truncated,
         "train_dropped": train_set.n_dropped, "eval_records": len(eval_records),
         "eval_examples": len(eval_set.examples), "eval_truncated": eval_set.n_truncated,
         "eval_dropped": eval_set.n_dropped,
     }  # fmt: skip
+    for name, encoded in (("train", train_set), ("eval", eval_set)):
+        if encoded.reasons:
+            stats[f"{name}_cuts"] = dict(encoded.reasons)
+    if len(sources) > 1:
+        stats["sources"] = {source: {"rows": have, "used": used} for source, (have, used) in sources.items()}
+    return stats
 
 
 def _describe(metrics: dict[str, float]) -> str:

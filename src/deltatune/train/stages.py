@@ -63,11 +63,11 @@ def _sft_trainer(config, model, tokenizer, args, train: list[Example], evaluatio
 
 
 def _encode_sft(tokenizer, records, config) -> EncodedSet:
-    return encode_records(tokenizer, records, config.max_length, config.train_on_prompt)
+    return encode_records(tokenizer, records, config.max_length, config.train_on_prompt, config.truncation_side)
 
 
 def _encode_dpo(tokenizer, records, config) -> EncodedSet:
-    return encode_preference_pairs(tokenizer, records, config.max_length)
+    return encode_preference_pairs(tokenizer, records, config.max_length, config.max_prompt_length or None)
 
 
 def _dpo_trainer(config, model, tokenizer, args, train, evaluation) -> Trainer:
@@ -78,9 +78,8 @@ def _dpo_trainer(config, model, tokenizer, args, train, evaluation) -> Trainer:
 
 
 def _encode_kto(tokenizer, records, config) -> EncodedSet:
-    if records and isinstance(records[0], PreferencePair):
-        records = unpair(records)
-    return encode_kto_examples(tokenizer, records, config.max_length)
+    records = [kto for r in records for kto in (unpair([r]) if isinstance(r, PreferencePair) else [r])]
+    return encode_kto_examples(tokenizer, records, config.max_length, config.max_prompt_length or None)
 
 
 def _kto_trainer(config, model, tokenizer, args, train, evaluation) -> Trainer:
