@@ -8,11 +8,12 @@ import traceback
 from collections.abc import Sequence
 
 from ..errors import DeltaTuneError
-from . import bench, chat, classify, evaluate, generate, inspect_model, merge, train
+from . import bench, chat, classify, evaluate, export, generate, inspect_model, merge, train
 
 COMMANDS = {
     "train": train,
     "merge": merge,
+    "export": export,
     "generate": generate,
     "chat": chat,
     "eval": evaluate,
