@@ -28,6 +28,11 @@ second per mode). On meta, attention runs torch's math kernel and saves its atte
 differences between modes are, but for one tensor: under the math kernel o_proj's input is a
 copy, where flash kernels hand o_proj a view of what attention saved anyway, so on meta every
 LoRA mode counts one [tokens, hidden] tensor per layer more than on a GPU (or a CPU).
+
+``quant`` (QLoRA): deltatune's LoRA step over the same random model held as fp32, bf16, nf4 and int8
+(quantised by transformers' bitsandbytes loading: every linear layer but the head), and peft's over the
+nf4 one (``peft-nf4``), each in its own process: tokens/s, step peak memory, and the bytes of the base's
+weights (quantisation scales included), whole and of the linear layers alone.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -53,7 +58,7 @@ LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 MODES = ("floor", "fused", "fused-eager", "fused-layer", "plain", "peft", "dora", "peft-dora")
 # Each mode's speed and memory are also given as ratios to these modes, where they ran.
 REFERENCES = ("floor", "peft", "peft-dora", "fused")
-SECTIONS = ("train", "infer", "wrap", "saved")
+SECTIONS = ("train", "infer", "wrap", "saved", "quant")
 RESULT_PREFIX = "BENCH_RESULT "
 MIB = 2**20
 GIB = 2**30
@@ -160,7 +165,12 @@ def _import_peft():
 # -- jobs (each runs in its own process) ------------------------------------------------------
 def train_job(shape: Shape, mode: str, device: str, steps: int, warmup: int, rank: int, dropout: float) -> dict:
     """Time ``steps`` LoRA training steps after ``warmup`` ones; measure peak and saved memory."""
-    model = attach(build_model(shape, device), mode, rank, dropout).train()
+    return measure_training(attach(build_model(shape, device), mode, rank, dropout), shape, device, steps, warmup)
+
+
+def measure_training(model: nn.Module, shape: Shape, device: str, steps: int, warmup: int) -> dict:
+    """``train_job``'s measurements of an adapted ``model``: speed, peak and saved memory of its steps."""
+    model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=torch.Generator().manual_seed(1)).to(device)
@@ -244,6 +254,49 @@ def saved_job(shape: Shape, modes: Sequence[str], rank: int, dropout: float) -> 
             model(input_ids=ids, labels=ids)
         result[f"{mode}_gib"] = sum(saved.values()) / GIB
     return result
+
+
+QUANT_BASES = ("fp32", "bf16", "nf4", "int8", "peft-nf4")
+
+
+def quant_job(shape: Shape, base: str, device: str, steps: int, warmup: int, rank: int) -> dict:
+    """``train_job``'s LoRA step (deltatune's default path, or peft for ``peft-nf4``) over a base held as
+    ``base``; with the bytes of the base's weights, whole and of the linear layers a quantisation converts."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from .quantization import loading_options
+
+    mode = base.removeprefix("peft-")
+    model = build_model(dataclasses.replace(shape, dtype="bfloat16" if mode == "bf16" else "float32"), device)
+    if mode in ("nf4", "int8"):  # quantised as transformers quantises on load: every Linear but the head
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            device_map = {"": torch.cuda.current_device()} if device == "cuda" else device
+            model = AutoModelForCausalLM.from_pretrained(folder, device_map=device_map, **loading_options(mode, model.config))
+    head = model.get_output_embeddings()
+    linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
+    sizes = {"base_mib": weight_bytes(model.parameters()) / MIB, "linear_mib": weight_bytes(linears) / MIB}
+    model = attach(model, "peft" if base.startswith("peft") else "fused", rank, 0.0)
+    return {**sizes, **measure_training(model, shape, device, steps, warmup)}
+
+
+def weight_bytes(params: Iterable[nn.Parameter]) -> int:
+    """Bytes of ``params`` as held, each storage once; a quantised weight's scales included (bitsandbytes
+    keeps them beside the parameter: a 4-bit ``quant_state``, 8-bit ``SCB``)."""
+    storages: dict[int, int] = {}
+    for param in params:
+        tensors = [param]
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            tensors += [state.absmax, state.code]
+            if state.nested:
+                tensors += [state.state2.absmax, state.state2.code]
+        if getattr(param, "SCB", None) is not None:
+            tensors.append(param.SCB)
+        storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors})
+    return sum(storages.values())
 
 
 def _timed(fn: Callable[[], Any], count: int, device: str) -> tuple[list[float], list[float]]:
@@ -334,7 +387,7 @@ def _dispatch(job: dict) -> dict:
     if threads:
         torch.set_num_threads(threads)
     job["shape"] = shape_of(job["shape"], dtype)
-    return {"train": train_job, "infer": infer_job, "wrap": wrap_job, "saved": saved_job}[kind](**job)
+    return {"train": train_job, "infer": infer_job, "wrap": wrap_job, "saved": saved_job, "quant": quant_job}[kind](**job)
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -346,7 +399,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     common = {"device": device, "threads": args.threads, "dtype": args.dtype}
     settings = {key: value for key, value in vars(args).items() if key != "job"}
     report: dict[str, Any] = {"environment": environment(device, args.threads), "settings": settings,
-                              "train": [], "infer": [], "wrap": [], "saved": []}  # fmt: skip
+                              "train": [], "infer": [], "wrap": [], "saved": [], "quant": []}  # fmt: skip
     for shape in shapes:
         if "train" in args.sections:
             for repeat in range(args.repeats):
@@ -360,6 +413,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         if "infer" in args.sections:
             job = {"kind": "infer", "shape": shape, "steps": args.steps, "warmup": args.warmup, "rank": args.rank, **common}
             report["infer"].append({"shape": shape, **run_job(job, args.isolate)})
+        if "quant" in args.sections:
+            for repeat in range(args.repeats):
+                for base in QUANT_BASES:
+                    job = {"kind": "quant", "shape": shape, "base": base, "steps": args.steps, "warmup": args.warmup,
+                           "rank": args.rank, "device": device, "threads": args.threads}  # fmt: skip
+                    result = run_job(job, args.isolate)
+                    report["quant"].append({"shape": shape, "base": base, "repeat": repeat, **result})
+                    print(f"  {shape} over {base:<8} repeat {repeat}: {result['tokens_per_s']:,.0f} tok/s, "
+                          f"peak {result['peak_mib']:,.0f} MiB, base {result['base_mib']:,.1f} MiB", flush=True)  # fmt: skip
     if "wrap" in args.sections:
         libraries = ["deltatune", "peft"] if "peft" in args.modes else ["deltatune"]
         job = {"kind": "wrap", "shape": args.wrap_shape, "device": args.wrap_device or device, "rank": args.rank,
@@ -371,6 +433,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                    "dtype": args.dtype}  # fmt: skip
             report["saved"].append({"shape": shape, **run_job(job, args.isolate)})
     report["summary"] = summarize(report)
+    report["quant_summary"] = summarize_quant(report)
     report["environment"]["load_average_end"] = os.getloadavg()
     return report
 
@@ -399,6 +462,41 @@ def summarize(report: dict) -> dict:
     return summary
 
 
+def summarize_quant(report: dict) -> dict:
+    """Per shape and base: medians over repeats, and ratios to the fp32 base (memory, speed) and to peft over nf4."""
+    clock = _clock(report)
+    summary: dict[str, dict] = {}
+    for record in report.get("quant", []):
+        entry = summary.setdefault(record["shape"], {}).setdefault(record["base"], {})
+        for key in (clock, "tokens_per_s", "peak_mib", "base_mib", "linear_mib"):
+            entry.setdefault(key, []).append(record[key])
+    for bases in summary.values():
+        for entry in bases.values():
+            for key in list(entry):
+                entry[key] = statistics.median(entry[key])
+        for entry in bases.values():
+            for key, reference in (("peak_mib", "fp32"), ("base_mib", "fp32"), ("linear_mib", "fp32"), (clock, "peft-nf4")):
+                if reference in bases:
+                    entry[f"{key}_vs_{reference}"] = entry[key] / bases[reference][key]
+    return summary
+
+
+def _format_quant(report: dict, speed: str) -> list[str]:
+    clock = _clock(report)
+    lines = []
+    for shape, bases in report.get("quant_summary", {}).items():
+        lines += [f"\nLoRA over quantised bases, {shape} (r={report['settings']['rank']}, all seven projections):", "",
+                  f"| base | {speed} | vs peft-nf4 | wall tokens/s | step peak MiB | vs fp32 | base weights MiB | vs fp32 "
+                  f"| linear layers MiB | vs fp32 |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for base, e in bases.items():
+            lines.append(
+                f"| {base} | {e[clock]:,.0f} | {_ratio(e, f'{clock}_vs_peft-nf4')} | {e['tokens_per_s']:,.0f} | "
+                f"{e['peak_mib']:,.1f} | {_ratio(e, 'peak_mib_vs_fp32')} | {e['base_mib']:,.1f} | "
+                f"{_ratio(e, 'base_mib_vs_fp32')} | {e['linear_mib']:,.1f} | {_ratio(e, 'linear_mib_vs_fp32')} |"
+            )
+    return lines
+
+
 def format_report(report: dict) -> str:
     """Markdown tables of the summary, inference and wrap sections."""
     clock = _clock(report)
@@ -421,6 +519,7 @@ def format_report(report: dict) -> str:
             e = modes["dora"]
             lines.append(f"\nDoRA: {_ratio(e, 'speed_vs_peft-dora')} peft-DoRA's speed, {_ratio(e, 'memory_vs_peft-dora')} "
                          f"its peak memory; step time {_inverse(e, 'speed_vs_fused')} deltatune's LoRA step")  # fmt: skip
+    lines += _format_quant(report, speed)
     for record in report["infer"]:
         base = record["base_ms"]
         cells = [f"{base:.2f}"] + [

@@ -18,8 +18,8 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
     parser = commands.add_parser(
         name,
         help="list a model's adaptable modules and each method's trainable parameters",
-        description="Show MODEL's adaptable modules (by short name, with counts), its default target_modules, and the "
-        "trainable parameter count of every registered method at its `deltatune train` defaults.",
+        description="Show MODEL's adaptable modules (by short name, with counts), its default target_modules, the "
+        "memory of its weights held as each `quantization=` mode, and the trainable parameter count of every registered method at its `deltatune train` defaults.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -30,6 +30,7 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import DeltaTuneError
     from ..model import get_delta_model
+    from ..quantization import QUANTIZATIONS, base_memory, is_quantized_model
     from ..targeting import adaptable_module_names, default_target_modules
     from ..train.loading import load_saved_class, model_folder
     from ..train.methods import build_config, methods
@@ -38,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
     total = sum(p.numel() for p in model.parameters())
     model_type = getattr(model.config, "model_type", "?")
     print(f"model: {type(model).__name__} ({model_type}), {total:,} parameters")
+    if not is_quantized_model(model):
+        sizes = ", ".join(f"{mode} {base_memory(model, mode) / 2**20:,.1f} MiB" for mode in QUANTIZATIONS)
+        print(f"base weights by quantization= (linear layers but the head): {sizes}")
     names = adaptable_module_names(model)
     counts = Counter(name.rsplit(".", 1)[-1] for name in names)
     print(f"adaptable modules: {len(names)}")

@@ -11,7 +11,10 @@ from ..errors import ConfigError
 EXAMPLES = """\
 examples:
   deltatune merge outputs/quickstart/adapter outputs/merged
-  deltatune merge my-adapter merged-model --model ./base-model --dtype bfloat16
+  deltatune merge my-adapter merged-model --model ./base-model --dtype bf16
+
+An adapter trained over a quantised base (quantization=nf4|fp4|int8) merges into the full-precision base
+model here (what to deploy); a quantised model folder as the base is refused (it would round the result).
 
 The output folder loads with transformers alone:
   AutoModelForCausalLM.from_pretrained("outputs/merged")
@@ -29,18 +32,27 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
     parser.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("output", help="folder for the merged model (must be empty or new)")
     parser.add_argument("--model", help="base model folder or 'smollm2' (default: the adapter's base_model_name_or_path)")
-    parser.add_argument("--dtype", default="float32", help="dtype of the saved weights: float32 (default), bfloat16, float16")
+    parser.add_argument("--dtype", default="float32",
+                        help="dtype of the saved weights: fp32 / float32 (default), bf16 / bfloat16, fp16 / float16")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT folder (swapped whole, in one step)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.loading import DTYPES, load_adapted, tokenizer_for
+    from transformers import AutoConfig
+
+    from ..quantization import saved_quantization
+    from ..train.loading import DTYPES, adapter_base, load_adapted, tokenizer_for
 
     if args.dtype not in DTYPES:
         raise ConfigError(f"--dtype={args.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
         raise ConfigError(f"{output} exists and is not an empty folder; pick a new OUTPUT or pass --overwrite")
+    _, base_path = adapter_base(args.adapter, args.model)
+    saved = saved_quantization(AutoConfig.from_pretrained(base_path, local_files_only=True))
+    if saved != "none":
+        raise ConfigError(f"{base_path} is a quantised ({saved}) model: merging into it would round the merged "
+                          f"weights; pass the full-precision base with --model (training quantises it on load)")  # fmt: skip
     model, base_path = load_adapted(args.adapter, args.model)  # merged in fp32, then cast
     merged = model.merge_and_unload(safe_merge=True).to(DTYPES[args.dtype])
     with atomic_directory(output) as staging:  # a crash leaves the previous OUTPUT or the new one, never a mix
