@@ -179,6 +179,21 @@ def test_the_fused_step_saves_no_dense_weight(llama_dir):
     assert all(g is not None for g in grads) and any(g.abs().max() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_quantised_gated_mlps_run_as_one_fused_function_while_training(llama_dir, mode):
+    """The MLP function reads quantised weights through ``dense`` too: same numbers as layer by layer."""
+    model = get_delta_model(quantised(llama_dir, mode), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.train()
+    mlp, inputs = model.base_model.model.layers[0].mlp, torch.randn(2, 3, 64)
+    fused = mlp(inputs)
+    assert fused.grad_fn.name() == "_LoraMlpFunctionBackward"
+    for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        layer.fuse_mlp = False
+    layered = mlp(inputs)
+    assert layered.grad_fn.name() != "_LoraMlpFunctionBackward"
+    torch.testing.assert_close(fused, layered, atol=1e-5, rtol=0)
+
+
 def test_rank_is_checked_against_the_logical_shape(llama_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # r=8 <= 32: no "larger than the smallest dimension" warning

@@ -72,12 +72,10 @@ from .encoding import (
     render,
     truncate,
 )
-from .formats import FORMATS, detect_format, normalise
+from .formats import FORMATS, detect_format
 from .mapping import ColumnMap
 from .mixing import Mixed, mix, parse_weights
-from .readers import read_table
 from .records import (
-    KINDS,
     Conversation,
     KTOExample,
     LabelledText,

@@ -10,7 +10,7 @@ function keeps x, gate(x) and up(x) and recomputes the rest in backward (see the
 docstring for the arithmetic). A module qualifies by what its class's ``forward`` says, not by
 its class name: the source must be exactly that expression (any argument name), and ``act_fn``
 one of the activations the kernel knows (SiLU, exact or tanh GELU). Its three projections must
-be ``nn.Linear`` layers, with or without LoRA.
+be ``nn.Linear`` layers (or bitsandbytes 4-/8-bit Linears carrying LoRA), with or without LoRA.
 
 A qualifying MLP takes the class ``fused_class(its class)`` (``FusedGatedMlp``'s forward first)
 while one of its projections is a LoRA layer; ``sync_fused_mlps`` sets and restores the class as
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import activations
 
+from ..kernels.base_weight import QUANTIZED_LINEARS, is_quantized, logical_shape
 from ..kernels.lora_mlp import Projection, fused_lora_mlp
 from .lora import LoraLinear, has_hooks, is_frozen_plain_linear
 
@@ -91,8 +92,13 @@ def is_gated_mlp(module: nn.Module) -> bool:
     return (
         _gated_input_name(getattr(module, "_unfused_class", type(module))) is not None
         and activation_name(getattr(module, "act_fn", None)) is not None
-        and all(type(_base(getattr(module, name, None))) is nn.Linear for name in PROJECTIONS)
+        and all(_is_linear(_base(getattr(module, name, None))) for name in PROJECTIONS)
     )
+
+
+def _is_linear(module: nn.Module | None) -> bool:
+    """Exactly ``nn.Linear``, or a bitsandbytes 4-/8-bit Linear (its weight reaches the kernel through ``dense``)."""
+    return type(module) is nn.Linear or type(module).__name__ in QUANTIZED_LINEARS
 
 
 def activation_name(act: object) -> str | None:
@@ -162,13 +168,15 @@ def _fused_call(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if activation is None or has_hooks(mlp.act_fn) or not isinstance(x, torch.Tensor):
         return None
     layers = [getattr(mlp, name) for name in PROJECTIONS]
-    if not all(type(_base(layer)) is nn.Linear for layer in layers):  # e.g. wrapped by another method meanwhile
+    if not all(_is_linear(_base(layer)) for layer in layers):  # e.g. wrapped by another method meanwhile
         return None
-    gate, up, down = (_base(layer).weight for layer in layers)
-    if not (gate.shape[1] == up.shape[1] == x.shape[-1] and gate.shape[0] == up.shape[0] == down.shape[1]):
+    weights = [layer.base_weight if isinstance(layer, LoraLinear) else layer.weight for layer in layers]
+    gate, up, down = (logical_shape(w) for w in weights)
+    if not (gate[1] == up[1] == x.shape[-1] and gate[0] == up[0] == down[1]):
         return None
     lora_layers = [layer for layer in layers if isinstance(layer, LoraLinear)]
-    same_setup = {(w.dtype, w.device) for w in (gate, up, down)} == {(gate.dtype, x.device)}
+    # one dtype (quantised weights: the compute dtype each layer's ``fusable`` checks) and x's device
+    same_setup = len({w.dtype for w in weights if not is_quantized(w)}) <= 1 and {w.device for w in weights} == {x.device}
     if not same_setup or len({(layer.adapter_dtype, layer.compile_mlp) for layer in lora_layers}) != 1:
         return None
     projections, any_adapter = [], False
@@ -178,9 +186,9 @@ def _fused_call(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
             names = layer.unmerged_active()
             if not (layer.fuse_mlp and not has_hooks(layer) and layer.fusable(x, names)):
                 return None
-            projections.append(Projection(base.weight, base.bias, layer.factors(names)))
+            projections.append(Projection(layer.base_weight, base.bias, layer.factors(names)))
             any_adapter = any_adapter or bool(names)
-        elif is_frozen_plain_linear(base, x):
+        elif type(base) is nn.Linear and is_frozen_plain_linear(base, x):
             projections.append(Projection(base.weight, base.bias))
         else:
             return None
