@@ -283,7 +283,11 @@ def _reloaded_diff(delta: DeltaModel, adapter_dir: Path, probe: torch.Tensor) ->
 
 def _merged_check(delta: DeltaModel, tokenizer, prompt: Messages | None, probe: torch.Tensor) -> tuple[float | None, str | None]:
     """(max |logit difference| merged vs unmerged, the merged model's answer); (None, None) when the
-    method cannot merge. The weights are unmerged again afterwards."""
+    method cannot merge, or the base is quantised (merging would re-quantise it: the difference would
+    measure the rounding, and unmerging would not give the trained base back). The weights are unmerged
+    again afterwards."""
+    if is_quantized_model(delta.base_model):
+        return None, None
     unmerged = _logits(delta, probe)
     try:
         delta.merge_adapter(safe_merge=True)
