@@ -12,7 +12,8 @@ from .config import (
     PromptTuningConfig,
 )
 from .errors import AdapterLoadError, ConfigError, DataError, DeltaTuneError, MergeError, SaveError, TargetError
-from .model import DeltaModel, get_delta_model
+
+_LAZY = {"DeltaModel": "model", "get_delta_model": "model"}  # these import torch: loaded on first use
 
 __version__ = "0.1.0"
 
@@ -33,3 +34,15 @@ __all__ = [
     "TargetError",
     "get_delta_model",
 ]
+
+
+def __getattr__(name: str):
+    """``deltatune.DeltaModel`` and ``get_delta_model`` import torch only when first used, so that
+    ``import deltatune`` (and with it every command's ``--help`` and config check) stays fast."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

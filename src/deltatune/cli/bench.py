@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "benchmark LoRA training against the frozen floor and peft"
 EXAMPLES = """\
 examples:
   deltatune bench                                   # CPU: cpu-small shape; CUDA: 1.1b and 8b (bf16)
@@ -17,7 +18,7 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
 
     parser = commands.add_parser(
         name,
-        help="benchmark LoRA training against the frozen floor and peft",
+        help=HELP,
         description="LoRA training step (r=16, all seven Llama projections, AdamW) on random Llama-shaped models: "
         "tokens/s and peak memory of the frozen floor, deltatune (fused and plain) and peft, side by side; "
         "inference latency unmerged/merged; wrap time.",

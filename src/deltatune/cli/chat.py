@@ -7,6 +7,7 @@ import sys
 
 from .generate import add_generation_arguments, add_model_arguments, load_model, sampling, system_messages
 
+HELP = "chat with a model (and an adapter) on the terminal"
 EXAMPLES = """\
 examples:
   deltatune chat --adapter outputs/quickstart/adapter
@@ -19,7 +20,7 @@ In the chat: /reset forgets the conversation, /exit (or Ctrl-D) ends it.
 def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
     parser = commands.add_parser(
         name,
-        help="chat with a model (and an adapter) on the terminal",
+        help=HELP,
         description="Talk to the model: each line you type is a user message; the whole conversation is the prompt.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

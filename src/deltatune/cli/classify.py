@@ -6,6 +6,7 @@ import argparse
 
 from ..errors import ConfigError
 
+HELP = "train a sequence classifier (LoRA + a new head) and report held-out accuracy"
 EXAMPLES = """\
 examples:
   deltatune classify                                  # embedded MiniLM, chatterbot questions -> their 21 topics
@@ -17,7 +18,7 @@ examples:
 def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
     parser = commands.add_parser(
         name,
-        help="train a sequence classifier (LoRA + a new head) and report held-out accuracy",
+        help=HELP,
         description="Train LoRA on every linear layer plus a new classification head (modules_to_save) and print "
         "held-out accuracy before and after, next to the always-the-most-common-label baseline.",
         epilog=EXAMPLES,

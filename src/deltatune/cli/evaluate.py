@@ -6,6 +6,7 @@ import argparse
 
 from ..errors import ConfigError, DataError
 
+HELP = "held-out loss / perplexity of the base model vs base + adapter"
 EXAMPLES = """\
 examples:
   deltatune eval --adapter outputs/quickstart/adapter               # chatterbot's held-out split
@@ -17,7 +18,7 @@ examples:
 def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
     parser = commands.add_parser(
         name,
-        help="held-out loss / perplexity of the base model vs base + adapter",
+        help=HELP,
         description="Score held-out data: mean cross-entropy per labelled (answer) token and its perplexity, for the "
         "base model and, with --adapter, for base + adapter. The built-in chatterbot data is scored on the held-out "
         "split `deltatune train` uses (same --eval-fraction and --seed); a data file is scored in full.",

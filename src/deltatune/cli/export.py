@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "export a model or adapter to GGUF (llama.cpp, Ollama, LM Studio)"
 EXAMPLES = """\
 examples:
   deltatune export outputs/quickstart/adapter model.gguf                # merged, f16
@@ -23,7 +24,7 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
 
     parser = commands.add_parser(
         name,
-        help="export a model or adapter to GGUF (llama.cpp, Ollama, LM Studio)",
+        help=HELP,
         description="Write SOURCE (an adapter folder, merged onto its base; a model folder; or 'smollm2') to OUTPUT "
         "as GGUF, with an Ollama Modelfile beside it. With --lora, an adapter stays a separate llama.cpp LoRA file.",
         epilog=EXAMPLES,

@@ -7,6 +7,7 @@ import sys
 
 from ..errors import ConfigError
 
+HELP = "answer prompts with a model (and an adapter)"
 EXAMPLES = """\
 examples:
   deltatune generate "What is AI?"                                        # the embedded SmolLM2
@@ -19,7 +20,7 @@ examples:
 def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
     parser = commands.add_parser(
         name,
-        help="answer prompts with a model (and an adapter)",
+        help=HELP,
         description="Answer each PROMPT with the model's chat template (greedy unless --temperature > 0).",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

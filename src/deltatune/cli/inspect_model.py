@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
+HELP = "list a model's adaptable modules and each method's trainable parameters"
 EXAMPLES = """\
 examples:
   deltatune inspect smollm2              # the embedded SmolLM2-135M-Instruct
@@ -17,7 +18,7 @@ _TASKS = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS")
 def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
     parser = commands.add_parser(
         name,
-        help="list a model's adaptable modules and each method's trainable parameters",
+        help=HELP,
         description="Show MODEL's adaptable modules (by short name, with counts), its default target_modules, the "
         "memory of its weights held as each `quantization=` mode, and the trainable parameter count of every registered method at its `deltatune train` defaults.",
         epilog=EXAMPLES,

@@ -1,8 +1,16 @@
-"""``deltatune`` command line: one sub-command per job, one-line errors, non-zero exit on failure."""
+"""``deltatune`` command line: one sub-command per job, one-line errors, non-zero exit on failure.
+
+Help, config errors and data errors answer before torch is imported: the command modules import
+torch, transformers and the model code only inside ``run``, and only the sub-command being run gets
+its full argument list (some list choices that need those imports). ``OMP_WAIT_POLICY=PASSIVE`` is
+set before torch can load (unless the user set it), so idle OpenMP threads sleep instead of
+spinning on a busy machine.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -23,7 +31,8 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``command`` gets its arguments, every other command only its help line."""
     parser = argparse.ArgumentParser(
         prog="deltatune",
         description="Parameter-efficient fine-tuning of transformers models (LoRA, peft-compatible files).",
@@ -31,12 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in COMMANDS.items():
-        module.add_parser(commands, name)
+        if name == command:
+            module.add_parser(commands, name)
+        else:
+            commands.add_parser(name, help=module.HELP)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Top-level options take no value, so the first word that is not an option names the command.
+    command = next((word for word in argv if not word.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

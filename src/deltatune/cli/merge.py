@@ -8,6 +8,7 @@ from pathlib import Path
 from ..atomic import atomic_directory
 from ..errors import ConfigError
 
+HELP = "merge an adapter into its base model (a plain transformers model folder)"
 EXAMPLES = """\
 examples:
   deltatune merge outputs/quickstart/adapter outputs/merged
@@ -24,7 +25,7 @@ The output folder loads with transformers alone:
 def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
     parser = commands.add_parser(
         name,
-        help="merge an adapter into its base model (a plain transformers model folder)",
+        help=HELP,
         description="Merge ADAPTER into its base model (W0 + delta) and save the result, with the tokenizer, to OUTPUT.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

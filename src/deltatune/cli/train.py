@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 import textwrap
 
-from ..train.config import TrainConfig
-from ..train.methods import methods, option_defaults
-
+HELP = "fine-tune a model (SFT, DPO or KTO) and save a peft-compatible adapter"
 EXAMPLES = """\
 examples:
   deltatune train                                  # embedded default: LoRA SFT of SmolLM2-135M on chatterbot
@@ -22,7 +22,7 @@ examples:
 def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
     parser = commands.add_parser(
         name,
-        help="fine-tune a model (SFT, DPO or KTO) and save a peft-compatible adapter",
+        help=HELP,
         description="Fine-tune a model with an adapter method (SFT, DPO or KTO) and save a peft-compatible "
         "adapter, metrics.json and loss.png in output_dir. Settings come from defaults, then CONFIG.yaml, "
         "then key=value overrides.",
@@ -33,6 +33,9 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
 
 
 def _keys_help() -> str:
+    from ..train.config import TrainConfig
+    from ..train.methods import methods, option_defaults
+
     lines = [
         f"  {f.name:<28} {f.metadata['help']} (default: {f.default!r})"
         for f in dataclasses.fields(TrainConfig)
@@ -45,10 +48,28 @@ def _keys_help() -> str:
     return "\n".join(lines)
 
 
+def _set_threads(requested: int) -> None:
+    """torch's CPU thread count from ``threads=`` (0: the CPUs other work leaves free, unless
+    OMP_NUM_THREADS says otherwise), with a notice when the machine is busy."""
+    if not requested and "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    from ..threads import available_cpus, busy_cpus, choose_threads
+
+    choice = choose_threads(requested, available_cpus(), busy_cpus())
+    if choice.notice:
+        print(f"threads: {choice.notice}", file=sys.stderr)
+    torch.set_num_threads(choice.threads)
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..train.config import TrainConfig
+
     config_file = next((s for s in args.settings if "=" not in s), None)
     overrides = [s for s in args.settings if s is not config_file]
     config = TrainConfig.from_sources(config_file, overrides)
+    _set_threads(config.threads)
     # Imported here so that `deltatune --help` and config errors stay instant.
     from ..distributed import is_main_process
     from ..train.run import run_training

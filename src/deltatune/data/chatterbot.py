@@ -14,9 +14,12 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from .. import assets
 from .records import Conversation, KTOExample, LabelledText, Message, PreferencePair, Record
+
+if TYPE_CHECKING:
+    from .. import assets
 
 
 def chatterbot_conversations() -> list[Conversation]:
@@ -70,6 +73,8 @@ BUILTIN: dict[str, Callable[[], list[Record]]] = {
 @functools.cache
 def _pairs() -> tuple[assets.QAPair, ...]:
     """The corpus pairs, parsed once per process (the YAML files take ~0.5 s)."""
+    from .. import assets  # imports torch: only when the corpus is read
+
     return tuple(assets.chatterbot_pairs())
 
 

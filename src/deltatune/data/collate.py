@@ -9,10 +9,12 @@ examples would compute alone.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from .encoding import IGNORE_INDEX, Example
+
+if TYPE_CHECKING:
+    import torch
 
 
 def collate_causal(batch: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -22,6 +24,8 @@ def collate_causal(batch: Sequence[Mapping[str, Sequence[int]]], pad_token_id: i
     attention_mask (0 on padding); packed ones (with ``position_ids``) get position ids that start
     a new segment at the padding, so no real token attends to it.
     """
+    import torch  # here, so that reading and validating data never loads torch
+
     width = max(len(example["input_ids"]) for example in batch)
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)

@@ -16,19 +16,21 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
-from transformers.trainer_utils import SchedulerType
 
 from ..config import PromptLearningConfig
 from ..data import ColumnMap, parse_weights, split_sources
 from ..data.encoding import TRUNCATION_SIDES
 from ..errors import ConfigError, DataError
-from ..quantization import QUANTIZATIONS
 from .methods import build_config, option_defaults
 
 EMBEDDED_MODEL = "smollm2"
 EMBEDDED_DATA = "chatterbot"
 STAGES = ("sft", "dpo", "kto")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# transformers' SchedulerType values but reduce_lr_on_plateau (it needs an eval metric each step), written
+# out so that checking a config never imports transformers; tests/test_cli_speed.py keeps them in step.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy")
 
 
 def _key(default: Any, help: str) -> Any:
@@ -87,13 +89,14 @@ class TrainConfig:
     desirable_weight: float = _key(1.0, "kto: weight of desirable examples' loss")
     undesirable_weight: float = _key(1.0, "kto: weight of undesirable examples' loss")
     seed: int = _key(0, "seed for the split, the adapter init and the data order")
+    threads: int = _key(0, "CPU threads (torch.set_num_threads); 0: auto, the CPUs other processes leave free")
     method_options: dict[str, Any] = field(default_factory=dict, metadata={"help": ""})
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "max_length", "eval_examples"):
             _check(name, getattr(self, name), getattr(self, name) > 0, "must be positive")
         for name in ("max_steps", "warmup_steps", "eval_steps", "early_stopping_patience", "save_steps",
-                     "save_total_limit", "logging_steps", "epochs", "weight_decay"):  # fmt: skip
+                     "save_total_limit", "logging_steps", "epochs", "weight_decay", "threads"):  # fmt: skip
             _check(name, getattr(self, name), getattr(self, name) >= 0, "must be 0 or more")
         for name in ("eval_fraction", "epochs", "learning_rate", "weight_decay", "beta", "desirable_weight",
                      "undesirable_weight"):  # fmt: skip
@@ -129,11 +132,14 @@ class TrainConfig:
         except DataError as exc:
             raise ConfigError(str(exc)) from None
         _check("stage", self.stage, self.stage in STAGES, f"is unknown; use one of {', '.join(STAGES)}")
-        _check("quantization", self.quantization, self.quantization in QUANTIZATIONS,
-               f"is unknown; use one of {', '.join(QUANTIZATIONS)}")  # fmt: skip
+        if self.quantization != "none":
+            from ..quantization import QUANTIZATIONS  # imports torch: only for a quantised run
+
+            _check("quantization", self.quantization, self.quantization in QUANTIZATIONS,
+                   f"is unknown; use one of {', '.join(QUANTIZATIONS)}")  # fmt: skip
         _check("precision", self.precision, self.precision in PRECISIONS, f"is unknown; use one of {', '.join(PRECISIONS)}")
-        schedulers = [s.value for s in SchedulerType if s.value != "reduce_lr_on_plateau"]
-        _check("lr_scheduler", self.lr_scheduler, self.lr_scheduler in schedulers, f"is unknown; use one of {', '.join(schedulers)}")
+        _check("lr_scheduler", self.lr_scheduler, self.lr_scheduler in LR_SCHEDULERS,
+               f"is unknown; use one of {', '.join(LR_SCHEDULERS)}")  # fmt: skip
         if self.packing and isinstance(self.delta_config(), PromptLearningConfig):
             raise ConfigError(f"packing=true does not work with method={self.method}: its virtual tokens come once per "
                               f"row, so only a row's first example would see them; set packing=false")  # fmt: skip

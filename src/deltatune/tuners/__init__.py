@@ -1,28 +1,51 @@
-"""One tuner per method; ``tuner_for(config)`` picks the one a config belongs to."""
+"""One tuner per method; ``tuner_for(config)`` picks the one a config belongs to.
+
+The registry names each method's config class (torch-free) and where its tuner lives; a tuner
+module (which imports torch) is imported on first use, so listing and validating methods stays fast.
+"""
 
 from __future__ import annotations
 
-from ..config import DeltaConfig
-from ..errors import ConfigError
-from .base import Tuner
-from .bottleneck import BottleneckTuner
-from .lora_tuner import LoraTuner
-from .prefix import PrefixTuner
-from .prompt import PromptTuningTuner, PTuningTuner
+import functools
+import importlib
+from typing import TYPE_CHECKING
 
-_TUNERS: dict[str, Tuner] = {tuner.config_class.peft_type: tuner for tuner in (
-    LoraTuner(), BottleneckTuner(), PromptTuningTuner(), PTuningTuner(), PrefixTuner()
-)}  # fmt: skip
+from ..config import (
+    BottleneckConfig,
+    DeltaConfig,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+)
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .base import Tuner
+
+_TUNERS: dict[type[DeltaConfig], str] = {  # config class -> "module.TunerClass", in registration order
+    LoraConfig: "lora_tuner.LoraTuner",
+    BottleneckConfig: "bottleneck.BottleneckTuner",
+    PromptTuningConfig: "prompt.PromptTuningTuner",
+    PromptEncoderConfig: "prompt.PTuningTuner",
+    PrefixTuningConfig: "prefix.PrefixTuner",
+}
 
 
 def tuner_for(config: DeltaConfig) -> Tuner:
     """The tuner that implements ``config``'s method."""
-    try:
-        return _TUNERS[config.peft_type]
-    except KeyError:
-        raise ConfigError(f"no tuner for peft_type={config.peft_type!r}") from None
+    for config_class in _TUNERS:
+        if config_class.peft_type == config.peft_type:
+            return _tuner(config_class)
+    raise ConfigError(f"no tuner for peft_type={config.peft_type!r}")
+
+
+@functools.cache
+def _tuner(config_class: type[DeltaConfig]) -> Tuner:
+    module, name = _TUNERS[config_class].rsplit(".", 1)
+    return getattr(importlib.import_module(f".{module}", __name__), name)()
 
 
 def config_classes() -> list[type[DeltaConfig]]:
     """The config class of every registered method, in registration order."""
-    return [tuner.config_class for tuner in _TUNERS.values()]
+    return list(_TUNERS)

@@ -1,0 +1,58 @@
+"""Help and config errors answer without importing torch or transformers (they take seconds to load)."""
+
+import subprocess
+import sys
+
+import pytest
+from transformers.trainer_utils import SchedulerType
+
+from deltatune.train.config import LR_SCHEDULERS, TrainConfig
+
+# Runs the CLI, then reports which heavy modules it loaded and the OpenMP wait policy it left.
+PROBE = """
+import sys
+from deltatune.cli.main import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+import os
+print("LOADED", [m for m in ("torch", "transformers", "deltatune.model") if m in sys.modules], os.environ.get("OMP_WAIT_POLICY"))
+"""
+
+COMMANDS = ["train", "merge", "generate", "chat", "eval", "inspect", "classify"]
+
+
+def _probe(*argv: str, env: dict | None = None) -> tuple[str, str]:
+    done = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120, env=env)
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("LOADED"), done.stdout + done.stderr
+    return last, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "learning_rat=1e-4"], ["train", "threads=-1"],
+                                  *(([c, "--help"]) for c in COMMANDS)])
+def test_help_and_config_errors_do_not_import_torch(argv):
+    loaded, output = _probe(*argv)
+    assert loaded.startswith("LOADED []"), f"{argv}: {loaded}"
+    if argv == ["train", "learning_rat=1e-4"]:
+        assert "did you mean 'learning_rate'" in output
+    if argv == ["train", "--help"]:
+        assert "threads" in output and "method=lora keys" in output
+
+
+def test_omp_wait_policy_is_passive_unless_the_user_set_it():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert _probe("--help", env=env)[0].endswith("PASSIVE")
+    assert _probe("--help", env={**env, "OMP_WAIT_POLICY": "ACTIVE"})[0].endswith("ACTIVE")
+
+
+def test_written_out_schedulers_match_transformers():
+    assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType} - {"reduce_lr_on_plateau"}
+
+
+def test_threads_key():
+    assert TrainConfig.from_sources(None, ["threads=2"]).threads == 2
+    assert TrainConfig.from_sources(None, []).threads == 0
