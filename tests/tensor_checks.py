@@ -14,6 +14,20 @@ def assert_close_rel(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str
     assert error <= tol * scale, f"{what}: max error {error:.3g} vs max |ref| {scale:.3g}"
 
 
+def assert_matches_reference(y, ref_y, leaves: dict, copies: dict, tol: float, node: str) -> None:
+    """A fused function's output ``y`` and the gradients of its ``leaves`` (name -> tensor or None) against
+    a float64 reference ``ref_y`` computed from ``copies`` (name -> float64 copy), under one random dy."""
+    assert y.grad_fn.name() == node
+    assert_close_rel(y, ref_y, tol, "output")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.device, y.dtype)
+    y.backward(dy)
+    ref_y.backward(dy.double())
+    for name, leaf in leaves.items():
+        if leaf is not None:
+            assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, name
+            assert_close_rel(leaf.grad, copies[name].grad, tol, f"gradient of {name}")
+
+
 def saved_bytes(fn, weights) -> dict[str, int]:
     """Bytes of the distinct storages autograd saves while ``fn()`` runs, by dtype.
 
