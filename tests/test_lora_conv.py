@@ -15,12 +15,13 @@ from collections.abc import Callable
 import peft
 import pytest
 import torch
+from test_peft_parity import DIRECTIONS, delta_trainable, peft_trainable
+from tiny_models import _seeded, perturb_trainable
 from torch import nn
 
 import deltatune
 from deltatune import DeltaModel
 from deltatune.errors import ConfigError, MergeError
-from deltatune.io import to_file_key
 from deltatune.tuners.lora import LoraLinear
 
 pytestmark = [
@@ -30,7 +31,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Adapter 'default'.*have invalid shape"),
 ]
 
-DIRECTIONS = ["peft_to_deltatune", "deltatune_to_peft"]
 ATOL = 1e-5
 MERGE_ATOL = 1e-4
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -54,46 +54,16 @@ class ConvNet(nn.Module):
         return torch.randn((2, 4) + (6,) * self.dims, generator=torch.Generator().manual_seed(1))
 
 
-def seeded(make: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return make().eval()
-
-
-def perturb(model: nn.Module, seed: int = 7) -> None:
-    """Seeded noise on every trainable parameter, as training would leave them."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
-
-
-def peft_params(model: nn.Module, adapter: str = "default") -> dict[str, nn.Parameter]:
-    """File key -> trainable parameter, by peft's own ``get_peft_model_state_dict``."""
-    key_at = {t.data_ptr(): key for key, t in peft.get_peft_model_state_dict(model, adapter_name=adapter).items()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert all(p.data_ptr() in key_at for p in trainable), "peft trains a parameter it does not save"
-    return {key_at[p.data_ptr()]: p for p in trainable}
-
-
-def delta_params(model: DeltaModel, adapter: str = "default") -> dict[str, nn.Parameter]:
-    """File key -> trainable parameter; every trainable parameter belongs to the saved state."""
-    state = model.adapter_state(adapter)
-    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in state.values()}
-    return {to_file_key(name, adapter): param for name, param in state.items()}
-
-
 def save_and_load(make: Callable[[], nn.Module], lora: dict, direction: str, root) -> tuple[nn.Module, DeltaModel]:
     """(peft model, deltatune model) with one adapter: trained and saved by one side, loaded by the other."""
     if direction == "peft_to_deltatune":
-        peft_side = seeded(lambda: peft.get_peft_model(make(), peft.LoraConfig(**lora, init_lora_weights=False)))
-        perturb(peft_side)
+        peft_side = _seeded(lambda: peft.get_peft_model(make(), peft.LoraConfig(**lora, init_lora_weights=False)))
+        perturb_trainable(peft_side)
         peft_side.save_pretrained(root)
         return peft_side, DeltaModel.from_pretrained(make(), root, is_trainable=True)
     config = deltatune.LoraConfig(**lora, init_lora_weights=False)
-    delta_side = seeded(lambda: deltatune.get_delta_model(make(), config))
-    perturb(delta_side)
+    delta_side = _seeded(lambda: deltatune.get_delta_model(make(), config))
+    perturb_trainable(delta_side)
     delta_side.save_pretrained(root)
     return peft.PeftModel.from_pretrained(make(), root, is_trainable=True), delta_side
 
@@ -107,7 +77,7 @@ def assert_same_model(
 ) -> None:
     """Same tensors under the same file keys, same outputs (1e-5), same gradients (peft's times
     ``peft_grad_scale(key)``, for a peft layer known to scale them)."""
-    p_params, d_params = peft_params(peft_side), delta_params(delta_side)
+    p_params, d_params = peft_trainable(peft_side, "default"), delta_trainable(delta_side, "default")
     assert sorted(d_params) == sorted(p_params)
     for key, param in p_params.items():
         torch.testing.assert_close(d_params[key], param, atol=0, rtol=0, msg=f"{key} differs")
@@ -131,9 +101,20 @@ def first(output) -> torch.Tensor:
 
 def random_delta_model(make: Callable[[], nn.Module], **lora) -> DeltaModel:
     config = deltatune.LoraConfig(**{**LORA, **lora}, init_lora_weights=False)
-    model = seeded(lambda: deltatune.get_delta_model(make(), config))
-    perturb(model)
+    model = _seeded(lambda: deltatune.get_delta_model(make(), config))
+    perturb_trainable(model)
     return model
+
+
+def merge_keeps_the_output(model: DeltaModel) -> torch.Tensor:
+    """Merging the adapter leaves the model's output on its example input as it was (within MERGE_ATOL);
+    returns that (unmerged) output."""
+    x = model.base_model.example()
+    with torch.no_grad():
+        unmerged = model(x)
+        model.merge_adapter()
+        torch.testing.assert_close(model(x), unmerged, atol=MERGE_ATOL, rtol=0)
+    return unmerged
 
 
 def base_tensors(model: DeltaModel) -> dict[str, torch.Tensor]:
@@ -153,7 +134,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_conv_adapter_matches_peft_both_ways(case, direction, tmp_path):
     dims, groups, bias = CASES[case]
-    make = lambda: seeded(lambda: ConvNet(dims, groups, bias))  # noqa: E731
+    make = lambda: _seeded(lambda: ConvNet(dims, groups, bias))  # noqa: E731
     peft_side, delta_side = save_and_load(make, LORA, direction, tmp_path)
     assert_same_model(peft_side, delta_side, make, (make().example(),))
 
@@ -161,13 +142,9 @@ def test_conv_adapter_matches_peft_both_ways(case, direction, tmp_path):
 @pytest.mark.parametrize("case", [case for case, (_, groups, _) in CASES.items() if groups == 1])
 def test_conv_merge_matches_and_unmerge_restores(case):
     dims, groups, bias = CASES[case]
-    model = random_delta_model(lambda: seeded(lambda: ConvNet(dims, groups, bias)))
-    x, before = model.base_model.example(), base_tensors(model)
-    with torch.no_grad():
-        unmerged = model(x)
-        model.merge_adapter()
-        merged = model(x)
-    torch.testing.assert_close(merged, unmerged, atol=MERGE_ATOL, rtol=0)
+    model = random_delta_model(lambda: _seeded(lambda: ConvNet(dims, groups, bias)))
+    before = base_tensors(model)
+    merge_keeps_the_output(model)
     assert (base_tensors(model)["conv_a.base_layer.weight"] - before["conv_a.base_layer.weight"]).abs().max() > 1e-3
     model.unmerge_adapter()
     for name, tensor in base_tensors(model).items():
@@ -176,7 +153,7 @@ def test_conv_merge_matches_and_unmerge_restores(case):
 
 @pytest.mark.parametrize("safe_merge", [True, False])
 def test_grouped_conv_refuses_to_merge_and_changes_nothing(safe_merge):
-    model = random_delta_model(lambda: seeded(lambda: ConvNet(2, groups=2)))
+    model = random_delta_model(lambda: _seeded(lambda: ConvNet(2, groups=2)))
     before = base_tensors(model)
     with pytest.raises(MergeError, match="grouped convolution"):
         model.merge_adapter(safe_merge=safe_merge)
@@ -187,14 +164,11 @@ def test_grouped_conv_refuses_to_merge_and_changes_nothing(safe_merge):
 
 def test_dilation_and_padding_mode_forward_equals_the_merged_convolution():
     """A takes the base's dilation and padding mode, so the forward is the convolution with W0 + ΔW."""
-    make = lambda: seeded(lambda: ConvNet(2, dilation=2, padding_mode="reflect"))  # noqa: E731
+    make = lambda: _seeded(lambda: ConvNet(2, dilation=2, padding_mode="reflect"))  # noqa: E731
     model = random_delta_model(make)
-    x = model.base_model.example()
+    unmerged = merge_keeps_the_output(model)
     with torch.no_grad():
-        unmerged = model(x)
-        model.merge_adapter()
-        torch.testing.assert_close(model(x), unmerged, atol=MERGE_ATOL, rtol=0)
-        assert (unmerged - make()(x)).abs().max() > 1e-3
+        assert (unmerged - make()(model.base_model.example())).abs().max() > 1e-3
 
 
 # -- lora_bias: B gets a bias, merged as s · b into the base bias --------------------------------
@@ -220,22 +194,18 @@ BIAS_MODELS = {
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("kind", list(BIAS_MODELS))
 def test_lora_bias_matches_peft_both_ways(kind, direction, tmp_path):
-    make = lambda: seeded(BIAS_MODELS[kind])  # noqa: E731
+    make = lambda: _seeded(BIAS_MODELS[kind])  # noqa: E731
     peft_side, delta_side = save_and_load(make, {**LORA, "lora_bias": True}, direction, tmp_path)
-    assert any(key.endswith("lora_B.bias") for key in delta_params(delta_side))
+    assert any(key.endswith("lora_B.bias") for key in delta_trainable(delta_side, "default"))
     assert_same_model(peft_side, delta_side, make, (make().example(),))
 
 
 @pytest.mark.parametrize("kind", list(BIAS_MODELS))
 def test_lora_bias_merges_into_the_base_bias(kind):
-    model = random_delta_model(lambda: seeded(BIAS_MODELS[kind]), lora_bias=True)
+    model = random_delta_model(lambda: _seeded(BIAS_MODELS[kind]), lora_bias=True)
     layer = model.base_model.conv_a
-    x, before = model.base_model.example(), base_tensors(model)
-    with torch.no_grad():
-        unmerged = model(x)
-        model.merge_adapter()
-        merged = model(x)
-    torch.testing.assert_close(merged, unmerged, atol=MERGE_ATOL, rtol=0)
+    before = base_tensors(model)
+    merge_keeps_the_output(model)
     expected_bias = before["conv_a.base_layer.bias"] + layer.scaling["default"] * layer.lora_B["default"].bias
     torch.testing.assert_close(layer.base_layer.bias, expected_bias, atol=1e-6, rtol=0)
     model.unmerge_adapter()
@@ -244,11 +214,11 @@ def test_lora_bias_merges_into_the_base_bias(kind):
 
 
 def test_lora_bias_takes_linear_off_the_fused_path():
-    model = random_delta_model(lambda: seeded(LinearNet), lora_bias=True)
+    model = random_delta_model(lambda: _seeded(LinearNet), lora_bias=True)
     layer = model.base_model.conv_a
     assert isinstance(layer, LoraLinear)
     assert not layer.fusable(model.base_model.example(), ["default"])
-    plain = random_delta_model(lambda: seeded(LinearNet))
+    plain = random_delta_model(lambda: _seeded(LinearNet))
     assert plain.base_model.conv_a.fusable(plain.base_model.example(), ["default"])
 
 
@@ -257,20 +227,17 @@ def test_lora_bias_takes_linear_off_the_fused_path():
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("dims", [1, 2, 3])
 def test_conv_dora_matches_peft_both_ways(dims, direction, tmp_path):
-    make = lambda: seeded(lambda: ConvNet(dims))  # noqa: E731
+    make = lambda: _seeded(lambda: ConvNet(dims))  # noqa: E731
     peft_side, delta_side = save_and_load(make, {**LORA, "use_dora": True}, direction, tmp_path)
-    assert delta_params(delta_side)["base_model.model.conv_a.lora_magnitude_vector"].shape == (1, 8) + (1,) * dims
+    assert delta_trainable(delta_side, "default")["base_model.model.conv_a.lora_magnitude_vector"].shape == (1, 8) + (1,) * dims
     assert_same_model(peft_side, delta_side, make, (make().example(),))
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
 def test_conv_dora_merge_matches_and_unmerge_restores(dims):
-    model = random_delta_model(lambda: seeded(lambda: ConvNet(dims)), use_dora=True)
-    x, before = model.base_model.example(), base_tensors(model)
-    with torch.no_grad():
-        unmerged = model(x)
-        model.merge_adapter()
-        torch.testing.assert_close(model(x), unmerged, atol=MERGE_ATOL, rtol=0)
+    model = random_delta_model(lambda: _seeded(lambda: ConvNet(dims)), use_dora=True)
+    before = base_tensors(model)
+    merge_keeps_the_output(model)
     model.unmerge_adapter()
     for name, tensor in base_tensors(model).items():
         torch.testing.assert_close(tensor, before[name], atol=1e-5, rtol=0, msg=name)
@@ -293,7 +260,7 @@ REFUSALS = {
 @pytest.mark.parametrize("refusal", list(REFUSALS))
 def test_refusals_name_the_module_and_leave_the_model_alone(refusal):
     make, lora, message = REFUSALS[refusal]
-    model = seeded(make)
+    model = _seeded(make)
     pristine = copy.deepcopy(model)
     with pytest.raises(ConfigError, match=message):
         deltatune.get_delta_model(model, deltatune.LoraConfig(**{**LORA, **lora}))

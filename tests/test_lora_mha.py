@@ -15,7 +15,8 @@ import peft
 from peft.tuners.lora.layer import MultiheadAttention as PeftAttention
 import pytest
 import torch
-from test_lora_conv import DIRECTIONS, MERGE_ATOL, assert_same_model, first, perturb, save_and_load, seeded
+from test_lora_conv import DIRECTIONS, MERGE_ATOL, assert_same_model, first, save_and_load
+from tiny_models import _seeded, perturb_trainable
 from torch import nn
 from torch.func import functional_call
 
@@ -44,7 +45,7 @@ class AttentionNet(nn.Module):
 
 
 def maker(variant: str):
-    return lambda: seeded(lambda: AttentionNet(**VARIANTS[variant]))
+    return lambda: _seeded(lambda: AttentionNet(**VARIANTS[variant]))
 
 
 def fix_peft_out_proj(peft_side: nn.Module) -> None:
@@ -66,8 +67,8 @@ def reference(make, model: deltatune.DeltaModel, out_proj_times: int = 1) -> nn.
 
 
 def random_model(make) -> deltatune.DeltaModel:
-    model = seeded(lambda: deltatune.get_delta_model(make(), deltatune.LoraConfig(**LORA, init_lora_weights=False)))
-    perturb(model)
+    model = _seeded(lambda: deltatune.get_delta_model(make(), deltatune.LoraConfig(**LORA, init_lora_weights=False)))
+    perturb_trainable(model)
     return model
 
 
@@ -185,7 +186,7 @@ def test_two_adapters_switch_and_disable():
     make = maker("batch_first")
     model = random_model(make)
     model.add_adapter("other", deltatune.LoraConfig(**{**LORA, "r": 4}, init_lora_weights=False))
-    perturb(model)
+    perturb_trainable(model)
     x = make().example()
     with torch.no_grad():
         first_output = model(x)
@@ -218,7 +219,7 @@ REFUSALS = {
 @pytest.mark.parametrize("refusal", list(REFUSALS))
 def test_refusals_name_the_module_and_leave_the_model_alone(refusal):
     make, lora, message = REFUSALS[refusal]
-    model = seeded(make)
+    model = _seeded(make)
     with pytest.raises(ConfigError, match=message):
         deltatune.get_delta_model(model, deltatune.LoraConfig(**{**LORA, **lora}))
     assert type(model.attn) is nn.MultiheadAttention and type(model.attn.out_proj) is not LoraLinear

@@ -31,7 +31,7 @@ VOCAB = 128
 SEED = 0
 
 
-def _seeded(make, seed: int):
+def _seeded(make, seed: int = SEED):
     """``make()`` under ``seed``, in eval mode; the global RNG state is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
