@@ -112,8 +112,14 @@ class LoraLayer(nn.Module):
 
     # -- merging ------------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
-        """s · B A laid out like the base weight, in the base weight's dtype."""
+        """s · B A laid out like the base weight, in ``merge_dtype``."""
         raise NotImplementedError
+
+    @property
+    def merge_dtype(self) -> torch.dtype:
+        """The dtype updates are merged in: the base weight's, or fp32 where it is stored quantised (as integers)."""
+        dtype = self.base_weight.dtype
+        return dtype if dtype.is_floating_point else torch.float32
 
     def unmerged(self, names: list[str]) -> list[str]:
         """The adapters of ``names`` this layer holds and has not merged yet."""
@@ -331,7 +337,7 @@ class LoraLinear(LoraBias, LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
         delta = delta.T if self.fan_in_fan_out else delta
-        return delta.to(self.base_layer.weight.dtype)
+        return delta.to(self.merge_dtype)
 
     def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]

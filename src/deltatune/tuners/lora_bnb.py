@@ -64,10 +64,6 @@ class LoraQuantLinear(LoraLinear):
         runs other kernels (bf16 4-bit kernels, int8 activations on CPU), and peft's numbers come from those."""
         return self.base_layer.training and super().fusable(x, names)
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """s · B A in fp32 (the dequantised weight's dtype, or wider)."""
-        return (self.lora_B[name].weight @ self.lora_A[name].weight).float() * self.scaling[name]
-
     # -- merging: dequantise, merge in full precision, quantise again --------------------
     def merge(self, names: list[str]) -> None:
         if not self.unmerged(names):

@@ -60,7 +60,7 @@ class LoraConvNd(LoraBias, LoraLayer):
         self.check_mergeable()
         weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight  # [r, in, k…], [out, r, 1…]
         delta = (weight_b.flatten(1) @ weight_a.flatten(1)).reshape(weight.shape) * self.scaling[name]
-        return delta.to(weight.dtype)
+        return delta.to(self.merge_dtype)
 
     def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]

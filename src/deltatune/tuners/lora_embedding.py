@@ -40,7 +40,7 @@ class LoraEmbedding(LoraLayer):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
-        return delta.to(self.base_layer.weight.dtype)
+        return delta.to(self.merge_dtype)
 
     def rows(self, weight: torch.Tensor) -> torch.Tensor:
         """[dim, vocab]: DoRA keeps one magnitude per embedding dimension, as peft does."""

@@ -62,7 +62,7 @@ class LoraMultiheadAttention(LoraLayer):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
-        return delta.to(self.base_weight.dtype)
+        return delta.to(self.merge_dtype)
 
     def forward(self, query: torch.Tensor, *args, **kwargs):
         """The base module's own forward (all its options, fast path included) on the adapted weights."""

@@ -86,7 +86,7 @@ class LoraParameter(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         left, right = self.factors(name)
         param = self.base_weight
-        return (torch.bmm(left, right) * self.scaling[name]).reshape(param.shape).to(param.dtype)
+        return (torch.bmm(left, right) * self.scaling[name]).reshape(param.shape).to(self.merge_dtype)
 
     def adapted(self, names: list[str]) -> torch.Tensor:
         """W0 + Σ s · left @ right over ``names``, in W0's dtype (autocast off: the owner expects W0's dtype)."""
