@@ -18,6 +18,12 @@ from ..errors import MergeError
 from ..io import file_key_map
 
 
+def master_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of trainable adapter weights over a base of ``base_dtype``: the base's own in fp32/fp64,
+    else fp32 (half-precision or quantised bases keep fp32 master weights, as in peft)."""
+    return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put ``new`` where ``model.get_submodule(name)`` is; return ``new``."""
     parent_name, _, child_name = name.rpartition(".")

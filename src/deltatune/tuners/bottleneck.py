@@ -35,7 +35,7 @@ from transformers.pytorch_utils import Conv1D
 from ..config import BottleneckConfig
 from ..errors import MergeError, TargetError
 from ..targeting import LINEAR_TYPES, walk_modules
-from .base import Tuner, replace_module
+from .base import Tuner, master_dtype, replace_module
 
 
 class Sites(NamedTuple):
@@ -162,8 +162,7 @@ class BottleneckLayer(nn.Module):
     def add(self, name: str, width: int, config: BottleneckConfig) -> None:
         """Create adapter ``name`` with bottleneck width ``width`` (m), initialised per ``config``."""
         weight = self.base_layer.weight
-        # Master weights stay fp32 when the base is half precision, as for LoRA.
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        dtype = master_dtype(weight.dtype)
         self.adapter_down[name] = nn.Linear(self.features, width, device=weight.device, dtype=dtype)
         self.adapter_up[name] = nn.Linear(width, self.features, device=weight.device, dtype=dtype)
         self.adapter_act[name] = ACT2FN[config.non_linearity]

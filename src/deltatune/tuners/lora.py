@@ -41,6 +41,7 @@ from ..kernels.base_weight import QUANTIZED_LINEARS, dense, logical_shape
 from ..kernels.dora_linear import fused_dora_linear
 from ..kernels.dora_linear import weight_norm as dora_weight_norm
 from ..kernels.lora_linear import autocast_dtype
+from .base import master_dtype
 from .lora_init import check_initialisable, initial_factors
 
 
@@ -71,8 +72,7 @@ class LoraLayer(nn.Module):
         self.scaling[name] = config.scaling(rank, alpha)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         weight = self.base_weight
-        # Master weights stay fp32 when the base is half precision or quantised (peft does the same).
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = master_dtype(weight.dtype)
         self._create(name, rank, weight.device, dtype)
         self._initialise(name, config.init_lora_weights)
         if config.use_dora:  # m starts at ||W0 + s·BA||, so DoRA starts where LoRA does

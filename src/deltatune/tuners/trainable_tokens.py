@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import ConfigError, MergeError, TargetError
 from ..targeting import walk_modules
-from .base import Tuner, replace_module
+from .base import Tuner, master_dtype, replace_module
 
 
 class TokenRows(nn.Module):
@@ -69,8 +69,7 @@ class TrainableTokensLayer(nn.Module):
     def add(self, name: str, token_ids: list[int]) -> None:
         """Own trainable rows for ``token_ids``, starting as the embedding's current rows."""
         weight = self.base_layer.weight
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        rows = weight.detach()[torch.tensor(token_ids, device=weight.device)].to(dtype)
+        rows = weight.detach()[torch.tensor(token_ids, device=weight.device)].to(master_dtype(weight.dtype))
         self.token_adapter.trainable_tokens_delta[name] = nn.Parameter(rows.clone())
         self.token_adapter.token_indices[name] = list(token_ids)
 
