@@ -28,7 +28,8 @@ def test_train_job_measures_every_mode_and_the_floor_trains_nothing():
     saved = {mode: result["saved_mib"] for mode, result in results.items()}
     # layer by layer, LoRA keeps each projection's input, as peft does; the fused MLP keeps x, gate(x), up(x) only
     assert saved["fused"] == saved["fused-eager"] < saved["fused-layer"]
-    assert saved["fused-layer"] == pytest.approx(saved["plain"]) == pytest.approx(saved["peft"])
+    assert saved["fused-layer"] == pytest.approx(saved["plain"])
+    assert saved["peft"] > saved["plain"]  # the same layers, and the model's own loss keeps [tokens, vocab] logits
     assert saved["floor"] < saved["fused-layer"]
 
 
@@ -57,9 +58,11 @@ def test_saved_section_on_meta_gives_the_differences_between_modes_of_a_real_ste
         meta_extra = (meta[f"{mode}_gib"] - meta["floor_gib"]) * 1024
         # peft's DoRA pushes an identity matrix through lora_A on every call (a graph it then detaches): the
         # storages that graph saves are counted by what is alive (real) or distinct (meta), so it is only close.
-        tolerance = 0.15 * meta_extra if mode == "peft-dora" else 1e-9
+        # peft's modes train through the model's own loss (the floor through deltatune's): its scalars count a
+        # few bytes differently on meta.
+        tolerance = 0.15 * meta_extra if mode == "peft-dora" else 64 / 2**20 if mode.startswith("peft") else 1e-9
         assert meta_extra == pytest.approx(real[mode] - real["floor"] + o_proj_input_mib, abs=tolerance), mode
-    assert meta["fused_gib"] < meta["fused-layer_gib"] == meta["peft_gib"] == meta["plain_gib"]  # fp32: peft copies nothing
+    assert meta["fused_gib"] < meta["fused-layer_gib"] == meta["plain_gib"] < meta["peft_gib"]  # peft: + the full logits
     report = {"settings": {"device": "cpu"}, "summary": {}, "infer": [], "wrap": [], "saved": [{"shape": "tiny", **meta}]}
     assert "| floor | fused | fused-eager | fused-layer | plain | peft |" in bench.format_report(report)
 

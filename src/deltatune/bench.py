@@ -48,48 +48,19 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .bench_options import DEFAULT_SHAPES, MODES, REFERENCES, SECTIONS, SHAPES, Shape, add_arguments
+
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MODES = ("floor", "fused", "fused-eager", "fused-layer", "plain", "peft", "dora", "peft-dora")
-# Each mode's speed and memory are also given as ratios to these modes, where they ran.
-REFERENCES = ("floor", "peft", "peft-dora", "fused")
-SECTIONS = ("train", "infer", "wrap", "saved", "quant")
 RESULT_PREFIX = "BENCH_RESULT "
 MIB = 2**20
 GIB = 2**30
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    """A Llama-shaped model and the batch it trains on."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-    batch: int
-    seq: int
-    dtype: str
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq
-
-
-SHAPES = {
-    "tiny": Shape(32, 2, 4, 2, 64, 128, 2, 16, "float32"),  # smoke tests only
-    "cpu-small": Shape(512, 4, 8, 4, 1408, 4096, 2, 256, "float32"),
-    "1.1b": Shape(2048, 22, 32, 4, 5632, 32000, 8, 1024, "bfloat16"),
-    "8b": Shape(4096, 32, 32, 8, 14336, 128256, 4, 1024, "bfloat16"),
-}
-DEFAULT_SHAPES = {"cpu": ["cpu-small"], "cuda": ["1.1b", "8b"]}
 
 
 def shape_of(name: str, dtype: str | None = None) -> Shape:
@@ -165,18 +136,22 @@ def _import_peft():
 # -- jobs (each runs in its own process) ------------------------------------------------------
 def train_job(shape: Shape, mode: str, device: str, steps: int, warmup: int, rank: int, dropout: float) -> dict:
     """Time ``steps`` LoRA training steps after ``warmup`` ones; measure peak and saved memory."""
-    return measure_training(attach(build_model(shape, device), mode, rank, dropout), shape, device, steps, warmup)
+    model = attach(build_model(shape, device), mode, rank, dropout)
+    return measure_training(model, shape, device, steps, warmup, own_loss=mode.startswith("peft"))
 
 
-def measure_training(model: nn.Module, shape: Shape, device: str, steps: int, warmup: int) -> dict:
-    """``train_job``'s measurements of an adapted ``model``: speed, peak and saved memory of its steps."""
+def measure_training(model: nn.Module, shape: Shape, device: str, steps: int, warmup: int, own_loss: bool) -> dict:
+    """``train_job``'s measurements of an adapted ``model``: speed, peak and saved memory of its steps.
+
+    The loss is ``training_loss``'s.
+    """
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=torch.Generator().manual_seed(1)).to(device)
 
     def step() -> None:
-        model(input_ids=ids, labels=ids).loss.backward()
+        training_loss(model, ids, own_loss).backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -199,6 +174,18 @@ def measure_training(model: nn.Module, shape: Shape, device: str, steps: int, wa
         "saved_mib": saved / MIB,
         "trainable": sum(p.numel() for p in trainable),
     }
+
+
+def training_loss(model: nn.Module, ids: torch.Tensor, own_loss: bool) -> torch.Tensor:
+    """The mean loss over every token of ``ids`` as each library's training computes it: deltatune's (and
+    the floor's) through ``train.lm_loss.causal_lm_loss`` (head and cross-entropy a chunk of rows at a
+    time), peft's (``own_loss``) the model's own, whose [tokens, vocab] fp32 logits exist whole."""
+    if own_loss:
+        return model(input_ids=ids, labels=ids).loss
+    from .train.lm_loss import causal_lm_loss
+
+    loss = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
+    return loss.total / loss.tokens
 
 
 def infer_job(shape: Shape, device: str, steps: int, warmup: int, rank: int) -> dict:
@@ -251,7 +238,7 @@ def saved_job(shape: Shape, modes: Sequence[str], rank: int, dropout: float) -> 
         model = attach(build_model(shape, "meta"), mode, rank, dropout).train()
         ids = torch.zeros(shape.batch, shape.seq, dtype=torch.long, device="meta")
         with saved_storages(model) as saved:
-            model(input_ids=ids, labels=ids)
+            training_loss(model, ids, own_loss=mode.startswith("peft"))
         result[f"{mode}_gib"] = sum(saved.values()) / GIB
     return result
 
@@ -279,7 +266,7 @@ def quant_job(shape: Shape, base: str, device: str, steps: int, warmup: int, ran
     linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
     sizes = {"base_mib": weight_bytes(model.parameters()) / MIB, "linear_mib": weight_bytes(linears) / MIB}
     model = attach(model, "peft" if base.startswith("peft") else "fused", rank, 0.0)
-    return {**sizes, **measure_training(model, shape, device, steps, warmup)}
+    return {**sizes, **measure_training(model, shape, device, steps, warmup, own_loss=base.startswith("peft"))}
 
 
 def weight_bytes(params: Iterable[nn.Parameter]) -> int:
@@ -585,35 +572,21 @@ def _cpu_model() -> str:
 
 
 # -- command line -----------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The benchmark's options (shared by ``python -m deltatune.bench`` and ``deltatune bench``)."""
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="default: cpu-small on CPU, 1.1b and 8b on CUDA")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per mode (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--repeats", type=int, default=1, help="run every mode this many times, interleaved")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override the shapes' dtype")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--lora-dropout", type=float, default=0.0)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--wrap-shape", choices=list(SHAPES), default="1.1b")
-    parser.add_argument("--wrap-device", choices=["cpu", "cuda", "meta"], help="default: --device")
-    parser.add_argument("--saved-shapes", nargs="+", choices=list(SHAPES), default=["1.1b", "8b"],
-                        help="shapes of the 'saved' section (on meta; default: the GPU shapes)")  # fmt: skip
-    parser.add_argument("--json", help="write the full report (every step time) to this file")
-    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
-                        help="run modes in this process (quick looks; memory numbers are then less honest)")  # fmt: skip
-
-
 def run(args: argparse.Namespace) -> int:
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         from .errors import ConfigError
 
         raise ConfigError("--device cuda but torch sees no CUDA device; use --device cpu")
-    report = run_benchmark(args)
-    print(format_report(report))
+    if args.e2e:
+        from . import bench_e2e
+
+        runs = [run for run in bench_e2e.RUNS if run != "trl-defaults" or args.e2e_default_steps]
+        report = bench_e2e.run_e2e(Path(args.e2e_dir), args.e2e_steps, args.repeats, args.e2e_default_steps, runs)
+        print(bench_e2e.format_report(report))
+    else:
+        report = run_benchmark(args)
+        print(format_report(report))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)

@@ -14,7 +14,7 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
-    from ..bench import add_arguments
+    from ..bench_options import add_arguments
 
     parser = commands.add_parser(
         name,

@@ -1,4 +1,4 @@
-"""Batches for causal-LM training: right padding, and optional packing of several examples per row.
+"""Batches for causal-LM training: right padding, padding-free rows, and packing several examples per row.
 
 Packed rows carry ``position_ids`` that restart at 0 for every example and no attention mask;
 transformers (>= 5) reads the restarts as sequence boundaries and builds a block-diagonal causal
@@ -41,6 +41,17 @@ def collate_causal(batch: Sequence[Mapping[str, Sequence[int]]], pad_token_id: i
         else:
             extra[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "position_ids" if packed else "attention_mask": extra}
+
+
+def collate_padding_free(batch: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The batch as one row, its examples back to back (longest first), positions restarting per example.
+
+    Nothing is padded, so no compute goes to padding; the layout is a packed row (see the module
+    docstring), and each example's first label is dropped as in ``pack_examples`` (the shift would
+    otherwise predict it from the previous example; a padded row never predicts position 0 either).
+    """
+    width = sum(len(example["input_ids"]) for example in batch)
+    return collate_causal(pack_examples(batch, width), pad_token_id)
 
 
 def pack_examples(examples: Sequence[Example], max_length: int) -> list[Example]:

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.encoding import prompt_ids
 from ..data.records import Message
+from .lm_loss import causal_lm_loss
 
 
 @torch.no_grad()
@@ -22,22 +23,17 @@ def heldout_loss(
     batch_size: int = 8,
     desc: str = "eval",
 ) -> float:
-    """Mean cross-entropy per labelled token over ``examples`` (labels -100 are ignored)."""
+    """Mean cross-entropy per labelled token over ``examples`` (labels -100 are ignored), through the
+    training loss path (``lm_loss.causal_lm_loss``)."""
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # prompt-learning methods put virtual tokens in front: score the real tokens' positions only
-        logits = logits[:, -batch["labels"].shape[1] : -1]
-        labels = batch["labels"][:, 1:]
-        loss = nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
-        )
-        total_loss += loss.item()
-        total_tokens += int((labels != -100).sum())
+        loss = causal_lm_loss(model, batch)
+        total_loss += loss.total.item()
+        total_tokens += loss.tokens
     model.train(was_training)
     return total_loss / max(total_tokens, 1)
 

@@ -14,18 +14,31 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from ..data import EncodedSet, PreferencePair, Record, collate_causal, encode_records, pack_examples, unpair
+from ..config import PromptLearningConfig
+from ..data.collate import collate_padding_free
 from ..data.encoding import Example
 from .config import TrainConfig
 from .evaluate import heldout_loss, perplexity
 from .kto import KTOTrainer
+from .lm_loss import causal_lm_loss
 from .preference import DPOTrainer
 from .preference_data import encode_kto_examples, encode_preference_pairs
 from .trainer import DeltaTrainer
 
 
 class SFTTrainer(DeltaTrainer):
-    """Supervised fine-tuning: the model's causal-LM loss on labelled tokens. ``evaluate`` reports the
-    mean cross-entropy per labelled token over the whole eval set (``heldout_loss``) and exp of it."""
+    """Supervised fine-tuning: the causal-LM loss on labelled tokens, with logits formed at those
+    positions only (``lm_loss.causal_lm_loss``). ``evaluate`` reports the mean cross-entropy per
+    labelled token over the whole eval set (``heldout_loss``, the same loss path) and exp of it."""
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        """Σ loss / the labelled tokens of the whole optimizer step (``num_items_in_batch``, which the
+        Trainer counts over every accumulated micro-batch), so accumulation gives the big batch's mean."""
+        if return_outputs:
+            raise NotImplementedError("SFTTrainer.compute_loss returns the loss only (no logits are formed)")
+        loss = causal_lm_loss(model, inputs, self.accelerator.unwrap_model(model, keep_torch_compile=False))
+        tokens = loss.tokens if num_items_in_batch is None else int(num_items_in_batch)
+        return loss.total / max(tokens, 1)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
@@ -56,10 +69,16 @@ class Stage:
 def _sft_trainer(config, model, tokenizer, args, train: list[Example], evaluation: list[Example]) -> Trainer:
     if config.packing:
         train = pack_examples(train, config.max_length)
+    collate = collate_padding_free if sft_padding_free(config) else collate_causal
     return SFTTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
-        data_collator=lambda batch: collate_causal(batch, tokenizer.pad_token_id),
+        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
     )  # fmt: skip
+
+
+def sft_padding_free(config: TrainConfig) -> bool:
+    """Whether SFT batches are padding-free rows: asked for, not packed already, and no virtual tokens."""
+    return config.padding_free and not config.packing and not isinstance(config.delta_config(), PromptLearningConfig)
 
 
 def _encode_sft(tokenizer, records, config) -> EncodedSet:
