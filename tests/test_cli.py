@@ -53,14 +53,14 @@ ERRORS = [
     (("precision=fp8",), "precision='fp8' is unknown"),
     (("r=0",), "r=0 must be a positive integer"),
     (("rank_pattern=null",), "rank_pattern=None is not a value for method=lora; leave the key out"),
-    (("max_steps=2.5",), "max_steps=2.5 must be a int"),
+    (("max_steps=2.5",), "max_steps=2.5 must be an integer"),
     (("packing=yes please",), "packing='yes please' must be true or false"),
     (("epochs=2", "max_steps=10"), "set max_steps or epochs (exactly one above 0)"),
     (("early_stopping_patience=2",), "early_stopping_patience needs evaluations during training; set eval_steps too"),
     (("stage=dpo", "packing=true"), "packing and train_on_prompt apply to stage=sft only"),
     (("stage=kto", "batch_size=1"), "stage=kto needs batch_size >= 2"),
     (("model=/no/such/model",), "model='/no/such/model' is not a model folder (no config.json)"),
-    (("data=/no/such/data.jsonl",), "data file /no/such/data.jsonl does not exist"),
+    (("data=/no/such/data.jsonl",), "/no/such/data.jsonl does not exist; pass a .jsonl"),
     (("missing.yaml",), "config file missing.yaml does not exist"),
 ]
 
@@ -75,7 +75,7 @@ def test_train_errors_are_one_line_with_exit_2(capsys, argv: tuple[str, ...], me
 
 def test_fp16_without_a_gpu_fails_before_anything_loads(capsys, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    code, _, err = cli(capsys, "train", "precision=fp16", "data=/no/such/file.jsonl")
+    code, _, err = cli(capsys, "train", "precision=fp16")
     assert code == 2
     assert err == "deltatune train: error: precision=fp16 needs a CUDA GPU; use precision=bf16 or fp32 on this machine\n"
 
@@ -104,6 +104,10 @@ def test_train_prints_the_before_and_after(trained) -> None:
     )
     assert f"question:        {result['sample_prompt']}" in lines
     assert any(line.startswith("answer after:") for line in lines)
+    questions = [sample["question"] for sample in result["samples"]]
+    assert len(set(questions)) == len(questions) >= 2 and questions[0] == result["sample_prompt"]
+    for sample in result["samples"]:  # each beside the data's own answer
+        assert f"question:        {sample['question']}" in lines and f"answer data:    {sample['reference']}" in lines
     assert lines[-1].startswith("trained 6 steps in ")
 
 

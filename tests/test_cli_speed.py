@@ -6,6 +6,7 @@ import sys
 import pytest
 from transformers.trainer_utils import SchedulerType
 
+from deltatune.data import DataError, check_sources
 from deltatune.train.config import LR_SCHEDULERS, TrainConfig
 
 # Runs the CLI, then reports which heavy modules it loaded and the OpenMP wait policy it left.
@@ -20,7 +21,7 @@ import os
 print("LOADED", [m for m in ("torch", "transformers", "deltatune.model") if m in sys.modules], os.environ.get("OMP_WAIT_POLICY"))
 """
 
-COMMANDS = ["train", "merge", "generate", "chat", "eval", "inspect", "classify"]
+COMMANDS = ["train", "merge", "generate", "chat", "eval", "inspect", "classify", "export", "bench"]
 
 
 def _probe(*argv: str, env: dict | None = None) -> tuple[str, str]:
@@ -31,7 +32,7 @@ def _probe(*argv: str, env: dict | None = None) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "learning_rat=1e-4"], ["train", "threads=-1"],
-                                  *(([c, "--help"]) for c in COMMANDS)])
+                                  *(([c, "--help"]) for c in COMMANDS), ["train", "data=no-such-file.jsonl"]])
 def test_help_and_config_errors_do_not_import_torch(argv):
     loaded, output = _probe(*argv)
     assert loaded.startswith("LOADED []"), f"{argv}: {loaded}"
@@ -39,6 +40,27 @@ def test_help_and_config_errors_do_not_import_torch(argv):
         assert "did you mean 'learning_rate'" in output
     if argv == ["train", "--help"]:
         assert "threads" in output and "method=lora keys" in output
+    if argv == ["export", "--help"]:
+        assert "{f32,f16,bf16,q8_0,q4_0,q4_1}" in output
+    if argv == ["train", "data=no-such-file.jsonl"]:
+        assert "data='no-such-file.jsonl': no-such-file.jsonl does not exist" in output
+
+
+def test_written_out_export_types_match_the_exporter():
+    from deltatune.cli.export import OUT_TYPES as written_out
+    from deltatune.export import OUT_TYPES
+
+    assert written_out == tuple(OUT_TYPES)
+
+
+def test_missing_data_sources_are_found_without_reading_rows(tmp_path):
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "a.jsonl").write_text("not even json\n")
+    info = tmp_path / "dataset_info.json"
+    info.write_text("{}")
+    check_sources(f"chatterbot,{tmp_path / 'a.jsonl'},{tmp_path / 'saved'}#test,{info}#entry")
+    with pytest.raises(DataError, match=r"^eval_data='chatterbot,b.jsonl': b.jsonl does not exist; pass a .jsonl/"):
+        check_sources("chatterbot,b.jsonl", "eval_data")
 
 
 def test_omp_wait_policy_is_passive_unless_the_user_set_it():

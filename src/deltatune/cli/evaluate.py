@@ -25,7 +25,8 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", help="model folder or 'smollm2' (default: the adapter's base model, else smollm2)")
+    parser.add_argument("--model", help="model folder, 'smollm2' or a hub id (default: the adapter's base model, "
+                        "else smollm2)")  # fmt: skip
     parser.add_argument("--adapter", help="adapter folder to compare with the base model")
     parser.add_argument("--data", default="chatterbot", help="data file or folder, or 'chatterbot' (default)")
     parser.add_argument("--data-format", default="auto", help="auto (default) or a format name (see deltatune train --help)")

@@ -17,11 +17,12 @@ Run it:
   llama-cli -m adapter-base.gguf --lora adapter.gguf -cnv
   ollama create model -f model.Modelfile && ollama run model
 """
+# The tensor types of ``deltatune.export.OUT_TYPES``, written out: that package loads torch, and help
+# must not wait for it (tests/test_cli_speed.py checks that both lists match).
+OUT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
 
 
 def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
-    from ..export import OUT_TYPES
-
     parser = commands.add_parser(
         name,
         help=HELP,

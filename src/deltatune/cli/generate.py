@@ -31,12 +31,14 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="model folder or 'smollm2' (default: the adapter's base model, else smollm2)")
+    parser.add_argument("--model", help="model folder, 'smollm2' or a hub id (default: the adapter's base model, "
+                        "else smollm2)")  # fmt: skip
     parser.add_argument("--adapter", help="adapter folder (adapter_config.json + weights) to apply to the model")
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--system", help="system message (default: the chat template's own, if any)")
+    parser.add_argument("--system", help="system message; '' for none (default: the one the adapter or merged model "
+                        "was trained with, if any, else the chat template's own)")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default: 64)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0)")
@@ -68,10 +70,26 @@ def sampling(args: argparse.Namespace) -> dict:
     return {"temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}
 
 
-def system_messages(args: argparse.Namespace) -> list:
+def system_prompt(args: argparse.Namespace) -> str | None:
+    """--system, else the system prompt the adapter (or merged --model) was trained with (``chat_defaults``);
+    says on stderr which stored one is used."""
+    if args.system is not None:
+        return args.system or None
+    from ..chat_defaults import FILE, stored_system
+
+    folder = args.adapter or args.model
+    system = stored_system(folder) if folder else None
+    if system is not None:
+        print(f"system prompt from {folder}/{FILE}: {system!r} (--system replaces it, --system '' drops it)",
+              file=sys.stderr)  # fmt: skip
+    return system
+
+
+def system_messages(system: str | None) -> list:
+    """The conversation's opening: the system message, if there is one."""
     from ..data import Message
 
-    return [Message("system", args.system)] if args.system else []
+    return [Message("system", system)] if system else []
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
     from ..train.evaluate import answer
 
     model, tokenizer = load_model(args)
+    opening = system_messages(system_prompt(args))
     for prompt in prompts:
-        messages = [*system_messages(args), Message("user", prompt)]
+        messages = [*opening, Message("user", prompt)]
         reply = answer(model, tokenizer, messages, args.max_new_tokens, **options)
         print(reply if len(prompts) == 1 else f"> {prompt}\n{reply}\n", flush=True)
     return 0

@@ -19,8 +19,10 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
     parser = commands.add_parser(
         name,
         help=HELP,
-        description="Show MODEL's adaptable modules (by short name, with counts), its default target_modules, the "
-        "memory of its weights held as each `quantization=` mode, and the trainable parameter count of every registered method at its `deltatune train` defaults.",
+        description="Show MODEL's adaptable modules (by short name, with counts), the modules `deltatune train` "
+        "adapts with its default target_modules (and peft's per-architecture default), the memory of its weights "
+        "held as each `quantization=` mode, and the trainable parameter count of every registered method at its "
+        "`deltatune train` defaults.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -51,11 +53,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {short:<24} x{count:<4} e.g. {example}")
     if args.all:
         print("\n".join(f"    {name}" for name in names))
-    try:
-        print(f"default target_modules: {', '.join(default_target_modules(model))}")
-    except DeltaTuneError as exc:
-        print(f"default target_modules: none ({exc})")
     task = next((task for suffix, task in _TASKS if type(model).__name__.endswith(suffix)), None)
+    print(_train_targets(model, task))
+    try:
+        print(f"peft's default target_modules: {', '.join(default_target_modules(model))} (LoraConfig without "
+              f"target_modules, for this architecture; not what `deltatune train` uses)")  # fmt: skip
+    except DeltaTuneError as exc:
+        print(f"peft's default target_modules: none ({exc})")
     print(f"trainable parameters per method (task_type={task}, `deltatune train` defaults):")
     for method in methods():
         try:
@@ -67,3 +71,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {method:<12} {trainable:>12,}  ({100 * trainable / total:.3f}% of the model)")
         model = delta.unload()
     return 0
+
+
+def _train_targets(model, task: str | None) -> str:
+    """The line naming what ``deltatune train`` adapts with its defaults (``methods.CLI_DEFAULTS``)."""
+    from ..errors import DeltaTuneError
+    from ..targeting import find_targets, short_names
+    from ..train.methods import build_config
+
+    config = build_config("lora", {}, task, None)
+    spec = config.target_modules if isinstance(config.target_modules, str) else ", ".join(config.target_modules)
+    try:
+        names = find_targets(model, config)
+    except DeltaTuneError as exc:
+        return f"`deltatune train` target_modules={spec}: adapts nothing here ({exc})"
+    shorts = ", ".join(short_names(names))
+    return f"`deltatune train` target_modules={spec} (its default): {len(names)} modules, {shorts}"

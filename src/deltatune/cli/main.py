@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..errors import DeltaTuneError
 from . import bench, chat, classify, evaluate, export, generate, inspect_model, merge, train
@@ -65,8 +67,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deltatune {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"deltatune {args.command}: interrupted", file=sys.stderr)
+        advice = _resume_advice(args) if args.command == "train" else ""
+        print(f"deltatune {args.command}: interrupted{advice}", file=sys.stderr)
         return 130
+
+
+def _resume_advice(args: argparse.Namespace) -> str:
+    """After an interrupted ``train``: the command that continues from its newest complete checkpoint,
+    or how to make the run write checkpoints."""
+    from ..checkpoints import checkpoint_step, latest_complete_checkpoint
+    from ..train.config import TrainConfig
+
+    config_file = next((s for s in args.settings if "=" not in s), None)
+    try:
+        config = TrainConfig.from_sources(config_file, [s for s in args.settings if s is not config_file])
+    except DeltaTuneError:  # interrupted while the config was being read
+        return ""
+    folder = Path(config.output_dir) / "checkpoints"
+    last = latest_complete_checkpoint(folder)
+    if last is None:
+        return (f"; no checkpoint was written to {folder}, so it cannot resume (save_steps=N saves one every N "
+                f"steps, for resume_from_checkpoint=last)")  # fmt: skip
+    kept = [s for s in args.settings if not s.startswith("resume_from_checkpoint=")]
+    command = shlex.join(["deltatune", "train", *kept, "resume_from_checkpoint=last"])
+    return f"; continue from {last} (step {checkpoint_step(last)}) with: {command}"
 
 
 if __name__ == "__main__":

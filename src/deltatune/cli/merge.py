@@ -32,7 +32,8 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
     )
     parser.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("output", help="folder for the merged model (must be empty or new)")
-    parser.add_argument("--model", help="base model folder or 'smollm2' (default: the adapter's base_model_name_or_path)")
+    parser.add_argument("--model", help="base model folder, 'smollm2' or a hub id (default: the adapter's "
+                        "base_model_name_or_path)")  # fmt: skip
     parser.add_argument("--dtype", default="float32",
                         help="dtype of the saved weights: fp32 / float32 (default), bf16 / bfloat16, fp16 / float16")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT folder (swapped whole, in one step)")
@@ -41,6 +42,7 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
+    from ..chat_defaults import copy_chat_defaults
     from ..quantization import saved_quantization
     from ..train.loading import DTYPES, adapter_base, load_adapted, tokenizer_for
 
@@ -59,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     with atomic_directory(output) as staging:  # a crash leaves the previous OUTPUT or the new one, never a mix
         merged.save_pretrained(staging)
         tokenizer_for(args.adapter, base_path).save_pretrained(staging)
+        copy_chat_defaults(args.adapter, staging)  # the trained system prompt: generate/chat use it
     total = sum(p.numel() for p in merged.parameters())
     print(f"merged {args.adapter} into {base_path}: {type(merged).__name__}, {total:,} parameters ({args.dtype}) "
           f"saved to {output}")  # fmt: skip

@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     config_file = next((s for s in args.settings if "=" not in s), None)
     overrides = [s for s in args.settings if s is not config_file]
     config = TrainConfig.from_sources(config_file, overrides)
+    config.check_inputs()  # data files and max_length against the model's config.json, before torch loads
     _set_threads(config.threads)
     # Imported here so that `deltatune --help` and config errors stay instant.
     from ..distributed import is_main_process
@@ -87,12 +88,15 @@ def run(args: argparse.Namespace) -> int:
     if accuracy in result.eval_before and accuracy in result.eval_after:
         line += f", reward accuracy {result.eval_before[accuracy]:.3f} -> {result.eval_after[accuracy]:.3f}"
     print(f"{line} ({checks})")
-    if result.sample_prompt is not None:
-        print(f"question:        {textwrap.shorten(result.sample_prompt, 200)}")
-        answers = (("before", result.answer_before), ("after", result.answer_after), ("merged", result.answer_merged))
+    for number, sample in enumerate(result.samples):
+        print(f"question:        {textwrap.shorten(sample.question, 200)}")
+        answers = [("data", sample.reference), ("before", sample.before), ("after", sample.after)]
+        if number == 0:
+            answers.append(("merged", result.answer_merged))
         for label, text in answers:
             if text is not None:
                 print(f"answer {label + ':':<8} " + textwrap.shorten(text, 200))
-    print(f"trained {result.steps} steps in {result.train_seconds:.0f} s ({result.tokens_per_second:,.0f} tokens/s); "
+    steps = f"{result.steps} step" + ("" if result.steps == 1 else "s")
+    print(f"trained {steps} in {result.train_seconds:.0f} s ({result.tokens_per_second:,.0f} tokens/s); "
           f"adapter in {result.adapter_dir}, metrics.json and loss.png in {config.output_dir}")  # fmt: skip
     return 0

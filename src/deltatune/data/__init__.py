@@ -85,7 +85,7 @@ from .records import (
     TextExample,
     ToolCall,
 )
-from .sources import RecordSet, load_records, load_sources, split_sources
+from .sources import RecordSet, check_sources, load_records, load_sources, split_sources
 from .split import split_records
 
 __all__ = [
@@ -106,6 +106,7 @@ __all__ = [
     "RecordSet",
     "TextExample",
     "ToolCall",
+    "check_sources",
     "collate_causal",
     "detect_format",
     "encode_completion",

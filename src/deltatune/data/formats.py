@@ -38,6 +38,7 @@ from typing import Any
 
 from ..errors import DataError
 from .mapping import ColumnMap
+from .readers import json_problem
 from .readers import Table
 from .records import (
     ROLES,
@@ -177,7 +178,7 @@ def _calls_from_text(row: _Row, where: str, text: Any) -> tuple[ToolCall, ...]:
     try:
         value = json.loads(text) if isinstance(text, str) else text
     except json.JSONDecodeError as exc:
-        raise row.fail(f"{where}: the function call is not valid JSON ({exc.msg}); write {{\"name\": ..., "
+        raise row.fail(f"{where}: the function call is not valid JSON ({json_problem(exc)}); write {{\"name\": ..., "
                        f"\"arguments\": {{...}}}}") from None  # fmt: skip
     return tuple(_tool_call(row, where, call) for call in (value if isinstance(value, list) else [value]))
 
@@ -192,7 +193,7 @@ def _tool_call(row: _Row, where: str, call: Any) -> ToolCall:
         try:
             arguments = json.loads(arguments)
         except json.JSONDecodeError as exc:
-            raise row.fail(f"{where}: the arguments of {name!r} are not valid JSON ({exc.msg})") from None
+            raise row.fail(f"{where}: the arguments of {name!r} are not valid JSON ({json_problem(exc)})") from None
     if not isinstance(arguments, dict):
         raise row.fail(f"{where}: the arguments of {name!r} must be a JSON object, got {_describe(arguments)}")
     return ToolCall(name, json.dumps(arguments, ensure_ascii=False))
@@ -207,7 +208,7 @@ def _tools(row: _Row) -> tuple[str | None, set[str] | None]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise row.fail(f"column 'tools' is not valid JSON ({exc.msg} at column {exc.colno}); it must be a "
+            raise row.fail(f"column 'tools' is not valid JSON ({json_problem(exc)}); it must be a "
                            f"JSON list of function schemas") from None  # fmt: skip
     value = [value] if isinstance(value, dict) else value
     if not isinstance(value, list):

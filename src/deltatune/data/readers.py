@@ -78,7 +78,7 @@ def _read_json(path: Path) -> Table:
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # one object per line in a .json file
             return _read_jsonl(path)
-        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise DataError(f"{path}: not valid JSON ({json_problem(exc, lines=True)})") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
@@ -95,10 +95,17 @@ def _json_object(path: Path, number: int, line: str) -> dict[str, Any]:
     try:
         row = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: row {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        raise DataError(f"{path}: row {number}: not valid JSON ({json_problem(exc)})") from None
     if not isinstance(row, dict):
         raise DataError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}")
     return row
+
+
+def json_problem(exc: json.JSONDecodeError, lines: bool = False) -> str:
+    """The decoder's message with its place said once: "Expecting ',' delimiter at column 16" (some
+    messages end in "at" already: "Unterminated string starting at"); ``lines``: "at line 2"."""
+    place = f"line {exc.lineno}" if lines else f"column {exc.colno}"
+    return f"{exc.msg.removesuffix(' at')} at {place}"
 
 
 def _read_csv(path: Path) -> Table:

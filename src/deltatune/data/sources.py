@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
@@ -13,7 +14,7 @@ from .chatterbot import BUILTIN
 from .dataset_info import is_entry, read_entry
 from .formats import normalise
 from .mapping import ColumnMap
-from .readers import read_table
+from .readers import SUFFIXES, read_table
 from .records import KINDS, Origin, Record
 
 
@@ -40,6 +41,18 @@ def split_sources(spec: str) -> list[str]:
     if not all(sources):
         raise DataError(f"data={spec!r} has an empty source; separate sources with single commas")
     return sources
+
+
+def check_sources(spec: str, key: str = "data") -> None:
+    """Fail fast on a source of ``spec`` (the value of config key ``key``) that does not exist: every one
+    must be a built-in name, a ``dataset_info.json#name`` entry, or an existing file or folder
+    (``folder#split`` too). Cheap (no row is read), so a run can check before torch loads."""
+    for source in split_sources(spec):
+        folder, sep, _ = source.rpartition("#")
+        if source in BUILTIN or is_entry(source) or Path(source).exists() or (sep and Path(folder).is_dir()):
+            continue
+        raise DataError(f"{key}={spec!r}: {source} does not exist; pass a {'/'.join(SUFFIXES)} file, a saved "
+                        f"datasets folder, dataset_info.json#name or a built-in name ({', '.join(BUILTIN)})")  # fmt: skip
 
 
 def load_records(

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
 
 from .. import assets
 from ..config import DeltaConfig, LoraConfig
@@ -32,6 +33,7 @@ from ..data.split import split_records
 from ..errors import DataError
 from ..model import get_delta_model
 from .preference import keep_columns
+from .progress import ProgressBar
 from .trainer import DeltaTrainer
 
 ClassificationExample = dict[str, Any]  # {"input_ids": list[int], "label": int}
@@ -108,6 +110,8 @@ def train_classifier(
     """Fit a ``DeltaModel`` classifier on ``train`` with transformers' Trainer; returns the trainer."""
     collate = ClassificationCollator(pad_token_id)
     trainer = DeltaTrainer(model=model, args=keep_columns(args), train_dataset=list(train), data_collator=collate)
+    trainer.remove_callback(ProgressCallback)  # one progress bar, not a printed dict per log
+    trainer.add_callback(ProgressBar())
     trainer.train()
     return trainer
 

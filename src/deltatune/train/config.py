@@ -2,7 +2,9 @@
 
 Keys are this class's fields plus the hyper-parameters of the chosen ``method`` (the fields of its
 config class, e.g. ``r``, ``lora_alpha``, ``target_modules`` for LoRA; see ``methods``). Unknown
-keys get a did-you-mean suggestion; every value is checked before any model or data is loaded.
+keys get a did-you-mean suggestion, another method's hyper-parameter says whose it is; every value
+is checked before any model or data is loaded, and ``check_model`` checks the run against the
+model's config.json, all without importing torch.
 """
 
 from __future__ import annotations
@@ -11,17 +13,19 @@ import dataclasses
 import difflib
 import json
 import math
+import sys
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
 
 from ..config import PromptLearningConfig
-from ..data import ColumnMap, parse_weights, split_sources
+from ..data import ColumnMap, check_sources, parse_weights, split_sources
 from ..data.encoding import TRUNCATION_SIDES
 from ..errors import ConfigError, DataError
-from .methods import build_config, option_defaults
+from .methods import build_config, methods_taking, option_defaults
 
 EMBEDDED_MODEL = "smollm2"
 EMBEDDED_DATA = "chatterbot"
@@ -31,6 +35,22 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # out so that checking a config never imports transformers; tests/test_cli_speed.py keeps them in step.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy")
+# transformers' report_to integrations (INTEGRATION_TO_CALLBACK) but kubeflow (set up by its platform, not a
+# package): the modules each needs, and their pip packages. Written out so that checking a config never
+# imports transformers; tests/test_first_hour.py keeps them in step.
+REPORTERS: dict[str, tuple[tuple[str, ...], str]] = {
+    "tensorboard": (("tensorboard",), "tensorboard"), "wandb": (("wandb",), "wandb"),
+    "mlflow": (("mlflow",), "mlflow"), "trackio": (("trackio",), "trackio"),
+    "comet_ml": (("comet_ml",), "comet_ml"), "clearml": (("clearml",), "clearml"),
+    "neptune": (("neptune",), "neptune"), "dagshub": (("dagshub", "mlflow"), "dagshub mlflow"),
+    "dvclive": (("dvclive",), "dvclive"), "swanlab": (("swanlab",), "swanlab"),
+    "codecarbon": (("codecarbon",), "codecarbon"), "azure_ml": (("azureml.core.run",), "azureml-core"),
+    "flyte": (("flytekit", "flytekitplugins.deck"), "flytekit flytekitplugins-deck-standard"),
+}  # fmt: skip
+# config.json fields that hold a model's context length (positions it has embeddings or a rope range for).
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions")
+# How a wrong value's expected type is said: "max_steps=2.5 must be an integer".
+_KIND_WORDS = {int: "an integer", float: "a number", str: "text"}
 
 
 def _key(default: Any, help: str) -> Any:
@@ -73,6 +93,9 @@ class TrainConfig:
                                   "the left, the answer from the right); 0: max_length // 2")  # fmt: skip
     train_on_prompt: bool = _key(False, "also put loss on prompt tokens (default: only on answers)")
     packing: bool = _key(False, "pack several examples into each max_length row (sft)")
+    padding_free: bool = _key(True, "sft: lay each batch out as one row, its examples back to back (positions restart "
+                              "per example, attention stays within one), so no compute goes to padding; false: "
+                              "right-pad rows. Prompt-learning methods always pad (virtual tokens come once per row)")  # fmt: skip
     eval_steps: int = _key(0, "evaluate every N steps; 0: only before and after training")
     early_stopping_patience: int = _key(0, "stop after N evaluations without a lower eval loss; 0: off")
     save_steps: int = _key(0, "write a checkpoint every N steps to output_dir/checkpoints; 0: none")
@@ -83,7 +106,10 @@ class TrainConfig:
                              "pip install deltatune[qlora]) or none; the adapter stays fp32")  # fmt: skip
     precision: str = _key("auto", "fp32, bf16, fp16 (mixed precision) or auto (bf16 on a GPU that has it, else fp32)")
     logging_steps: int = _key(0, "log the training loss every N steps; 0: about 50 times per run")
-    tensorboard: bool = _key(False, "also log to TensorBoard in output_dir/tensorboard (needs tensorboard)")
+    tensorboard: bool = _key(False, "also log to TensorBoard in output_dir/tensorboard (needs tensorboard); the "
+                             "same as adding tensorboard to report_to")  # fmt: skip
+    report_to: str = _key("none", "also log to these trackers (comma-separated; each needs its package): "
+                          f"{', '.join(REPORTERS)}; all: every installed one; none")  # fmt: skip
     beta: float = _key(0.1, "dpo/kto: strength of the pull towards the reference (base) model")
     loss_type: str = _key("sigmoid", "dpo: sigmoid (the DPO paper) or ipo")
     desirable_weight: float = _key(1.0, "kto: weight of desirable examples' loss")
@@ -140,10 +166,57 @@ class TrainConfig:
         _check("precision", self.precision, self.precision in PRECISIONS, f"is unknown; use one of {', '.join(PRECISIONS)}")
         _check("lr_scheduler", self.lr_scheduler, self.lr_scheduler in LR_SCHEDULERS,
                f"is unknown; use one of {', '.join(LR_SCHEDULERS)}")  # fmt: skip
+        self.reporters()  # validates report_to
         if self.packing and isinstance(self.delta_config(), PromptLearningConfig):
             raise ConfigError(f"packing=true does not work with method={self.method}: its virtual tokens come once per "
                               f"row, so only a row's first example would see them; set packing=false")  # fmt: skip
         self.delta_config()  # validates the method and its hyper-parameters
+
+    def reporters(self) -> list[str]:
+        """The report_to integrations this run logs to ("all": the installed ones; tensorboard=true adds
+        tensorboard); a ConfigError when one is unknown or its package is not installed."""
+        names = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        if len(names) > 1 and {"all", "none"} & set(names):
+            raise ConfigError(f"report_to={self.report_to!r} mixes all/none with names; give one of them")
+        if names in (["all"], ["none"]):
+            names = [name for name in REPORTERS if _installed(REPORTERS[name][0])] if names == ["all"] else []
+        for name in names:
+            if name not in REPORTERS:
+                guess = difflib.get_close_matches(name, REPORTERS, n=1)
+                hint = f"did you mean {guess[0]!r}? " if guess else ""
+                raise ConfigError(f"report_to: {name!r} is unknown; {hint}use none, all or some of "
+                                  f"{', '.join(REPORTERS)}")  # fmt: skip
+            if not _installed(REPORTERS[name][0]):
+                raise ConfigError(f"report_to={name} needs the {name} package: pip install {REPORTERS[name][1]}")
+        if self.tensorboard and "tensorboard" not in names:
+            if not _installed(REPORTERS["tensorboard"][0]):
+                raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard")
+            names.append("tensorboard")
+        return names
+
+    def check_inputs(self) -> None:
+        """The checks that read files but load nothing (no torch, no download): every data source exists
+        (``data.check_sources``), and ``max_length`` is within the model's context (``check_model``)."""
+        check_sources(self.data)
+        if self.eval_data:
+            check_sources(self.eval_data, "eval_data")
+        self.check_model()
+
+    def check_model(self) -> None:
+        """Check the run against the model's config.json, read as a file (no torch, no download): a
+        ``max_length`` beyond the model's context is a ConfigError. Nothing is checked where that file
+        is not on disk yet or has no context length."""
+        path = _model_config_file(self.model)
+        if path is None:
+            return
+        try:
+            fields = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return  # loading the model names the problem
+        name, context = next(((n, fields[n]) for n in _CONTEXT_FIELDS if isinstance(fields.get(n), int)), (None, 0))
+        if name and self.max_length > context:
+            raise ConfigError(f"max_length={self.max_length} is longer than model={self.model}'s context of {context} "
+                              f"tokens ({name} in {path}); set max_length={context} or less")  # fmt: skip
 
     def delta_config(self, base_model: str | None = None):
         """The adapter config this run trains (a causal-LM task)."""
@@ -159,7 +232,9 @@ class TrainConfig:
         """Defaults, then a YAML file, then ``key=value`` overrides (values parsed as YAML scalars,
         except for text keys such as ``output_dir``, which keep the raw text: ``output_dir=007``).
 
-        ``epochs`` and ``max_steps`` are alternatives: an override of one drops the file's other.
+        ``epochs`` and ``max_steps`` are alternatives: an override of one drops the file's other. An
+        override of ``method`` drops the file's hyper-parameters of other methods, with a notice on
+        stderr (``examples/sft.yaml method=bottleneck`` leaves LoRA's ``r`` behind).
         """
         values: dict[str, Any] = _read_yaml(Path(config_file)) if config_file else {}
         given: dict[str, Any] = {}
@@ -173,6 +248,8 @@ class TrainConfig:
         for key, other in (("epochs", "max_steps"), ("max_steps", "epochs")):
             if key in given and other not in given:
                 values.pop(other, None)
+        if str(given.get("method", "")).lower() not in ("", str(values.get("method", cls.method)).lower()):
+            _drop_other_methods_keys(values, str(given["method"]), str(config_file))
         return cls.from_dict({**values, **given})
 
     @classmethod
@@ -189,12 +266,67 @@ class TrainConfig:
             elif key in method_keys:
                 typed["method_options"][key] = value
             else:
-                guess = difflib.get_close_matches(key, own + method_keys, n=1)
-                hint = f"; did you mean {guess[0]!r}?" if guess else "; `deltatune train --help` lists the keys"
-                raise ConfigError(f"unknown config key {key!r}{hint}")
+                raise ConfigError(f"unknown config key {key!r}; {_unknown_key_hint(key, own, method, method_keys)}")
         if "epochs" in values and "max_steps" not in values:
             typed["max_steps"] = 0
         return cls(**typed)
+
+
+def _unknown_key_hint(key: str, own: list[str], method: str, method_keys: list[str]) -> str:
+    """Whose hyper-parameter ``key`` is when another method has it, else the nearest key (in any case
+    and with - for _), else where the keys are listed."""
+    owners = [name for name in methods_taking(key) if name != method.lower()]
+    if owners:
+        takes = ", ".join(method_keys[:8]) + (", ..." if len(method_keys) > 8 else "")
+        return (f"it is a hyper-parameter of method={'/'.join(owners)}, not method={method}: drop it or set "
+                f"method={owners[0]} (method={method} takes {takes}; `deltatune train --help` lists the keys)")  # fmt: skip
+    candidates = {name.lower(): name for name in own + method_keys}
+    guess = difflib.get_close_matches(key.lower().replace("-", "_"), candidates, n=1)
+    return f"did you mean {candidates[guess[0]]!r}?" if guess else "`deltatune train --help` lists the keys"
+
+
+def _drop_other_methods_keys(values: dict[str, Any], method: str, source: str) -> None:
+    """Drop from the file's ``values`` the hyper-parameters of other methods than ``method`` (set on the
+    command line), with a one-line notice on stderr."""
+    own = option_defaults(method)
+    dropped = [key for key in values if key not in own and key not in TrainConfig.keys() and methods_taking(key)]
+    if dropped:
+        for key in dropped:
+            del values[key]
+        owners = sorted({name for key in dropped for name in methods_taking(key)})
+        print(f"config: method={method} (command line) drops {', '.join(dropped)} from {source}: hyper-parameters "
+              f"of method={'/'.join(owners)}", file=sys.stderr)  # fmt: skip
+
+
+def _installed(modules: tuple[str, ...]) -> bool:
+    """Whether every module of ``modules`` can be imported (found, not imported)."""
+    for module in modules:
+        try:
+            if find_spec(module) is None:
+                return False
+        except (ImportError, ValueError):  # a missing parent package of a dotted name
+            return False
+    return True
+
+
+def _model_config_file(model: str) -> Path | None:
+    """The config.json of ``model`` when it is on disk now: a local folder's, an embedded model's
+    (``assets.embedded_config``), or a hub id's in the Hugging Face cache; else None."""
+    from .. import assets  # torch-free
+
+    local = Path(model) / "config.json"
+    if local.is_file():
+        return local
+    embedded = assets.embedded_config(model)
+    if embedded is not None or model.count("/") != 1 or Path(model).exists():
+        return embedded
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(model, "config.json")
+    except ValueError:  # not a valid hub id
+        return None
+    return Path(cached) if isinstance(cached, str) else None
 
 
 def _check(name: str, value: Any, ok: bool, problem: str) -> None:
@@ -245,4 +377,5 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
             raise TypeError
         return kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r} must be a {kind.__name__}") from None
+        raise ConfigError(f"{key}={value!r} must be {_KIND_WORDS.get(kind, kind.__name__)}") from None
+

@@ -56,6 +56,11 @@ def option_defaults(name: str) -> dict[str, Any]:
     return {**defaults, **CLI_DEFAULTS.get(name.lower(), {})}
 
 
+def methods_taking(key: str) -> list[str]:
+    """The methods that have hyper-parameter ``key`` (e.g. "r" -> ["lora"])."""
+    return [name for name in methods() if key in option_defaults(name)]
+
+
 def build_config(name: str, options: Mapping[str, Any], task_type: str | None, base_model: str | None) -> DeltaConfig:
     """The validated config of method ``name`` with the CLI defaults, then ``options``, applied."""
     cls = method_class(name)

@@ -9,26 +9,43 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
-from ..checkpoints import latest_complete_checkpoint
+from ..chat_defaults import write_chat_defaults
+from ..checkpoints import checkpoint_step, latest_complete_checkpoint
 from ..data import EncodedSet, Record, RecordSet, TextExample, load_sources, mix, parse_weights, prompt_ids, split_records
-from ..data.records import Messages
+from ..data.records import Conversation, Messages, PreferencePair
 from ..errors import ConfigError, DataError, MergeError
 from ..model import DeltaModel, get_delta_model
 from ..quantization import is_quantized_model, prepare_for_kbit_training
 from .config import TrainConfig
 from .evaluate import answer
 from .loading import base_model_id, load_causal_lm, load_tokenizer, model_folder
+from .precision import mixed_precision_flags, slow_half_precision_notice
 from .progress import ProgressBar
 from .report import plot_losses, write_metrics
 from .stages import STAGES, Stage
+
+
+SAMPLES = 3  # held-out questions answered before and after training, beside the data's own answer
+
+
+@dataclass
+class SampleAnswer:
+    """A held-out question, the data's own answer to it (None where the data has none), and the model's."""
+
+    question: str
+    reference: str | None
+    before: str
+    after: str
 
 
 @dataclass
@@ -50,6 +67,7 @@ class RunResult:
     trainable_params: int
     total_params: int
     adapter_dir: str
+    samples: list[SampleAnswer] = dataclasses.field(default_factory=list)  # the first is sample_prompt's
 
     @property
     def eval_loss_before(self) -> float:
@@ -60,15 +78,19 @@ class RunResult:
         return self.eval_after["eval_loss"]
 
 
-def run_training(config: TrainConfig, log=print) -> RunResult:
-    """Train ``config.method`` on ``config.data`` with ``config.stage``; see the module docstring."""
+def run_training(config: TrainConfig, log=print, callbacks: Sequence[TrainerCallback] = ()) -> RunResult:
+    """Train ``config.method`` on ``config.data`` with ``config.stage``; see the module docstring.
+    ``callbacks``: more ``TrainerCallback``s for the Trainer (e.g. a meter or a logger of one's own)."""
+    config.check_inputs()  # data files, and max_length against the model's context, before anything loads
     set_seed(config.seed)
     stage = STAGES[config.stage]
     model_path = model_folder(config.model)
-    checkpoint = _checkpoint(config)
-    mixed_precision = _precision(config.precision)
+    checkpoint = _checkpoint(config, log)
+    mixed_precision = mixed_precision_flags(config.precision)
+    if notice := slow_half_precision_notice(mixed_precision):
+        log(notice)
     progress = ProgressBar()
-    callbacks = [progress, *_optional_callbacks(config)]
+    callbacks = [progress, *_optional_callbacks(config), *callbacks]
     train_records, eval_records, sources = _records(config, stage, log)
 
     tokenizer = load_tokenizer(model_path)
@@ -93,12 +115,13 @@ def run_training(config: TrainConfig, log=print) -> RunResult:
     for callback in callbacks:
         trainer.add_callback(callback)
 
-    prompt = _sample_prompt(eval_records)
+    questions = _sample_questions(eval_records)
+    prompt = questions[0][0] if questions else None
     # SFT's "before" is the base model; DPO/KTO score the untrained adapter, which is its own reference.
     with delta.disable_adapter() if stage.name == "sft" else contextlib.nullcontext():
         before = trainer.evaluate()
     with delta.disable_adapter():
-        answer_before = answer(delta, tokenizer, prompt) if prompt else None
+        answers_before = [answer(delta, tokenizer, question) for question, _ in questions]
     log(f"held-out loss before: {_describe(before)}")
 
     started = time.perf_counter()
@@ -106,12 +129,16 @@ def run_training(config: TrainConfig, log=print) -> RunResult:
     train_seconds = time.perf_counter() - started
     delta.eval()  # Trainer leaves train mode (dropout) on
     after = trainer.evaluate()
-    answer_after = answer(delta, tokenizer, prompt) if prompt else None
+    answers_after = [answer(delta, tokenizer, question) for question, _ in questions]
+    samples = [SampleAnswer(question[-1].content, reference, before_text, after_text)
+               for (question, reference), before_text, after_text in zip(questions, answers_before, answers_after)]  # fmt: skip
     log(f"held-out loss after:  {_describe(after)}")
 
     adapter_dir = Path(config.output_dir) / "adapter"
     if trainer.args.should_save:  # under torchrun only the main process writes
         delta.save_pretrained(adapter_dir)
+        if note := write_chat_defaults(adapter_dir, train_records):
+            log(note)
         tokenizer.save_pretrained(adapter_dir)
         log(f"adapter saved to {adapter_dir}")
     trainer.accelerator.wait_for_everyone()  # every process reads back what the main process wrote
@@ -123,7 +150,8 @@ def run_training(config: TrainConfig, log=print) -> RunResult:
     result = RunResult(
         stage=stage.name, eval_before=before, eval_after=after, reloaded_max_logit_diff=reloaded_diff,
         merged_max_logit_diff=merged_diff, sample_prompt=prompt[-1].content if prompt else None,
-        answer_before=answer_before, answer_after=answer_after, answer_merged=answer_merged,
+        answer_before=samples[0].before if samples else None, answer_after=samples[0].after if samples else None,
+        answer_merged=answer_merged, samples=samples,
         train_seconds=train_seconds, tokens_per_second=progress.tokens_per_second,
         steps=state.global_step, trainable_params=trainable, total_params=total, adapter_dir=str(adapter_dir),
     )  # fmt: skip
@@ -134,23 +162,27 @@ def run_training(config: TrainConfig, log=print) -> RunResult:
             output / "metrics.json", config=dataclasses.asdict(config), result=dataclasses.asdict(result),
             data=_data_stats(train_records, eval_records, train_set, eval_set, sources), log_history=history,
         )  # fmt: skip
-        plot_losses(output / "loss.png", history, title=f"{stage.name} · {config.method} · {model_path.name}")
+        plot_losses(output / "loss.png", history, f"{stage.name} · {config.method} · {model_path.name}", samples)
     return result
 
 
-def _checkpoint(config: TrainConfig) -> str | None:
+def _checkpoint(config: TrainConfig, log=print) -> str | None:
+    """The checkpoint folder ``resume_from_checkpoint`` names ("last": the newest complete one), logged."""
     if not config.resume_from_checkpoint:
         return None
     if config.resume_from_checkpoint == "last":
         folder = Path(config.output_dir) / "checkpoints"
-        last = latest_complete_checkpoint(folder)
-        if last is None:
+        path = latest_complete_checkpoint(folder)
+        if path is None:
             raise ConfigError(f"resume_from_checkpoint=last: no complete checkpoint in {folder}; train without "
                               f"resume_from_checkpoint, or point it at a checkpoint folder")  # fmt: skip
-        return str(last)
-    path = Path(config.resume_from_checkpoint)
-    if not (path / "trainer_state.json").is_file():
-        raise ConfigError(f"resume_from_checkpoint={str(path)!r} is not a checkpoint folder (no trainer_state.json)")
+    else:
+        path = Path(config.resume_from_checkpoint)
+        if not (path / "trainer_state.json").is_file():
+            raise ConfigError(f"resume_from_checkpoint={str(path)!r} is not a checkpoint folder (no "
+                              f"trainer_state.json); point it at an output_dir/checkpoints/checkpoint-<step> "
+                              f"folder, or use last")  # fmt: skip
+    log(f"resuming from {path} (step {checkpoint_step(path)})")
     return str(path)
 
 
@@ -158,12 +190,18 @@ def _records(config: TrainConfig, stage: Stage, log) -> tuple[list[Record], list
     """(train, held-out, per source (rows, rows used)): every row validated; several sources are mixed by
     data_weights after the held-out split (``data.mixing``)."""
     ignore = [column.strip() for column in config.ignore_columns.split(",") if column.strip()]
-    sets = [_checked(s, stage) for s in load_sources(config.data, config.data_format, config.columns, ignore)]
+
+    def checked(spec: str) -> list[RecordSet]:
+        return [_checked(s, stage) for s in load_sources(spec, config.data_format, config.columns, ignore)]
+
+    sets, eval_sets = checked(config.data), checked(config.eval_data) if config.eval_data else []
     records = [record for data in sets for record in data.records]
+    for key, group in (("data", sets), ("eval_data", eval_sets)):
+        for data in group:
+            log(f"{key}: {data.source} — format {data.format}, {len(data)} rows")
     if config.eval_data:
         train = records
-        held_out = [r for s in load_sources(config.eval_data, config.data_format, config.columns, ignore)
-                    for r in _checked(s, stage).records]  # fmt: skip
+        held_out = [record for data in eval_sets for record in data.records]
     else:
         train, held_out = split_records(records, config.eval_fraction, config.seed)
         if not train or not held_out:
@@ -191,6 +229,9 @@ def _arguments(config: TrainConfig, train_set: EncodedSet, mixed_precision: dict
     if not steps:
         rows = len(train_set.examples)  # an upper bound when packing
         steps = math.ceil(config.epochs * math.ceil(rows / config.batch_size) / config.gradient_accumulation_steps)
+    notice = _warmup_notice(config, steps)
+    if notice:
+        print(f"notice: {notice}", file=sys.stderr)
     evaluate = "steps" if config.eval_steps else "no"
     return TrainingArguments(
         output_dir=str(Path(config.output_dir) / "checkpoints"),
@@ -215,7 +256,7 @@ def _arguments(config: TrainConfig, train_set: EncodedSet, mixed_precision: dict
         activation_checkpointing=config.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         **mixed_precision,
-        report_to=[],
+        report_to=[name for name in config.reporters() if name != "tensorboard"],  # TensorBoard: _optional_callbacks
         seed=config.seed,
         data_seed=config.seed,
         remove_unused_columns=False,
@@ -225,24 +266,23 @@ def _arguments(config: TrainConfig, train_set: EncodedSet, mixed_precision: dict
     )
 
 
-def _precision(precision: str) -> dict[str, bool]:
-    """TrainingArguments' bf16/fp16 flags for ``precision`` on this machine."""
-    cuda = torch.cuda.is_available()
-    if precision == "auto":
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp16" and not cuda:
-        raise ConfigError("precision=fp16 needs a CUDA GPU; use precision=bf16 or fp32 on this machine")
-    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise ConfigError("precision=bf16 is not supported by this GPU; use precision=fp16")
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+def _warmup_notice(config: TrainConfig, steps: int) -> str | None:
+    """One line when warm-up lasts the whole run of ``steps`` optimizer steps, else None: the learning rate
+    then never reaches learning_rate (and a one-step run trains at 0)."""
+    if not config.warmup_steps or config.warmup_steps < steps:
+        return None
+    return (f"warmup_steps={config.warmup_steps} covers the whole run ({steps} step{'' if steps == 1 else 's'}): the "
+            f"learning rate never reaches learning_rate={config.learning_rate:g}"
+            f"{' (the step trains at 0)' if steps == 1 else ''}; set warmup_steps below {steps}, e.g. 0")  # fmt: skip
 
 
 def _optional_callbacks(config: TrainConfig) -> list:
-    """Early stopping and TensorBoard, when asked for (made before the model loads, so they fail first)."""
+    """Early stopping and TensorBoard (tensorboard=true or report_to=tensorboard, into output_dir/tensorboard),
+    when asked for (made before the model loads, so they fail first)."""
     callbacks = []
     if config.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(config.early_stopping_patience))
-    if config.tensorboard:
+    if "tensorboard" in config.reporters():
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -253,9 +293,23 @@ def _optional_callbacks(config: TrainConfig) -> list:
     return callbacks
 
 
-def _sample_prompt(records: list[Record]) -> Messages | None:
-    record = records[0]
-    return None if isinstance(record, TextExample) else record.prompt
+def _sample_questions(records: list[Record]) -> list[tuple[Messages, str | None]]:
+    """Up to ``SAMPLES`` held-out (prompt, the data's answer) pairs with distinct prompts; none for plain text."""
+    questions: dict[str, tuple[Messages, str | None]] = {}
+    for record in records:
+        if isinstance(record, TextExample) or len(questions) == SAMPLES:
+            break
+        questions.setdefault(record.prompt[-1].content, (record.prompt, _reference(record)))
+    return list(questions.values())
+
+
+def _reference(record: Record) -> str | None:
+    """The data's own answer: the conversation's next turn, the chosen answer, or a desirable completion."""
+    if isinstance(record, Conversation):
+        return record.messages[len(record.prompt)].content
+    if isinstance(record, PreferencePair):
+        return record.chosen[0].content
+    return record.completion[0].content if record.label else None
 
 
 def _probe_ids(tokenizer, prompt: Messages | None, eval_set: EncodedSet, model: DeltaModel) -> torch.Tensor:
