@@ -359,6 +359,11 @@ class BottleneckConfig(DeltaConfig):
 
 PROMPT_TUNING_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 PROMPT_ENCODER_TYPES = ("MLP", "LSTM")
+# The start every prompt method takes from real tokens. peft has these fields for prompt tuning only: P-tuning
+# and prefix tuning write them to adapter_config.json only when set (peft ignores keys it does not know).
+_PROMPT_INIT_KEYS = frozenset(
+    {"prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"}
+)
 
 
 @dataclass
@@ -370,6 +375,10 @@ class PromptLearningConfig(DeltaConfig):
     are filled from the model's config when the adapter is injected (as peft does), so a saved
     ``adapter_config.json`` records them. Encoder-decoder models are not supported.
 
+    Every method can start from n real tokens (``prompt_tuning_init``): the tokens of a text, or
+    tokens drawn from the vocabulary. What "start from" means is the method's own (see its class);
+    the tokens are the text's, repeated or cut to n (peft's rule), or n uniform draws.
+
     Args:
         num_virtual_tokens: n, the virtual tokens (prompt tuning, P-tuning) or prefix positions per layer.
         token_dim: width of one virtual token: the hidden size (prefix tuning: kv_heads * head_dim).
@@ -377,7 +386,20 @@ class PromptLearningConfig(DeltaConfig):
         num_attention_heads: attention heads (prefix tuning: key/value heads).
         num_layers: transformer layers.
         modules_to_save: extra modules trained in full and saved with the adapter (e.g. a new head).
+        prompt_tuning_init: "RANDOM" (peft's random start), "TEXT" (the tokens of
+            ``prompt_tuning_init_text``) or "SAMPLE_VOCAB" (n tokens drawn uniformly from the vocabulary).
+        prompt_tuning_init_text: the text for "TEXT".
+        tokenizer_name_or_path: the tokenizer for "TEXT": a local folder (or a hub name already in the
+            local cache); it is read with ``local_files_only=True``, never downloaded. P-tuning and
+            prefix tuning default to the folder the model was loaded from (prompt tuning requires it, as peft).
+        tokenizer_kwargs: extra ``AutoTokenizer.from_pretrained`` arguments for "TEXT"
+            (``trust_remote_code`` is dropped).
     """
+
+    # Fields written to adapter_config.json only when they differ from their default.
+    optional_keys: ClassVar[frozenset[str]] = _PROMPT_INIT_KEYS
+    # Whether "TEXT" needs tokenizer_name_or_path here; else it is the model's folder, filled in at injection.
+    text_needs_tokenizer: ClassVar[bool] = False
 
     num_virtual_tokens: int | None = None
     token_dim: int | None = None
@@ -385,6 +407,10 @@ class PromptLearningConfig(DeltaConfig):
     num_attention_heads: int | None = None
     num_layers: int | None = None
     modules_to_save: list[str] | None = None
+    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tokenizer_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -398,6 +424,22 @@ class PromptLearningConfig(DeltaConfig):
                 "(task_type SEQ_2_SEQ_LM, num_transformer_submodules=2); use LoRA for those"
             )
         self.modules_to_save = _modules_to_save(self.modules_to_save)
+        self.prompt_tuning_init = _choice("prompt_tuning_init", self.prompt_tuning_init, PROMPT_TUNING_INITS)
+        if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
+            raise ConfigError(
+                "prompt_tuning_init='TEXT' needs prompt_tuning_init_text; set it to a text describing the task"
+            )
+        if self.prompt_tuning_init == "TEXT" and self.text_needs_tokenizer and not self.tokenizer_name_or_path:
+            raise ConfigError(
+                "prompt_tuning_init='TEXT' needs prompt_tuning_init_text and tokenizer_name_or_path "
+                "(a local tokenizer folder); set both"
+            )
+        if self.tokenizer_kwargs and self.prompt_tuning_init != "TEXT":
+            raise ConfigError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'; remove it")
+
+    def to_dict(self) -> dict[str, Any]:
+        """peft's keys, and the ``optional_keys`` that differ from their default."""
+        return _without_defaults(self, super().to_dict(), self.optional_keys)
 
 
 @dataclass
@@ -407,34 +449,13 @@ class PromptTuningConfig(PromptLearningConfig):
     Trains n·d parameters; the base model is untouched. Outputs stay aligned with the caller's
     ``input_ids`` (the n virtual positions are cut from logits and hidden states).
 
-    Args:
-        prompt_tuning_init: "RANDOM" (N(0, 1) entries), "TEXT" (the embeddings of the tokens of
-            ``prompt_tuning_init_text``, repeated or cut to n) or "SAMPLE_VOCAB" (the embeddings of n
-            tokens drawn uniformly from the vocabulary).
-        prompt_tuning_init_text: the text for "TEXT".
-        tokenizer_name_or_path: the tokenizer for "TEXT": a local folder (or a hub name already in the
-            local cache); it is read with ``local_files_only=True``, never downloaded.
-        tokenizer_kwargs: extra ``AutoTokenizer.from_pretrained`` arguments for "TEXT"
-            (``trust_remote_code`` is dropped).
+    ``prompt_tuning_init`` (peft's field): "RANDOM" (N(0, 1) entries), "TEXT" or "SAMPLE_VOCAB"
+    (P starts as those tokens' embeddings, so the model starts as the base model reading them first).
     """
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
-
-    prompt_tuning_init: str = "RANDOM"
-    prompt_tuning_init_text: str | None = None
-    tokenizer_name_or_path: str | None = None
-    tokenizer_kwargs: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.prompt_tuning_init = _choice("prompt_tuning_init", self.prompt_tuning_init, PROMPT_TUNING_INITS)
-        if self.prompt_tuning_init == "TEXT" and not (self.prompt_tuning_init_text and self.tokenizer_name_or_path):
-            raise ConfigError(
-                "prompt_tuning_init='TEXT' needs prompt_tuning_init_text and tokenizer_name_or_path "
-                "(a local tokenizer folder); set both"
-            )
-        if self.tokenizer_kwargs and self.prompt_tuning_init != "TEXT":
-            raise ConfigError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'; remove it")
+    optional_keys: ClassVar[frozenset[str]] = frozenset()  # peft's own fields: always written
+    text_needs_tokenizer: ClassVar[bool] = True  # peft refuses a "TEXT" config without one
 
 
 @dataclass
@@ -444,6 +465,11 @@ class PromptEncoderConfig(PromptLearningConfig):
     f is an MLP d -> h -> ... -> h -> d (ReLU) or a bidirectional LSTM (d -> 2h) followed by an MLP
     2h -> 2h -> d. Like peft, only the prompt f(E) [n, d] is saved: an adapter loaded from a file
     holds those embeddings directly, without the encoder (further training then tunes them directly).
+
+    With ``prompt_tuning_init`` "TEXT" or "SAMPLE_VOCAB" (deltatune's; peft's P-tuning starts at
+    random) E starts as those tokens' embeddings and the encoder is residual, P = E + f(E), with
+    f's last layer at zero: the model starts as the base model reading those tokens first. The file
+    still holds P alone, so peft loads it.
 
     Args:
         encoder_reparameterization_type: "MLP" or "LSTM".
@@ -478,10 +504,16 @@ class PrefixTuningConfig(PromptLearningConfig):
     num_layers · 2 · kv_dim, the paper's reparameterisation for stabler training; like peft, only
     that output is saved, so an adapter loaded from a file holds the prefix directly.
 
+    With ``prompt_tuning_init`` "TEXT" or "SAMPLE_VOCAB" (deltatune's; Li & Liang's init from real
+    words) the prefix starts as the frozen model's own keys and values for those n tokens, so the
+    model starts as the base model reading them first. With ``prefix_projection`` the prefix is then
+    P0 + MLP(E), P0 those activations held fixed and the MLP's last layer at zero. Files hold P alone.
+
     Args:
         encoder_hidden_size: h of the projection MLP (default: token_dim).
         prefix_projection: train through the MLP reparameterisation.
-        init_weights: None (random prefix) or "zero" (zero prefix, or zero last projection layer).
+        init_weights: None (random prefix) or "zero" (zero prefix, or zero last projection layer);
+            only with ``prompt_tuning_init="RANDOM"``.
     """
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
@@ -495,6 +527,11 @@ class PrefixTuningConfig(PromptLearningConfig):
         _check_bool("prefix_projection", self.prefix_projection)
         if self.init_weights is not None:
             self.init_weights = _choice("init_weights", self.init_weights, ("zero",))
+            if self.prompt_tuning_init != "RANDOM":
+                raise ConfigError(
+                    f"init_weights='zero' and prompt_tuning_init={self.prompt_tuning_init!r} are two starts for "
+                    f"the prefix; set one of them"
+                )
 
 
 def config_class_for(peft_type: str) -> type[DeltaConfig]:
@@ -594,6 +631,15 @@ def _layer_indices(value: Any) -> list[int] | int | None:
     if isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
         return list(value)
     raise ConfigError(f"layers_to_transform={value!r} must be a non-negative int or a list of them")
+
+
+def _without_defaults(config: DeltaConfig, data: dict[str, Any], names: frozenset[str]) -> dict[str, Any]:
+    """``data`` (``config.to_dict()``) without the fields in ``names`` that are at their default."""
+    for f in dataclasses.fields(config):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.name in names and data[f.name] == _jsonable(default):
+            del data[f.name]
+    return data
 
 
 _OPTIONAL_LORA_KEYS = frozenset(

@@ -96,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         for label, text in answers:
             if text is not None:
                 print(f"answer {label + ':':<8} " + textwrap.shorten(text, 200))
+    if result.diverged:
+        print(result.diverged)
     steps = f"{result.steps} step" + ("" if result.steps == 1 else "s")
     print(f"trained {steps} in {result.train_seconds:.0f} s ({result.tokens_per_second:,.0f} tokens/s); "
           f"adapter in {result.adapter_dir}, metrics.json and loss.png in {config.output_dir}")  # fmt: skip

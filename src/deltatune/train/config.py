@@ -25,7 +25,7 @@ from ..config import PromptLearningConfig
 from ..data import ColumnMap, check_sources, parse_weights, split_sources
 from ..data.encoding import TRUNCATION_SIDES
 from ..errors import ConfigError, DataError
-from .methods import build_config, methods_taking, option_defaults
+from .methods import RUN_DEFAULTS, build_config, methods_taking, option_defaults
 
 EMBEDDED_MODEL = "smollm2"
 EMBEDDED_DATA = "chatterbot"
@@ -83,7 +83,7 @@ class TrainConfig:
     epochs: float = _key(0.0, "passes over the training data, when max_steps is 0")
     batch_size: int = _key(8, "examples per device step")
     gradient_accumulation_steps: int = _key(1, "device steps per optimizer step")
-    learning_rate: float = _key(1e-3, "peak learning rate (AdamW)")
+    learning_rate: float = _key(1e-3, "peak learning rate (AdamW); method=prefix_tuning: 1e-2")
     lr_scheduler: str = _key("cosine", "learning-rate schedule after warm-up: cosine, linear, constant, ...")
     warmup_steps: int = _key(5, "linear warm-up steps")
     weight_decay: float = _key(0.0, "AdamW weight decay")
@@ -269,6 +269,8 @@ class TrainConfig:
                 raise ConfigError(f"unknown config key {key!r}; {_unknown_key_hint(key, own, method, method_keys)}")
         if "epochs" in values and "max_steps" not in values:
             typed["max_steps"] = 0
+        for key, value in RUN_DEFAULTS.get(method.lower(), {}).items():
+            typed.setdefault(key, value)
         return cls(**typed)
 
 

@@ -27,6 +27,7 @@ from ..errors import ConfigError, DataError, MergeError
 from ..model import DeltaModel, get_delta_model
 from ..quantization import is_quantized_model, prepare_for_kbit_training
 from .config import TrainConfig
+from .divergence import DivergenceGuard
 from .evaluate import answer
 from .loading import base_model_id, load_causal_lm, load_tokenizer, model_folder
 from .precision import mixed_precision_flags, slow_half_precision_notice
@@ -68,6 +69,7 @@ class RunResult:
     total_params: int
     adapter_dir: str
     samples: list[SampleAnswer] = dataclasses.field(default_factory=list)  # the first is sample_prompt's
+    diverged: str | None = None  # DivergenceGuard's line when the run stopped at a NaN/inf
 
     @property
     def eval_loss_before(self) -> float:
@@ -90,7 +92,8 @@ def run_training(config: TrainConfig, log=print, callbacks: Sequence[TrainerCall
     if notice := slow_half_precision_notice(mixed_precision):
         log(notice)
     progress = ProgressBar()
-    callbacks = [progress, *_optional_callbacks(config), *callbacks]
+    guard = DivergenceGuard(log=log)  # a NaN/inf loss or weight stops the run at its last good adapter
+    callbacks = [progress, guard, *_optional_callbacks(config), *callbacks]
     train_records, eval_records, sources = _records(config, stage, log)
 
     tokenizer = load_tokenizer(model_path)
@@ -151,7 +154,7 @@ def run_training(config: TrainConfig, log=print, callbacks: Sequence[TrainerCall
         stage=stage.name, eval_before=before, eval_after=after, reloaded_max_logit_diff=reloaded_diff,
         merged_max_logit_diff=merged_diff, sample_prompt=prompt[-1].content if prompt else None,
         answer_before=samples[0].before if samples else None, answer_after=samples[0].after if samples else None,
-        answer_merged=answer_merged, samples=samples,
+        answer_merged=answer_merged, samples=samples, diverged=guard.message,
         train_seconds=train_seconds, tokens_per_second=progress.tokens_per_second,
         steps=state.global_step, trainable_params=trainable, total_params=total, adapter_dir=str(adapter_dir),
     )  # fmt: skip

@@ -11,6 +11,12 @@ attention mask grows by n ones. kv_dim = kv_heads * head_dim, so a grouped-query
 smaller prefix. With ``prefix_projection`` P = MLP(E), E [n, token_dim] (tanh): the paper's
 reparameterisation; only P is saved, and without gradients P is computed once and reused.
 
+Started from real tokens (``prompt_tuning_init`` "TEXT" / "SAMPLE_VOCAB"; Li & Liang's init from
+the activations of real words), P is the frozen model's own keys and values for those n tokens at
+positions 0..n-1 (``token_activations``): the untrained adapter gives exactly the base model's
+output for [tokens; x]. With ``prefix_projection`` P = P0 + MLP(E), P0 those activations (a fixed
+buffer) and the MLP's last layer at zero; the file holds P, which is all peft ever loads.
+
 Gradient checkpointing: transformers drops the cache of a checkpointed layer, because replaying
 the layer in the backward pass would write to it a second time. A call that returns no cache (a
 training step) gets the prefix as a read-only ``PrefixCache`` instead, which is safe to replay, and
@@ -30,7 +36,18 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..config import PrefixTuningConfig
 from ..errors import ConfigError
-from .prompt_learning import CACHE, PromptEncoder, PromptLayer, PromptLearningTuner, attention_shape, mlp
+from .prompt_learning import (
+    ATTRIBUTE,
+    CACHE,
+    PromptEncoder,
+    PromptLayer,
+    PromptLearningTuner,
+    attention_shape,
+    init_token_ids,
+    mlp,
+    starts_from_tokens,
+    zero_last_layer,
+)
 
 _KEEPS_CACHE = "_can_checkpoint_with_cache"  # GradientCheckpointingLayer's switch to keep a cache
 
@@ -130,17 +147,19 @@ class PrefixTuner(PromptLearningTuner):
 
     def build_encoder(self, model: nn.Module, config: PrefixTuningConfig) -> PromptEncoder:
         count, width = config.num_virtual_tokens, config.num_layers * 2 * config.token_dim
+        start = token_activations(model, config) if starts_from_tokens(config) else None
         if config.prefix_projection and not config.inference_mode:
             embedding = nn.Embedding(count, config.token_dim)
             head = mlp([config.token_dim, config.encoder_hidden_size, width], nn.Tanh)
-            last = head[-1]
-        else:
-            embedding = nn.Embedding(count, width)
-            head, last = None, embedding
+            if config.init_weights == "zero" or start is not None:
+                zero_last_layer(head)
+            return PromptEncoder(embedding, head, offset=start)
+        if start is not None:
+            return PromptEncoder(nn.Embedding.from_pretrained(start, freeze=False))
+        embedding = nn.Embedding(count, width)
         if config.init_weights == "zero":
-            for weight in last.parameters():
-                nn.init.zeros_(weight)
-        return PromptEncoder(embedding, head)
+            nn.init.zeros_(embedding.weight)
+        return PromptEncoder(embedding)
 
 
 def prefix_pairs(prompt: torch.Tensor, config: PrefixTuningConfig, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -149,6 +168,31 @@ def prefix_pairs(prompt: torch.Tensor, config: PrefixTuningConfig, batch: int) -
     grid = prompt.view(prompt.shape[0], config.num_layers, 2, heads, config.token_dim // heads)
     grid = grid.permute(1, 2, 3, 0, 4)  # [L, 2, kv_heads, n, head_dim]
     return [(layer[0].expand(batch, -1, -1, -1), layer[1].expand(batch, -1, -1, -1)) for layer in grid]
+
+
+def token_activations(model: nn.Module, config: PrefixTuningConfig) -> torch.Tensor:
+    """P0 [n, L * 2 * kv_dim] (fp32): the frozen model's keys and values for ``init_token_ids`` at
+    positions 0..n-1, every layer's, in the prefix layout (the inverse of ``prefix_pairs``)."""
+    ids = init_token_ids(model, config)[None]
+    layer = getattr(model, ATTRIBUTE, None)  # other prompt adapters must not take part
+    was_training, was_disabled = model.training, layer is not None and layer.disabled
+    if layer is not None:
+        layer.disabled = True
+    model.eval()
+    try:
+        with torch.no_grad():
+            cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).get(CACHE)
+    finally:
+        model.train(was_training)
+        if layer is not None:
+            layer.disabled = was_disabled
+    if not isinstance(cache, Cache) or len(cache.layers) != config.num_layers:
+        raise ConfigError(
+            f"{type(model).__name__} returns no key/value cache of {config.num_layers} layers, which "
+            f"prompt_tuning_init={config.prompt_tuning_init!r} reads the prefix from; use prompt_tuning_init='RANDOM'"
+        )
+    pairs = torch.stack([torch.stack([entry.keys[0], entry.values[0]]) for entry in cache.layers])  # [L, 2, h, n, d]
+    return pairs.permute(3, 0, 1, 2, 4).reshape(ids.shape[1], -1).float()
 
 
 def _returns_cache(model: nn.Module, kwargs: dict[str, Any]) -> bool:

@@ -8,23 +8,33 @@
 Prompt tuning (Lester et al., 2021, arXiv:2104.08691) trains P itself: n·d parameters. P-tuning
 (Liu et al., 2021, arXiv:2103.10385) computes P = f(E) with a prompt encoder f over trainable
 inputs E [n, d]: an MLP, or a bidirectional LSTM followed by an MLP (peft's layout); only P is saved.
+Started from real tokens (``prompt_tuning_init`` "TEXT" / "SAMPLE_VOCAB"), P or E is those tokens'
+embeddings, and P-tuning's encoder is residual, P = E + f(E) with f's last layer at zero: either
+way the untrained model is the base model reading those tokens first.
 The model's outputs are cut back to the caller's positions; its loss still counts the first token,
 predicted from the last virtual one.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer
 from transformers.utils import ModelOutput
 
 from ..config import PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig
-from ..errors import ConfigError, InputError, TargetError
-from .prompt_learning import PromptEncoder, PromptLayer, PromptLearningTuner, mlp
+from ..errors import ConfigError, InputError
+from .prompt_learning import (
+    PromptEncoder,
+    PromptLayer,
+    PromptLearningTuner,
+    init_token_ids,
+    mlp,
+    starts_from_tokens,
+    word_embeddings,
+    zero_last_layer,
+)
 
 
 class VirtualTokenLayer(PromptLayer):
@@ -93,15 +103,7 @@ class PromptTuningTuner(VirtualTokenTuner):
     config_class = PromptTuningConfig
 
     def build_encoder(self, model: nn.Module, config: PromptTuningConfig) -> PromptEncoder:
-        count, dim = config.num_virtual_tokens, config.token_dim
-        if config.inference_mode or config.prompt_tuning_init == "RANDOM":  # a loaded file replaces it
-            return PromptEncoder(nn.Embedding(count, dim))
-        table = word_embeddings(model)
-        if config.prompt_tuning_init == "SAMPLE_VOCAB":
-            ids = torch.randint(0, table.num_embeddings, (count,), device=table.weight.device)
-        else:
-            ids = torch.tensor(_text_token_ids(config, table.num_embeddings), device=table.weight.device)
-        return PromptEncoder(nn.Embedding.from_pretrained(table.weight[ids].detach().float(), freeze=False))
+        return PromptEncoder(token_embedding(model, config))
 
 
 class PTuningTuner(VirtualTokenTuner):
@@ -114,14 +116,19 @@ class PTuningTuner(VirtualTokenTuner):
         config.encoder_hidden_size = config.encoder_hidden_size or config.token_dim
 
     def build_encoder(self, model: nn.Module, config: PromptEncoderConfig) -> PromptEncoder:
-        dim, hidden = config.token_dim, config.encoder_hidden_size
-        embedding = nn.Embedding(config.num_virtual_tokens, dim)
+        """peft's encoder over a random E; started from tokens, a residual one with its last layer at zero."""
+        embedding = token_embedding(model, config)
         if config.inference_mode:
             return PromptEncoder(embedding)
+        dim, hidden = config.token_dim, config.encoder_hidden_size
         if config.encoder_reparameterization_type == "LSTM":
-            return PromptEncoder(embedding, LstmHead(dim, hidden, config.encoder_num_layers, config.encoder_dropout))
-        widths = [dim, *[hidden] * config.encoder_num_layers, dim]
-        return PromptEncoder(embedding, mlp(widths, nn.ReLU, config.encoder_dropout))
+            head = LstmHead(dim, hidden, config.encoder_num_layers, config.encoder_dropout)
+        else:
+            head = mlp([dim, *[hidden] * config.encoder_num_layers, dim], nn.ReLU, config.encoder_dropout)
+        residual = starts_from_tokens(config)
+        if residual:
+            zero_last_layer(head)
+        return PromptEncoder(embedding, head, residual=residual)
 
 
 class LstmHead(nn.Module):
@@ -138,32 +145,10 @@ class LstmHead(nn.Module):
         return self.mlp_head(self.lstm_head(inputs)[0])
 
 
-def word_embeddings(model: nn.Module) -> nn.Embedding:
-    """The model's input embedding table."""
-    embeddings = model.get_input_embeddings()
-    if not isinstance(embeddings, nn.Embedding):
-        raise TargetError(f"{type(model).__name__} has no input embedding table; prompt methods need one")
-    return embeddings
-
-
-def _text_token_ids(config: PromptTuningConfig, vocab_size: int) -> list[int]:
-    """The token ids of ``prompt_tuning_init_text``, repeated or cut to n (peft's rule)."""
-    options = {k: v for k, v in (config.tokenizer_kwargs or {}).items() if k != "trust_remote_code"}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, local_files_only=True, **options)
-    except (OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(
-            f"tokenizer_name_or_path={config.tokenizer_name_or_path!r} cannot be read from local files ({reason}); "
-            f"point it at a local tokenizer folder"
-        ) from None
-    ids = list(tokenizer(config.prompt_tuning_init_text)["input_ids"])
-    if not ids:
-        raise ConfigError("prompt_tuning_init_text gives no tokens; use a non-empty text")
-    if max(ids) >= vocab_size:
-        raise ConfigError(
-            f"the tokenizer gives token id {max(ids)} but the model has {vocab_size} tokens; "
-            f"use the model's own tokenizer"
-        )
-    count = config.num_virtual_tokens
-    return (ids * math.ceil(count / len(ids)))[:count]
+def token_embedding(model: nn.Module, config: PromptLearningConfig) -> nn.Embedding:
+    """Trainable virtual tokens [n, d]: the embeddings of ``init_token_ids`` when the adapter starts from
+    tokens, else N(0, 1) draws (peft's random start; a loaded file replaces them)."""
+    if not starts_from_tokens(config):
+        return nn.Embedding(config.num_virtual_tokens, config.token_dim)
+    rows = word_embeddings(model).weight[init_token_ids(model, config)]
+    return nn.Embedding.from_pretrained(rows.detach().float(), freeze=False)

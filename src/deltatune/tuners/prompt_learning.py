@@ -15,17 +15,25 @@ the caller's tokens count from n; several active adapters are concatenated in ac
 
 Files hold one tensor, ``prompt_embeddings`` = P, as peft writes it; an adapter trained through a
 head is saved as its output and loads as those embeddings, without the head.
+
+Starting from real tokens (``prompt_tuning_init`` "TEXT" / "SAMPLE_VOCAB"): ``init_token_ids`` gives
+the n token ids; each method turns them into a start near the base model (prompt.py, prefix.py).
+A head can then be residual, P = E + f(E), or sit on a fixed offset, P = P0 + f(E), its last layer
+at zero (``zero_last_layer``), so that P starts at E or at P0.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
 from ..config import PromptLearningConfig
 from ..errors import ConfigError, InputError, TargetError
@@ -52,14 +60,23 @@ class PromptEncoder(nn.Module):
     """One adapter's prompt P = f(E) [n, D] from trainable inputs E = ``embedding.weight`` [n, in].
 
     ``head`` f is the reparameterisation used in training (P-tuning's MLP/LSTM, prefix tuning's
-    projection), or None when P is E itself. Without gradients (inference) P is computed once and
-    reused until a weight changes.
+    projection), or None when P is E itself. ``residual`` makes it P = E + f(E); ``offset`` P0 [n, D]
+    (fixed, not trained) makes it P = P0 + f(E). Without gradients (inference) P is computed once
+    and reused until a weight changes.
     """
 
-    def __init__(self, embedding: nn.Embedding, head: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        embedding: nn.Embedding,
+        head: nn.Module | None = None,
+        residual: bool = False,
+        offset: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.embedding = embedding
         self.head = head
+        self.residual = residual
+        self.register_buffer("offset", offset, persistent=False)
         self._reused: tuple[tuple[tuple[int, int], ...], torch.Tensor] | None = None
 
     def forward(self) -> torch.Tensor:
@@ -67,11 +84,18 @@ class PromptEncoder(nn.Module):
             return self.embedding.weight
         weights = list(self.parameters())
         if self.training or (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
-            return self.head(self.embedding.weight[None])[0]
+            return self._through_head()
         stamp = tuple((w.data_ptr(), w._version) for w in weights)  # any in-place update bumps _version
         if self._reused is None or self._reused[0] != stamp:
-            self._reused = (stamp, self.head(self.embedding.weight[None])[0])
+            self._reused = (stamp, self._through_head())
         return self._reused[1]
+
+    def _through_head(self) -> torch.Tensor:
+        inputs = self.embedding.weight
+        prompt = self.head(inputs[None])[0]
+        if self.residual:
+            prompt = prompt + inputs
+        return prompt if self.offset is None else prompt + self.offset
 
     def value(self) -> torch.Tensor:
         """P as inference computes it (eval mode, no gradient): what a file stores."""
@@ -88,8 +112,72 @@ class PromptEncoder(nn.Module):
         if self.head is not None:
             trainable = self.embedding.weight.requires_grad
             self.embedding = nn.Embedding.from_pretrained(self.value(), freeze=not trainable)
-            self.head = None
+            self.head, self.residual, self.offset = None, False, None
             self._reused = None
+
+
+def zero_last_layer(head: nn.Module) -> None:
+    """Zero the weight and bias of ``head``'s last ``nn.Linear``, so that it outputs zeros."""
+    last = [module for module in head.modules() if isinstance(module, nn.Linear)][-1]
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+
+
+def starts_from_tokens(config: PromptLearningConfig) -> bool:
+    """Whether a new (trainable) adapter of ``config`` starts from real tokens; a loaded file replaces any start."""
+    return not config.inference_mode and config.prompt_tuning_init != "RANDOM"
+
+
+def init_token_ids(model: nn.Module, config: PromptLearningConfig) -> torch.Tensor:
+    """The n token ids ``config.prompt_tuning_init`` names, on the model's device: the text's tokens
+    repeated or cut to n ("TEXT", peft's rule), or n uniform draws from the vocabulary ("SAMPLE_VOCAB")."""
+    table = word_embeddings(model)
+    count, device = config.num_virtual_tokens, table.weight.device
+    if config.prompt_tuning_init == "SAMPLE_VOCAB":
+        return torch.randint(0, table.num_embeddings, (count,), device=device)
+    ids = _text_token_ids(config, table.num_embeddings)
+    return torch.tensor((ids * math.ceil(count / len(ids)))[:count], device=device)
+
+
+def _model_folder(model: nn.Module) -> str:
+    """The local folder ``model`` was loaded from, where its tokenizer is expected."""
+    folder = getattr(model, "name_or_path", "") or ""
+    if not os.path.isdir(folder):
+        raise ConfigError(
+            "prompt_tuning_init='TEXT' needs tokenizer_name_or_path: the model was not loaded from a local folder; "
+            "set it to the model's tokenizer folder"
+        )
+    return folder
+
+
+def word_embeddings(model: nn.Module) -> nn.Embedding:
+    """The model's input embedding table."""
+    embeddings = model.get_input_embeddings()
+    if not isinstance(embeddings, nn.Embedding):
+        raise TargetError(f"{type(model).__name__} has no input embedding table; prompt methods need one")
+    return embeddings
+
+
+def _text_token_ids(config: PromptLearningConfig, vocab_size: int) -> list[int]:
+    """The token ids of ``prompt_tuning_init_text``, read with the local tokenizer the config names."""
+    options = {k: v for k, v in (config.tokenizer_kwargs or {}).items() if k != "trust_remote_code"}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, local_files_only=True, **options)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"tokenizer_name_or_path={config.tokenizer_name_or_path!r} cannot be read from local files ({reason}); "
+            f"point it at a local tokenizer folder"
+        ) from None
+    ids = list(tokenizer(config.prompt_tuning_init_text)["input_ids"])
+    if not ids:
+        raise ConfigError("prompt_tuning_init_text gives no tokens; use a non-empty text")
+    if max(ids) >= vocab_size:
+        raise ConfigError(
+            f"the tokenizer gives token id {max(ids)} but the model has {vocab_size} tokens; "
+            f"use the model's own tokenizer"
+        )
+    return ids
 
 
 class PromptLayer(nn.ModuleDict):
@@ -191,6 +279,8 @@ class PromptLearningTuner(Tuner):
         config.token_dim = config.token_dim or shape.hidden
         config.num_attention_heads = config.num_attention_heads or shape.heads
         config.num_transformer_submodules = config.num_transformer_submodules or 1
+        if config.prompt_tuning_init == "TEXT" and not config.tokenizer_name_or_path:
+            config.tokenizer_name_or_path = _model_folder(model)
 
     def inject(self, model: nn.Module, config: PromptLearningConfig, adapter_name: str) -> None:
         if getattr(model.config, "is_encoder_decoder", False):
