@@ -60,7 +60,8 @@ def test_saved_section_on_meta_gives_the_differences_between_modes_of_a_real_ste
         # storages that graph saves are counted by what is alive (real) or distinct (meta), so it is only close.
         # peft's modes train through the model's own loss (the floor through deltatune's): its scalars count a
         # few bytes differently on meta.
-        tolerance = 0.15 * meta_extra if mode == "peft-dora" else 64 / 2**20 if mode.startswith("peft") else 1e-9
+        # (what is alive varies from run to run by up to a sixth of peft-DoRA's excess: garbage collection)
+        tolerance = 0.25 * meta_extra if mode == "peft-dora" else 64 / 2**20 if mode.startswith("peft") else 1e-9
         assert meta_extra == pytest.approx(real[mode] - real["floor"] + o_proj_input_mib, abs=tolerance), mode
     assert meta["fused_gib"] < meta["fused-layer_gib"] == meta["plain_gib"] < meta["peft_gib"]  # peft: + the full logits
     report = {"settings": {"device": "cpu"}, "summary": {}, "infer": [], "wrap": [], "saved": [{"shape": "tiny", **meta}]}

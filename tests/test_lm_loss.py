@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import Gemma2Config, Gemma2ForCausalLM
+
 
 from deltatune import LoraConfig, PromptTuningConfig, get_delta_model
 from deltatune.data.collate import collate_causal, collate_padding_free
@@ -166,6 +166,8 @@ def test_logits_exist_only_for_a_chunk_of_labelled_positions(monkeypatch) -> Non
 
 
 def test_models_that_transform_their_logits_keep_their_own_loss() -> None:
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
     config = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=5.0,
                           attn_implementation="eager")  # fmt: skip

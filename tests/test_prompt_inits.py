@@ -176,3 +176,22 @@ def test_embedded_smollm2_started_from_text_is_near_its_base_loss_where_random_p
     ):
         assert abs(loss(cfg) - plain) < 0.3, (type(cfg).__name__, plain)
     assert loss(deltatune.PrefixTuningConfig(num_virtual_tokens=20)) > plain + 3
+
+
+def test_a_fused_optimizer_step_reaches_inference_and_the_saved_prompt():
+    """Fused optimizers update weights without bumping their version counters: P must not be cached on them."""
+    model = get_delta_model(MODELS["llama"].build(), deltatune.PromptEncoderConfig(
+        num_virtual_tokens=3, task_type="CAUSAL_LM", prompt_tuning_init="SAMPLE_VOCAB"))  # fmt: skip
+    encoder = next(m for m in model.modules() if hasattr(m, "value") and hasattr(m, "head"))
+    ids = torch.tensor([[3, 4, 5, 6]])
+    model.eval()
+    with torch.no_grad():
+        before, saved_before = model(input_ids=ids).logits, encoder.value()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True)
+    model.train()
+    model(input_ids=ids).logits.square().mean().backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        after, saved_after = model(input_ids=ids).logits, encoder.value()
+    assert (after - before).abs().max() > 1e-4 and (saved_after - saved_before).abs().max() > 1e-4

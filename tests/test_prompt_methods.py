@@ -228,19 +228,15 @@ def test_loading_a_reparameterised_adapter_gives_its_embeddings(method, tmp_path
     assert_same(outputs(ours, "llama", labels=True), outputs(trainable, "llama", labels=True))
 
 
-def test_inference_computes_a_projected_prompt_once():
+def test_inference_sees_every_update_of_a_projected_prompt():
+    """P = f(E) is recomputed on every call: an in-place update is seen at once (and see
+    test_prompt_inits for a fused optimizer, whose updates leave version counters alone)."""
     model = delta_model("prefix_projection", "llama").eval()
-    calls = []
-    model.base_model.prompt_encoder["default"].head.register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():
-        model(**batch())
-        model(**batch())
-        assert len(calls) == 1
-        perturb_trainable(model)  # an in-place update must be seen
+        before = model(**batch()).logits
+        perturb_trainable(model)
         changed = model(**batch()).logits
-        assert len(calls) == 2
-    model(**batch()).logits.sum().backward()  # with gradients it is recomputed every call
-    assert len(calls) == 3
+    assert (changed - before).abs().max() > 1e-4
     torch.testing.assert_close(model(**batch()).logits.detach(), changed)
 
 

@@ -185,7 +185,9 @@ def run_e2e(folder: Path, steps: int, repeats: int, default_steps: int, runs: li
     from .bench import environment
 
     train, held_out = prepare_data(folder / "data")
-    report: dict[str, Any] = {"environment": environment("cuda" if _cuda() else "cpu", None),
+    import trl
+
+    report: dict[str, Any] = {"environment": {**environment("cuda" if _cuda() else "cpu", None), "trl": trl.__version__},
                               "settings": {**SETTINGS, "steps": steps, "default_steps": default_steps}, "runs": []}  # fmt: skip
     for repeat in range(repeats):
         for run in runs:

@@ -83,7 +83,7 @@ class TrainConfig:
     epochs: float = _key(0.0, "passes over the training data, when max_steps is 0")
     batch_size: int = _key(8, "examples per device step")
     gradient_accumulation_steps: int = _key(1, "device steps per optimizer step")
-    learning_rate: float = _key(1e-3, "peak learning rate (AdamW); method=prefix_tuning: 1e-2")
+    learning_rate: float = _key(1e-3, "peak learning rate (AdamW); prefix_tuning and p_tuning: 1e-2, prompt_tuning: 1e-1")
     lr_scheduler: str = _key("cosine", "learning-rate schedule after warm-up: cosine, linear, constant, ...")
     warmup_steps: int = _key(5, "linear warm-up steps")
     weight_decay: float = _key(0.0, "AdamW weight decay")

@@ -28,7 +28,11 @@ CLI_DEFAULTS: dict[str, dict[str, Any]] = {
     "prefix_tuning": {"num_virtual_tokens": 20, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": PROMPT_INIT_TEXT},
 }
 # Run keys whose default depends on the method (measured on the embedded model; docs/methods.md).
-RUN_DEFAULTS: dict[str, dict[str, Any]] = {"prefix_tuning": {"learning_rate": 1e-2}}
+RUN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "prefix_tuning": {"learning_rate": 1e-2},
+    "p_tuning": {"learning_rate": 1e-2},
+    "prompt_tuning": {"learning_rate": 1e-1},
+}
 # Fields every config has; the training run sets them, not the user.
 _RUN_FIELDS = {f.name for f in dataclasses.fields(DeltaConfig)}
 _REGEX_CHARS = re.compile(r"[*()\[\]|\\^$?+]")

@@ -17,6 +17,7 @@ from ..data import EncodedSet, PreferencePair, Record, collate_causal, encode_re
 from ..config import PromptLearningConfig
 from ..data.collate import collate_padding_free
 from ..data.encoding import Example
+from ..kernels.segment_attention import use_segment_attention
 from .config import TrainConfig
 from .evaluate import heldout_loss, perplexity
 from .kto import KTOTrainer
@@ -69,7 +70,10 @@ class Stage:
 def _sft_trainer(config, model, tokenizer, args, train: list[Example], evaluation: list[Example]) -> Trainer:
     if config.packing:
         train = pack_examples(train, config.max_length)
-    collate = collate_padding_free if sft_padding_free(config) else collate_causal
+    padding_free = sft_padding_free(config)
+    if padding_free:  # each example of a row attends alone (not through the row's T x T mask)
+        use_segment_attention(model.base_model)
+    collate = collate_padding_free if padding_free else collate_causal
     return SFTTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
         data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),

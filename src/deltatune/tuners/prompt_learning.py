@@ -61,8 +61,7 @@ class PromptEncoder(nn.Module):
 
     ``head`` f is the reparameterisation used in training (P-tuning's MLP/LSTM, prefix tuning's
     projection), or None when P is E itself. ``residual`` makes it P = E + f(E); ``offset`` P0 [n, D]
-    (fixed, not trained) makes it P = P0 + f(E). Without gradients (inference) P is computed once
-    and reused until a weight changes.
+    (fixed, not trained) makes it P = P0 + f(E). P is computed on every call (f is small next to the model).
     """
 
     def __init__(
@@ -77,20 +76,12 @@ class PromptEncoder(nn.Module):
         self.head = head
         self.residual = residual
         self.register_buffer("offset", offset, persistent=False)
-        self._reused: tuple[tuple[tuple[int, int], ...], torch.Tensor] | None = None
 
     def forward(self) -> torch.Tensor:
+        # Computed on every call, never cached: a fused optimizer updates the weights in place without
+        # bumping their version counters, so a cache keyed on them served a stale P after training steps.
         if self.head is None:
             return self.embedding.weight
-        weights = list(self.parameters())
-        if self.training or (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
-            return self._through_head()
-        stamp = tuple((w.data_ptr(), w._version) for w in weights)  # any in-place update bumps _version
-        if self._reused is None or self._reused[0] != stamp:
-            self._reused = (stamp, self._through_head())
-        return self._reused[1]
-
-    def _through_head(self) -> torch.Tensor:
         inputs = self.embedding.weight
         prompt = self.head(inputs[None])[0]
         if self.residual:
@@ -113,7 +104,6 @@ class PromptEncoder(nn.Module):
             trainable = self.embedding.weight.requires_grad
             self.embedding = nn.Embedding.from_pretrained(self.value(), freeze=not trainable)
             self.head, self.residual, self.offset = None, False, None
-            self._reused = None
 
 
 def zero_last_layer(head: nn.Module) -> None:
