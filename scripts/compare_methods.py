@@ -78,7 +78,7 @@ def plot(rows: list[tuple[str, dict]], path: Path, budget: str) -> None:
     axes.axhline(rows[0][1]["eval_before"]["eval_loss"], color="gray", linestyle="--", label="base model")
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("held-out loss")
-    axes.set_title(f"SmolLM2-135M-Instruct on chatterbot, each method's defaults ({budget})", fontsize=9)
+    axes.set_title(f"SmolLM2-135M-Instruct, chatterbot: each method's defaults\n{budget}", fontsize=9)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()

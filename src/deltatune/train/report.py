@@ -25,14 +25,14 @@ def plot_losses(
     sample question with the data's answer and the model's before and after (``run.SampleAnswer``)."""
     train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
     evaluation = sorted({entry["step"]: entry["eval_loss"] for entry in log_history if "eval_loss" in entry}.items())
-    figure = Figure(figsize=(8, 4.5 + 1.1 * len(samples)), dpi=100)
+    figure = Figure(figsize=(8, 4.5 + 0.5 * len(samples)), dpi=100)
     FigureCanvasAgg(figure)
-    grid = figure.add_gridspec(2, 1, height_ratios=[4.5, max(1.1 * len(samples), 1e-3)])
+    grid = figure.add_gridspec(2, 1, height_ratios=[4.5, max(0.5 * len(samples), 1e-3)])
     axes = figure.add_subplot(grid[0])
     if train:
         steps, losses = zip(*train)
         axes.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=1, label="train loss (per log)")
-        axes.plot(steps, moving_average(losses, max(1, len(losses) // 8)), color="tab:blue", linewidth=2,
+        axes.plot(steps, moving_average(losses, max(1, len(losses) // 4)), color="tab:blue", linewidth=2,
                   label="train loss (moving average)")  # fmt: skip
     if evaluation:
         axes.plot(*zip(*evaluation), "o-", label="held-out loss", color="tab:orange", linewidth=2)
