@@ -18,7 +18,8 @@ try:
 except SystemExit:
     pass
 import os
-print("LOADED", [m for m in ("torch", "transformers", "deltatune.model") if m in sys.modules], os.environ.get("OMP_WAIT_POLICY"))
+print("LOADED", [m for m in ("torch", "transformers", "deltatune.model") if m in sys.modules],
+      os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT"))
 """
 
 COMMANDS = ["train", "merge", "generate", "chat", "eval", "inspect", "classify", "export", "bench"]
@@ -63,12 +64,17 @@ def test_missing_data_sources_are_found_without_reading_rows(tmp_path):
         check_sources("chatterbot,b.jsonl", "eval_data")
 
 
-def test_omp_wait_policy_is_passive_unless_the_user_set_it():
+def test_openmp_threads_sleep_but_in_train_unless_the_user_set_them():
+    """Every command but train sleeps idle OpenMP threads; train spins briefly (it watches the machine);
+    a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT is left alone."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    assert _probe("--help", env=env)[0].endswith("PASSIVE")
-    assert _probe("--help", env={**env, "OMP_WAIT_POLICY": "ACTIVE"})[0].endswith("ACTIVE")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    assert _probe("--help", env=env)[0].endswith("PASSIVE None")
+    assert _probe("merge", "--help", env=env)[0].endswith("PASSIVE None")
+    assert _probe("train", "learning_rat=1e-4", env=env)[0].endswith("None 10000")
+    assert _probe("train", "--help", env={**env, "OMP_WAIT_POLICY": "ACTIVE"})[0].endswith("ACTIVE None")
+    assert _probe("--help", env={**env, "GOMP_SPINCOUNT": "5"})[0].endswith("None 5")
 
 
 def test_written_out_schedulers_match_transformers():

@@ -1,11 +1,17 @@
-"""The CPU thread policy: the CPUs other work leaves free, at least 1, a notice only when busy; and the
-busy-CPU measurement itself."""
+"""The CPU thread policy: the CPUs other work leaves free, at least 1, a notice only when busy; the
+busy-CPU measurement itself; how idle OpenMP threads wait; and the watcher that re-chooses while training."""
 
+import os
 import subprocess
 import sys
 import time
 
-from deltatune.threads import busy_cpus, choose_threads
+import pytest
+import torch
+
+from deltatune.threads import (TRAIN_SPIN_COUNT, ThreadWatcher, busy_cpus, choose_threads, openmp_environment,
+                               others_busy)
+from deltatune.train.thread_watch import ThreadWatch
 
 
 def test_quiet_machine_uses_every_cpu_without_notice():
@@ -38,3 +44,78 @@ def test_a_spinning_process_counts_as_one_busy_cpu():
     finally:
         spinner.wait()
     assert during - before > 0.6, (before, during)
+
+
+def test_train_spins_briefly_and_other_commands_sleep_unless_the_user_chose():
+    assert openmp_environment("train", {}) == {"GOMP_SPINCOUNT": str(TRAIN_SPIN_COUNT)}
+    assert openmp_environment("generate", {}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert openmp_environment(None, {}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert openmp_environment("train", {"OMP_WAIT_POLICY": "PASSIVE"}) == {}
+    assert openmp_environment("chat", {"GOMP_SPINCOUNT": "0"}) == {}
+
+
+def test_others_busy_is_the_machine_less_this_process():
+    assert others_busy(machine_busy=2.0, own_cpu_seconds=9.0, seconds=5.0) == pytest.approx(0.2)
+    assert others_busy(machine_busy=1.0, own_cpu_seconds=9.0, seconds=5.0) == 0.0  # never below zero
+    assert others_busy(machine_busy=1.0, own_cpu_seconds=0.0, seconds=0.0) == 0.0
+
+
+class _Replayed(ThreadWatcher):
+    """A watcher over given samples: (wall s, own CPU s, machine busy CPUs since the last sample)."""
+
+    def __init__(self, samples, threads=2, cpus=2):
+        self.samples, self.jiffies = iter(samples), [0, 0]
+        super().__init__(threads, cpus, interval=5.0)
+
+    def _sample(self):
+        wall, own, busy = next(self.samples)
+        self.jiffies = [self.jiffies[0] + 100, self.jiffies[1] + round(100 * (1 - busy / (os.cpu_count() or 1)))]
+        return wall, own, tuple(self.jiffies)
+
+
+def test_watcher_changes_threads_on_two_agreeing_measurements_only():
+    cpus = os.cpu_count() or 1
+    watcher = _Replayed([(0, 0, 0), (2, 3.8, 2.0), (5, 9.5, 2.0),  # too soon; then alone: no change
+                         (10, 14.5, min(cpus, 2.0)), (15, 19.5, min(cpus, 2.0)),  # 1 CPU used by another, twice
+                         (20, 24.5, min(cpus, 2.0)),  # now on 1 thread, still shared: nothing new
+                         (25, 29.5, 1.0), (30, 34.5, 2.0), (35, 39.5, 1.0), (40, 44.5, 1.0)])  # fmt: skip
+    assert watcher.check() is None  # 2 s: below the interval, not measured
+    assert watcher.check() is None  # alone
+    assert watcher.check() is None and watcher.pending == 1  # another job: wait for a second look
+    choice = watcher.check()
+    assert choice.threads == 1 and "busy" in choice.notice and watcher.threads == 1
+    assert watcher.check() is None
+    assert watcher.check() is None and watcher.pending == 2  # quiet once ...
+    assert watcher.check() is None and watcher.pending is None  # ... but busy again: no flapping
+    assert watcher.check() is None and watcher.pending == 2
+    choice = watcher.check()
+    assert choice.threads == 2 and choice.notice is None and watcher.threads == 2
+
+
+def test_watcher_sees_a_spinning_process_on_the_real_machine():
+    """Two CPUs, one of them taken by a spinning child: the watcher moves to one thread."""
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 4\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.3)
+        watcher = ThreadWatcher(threads=2, cpus=2, interval=0.4)
+        choices = []
+        for _ in range(6):
+            time.sleep(0.45)
+            choices.append(watcher.check())
+    finally:
+        spinner.wait()
+    assert watcher.threads == 1, choices
+
+
+def test_thread_watch_callback_sets_torch_threads_and_says_so():
+    class Fixed:
+        def check(self):
+            return choose_threads(0, cpus=2, busy=1.0)
+
+    lines, before = [], torch.get_num_threads()
+    try:
+        ThreadWatch(Fixed(), log=lines.append).on_step_end(None, None, None)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert lines == ["threads: 1 of 2 CPU threads: other processes keep 1.0 CPUs busy; set threads=N to choose"]

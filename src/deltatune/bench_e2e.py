@@ -10,6 +10,7 @@ cosine schedule after 5 warm-up steps. The runs, each in its own process, interl
   checkpointing and deltatune's precision (fp32 on a CPU, bf16 on a GPU that has it);
 - ``trl-defaults``: the same with TRL's own defaults (gradient checkpointing on, bf16), as users run it.
 
+Every run's idle OpenMP threads wait as ``deltatune train``'s do (a short spin, ``threads.openmp_environment``).
 Each run reports wall and CPU seconds per step (the median after ``WARMUP_STEPS``), tokens per second
 counting real tokens only (non-padding inputs of the training forward passes), the peak resident
 memory up to the end of training (and the peak CUDA memory on a GPU). Afterwards one process scores
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+
+from .threads import openmp_environment
 
 RUNS = ("deltatune", "trl-fair", "trl-defaults")
 WARMUP_STEPS = 2  # the first steps (allocations, kernel choice) are not timed
@@ -171,8 +174,10 @@ def score_job(held_out: str, adapters: dict[str, str]) -> dict:
 
 
 def _run_child(job: dict) -> dict:
+    """One run in its own process; every run's idle OpenMP threads wait as ``deltatune train``'s do."""
     command = [sys.executable, "-m", "deltatune.bench_e2e", json.dumps(job)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    env = {key: value for key, value in os.environ.items() if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    done = subprocess.run(command, capture_output=True, text=True, env={**env, **openmp_environment("train", {})})
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"e2e job {job['kind']} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")

@@ -2,9 +2,9 @@
 
 Help, config errors and data errors answer before torch is imported: the command modules import
 torch, transformers and the model code only inside ``run``, and only the sub-command being run gets
-its full argument list (some list choices that need those imports). ``OMP_WAIT_POLICY=PASSIVE`` is
-set before torch can load (unless the user set it), so idle OpenMP threads sleep instead of
-spinning on a busy machine.
+its full argument list (some list choices that need those imports). How idle OpenMP threads wait
+is set before torch can load (unless the user set it; ``threads.openmp_environment``): ``train``
+spins briefly and watches the machine, every other command sleeps.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import DeltaTuneError
+from ..threads import openmp_environment
 from . import bench, chat, classify, evaluate, export, generate, inspect_model, merge, train
 
 COMMANDS = {
@@ -50,10 +51,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP
     argv = sys.argv[1:] if argv is None else list(argv)
     # Top-level options take no value, so the first word that is not an option names the command.
     command = next((word for word in argv if not word.startswith("-")), None)
+    os.environ.update(openmp_environment(command, os.environ))  # read once, when torch loads OpenMP
     parser = build_parser(command)
     args = parser.parse_args(argv)
     if args.command is None:

@@ -48,19 +48,31 @@ def _keys_help() -> str:
     return "\n".join(lines)
 
 
-def _set_threads(requested: int) -> None:
+def _set_threads(requested: int) -> list:
     """torch's CPU thread count from ``threads=`` (0: the CPUs other work leaves free, unless
-    OMP_NUM_THREADS says otherwise), with a notice when the machine is busy."""
+    OMP_NUM_THREADS says otherwise), with a notice when the machine is busy. Chosen automatically,
+    the count is watched while training runs: the callbacks that do so are returned."""
     if not requested and "OMP_NUM_THREADS" in os.environ:
-        return
+        return []
     import torch
 
-    from ..threads import available_cpus, busy_cpus, choose_threads
+    from ..threads import ThreadWatcher, available_cpus, busy_cpus, choose_threads
 
-    choice = choose_threads(requested, available_cpus(), busy_cpus())
+    cpus = available_cpus()
+    choice = choose_threads(requested, cpus, busy_cpus())
     if choice.notice:
         print(f"threads: {choice.notice}", file=sys.stderr)
     torch.set_num_threads(choice.threads)
+    if requested:
+        return []
+    from tqdm.auto import tqdm
+
+    from ..train.thread_watch import ThreadWatch
+
+    try:
+        return [ThreadWatch(ThreadWatcher(choice.threads, cpus), log=lambda line: tqdm.write(line, file=sys.stderr))]
+    except OSError:  # no /proc/stat to watch: the count chosen at the start stays
+        return []
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,12 +82,12 @@ def run(args: argparse.Namespace) -> int:
     overrides = [s for s in args.settings if s is not config_file]
     config = TrainConfig.from_sources(config_file, overrides)
     config.check_inputs()  # data files and max_length against the model's config.json, before torch loads
-    _set_threads(config.threads)
+    watch = _set_threads(config.threads)
     # Imported here so that `deltatune --help` and config errors stay instant.
     from ..distributed import is_main_process
     from ..train.run import run_training
 
-    result = run_training(config)
+    result = run_training(config, callbacks=watch)
     if not is_main_process():  # under torchrun the main process alone reports
         return 0
     print()
