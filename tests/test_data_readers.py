@@ -50,6 +50,20 @@ def test_csv_keeps_numbers_as_text(tmp_path: Path) -> None:
     assert load_records(path).records[0].messages[1].content == "1949"
 
 
+def test_csv_quote_left_open_is_an_error_not_one_long_cell(tmp_path: Path) -> None:
+    """Read loosely, an opened quote swallows every later line into one cell; strictly, it is named."""
+    path = tmp_path / "q.csv"
+    path.write_text('prompt,completion\nHi,"Hello\nBye,See you\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"q\.csv: the row starting on line 2: unexpected end of data; a cell with quotes in it must be "
+                                        r'quoted whole, its own quotes doubled \("say ""hi""\"\)'):  # fmt: skip
+        read_table(path)
+    path.write_text('prompt,completion\nHi,"Hel"lo\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"row starting on line 2: ',' expected after '\"'"):
+        read_table(path)
+    path.write_text('prompt,completion\nHi,"say ""hi"""\n', encoding="utf-8")
+    assert read_table(path).rows == [(1, {"prompt": "Hi", "completion": 'say "hi"'})]
+
+
 def test_datasets_objects_and_saved_folders(tmp_path: Path) -> None:
     dataset = datasets.Dataset.from_list(ROWS)
     assert load_records(dataset).records == EXPECTED

@@ -109,15 +109,20 @@ def json_problem(exc: json.JSONDecodeError, lines: bool = False) -> str:
 
 
 def _read_csv(path: Path) -> Table:
-    """CSV (or TSV by suffix) with a header row; every cell is a string."""
+    """CSV (or TSV by suffix) with a header row; every cell is a string. Quoting is read strictly: a quote
+    left open would otherwise swallow every line after it into one cell, silently."""
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     rows = []
     with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        for number, row in enumerate(reader, start=1):
-            if None in row:
-                raise DataError(f"{path}: row {number}: more cells than the {len(reader.fieldnames)} header columns")
-            rows.append((number, {key: value for key, value in row.items() if value is not None}))
+        reader = csv.DictReader(handle, delimiter=delimiter, strict=True)
+        try:
+            for number, row in enumerate(reader, start=1):
+                if None in row:
+                    raise DataError(f"{path}: row {number}: more cells than the {len(reader.fieldnames)} header columns")
+                rows.append((number, {key: value for key, value in row.items() if value is not None}))
+        except csv.Error as exc:  # the reader's line count stops where the broken row began
+            raise DataError(f"{path}: the row starting on line {reader.line_num + 1}: {exc}; a cell with quotes in it must be quoted whole, "
+                            'its own quotes doubled ("say ""hi""")') from None  # fmt: skip
     return Table(str(path), rows)
 
 
