@@ -15,6 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -32,6 +33,7 @@ from deltatune import LoraConfig, get_delta_model
 from deltatune.cli.main import main
 from deltatune.errors import ConfigError
 from deltatune.export import export_lora, export_model
+from deltatune.export.modelfile import modelfile_text
 from deltatune.export.quantize import decode
 
 CHATML = (
@@ -268,6 +270,22 @@ def test_modelfile_for_chatml(tmp_path):
     assert "SYSTEM" not in text  # this template inserts no default system prompt
     assert 'PARAMETER stop "<|im_end|>"' in text
     assert result.ollama_command() == f"ollama create out -f {tmp_path / 'out.Modelfile'}"
+
+
+def test_modelfile_carries_the_system_prompt_the_adapter_was_trained_with(tmp_path):
+    """deltatune.json's system prompt (chat_defaults) is the Modelfile's SYSTEM, for a merged export, a
+    LoRA export and a merged folder alike; without one, the template's default stays."""
+    base = save_tiny(tmp_path / "base", "qwen2")
+    adapter = save_lora(tmp_path / "adapter", base, r=2, lora_alpha=4, target_modules=["q_proj"])
+    (adapter / "deltatune.json").write_text('{"system": "Answer in one short sentence."}', encoding="utf-8")
+    merged = export_model(adapter, tmp_path / "merged.gguf", "f32", model=str(base))
+    lora = export_lora(adapter, tmp_path / "lora.gguf", "f32", model=str(base))
+    for result in (merged, lora):
+        assert 'SYSTEM """Answer in one short sentence."""' in result.modelfile.read_text()
+    (base / "deltatune.json").write_text('{"system": "From the merged folder."}', encoding="utf-8")
+    assert 'SYSTEM """From the merged folder."""' in export_model(base, tmp_path / "m.gguf", "f32").modelfile.read_text()
+    text = modelfile_text("x.gguf", AutoTokenizer.from_pretrained(base), system="Be brief.")
+    assert text.count("SYSTEM") == 1 and 'SYSTEM """Be brief."""' in text
 
 
 # -- merged adapters and LoRA adapters ---------------------------------------------------------------

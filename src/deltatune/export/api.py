@@ -17,6 +17,7 @@ from pathlib import Path
 import gguf
 from transformers import AutoConfig
 
+from ..chat_defaults import stored_system
 from ..config import DeltaConfig
 from ..io import read_adapter_weights
 from .architectures import architecture_for
@@ -61,7 +62,8 @@ def export_model(
         network, tokenizer = load_causal_lm(folder), load_tokenizer(folder)
     writer = model_writer(network, tokenizer, out_type, Path(source).name, pre_tokenizer)
     write_gguf(writer, output)
-    modelfile = write_modelfile(output.with_suffix(".Modelfile"), modelfile_text(output.name, tokenizer))
+    text = modelfile_text(output.name, tokenizer, system=stored_system(source))  # an adapter's or merged folder's
+    modelfile = write_modelfile(output.with_suffix(".Modelfile"), text)
     return ExportResult(output, modelfile)
 
 
@@ -95,7 +97,7 @@ def export_lora(
     write_gguf(writer, output)
     modelfile = output.with_suffix(".Modelfile")
     base_ref = os.path.relpath(Path(base_gguf).resolve(), modelfile.parent.resolve())
-    write_modelfile(modelfile, modelfile_text(base_ref, tokenizer, adapter_name=output.name))
+    write_modelfile(modelfile, modelfile_text(base_ref, tokenizer, adapter_name=output.name, system=stored_system(adapter)))
     return ExportResult(output, modelfile, Path(base_gguf))
 
 

@@ -5,7 +5,8 @@ translated in general. The Jinja template is rendered with marker messages inste
 produces ChatML (``<|im_start|>role\\ncontent<|im_end|>\\n``, SmolLM2, Qwen, ...) the matching Go
 template is written, with the system prompt the Jinja template inserts by default as ``SYSTEM``.
 For any other template the TEMPLATE line is left out and Ollama falls back to the chat template
-stored in the GGUF itself.
+stored in the GGUF itself. The system prompt an adapter was trained with (``chat_defaults``), when
+there is one, is the ``SYSTEM`` line instead, whatever the template.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ CHATML_GO = (
 _SYSTEM, _USER = "\x01system-marker\x01", "\x01user-marker\x01"
 
 
-def modelfile_text(gguf_name: str, tokenizer, adapter_name: str | None = None) -> str:
-    """The Modelfile for ``gguf_name`` (and LoRA ``adapter_name``), paths relative to the Modelfile."""
+def modelfile_text(gguf_name: str, tokenizer, adapter_name: str | None = None, system: str | None = None) -> str:
+    """The Modelfile for ``gguf_name`` (and LoRA ``adapter_name``), paths relative to the Modelfile;
+    ``system``: the system prompt the model was trained with (None: the chat template's default)."""
     lines = [f"FROM {_relative(gguf_name)}"]
     if adapter_name is not None:
         lines.append(f"ADAPTER {_relative(adapter_name)}")
@@ -30,11 +32,11 @@ def modelfile_text(gguf_name: str, tokenizer, adapter_name: str | None = None) -
     stops = []
     if default_system is not None:
         lines.append(f'TEMPLATE """{CHATML_GO}"""')
-        if default_system:
-            lines.append(f'SYSTEM """{default_system}"""')
         stops.append("<|im_end|>")
     else:
         lines.append("# TEMPLATE: the chat template is not ChatML; Ollama uses the one stored in the GGUF")
+    if system := system if system is not None else default_system:
+        lines.append(f'SYSTEM """{system}"""')
     if tokenizer.eos_token and tokenizer.eos_token not in stops:
         stops.append(tokenizer.eos_token)
     lines.extend(f'PARAMETER stop "{stop}"' for stop in stops)
