@@ -1,14 +1,16 @@
-"""Train every method with its defaults on the embedded default; write docs/methods.md's table and docs/methods.png.
+"""Train every method with its defaults on the embedded default; write docs/methods.md's tables and plots.
 
     .venv/bin/python scripts/compare_methods.py [max_steps=60] [key=value ...]
     .venv/bin/python scripts/compare_methods.py --only p_tuning [key=value ...]   # re-run some, keep the rest
+    .venv/bin/python scripts/compare_methods.py --render                          # rewrite the docs only
 
 Each method runs as its own `deltatune train` process with nothing set but the budget (same data,
 split, seed, steps and batch; held-out loss every `eval_steps`), so its peak resident memory (whole
 process: the fp32 base model is ~0.54 GB of it) is measured alone. Held-out loss is the mean per-token
-loss on the same held-out chatterbot answers. The script rewrites the first section of docs/methods.md
-(up to its first "## " heading) and docs/methods.png: held-out loss against step, one line per method,
-the base model dashed.
+loss on the same held-out chatterbot answers. Results are kept per budget (outputs/methods/results-N.json
+for max_steps=N); the script rewrites the first section of docs/methods.md (up to its first "## " heading)
+with a table per budget kept, and docs/methods-N.png for each: held-out loss against step, one line per
+method, the base model dashed.
 """
 
 from __future__ import annotations
@@ -50,23 +52,41 @@ def run(method: str, common: list[str], out: Path) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    """``--only a,b`` re-runs those methods and keeps the others' results from the last run (results.json)."""
-    only = argv[1].split(",") if argv[:1] == ["--only"] else METHODS
-    common = [*BUDGET, *(argv[2:] if only is not METHODS else argv)]
-    saved = ROOT / "outputs" / "methods" / "results.json"
-    previous = dict(json.loads(saved.read_text())) if only is not METHODS else {}
-    rows = []
-    for method in METHODS:
-        if method not in only:
-            rows.append((method, previous[method]))
-            continue
-        result = run(method, common, ROOT / "outputs" / "methods" / method)
-        print(f"{method:<14} loss {result['eval_before']['eval_loss']:.3f} -> {result['eval_after']['eval_loss']:.3f}  "
-              f"trainable {result['trainable_params']:,}  peak {result['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
-        rows.append((method, result))
-    saved.write_text(json.dumps(rows, indent=1), encoding="utf-8")
-    plot(rows, ROOT / "docs" / "methods.png", " ".join(common))
-    write_doc(rows, common)
+    """``--only a,b`` re-runs those methods and keeps the others' results from the last run at that budget;
+    ``--render`` only rewrites the docs from the kept results."""
+    folder = ROOT / "outputs" / "methods"
+    if argv[:1] != ["--render"]:
+        only = argv[1].split(",") if argv[:1] == ["--only"] else METHODS
+        common = _effective([*BUDGET, *(argv[2:] if only is not METHODS else argv)])
+        saved = folder / f"results-{_steps(common)}.json"
+        previous = dict(json.loads(saved.read_text())["rows"]) if only is not METHODS else {}
+        rows = []
+        for method in METHODS:
+            if method not in only:
+                rows.append((method, previous[method]))
+                continue
+            result = {**run(method, common, folder / method), "defaults": _defaults(method)}
+            print(f"{method:<14} loss {result['eval_before']['eval_loss']:.3f} -> {result['eval_after']['eval_loss']:.3f}  "
+                  f"trainable {result['trainable_params']:,}  peak {result['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
+            rows.append((method, result))
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, " \
+                  f"transformers {transformers.__version__}; {datetime.date.today().isoformat()}"  # fmt: skip
+        saved.write_text(json.dumps({"budget": common, "machine": machine, "rows": rows}, indent=1), encoding="utf-8")
+    budgets = sorted((json.loads(path.read_text()) for path in folder.glob("results-*.json")),
+                     key=lambda budget: _steps(budget["budget"]))  # fmt: skip
+    for budget in budgets:
+        plot(budget["rows"], ROOT / "docs" / f"methods-{_steps(budget['budget'])}.png", " ".join(budget["budget"]))
+    write_doc(budgets)
+
+
+def _effective(settings: list[str]) -> list[str]:
+    """key=value settings with the last value of each key, in the order keys first appear."""
+    values = dict(item.split("=", 1) for item in settings)
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def _steps(settings: list[str]) -> int:
+    return int(dict(item.split("=", 1) for item in settings)["max_steps"])
 
 
 def plot(rows: list[tuple[str, dict]], path: Path, budget: str) -> None:
@@ -85,29 +105,48 @@ def plot(rows: list[tuple[str, dict]], path: Path, budget: str) -> None:
     figure.savefig(path)
 
 
-def _settings(method: str, result: dict) -> str:
-    """The method's command-line defaults that matter most, and the learning rate the run used."""
+def _defaults(method: str) -> str:
+    """The method's command-line defaults that matter most, as the code has them now."""
     defaults = option_defaults(method)
     keys = ("r", "target_modules", "placement", "num_virtual_tokens", "prompt_tuning_init")
-    chosen = [f"{key}={defaults[key]}" for key in keys if defaults.get(key) is not None]
-    return ", ".join([*chosen, f"lr {result['config']['learning_rate']:g}"])
+    return ", ".join(f"{key}={defaults[key]}" for key in keys if defaults.get(key) is not None)
 
 
-def write_doc(rows: list[tuple[str, dict]], common: list[str]) -> None:
-    base = rows[0][1]["eval_before"]["eval_loss"]
-    lora_gain = base - rows[0][1]["eval_after"]["eval_loss"]
+def _settings(method: str, result: dict) -> str:
+    """The defaults the run had (kept with its results), its learning rate and warm-up."""
+    config = result["config"]
+    defaults = result.get("defaults") or _defaults(method)
+    return f"{defaults}, lr {config['learning_rate']:g}, warm-up {config['warmup_steps']}"
+
+
+def write_doc(budgets: list[dict]) -> None:
+    """The first section of docs/methods.md: what was run, then a plot and a table per budget."""
     lines = [
         "# Choosing a method",
         "",
         "Every method trained the embedded SmolLM2-135M-Instruct (fp32) on the chatterbot question/answer",
-        f"pairs with its defaults and the same split, seed, batch and budget (`{' '.join(common)}`, batch 8),",
-        "written by `scripts/compare_methods.py`: `deltatune train method=X` with nothing else set. Held-out",
-        "loss is the mean per-token loss on the same held-out answers. Peak memory is the whole process's",
-        "peak resident set (the frozen fp32 base model alone is ~540 MB of it). Train seconds are wall time",
-        "on a 2-core CPU (they include the evaluations every 10 steps), tokens/s counts real tokens.",
-        "",
-        "![held-out loss against step, one line per method](methods.png)",
-        "",
+        "pairs with its defaults and the same split, seed, batch and budget (batch 8, the held-out loss of 48",
+        "held-out rows every 10 steps), written by `scripts/compare_methods.py`: `deltatune train method=X`",
+        "with nothing else set but the budget. Held-out loss is the mean per-token loss on the same held-out",
+        "answers. Peak memory is the whole process's peak resident set (the frozen fp32 base model alone is",
+        "~540 MB of it). Train seconds are wall time on a 2-core CPU (they include the evaluations every 10",
+        "steps), tokens/s counts real tokens.",
+    ]
+    for budget in budgets:
+        steps = _steps(budget["budget"])
+        lines += ["", f"### {steps} steps", "",
+                  f"`{' '.join(budget['budget'])}`; machine: {budget['machine']}.", "",
+                  f"![held-out loss against step over {steps} steps, one line per method](methods-{steps}.png)", "",
+                  *_table(budget["rows"])]  # fmt: skip
+    doc = ROOT / "docs" / "methods.md"
+    rest = doc.read_text(encoding="utf-8").split("\n## ", 1)
+    doc.write_text("\n".join(lines) + "\n" + ("\n## " + rest[1] if len(rest) == 2 else ""), encoding="utf-8")
+
+
+def _table(rows: list[tuple[str, dict]]) -> list[str]:
+    base = rows[0][1]["eval_before"]["eval_loss"]
+    lora_gain = base - rows[0][1]["eval_after"]["eval_loss"]
+    lines = [
         "| method | defaults | trainable params | held-out loss: base -> step 10 -> end | share of LoRA's gain | "
         "worst after step 10 | peak RSS MiB | train s | tokens/s | can merge |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -123,15 +162,7 @@ def write_doc(rows: list[tuple[str, dict]], common: list[str]) -> None:
             f"{result['train_seconds']:.0f} | {result['tokens_per_second']:.0f} | "
             f"{'yes' if result['merged_max_logit_diff'] is not None else 'no'} |"
         )
-    lines += [
-        "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
-        f"transformers {transformers.__version__}; {datetime.date.today().isoformat()}.",
-        "",
-    ]
-    doc = ROOT / "docs" / "methods.md"
-    rest = doc.read_text(encoding="utf-8").split("\n## ", 1)
-    doc.write_text("\n".join(lines) + ("\n## " + rest[1] if len(rest) == 2 else ""), encoding="utf-8")
+    return lines
 
 
 if __name__ == "__main__":

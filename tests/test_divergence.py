@@ -113,10 +113,15 @@ def test_deltatune_train_runs_the_guard_and_reports_it(tmp_path):
     assert result.steps < TINY_RUN["max_steps"] and math.isfinite(result.eval_loss_after)
 
 
-def test_prefix_tuning_defaults_to_its_own_learning_rate():
+def test_prompt_methods_default_to_their_measured_settings():
+    """The settings docs/methods.md's sweeps chose (a user's value wins)."""
     from deltatune.train.config import TrainConfig
 
     assert TrainConfig.from_dict({"method": "prefix_tuning"}).learning_rate == 1e-2
     assert TrainConfig.from_dict({"method": "prefix_tuning", "learning_rate": 3e-4}).learning_rate == 3e-4
     assert TrainConfig.from_dict({}).learning_rate == 1e-3
     assert TrainConfig.from_dict({"method": "p_tuning"}).delta_config().prompt_tuning_init == "TEXT"
+    assert TrainConfig.from_dict({"method": "p_tuning"}).warmup_steps == 15
+    assert TrainConfig.from_dict({"method": "p_tuning", "warmup_steps": 2}).warmup_steps == 2
+    assert TrainConfig.from_dict({"method": "prefix_tuning"}).warmup_steps == 5
+    assert TrainConfig.from_dict({"method": "prompt_tuning"}).delta_config().num_virtual_tokens == 40

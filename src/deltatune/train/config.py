@@ -85,7 +85,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = _key(1, "device steps per optimizer step")
     learning_rate: float = _key(1e-3, "peak learning rate (AdamW); prefix_tuning and p_tuning: 1e-2, prompt_tuning: 1e-1")
     lr_scheduler: str = _key("cosine", "learning-rate schedule after warm-up: cosine, linear, constant, ...")
-    warmup_steps: int = _key(5, "linear warm-up steps")
+    warmup_steps: int = _key(5, "linear warm-up steps; p_tuning: 15")
     weight_decay: float = _key(0.0, "AdamW weight decay")
     max_length: int = _key(128, "tokens per example; longer ones are cut (and counted)")
     truncation_side: str = _key("right", "sft: cut over-long examples at the end (right) or the start (left)")

@@ -19,18 +19,18 @@ from ..errors import ConfigError
 from ..tuners import config_classes
 
 # Prefix and P-tuning start from the frozen model reading this text (not peft's random start, which
-# left the embedded model worse than untrained: docs/methods.md#where-prompt-methods-start).
+# left the embedded model worse than untrained: docs/methods.md#starting-the-prompt-methods-at-the-base-model).
 PROMPT_INIT_TEXT = "Answer the user's question helpfully, briefly and correctly, in one or two clear, friendly sentences."
 CLI_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"},
-    "prompt_tuning": {"num_virtual_tokens": 20},
+    "prompt_tuning": {"num_virtual_tokens": 40},
     "p_tuning": {"num_virtual_tokens": 20, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": PROMPT_INIT_TEXT},
     "prefix_tuning": {"num_virtual_tokens": 20, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": PROMPT_INIT_TEXT},
 }
 # Run keys whose default depends on the method (measured on the embedded model; docs/methods.md).
 RUN_DEFAULTS: dict[str, dict[str, Any]] = {
     "prefix_tuning": {"learning_rate": 1e-2},
-    "p_tuning": {"learning_rate": 1e-2},
+    "p_tuning": {"learning_rate": 1e-2, "warmup_steps": 15},
     "prompt_tuning": {"learning_rate": 1e-1},
 }
 # Fields every config has; the training run sets them, not the user.
