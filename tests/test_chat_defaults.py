@@ -137,7 +137,7 @@ def test_a_resumed_run_says_where_it_continues(tiny) -> None:
 
 
 def test_an_interrupted_train_says_how_to_resume(tiny, monkeypatch, capsys) -> None:
-    def interrupted(config, log=print):
+    def interrupted(config, log=print, callbacks=()):
         raise KeyboardInterrupt
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

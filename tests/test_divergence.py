@@ -122,6 +122,8 @@ def test_prompt_methods_default_to_their_measured_settings():
     assert TrainConfig.from_dict({}).learning_rate == 1e-3
     assert TrainConfig.from_dict({"method": "p_tuning"}).delta_config().prompt_tuning_init == "TEXT"
     assert TrainConfig.from_dict({"method": "p_tuning"}).warmup_steps == 15
+    assert TrainConfig.from_dict({"method": "p_tuning", "max_steps": 12}).warmup_steps == 3  # a quarter at most
+    assert TrainConfig.from_dict({"method": "p_tuning", "max_steps": 0, "epochs": 1}).warmup_steps == 15
     assert TrainConfig.from_dict({"method": "p_tuning", "warmup_steps": 2}).warmup_steps == 2
     assert TrainConfig.from_dict({"method": "prefix_tuning"}).warmup_steps == 5
     assert TrainConfig.from_dict({"method": "prompt_tuning"}).delta_config().num_virtual_tokens == 40

@@ -85,7 +85,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = _key(1, "device steps per optimizer step")
     learning_rate: float = _key(1e-3, "peak learning rate (AdamW); prefix_tuning and p_tuning: 1e-2, prompt_tuning: 1e-1")
     lr_scheduler: str = _key("cosine", "learning-rate schedule after warm-up: cosine, linear, constant, ...")
-    warmup_steps: int = _key(5, "linear warm-up steps; p_tuning: 15")
+    warmup_steps: int = _key(5, "linear warm-up steps; p_tuning: 15 (at most a quarter of max_steps)")
     weight_decay: float = _key(0.0, "AdamW weight decay")
     max_length: int = _key(128, "tokens per example; longer ones are cut (and counted)")
     truncation_side: str = _key("right", "sft: cut over-long examples at the end (right) or the start (left)")
@@ -269,8 +269,13 @@ class TrainConfig:
                 raise ConfigError(f"unknown config key {key!r}; {_unknown_key_hint(key, own, method, method_keys)}")
         if "epochs" in values and "max_steps" not in values:
             typed["max_steps"] = 0
-        for key, value in RUN_DEFAULTS.get(method.lower(), {}).items():
+        run_defaults = RUN_DEFAULTS.get(method.lower(), {})
+        for key, value in run_defaults.items():
             typed.setdefault(key, value)
+        steps = typed.get("max_steps", cls.__dataclass_fields__["max_steps"].default)
+        if "warmup_steps" in run_defaults and "warmup_steps" not in values and steps > 0:
+            # a method's own warm-up takes at most a quarter of a run: a short run must still reach its decay
+            typed["warmup_steps"] = min(typed["warmup_steps"], steps // 4)
         return cls(**typed)
 
 
