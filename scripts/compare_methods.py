@@ -79,14 +79,17 @@ def main(argv: list[str]) -> None:
     write_doc(budgets)
 
 
+def _values(settings: list[str]) -> dict[str, str]:
+    """key=value settings as a dict: the last value of each key, in the order keys first appear."""
+    return dict(item.split("=", 1) for item in settings)
+
+
 def _effective(settings: list[str]) -> list[str]:
-    """key=value settings with the last value of each key, in the order keys first appear."""
-    values = dict(item.split("=", 1) for item in settings)
-    return [f"{key}={value}" for key, value in values.items()]
+    return [f"{key}={value}" for key, value in _values(settings).items()]
 
 
 def _steps(settings: list[str]) -> int:
-    return int(dict(item.split("=", 1) for item in settings)["max_steps"])
+    return int(_values(settings)["max_steps"])
 
 
 def plot(rows: list[tuple[str, dict]], path: Path, budget: str) -> None:
