@@ -31,6 +31,7 @@ pytestmark = [
 ATOL = 1e-5
 MODES = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
     "fp4-double": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True),
     "nf4-double": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
     "int8": dict(load_in_8bit=True),

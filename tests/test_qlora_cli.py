@@ -114,7 +114,6 @@ def test_prepare_for_kbit_training_freezes_upcasts_and_feeds_input_gradients(fil
     assert not any(p.requires_grad for p in model.parameters())
     assert model.model.norm.weight.dtype == torch.float32 and model.model.embed_tokens.weight.dtype == torch.float32
     assert model.is_gradient_checkpointing
-    assert not model.model.layers[0].self_attn.q_proj.support_avx512bf16_for_cpu
     embedded = model.get_input_embeddings()(torch.tensor([[1, 2]]))
     assert embedded.requires_grad
 

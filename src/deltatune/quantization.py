@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat.bitsandbytes import avoid_failing_repacks
 from .errors import ConfigError
 from .kernels.base_weight import is_quantized
 
@@ -87,17 +88,17 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
     - every base parameter frozen; the ones kept in half precision (norms, embeddings, head) cast to
       fp32, so the adapter's gradients do not pass through fp16/bf16 norms;
     - the input embeddings' output requires grad, so activation checkpointing has a graph to replay;
-    - ``gradient_checkpointing``: activations recomputed in backward (non-reentrant);
-    - bitsandbytes' in-place repacking of 4-bit weights for its CPU inference kernel turned off: an
-      evaluation during training would otherwise round the stored scales to bf16 for the rest of the run.
+    - ``gradient_checkpointing``: activations recomputed in backward (non-reentrant).
+
+    Evaluation keeps bitsandbytes' CPU inference kernel for 4-bit weights (the LoRA layers over them read
+    the weights as quantised whatever it repacks), except on layers whose shape that kernel cannot take
+    (``deltatune.compat.bitsandbytes.avoid_failing_repacks``).
     """
     for param in model.parameters():
         param.requires_grad_(False)
         if param.dtype in (torch.float16, torch.bfloat16) and not is_quantized(param):
             param.data = param.data.float()
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    avoid_failing_repacks(model)
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):

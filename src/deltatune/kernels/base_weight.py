@@ -13,6 +13,8 @@ Quantised formats (bitsandbytes, recognised by class name so that nothing here i
 
 Both are dequantised exactly as bitsandbytes' own training matmuls do on CPU (into the compute
 dtype in one step), so a fused layer's base GEMM reproduces the quantised layer's forward bit for bit.
+A 4-bit weight is read in its canonical layout even after bitsandbytes repacked it for its CPU inference
+kernel (``deltatune.compat.bitsandbytes``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from ..compat.bitsandbytes import canonical
 
 # Importing bitsandbytes (transformers and peft do, whenever it is installed) warns that an optional CPU kernel from
 # the Hugging Face hub is missing; bitsandbytes falls back to its own, and the line would break one-line CLI errors.
@@ -58,17 +62,13 @@ def dense(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
 def _dequantize_4bit(weight: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     import bitsandbytes.functional as bnb_functional
 
+    codes, scales = canonical(weight)  # as quantised, even after bitsandbytes repacked it for its CPU kernel
+    absmax = scales.absmax
+    if scales.nested:
+        absmax = bnb_functional.dequantize_blockwise(scales.absmax, scales.state2) + scales.offset
     state = weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        # bitsandbytes repacks a 4-bit weight for its CPU inference kernel on an eval-mode, no-grad forward;
-        # it restores its canonical layout (as it does itself before saving) before the weight is read as numbers.
-        weight.data, weight.quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
-        state = weight.quant_state
-    absmax = state.absmax
-    if state.nested:
-        absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
     return torch.ops.bitsandbytes.dequantize_4bit.default(
-        weight.data, absmax.float(), state.blocksize, state.quant_type, state.shape, dtype or state.dtype
+        codes, absmax.float(), state.blocksize, state.quant_type, state.shape, dtype or scales.dtype
     )
 
 

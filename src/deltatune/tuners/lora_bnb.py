@@ -15,6 +15,10 @@ What differs from ``LoraLinear``:
   layer runs its own forward (bitsandbytes' inference kernels) and the LoRA term is added as peft adds
   it: in the factors' dtype, cast to the base output's dtype. So do base layers computing in another
   dtype than the activations (``bnb_4bit_compute_dtype`` bf16 under fp32 activations) and autocast;
+- bitsandbytes repacks a 4-bit weight for its CPU inference kernel on the first eval-mode, no-grad
+  forward (rounding its scales to bf16) and its inverse does not restore the scales; the layer keeps
+  the canonical scales itself (``deltatune.compat.bitsandbytes``), so evaluation runs bitsandbytes'
+  kernel (peft's eval numbers) while training, merging and DoRA's norms read the weight as quantised;
 - the rank-r math runs in fp32 (``adapter_dtype``), as peft runs it in the factors' dtype;
 - merging dequantises, merges in full precision and quantises the result again, which rounds
   (a warning says so); unmerging does the same in reverse, so it does not restore W exactly.
@@ -29,6 +33,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..compat.bitsandbytes import avoid_failing_repacks, canonical, remember_canonical, restore_canonical
 from ..kernels.base_weight import dense, is_quantized
 from .lora import LoraLinear
 
@@ -42,6 +47,10 @@ class LoraQuantLinear(LoraLinear):
 
     adapter_dtype: torch.dtype | None = torch.float32
 
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        avoid_failing_repacks(base_layer)
+
     @property
     def base_weight(self) -> nn.Parameter:
         """The quantised weight, an 8-bit one with its row scales attached (``_attach_scales``)."""
@@ -50,7 +59,17 @@ class LoraQuantLinear(LoraLinear):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self._attach_scales()  # the fused function hands the weight alone to ``dense``
+        if type(self.base_layer.weight).__name__ == "Params4bit":  # before bitsandbytes' eval forward can repack it
+            remember_canonical(self.base_layer.weight)
         return super().forward(x, *args, **kwargs)
+
+    def train(self, mode: bool = True) -> LoraQuantLinear:
+        """Back in training mode a 4-bit weight that bitsandbytes repacked for evaluation takes its canonical
+        layout again, so that its own training matmul (taken where the fused path does not apply) reads it."""
+        super().train(mode)
+        if mode and type(self.base_layer.weight).__name__ == "Params4bit":
+            restore_canonical(self.base_layer.weight)
+        return self
 
     def _attach_scales(self) -> None:
         """bitsandbytes moves an 8-bit weight's row scales (SCB) to its layer's state on the first forward;
@@ -104,9 +123,9 @@ def requantize(layer: nn.Module, like: nn.Parameter, values: torch.Tensor) -> nn
     import bitsandbytes as bnb
 
     if type(like).__name__ == "Params4bit":
-        state = like.quant_state
+        _, scales = canonical(like)  # its dtype as quantised (a weight repacked for the CPU kernel says bf16)
         weight = bnb.nn.Params4bit(
-            values.to("cpu", state.dtype), requires_grad=False, blocksize=like.blocksize,
+            values.to("cpu", scales.dtype), requires_grad=False, blocksize=like.blocksize,
             compress_statistics=like.compress_statistics, quant_type=like.quant_type,
             quant_storage=like.quant_storage, module=layer,
         )  # fmt: skip
