@@ -164,3 +164,16 @@ def test_eval_logits_match_peft_where_peft_is_right(llama_dir, mode, variant, tm
         reference = dequantised_reference(llama_dir, quantised(llama_dir, mode), tmp_path)
         expected = eval_logits(reference)
         assert (logits - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+def test_a_prepared_base_evaluates_with_peft_numbers(llama_dir, mode, tmp_path):
+    """``prepare_for_kbit_training`` (what ``deltatune train`` runs) keeps bitsandbytes' eval kernel: a peft
+    adapter loaded over a prepared base gives peft's eval logits (switching the kernel off, as it once did,
+    moved SmolLM2's eval logits 0.6 away from peft's)."""
+    from deltatune.quantization import prepare_for_kbit_training
+
+    peft_side = peft.get_peft_model(quantised(llama_dir, mode), peft.LoraConfig(**adapter_config("lora").to_dict()))
+    perturb_trainable(peft_side)
+    peft_side.save_pretrained(tmp_path)
+    delta_side = DeltaModel.from_pretrained(prepare_for_kbit_training(quantised(llama_dir, mode)), tmp_path)
+    torch.testing.assert_close(eval_logits(delta_side), eval_logits(peft_side), atol=1e-5, rtol=0)
