@@ -99,6 +99,17 @@ class LoraLayer(nn.Module):
         elsewhere, such as an attention's ``in_proj_weight``, says so here)."""
         return self.base_layer.weight
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's ``weight``, for code that reads it through the wrapper (a model's forward asking
+        ``self.conv.weight.device``), as peft's layers show it; an AttributeError where the base has none."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's ``bias``, as peft's layers show it."""
+        return self.base_layer.bias
+
     def adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
         """(name relative to this layer, parameter) of adapter ``name``."""
         for prefix, container in [*self._named_containers(), ("lora_magnitude_vector", self.lora_magnitude_vector)]:
