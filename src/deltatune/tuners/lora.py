@@ -147,7 +147,7 @@ class LoraLayer(nn.Module):
 
     def check_mergeable(self) -> None:
         """Raise ``MergeError`` when this layer's updates cannot be written into its weight (the tuner asks
-        every layer before it merges any)."""
+        every layer before it merges any; ``merge`` asks again)."""
 
     def merge(self, names: list[str]) -> None:
         """W ← ``merged_weight(name)`` for each adapter in ``names`` not merged yet, in order.
@@ -156,6 +156,8 @@ class LoraLayer(nn.Module):
         turn computes what the forward pass computes with the adapters applied in turn.
         """
         pending = self.unmerged(names)
+        if pending:
+            self.check_mergeable()
         base = self.unmerged_base_weight() if any(n in self.lora_magnitude_vector for n in pending) else None
         for name in pending:
             scale = None
