@@ -4,7 +4,8 @@ checked against peft (the installed package is the oracle).
 Each adapter is trained (random factors, then perturbed) and saved by one library and loaded by the
 other, both ways; the two models must hold the same tensors under the same file keys, give the same
 outputs and the same gradients. Merging must reproduce the unmerged output and unmerging the base
-weights. ``assert_same_model`` and the file-key helpers are shared with ``test_lora_mha.py``.
+weights; grouped convolutions (LoRA or DoRA) refuse to merge, as peft does. ``assert_same_model`` and the
+file-key helpers are shared with ``test_lora_mha.py`` and ``test_peft_custom_rows.py``.
 """
 
 from __future__ import annotations
@@ -55,17 +56,18 @@ class ConvNet(nn.Module):
 
 
 def save_and_load(make: Callable[[], nn.Module], lora: dict, direction: str, root) -> tuple[nn.Module, DeltaModel]:
-    """(peft model, deltatune model) with one adapter: trained and saved by one side, loaded by the other."""
+    """(peft model, deltatune model) with one adapter: trained and saved by one side, loaded by the other; both
+    in eval mode (peft's ``from_pretrained(is_trainable=True)`` trains, which would turn lora_dropout on)."""
     if direction == "peft_to_deltatune":
         peft_side = _seeded(lambda: peft.get_peft_model(make(), peft.LoraConfig(**lora, init_lora_weights=False)))
         perturb_trainable(peft_side)
         peft_side.save_pretrained(root)
-        return peft_side, DeltaModel.from_pretrained(make(), root, is_trainable=True)
+        return peft_side.eval(), DeltaModel.from_pretrained(make(), root, is_trainable=True).eval()
     config = deltatune.LoraConfig(**lora, init_lora_weights=False)
     delta_side = _seeded(lambda: deltatune.get_delta_model(make(), config))
     perturb_trainable(delta_side)
     delta_side.save_pretrained(root)
-    return peft.PeftModel.from_pretrained(make(), root, is_trainable=True), delta_side
+    return peft.PeftModel.from_pretrained(make(), root, is_trainable=True).eval(), delta_side.eval()
 
 
 def assert_same_model(
@@ -151,9 +153,11 @@ def test_conv_merge_matches_and_unmerge_restores(case):
         torch.testing.assert_close(tensor, before[name], atol=1e-6, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
 @pytest.mark.parametrize("safe_merge", [True, False])
-def test_grouped_conv_refuses_to_merge_and_changes_nothing(safe_merge):
-    model = random_delta_model(lambda: _seeded(lambda: ConvNet(2, groups=2)))
+def test_grouped_conv_refuses_to_merge_and_changes_nothing(safe_merge, use_dora):
+    """peft 0.21.2 refuses too (NotImplementedError), LoRA and DoRA alike: tests/test_peft_custom_rows.py."""
+    model = random_delta_model(lambda: _seeded(lambda: ConvNet(2, groups=2)), use_dora=use_dora)
     before = base_tensors(model)
     with pytest.raises(MergeError, match="grouped convolution"):
         model.merge_adapter(safe_merge=safe_merge)
@@ -225,9 +229,11 @@ def test_lora_bias_takes_linear_off_the_fused_path():
 # -- DoRA on convolutions ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
-@pytest.mark.parametrize("dims", [1, 2, 3])
-def test_conv_dora_matches_peft_both_ways(dims, direction, tmp_path):
-    make = lambda: _seeded(lambda: ConvNet(dims))  # noqa: E731
+@pytest.mark.parametrize("case", [case for case, (_, _, bias) in CASES.items() if bias])
+def test_conv_dora_matches_peft_both_ways(case, direction, tmp_path):
+    """Grouped too: the norm is then peft's reading of B A as a kernel (``LoraConvNd.delta_weight``)."""
+    dims, groups, bias = CASES[case]
+    make = lambda: _seeded(lambda: ConvNet(dims, groups, bias))  # noqa: E731
     peft_side, delta_side = save_and_load(make, {**LORA, "use_dora": True}, direction, tmp_path)
     assert delta_trainable(delta_side, "default")["base_model.model.conv_a.lora_magnitude_vector"].shape == (1, 8) + (1,) * dims
     assert_same_model(peft_side, delta_side, make, (make().example(),))
@@ -248,7 +254,6 @@ def test_conv_dora_merge_matches_and_unmerge_restores(dims):
 REFUSALS = {
     "rank_not_divisible_by_groups": (lambda: ConvNet(2, groups=2), {"r": 3}, r"Conv2d conv_a has groups=2.*r=3"),
     "lora_bias_without_base_bias": (lambda: ConvNet(3, bias=False), {"lora_bias": True}, r"lora_bias.*Conv3d conv_a"),
-    "dora_on_grouped_conv": (lambda: ConvNet(1, groups=2), {"use_dora": True}, r"DoRA.*grouped Conv1d conv_a"),
     "lora_bias_on_embedding": (
         lambda: nn.Sequential(nn.Embedding(10, 4)),
         {"target_modules": ["0"], "lora_bias": True},

@@ -99,6 +99,17 @@ class LoraLayer(nn.Module):
         elsewhere, such as an attention's ``in_proj_weight``, says so here)."""
         return self.base_layer.weight
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's ``weight``, for code that reads it through the wrapper (a model's forward asking
+        ``self.conv.weight.device``), as peft's layers show it; an AttributeError where the base has none."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's ``bias``, as peft's layers show it."""
+        return self.base_layer.bias
+
     def adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
         """(name relative to this layer, parameter) of adapter ``name``."""
         for prefix, container in [*self._named_containers(), ("lora_magnitude_vector", self.lora_magnitude_vector)]:
@@ -136,7 +147,7 @@ class LoraLayer(nn.Module):
 
     def check_mergeable(self) -> None:
         """Raise ``MergeError`` when this layer's updates cannot be written into its weight (the tuner asks
-        every layer before it merges any)."""
+        every layer before it merges any; ``merge`` asks again)."""
 
     def merge(self, names: list[str]) -> None:
         """W ← ``merged_weight(name)`` for each adapter in ``names`` not merged yet, in order.
@@ -145,6 +156,8 @@ class LoraLayer(nn.Module):
         turn computes what the forward pass computes with the adapters applied in turn.
         """
         pending = self.unmerged(names)
+        if pending:
+            self.check_mergeable()
         base = self.unmerged_base_weight() if any(n in self.lora_magnitude_vector for n in pending) else None
         for name in pending:
             scale = None

@@ -7,11 +7,16 @@ channels, B a 1x1 convolution back up::
 
 The update as a kernel is ΔW[o, i, …] = s · Σ_r B[o, r] A[r, i, …] (groups = 1). With groups > 1
 (as in peft) A still sees every input channel while B is grouped, so r must be a multiple of
-``groups``; such an update has no grouped kernel to merge into, so these layers cannot merge.
+``groups``; such an update has no grouped kernel to merge into, so these layers cannot merge (peft
+refuses too).
+
+DoRA keeps one magnitude per output channel (peft's file shape [1, out, 1, …]) and divides by the norm
+of W0 + ``delta_weight`` per channel. On a grouped convolution that "kernel" is peft's: the product of
+B's entries read in rows of r with A, reshaped to the base kernel's shape (not the update the layer
+applies, which no grouped kernel holds); deltatune takes the same norm, so peft's files mean the same.
 
 Unlike peft, A also takes the base's ``dilation`` and ``padding_mode`` (peft's A keeps the defaults):
 the forward then is exactly the merged convolution. Both agree when these are the defaults.
-DoRA keeps one magnitude per output channel (peft's file shape [1, out, 1, …]).
 """
 
 from __future__ import annotations
@@ -56,11 +61,11 @@ class LoraConvNd(LoraBias, LoraLayer):
             )
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        weight = self.base_layer.weight
-        self.check_mergeable()
-        weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight  # [r, in, k…], [out, r, 1…]
-        delta = (weight_b.flatten(1) @ weight_a.flatten(1)).reshape(weight.shape) * self.scaling[name]
-        return delta.to(self.merge_dtype)
+        """s · B A as a kernel [out, in / g, k…]: B [out, r / g, 1…] read as [out / g, r] times A [r, in · k…]
+        (for g = 1 the update itself; for g > 1 peft's reading, which only DoRA's norm uses)."""
+        weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
+        delta = weight_b.reshape(-1, weight_a.shape[0]) @ weight_a.flatten(1)
+        return (delta.reshape(self.base_layer.weight.shape) * self.scaling[name]).to(self.merge_dtype)
 
     def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]

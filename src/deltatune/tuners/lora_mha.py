@@ -65,12 +65,12 @@ class LoraMultiheadAttention(LoraLayer):
         return delta.to(self.merge_dtype)
 
     def forward(self, query: torch.Tensor, *args, **kwargs):
-        """The base module's own forward (all its options, fast path included) on the adapted weights."""
+        """The base module's own forward (all its options, fast path included) on the adapted weights; it reads
+        ``out_proj.weight`` through the ``LoraLinear``, which shows its base layer's."""
         base, out_proj = self.base_layer, self.out_proj
         weights = {
             "in_proj_weight": _adapted(base.in_proj_weight, self),
-            "out_proj.weight": _adapted(out_proj.base_layer.weight, out_proj),
-            "out_proj.bias": out_proj.base_layer.bias,
+            "out_proj.base_layer.weight": _adapted(out_proj.base_layer.weight, out_proj),
         }
         return functional_call(base, weights, (query, *args), kwargs, strict=False)
 

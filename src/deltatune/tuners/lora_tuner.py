@@ -135,16 +135,11 @@ def _check_target(name: str, base: nn.Module, rank: int, config: LoraConfig) -> 
     elif config.lora_bias and (isinstance(base, nn.Embedding) or base.bias is None):
         why = "peft has no B bias for embeddings" if isinstance(base, nn.Embedding) else "it has no bias to merge into"
         raise ConfigError(f"lora_bias=True does not work on {kind} {name} ({why}); exclude it or set lora_bias=False")
-    if isinstance(base, CONV_TYPES) and base.groups > 1:
-        if rank % base.groups:
-            raise ConfigError(
-                f"{kind} {name} has groups={base.groups}: LoRA needs a rank divisible by it (as in peft), "
-                f"not r={rank}; change r or add a rank_pattern entry"
-            )
-        if config.use_dora:
-            raise ConfigError(
-                f"DoRA does not work on grouped {kind} {name} (as in peft); exclude it or set use_dora=False"
-            )
+    if isinstance(base, CONV_TYPES) and rank % base.groups:
+        raise ConfigError(
+            f"{kind} {name} has groups={base.groups}: LoRA needs a rank divisible by it (as in peft), "
+            f"not r={rank}; change r or add a rank_pattern entry"
+        )
     weight = base.in_proj_weight if isinstance(base, nn.MultiheadAttention) else base.weight
     if is_quantized(weight) and config.init_lora_weights not in (True, False, "gaussian", "orthogonal"):
         raise ConfigError(
