@@ -1,5 +1,5 @@
-"""docs/lora-options.md's "Every peft LoRA option" table names every field of peft's LoraConfig, and every refusal
-deltatune gives appears there word for word, so the table cannot drift from the code."""
+"""docs/lora-options.md's "Every peft LoRA option" table names every field of peft's LoraConfig, and
+every refusal deltatune gives appears there word for word, so the table cannot drift from the code."""
 
 from __future__ import annotations
 
