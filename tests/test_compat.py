@@ -51,8 +51,8 @@ def test_bitsandbytes_repacks_a_4bit_weight_on_an_eval_forward_and_canonical_rea
 @pytest.mark.parametrize(("quant_type", "double"), CASES)
 def test_bitsandbytes_own_inverse_still_moves_the_scales(quant_type, double):
     """Why deltatune keeps the scales itself: bitsandbytes' inverse (its save and .cuda() call it) leaves them
-    transposed and bf16 (re-quantised under double quantisation). When this fails, bitsandbytes fixed it: the README's
-    QLoRA section says what bitsandbytes does and needs the update."""
+    transposed and bf16 (re-quantised under double quantisation). When this fails, bitsandbytes fixed it: docs/qlora.md
+    says what bitsandbytes does and needs the update."""
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse, dequantize_4bit
 
     layer = linear_4bit(quant_type, double)

@@ -1,5 +1,5 @@
-"""README's "Every peft LoRA option" table names every field of peft's LoraConfig, and every refusal
-deltatune gives appears there word for word, so the table cannot drift from the code."""
+"""docs/lora-options.md's "Every peft LoRA option" table names every field of peft's LoraConfig, and
+every refusal deltatune gives appears there word for word, so the table cannot drift from the code."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import peft
 
 from deltatune.config import LORA_INIT_REFUSALS, LORA_REFUSALS
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "docs" / "lora-options.md"
 BOOKKEEPING = {"peft_type", "auto_mapping", "peft_version"}  # written by peft itself, not options
 
 

@@ -8,7 +8,7 @@ HELP = "benchmark LoRA training against the frozen floor and peft"
 EXAMPLES = """\
 examples:
   deltatune bench                                   # CPU: cpu-small shape; CUDA: 1.1b and 8b (bf16)
-  deltatune bench --repeats 3 --json docs/benchmarks.json
+  deltatune bench --repeats 3 --json docs/results/benchmarks.json
   deltatune bench --modes fused peft --lora-dropout 0.1 --sections train
 """
 
