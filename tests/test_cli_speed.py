@@ -1,11 +1,14 @@
-"""Help and config errors answer without importing torch or transformers (they take seconds to load)."""
+"""Help, config errors and missing data files answer without importing torch or transformers (they take seconds
+to load)."""
 
 import subprocess
 import sys
+import time
 
 import pytest
 from transformers.trainer_utils import SchedulerType
 
+from deltatune.cli.main import COMMANDS
 from deltatune.data import DataError, check_sources
 from deltatune.train.config import LR_SCHEDULERS, TrainConfig
 
@@ -14,37 +17,59 @@ PROBE = """
 import sys
 from deltatune.cli.main import main
 try:
-    main(sys.argv[1:])
-except SystemExit:
-    pass
+    code = main(sys.argv[1:])
+except SystemExit as stop:
+    code = stop.code
+print("EXIT", code)
 import os
 print("LOADED", [m for m in ("torch", "transformers", "deltatune.model") if m in sys.modules],
       os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT"))
 """
 
-COMMANDS = ["train", "merge", "generate", "chat", "eval", "inspect", "classify", "export", "bench"]
+INSTANT_SECONDS = 2.0  # what a user waits for help or an input error, interpreter start included
+MISSING = "no-such-file.jsonl"
 
 
-def _probe(*argv: str, env: dict | None = None) -> tuple[str, str]:
+def _probe(*argv: str, env: dict | None = None) -> tuple[str, str, float]:
+    """(the probe's last line, everything printed, wall seconds) of ``deltatune argv`` in a fresh interpreter."""
+    start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120, env=env)
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("LOADED"), done.stdout + done.stderr
-    return last, done.stdout + done.stderr
+    return last, done.stdout + done.stderr, time.perf_counter() - start
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "learning_rat=1e-4"], ["train", "threads=-1"],
-                                  *(([c, "--help"]) for c in COMMANDS), ["train", "data=no-such-file.jsonl"]])
-def test_help_and_config_errors_do_not_import_torch(argv):
-    loaded, output = _probe(*argv)
+@pytest.mark.parametrize("argv", [["train", "learning_rat=1e-4"], ["train", "threads=-1"]])
+def test_config_errors_do_not_import_torch(argv):
+    loaded, output, _ = _probe(*argv)
     assert loaded.startswith("LOADED []"), f"{argv}: {loaded}"
     if argv == ["train", "learning_rat=1e-4"]:
         assert "did you mean 'learning_rate'" in output
-    if argv == ["train", "--help"]:
+
+
+@pytest.mark.parametrize("argv", [["train", f"data={MISSING}"], ["train", f"eval_data={MISSING}"],
+                                  ["eval", "--data", MISSING], ["classify", "--data", MISSING]])
+def test_a_missing_data_file_is_named_before_torch_loads(argv):
+    """A mistyped data path costs a moment and one line naming it, not the seconds torch and the model take."""
+    loaded, output, seconds = _probe(*argv)
+    assert loaded.startswith("LOADED []"), f"{argv}: {loaded}"
+    assert seconds < INSTANT_SECONDS, f"{argv} took {seconds:.2f} s"
+    errors = [line for line in output.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and f"{MISSING} does not exist" in errors[0], output
+    assert "EXIT 2" in output
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_every_help_answers_at_once_without_torch(command):
+    """Every command of the CLI, a new one included: its help must not wait seconds for torch to load."""
+    argv = ["--help"] if command is None else [command, "--help"]
+    loaded, output, seconds = _probe(*argv)
+    assert loaded.startswith("LOADED []"), f"{argv}: {loaded}"
+    assert seconds < INSTANT_SECONDS, f"{argv} took {seconds:.2f} s"
+    if command == "train":
         assert "threads" in output and "method=lora keys" in output
-    if argv == ["export", "--help"]:
+    if command == "export":
         assert "{f32,f16,bf16,q8_0,q4_0,q4_1}" in output
-    if argv == ["train", "data=no-such-file.jsonl"]:
-        assert "data='no-such-file.jsonl': no-such-file.jsonl does not exist" in output
 
 
 def test_written_out_export_types_match_the_exporter():

@@ -38,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
     from ..data import load_records
-    from ..train.classify import run_classification
 
     records = None
     if args.data:
@@ -46,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
         if data.kind != "classification":
             raise ConfigError(f"{data.source} is {data.kind} data; classify needs text/label rows")
         records = data.records
+    # Imported after the data is read, so that a missing or wrong file is reported before torch loads.
+    from ..train.classify import run_classification
+
     result = run_classification(
         args.model, records, output_dir=args.output_dir, max_steps=args.max_steps,
         batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,

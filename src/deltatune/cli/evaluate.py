@@ -44,14 +44,16 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.eval_fraction < 1:
         raise ConfigError(f"--eval-fraction={args.eval_fraction} must be between 0 and 1")
     from ..data import BUILTIN, collate_causal, encode_records, load_records, split_records
-    from ..train.evaluate import heldout_loss, perplexity
-    from ..train.loading import load_adapted, load_causal_lm, load_tokenizer, model_folder, tokenizer_for
 
     data = load_records(args.data, args.data_format)
     if data.kind != "sft":
         raise DataError(f"{data.source} is {data.kind} data; eval scores conversations or text (e.g. --data chatterbot)")
     records = split_records(data.records, args.eval_fraction, args.seed)[1] if args.data in BUILTIN else data.records
     records = records[: args.max_examples]
+    # Imported after the data is read, so that a missing or wrong file is reported before torch loads.
+    from ..train.evaluate import heldout_loss, perplexity
+    from ..train.loading import load_adapted, load_causal_lm, load_tokenizer, model_folder, tokenizer_for
+
     if args.adapter:
         model, base_path = load_adapted(args.adapter, args.model)
         tokenizer = tokenizer_for(args.adapter, base_path)

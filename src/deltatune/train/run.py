@@ -165,7 +165,8 @@ def run_training(config: TrainConfig, log=print, callbacks: Sequence[TrainerCall
             output / "metrics.json", config=dataclasses.asdict(config), result=dataclasses.asdict(result),
             data=_data_stats(train_records, eval_records, train_set, eval_set, sources), log_history=history,
         )  # fmt: skip
-        plot_losses(output / "loss.png", history, f"{stage.name} · {config.method} · {model_path.name}", samples)
+        title = f"{stage.name} · {config.method} · {model_path.name}"
+        plot_losses(output / "loss.png", history, title, samples, stage.loss_unit)
     return result
 
 

@@ -65,6 +65,7 @@ class Stage:
     encode: Callable[[PreTrainedTokenizerBase, Sequence[Record], TrainConfig], EncodedSet]
     trainer: TrainerFactory
     data_hint: str  # the built-in data set to suggest when the kind is wrong
+    loss_unit: str  # what one loss value averages over (loss.png's legend names it)
 
 
 def _sft_trainer(config, model, tokenizer, args, train: list[Example], evaluation: list[Example]) -> Trainer:
@@ -114,7 +115,7 @@ def _kto_trainer(config, model, tokenizer, args, train, evaluation) -> Trainer:
 
 
 STAGES: dict[str, Stage] = {
-    "sft": Stage("sft", ("sft",), _encode_sft, _sft_trainer, "chatterbot"),
-    "dpo": Stage("dpo", ("preference",), _encode_dpo, _dpo_trainer, "chatterbot-preference-synthetic"),
-    "kto": Stage("kto", ("kto", "preference"), _encode_kto, _kto_trainer, "chatterbot-kto-synthetic"),
+    "sft": Stage("sft", ("sft",), _encode_sft, _sft_trainer, "chatterbot", "answer tokens"),
+    "dpo": Stage("dpo", ("preference",), _encode_dpo, _dpo_trainer, "chatterbot-preference-synthetic", "pairs"),
+    "kto": Stage("kto", ("kto", "preference"), _encode_kto, _kto_trainer, "chatterbot-kto-synthetic", "examples"),
 }
