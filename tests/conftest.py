@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltatune.assets import smollm2_path
+from deltatune.runtime.assets import smollm2_path
 
 # Tiny test models are dominated by per-op overhead, and two threads contending for two cores
 # made them up to 100x slower; one thread keeps the suite fast and its timings stable. The variable

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import VOCAB, tiny_llama  # noqa: E402
 
 from deltatune import DeltaModel, LoraConfig, get_delta_model  # noqa: E402
-from deltatune.tuners.lora_mlp import FusedGatedMlp  # noqa: E402
+from deltatune.tuners.lora.mlp import FusedGatedMlp  # noqa: E402
 
 GLOBAL_BATCH = 4
 LENGTH = 8
@@ -70,7 +70,7 @@ def train_with_trainer(model: DeltaModel, output_dir: Path, per_device: int):
     ``output_dir/checkpoint-<STEPS>``, marked complete."""
     from transformers import TrainingArguments
 
-    from deltatune.checkpoints import MarkCompleteCallback
+    from deltatune.runtime.checkpoints import MarkCompleteCallback
     from deltatune.train.trainer import DeltaTrainer
 
     args = TrainingArguments(
@@ -129,7 +129,7 @@ def main(out: Path) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    from deltatune.distributed import gather_adapter_state, is_main_process
+    from deltatune.runtime.distributed import gather_adapter_state, is_main_process
 
     torch.set_num_threads(1)
     runs, results = out / "runs", out / "results"

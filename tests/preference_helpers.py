@@ -14,11 +14,11 @@ from pathlib import Path
 import peft
 import torch
 from datasets import Dataset
+from tiny_models import VOCAB, tiny_llama
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast, TrainingArguments
 
 from deltatune import DeltaModel, LoraConfig, get_delta_model
-from tiny_models import VOCAB, tiny_llama
 
 PATTERN = [1, 2, 3, 4]
 SHUFFLED = [list(order) for order in itertools.permutations(PATTERN) if list(order) != PATTERN]

@@ -15,6 +15,7 @@ from typing import Any
 
 import peft
 import torch
+from tiny_models import VOCAB, _seeded, tiny_bert, tiny_gpt2, tiny_llama
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 from transformers import (
@@ -27,7 +28,6 @@ from transformers import (
 )
 
 import deltatune
-from tiny_models import VOCAB, _seeded, tiny_bert, tiny_gpt2, tiny_llama
 
 N_VIRTUAL = 4
 INIT_TEXT = "classify the sentiment of this review"

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from deltatune.assets import smollm2_path
+from deltatune.runtime.assets import smollm2_path
 
 
 def save_tiny_chat_model(folder: Path) -> Path:

@@ -7,8 +7,13 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from deltatune import assets
-from deltatune.assets import AssetMissingError, QAPair, chatterbot_pairs, minilm_path
+from deltatune.runtime import assets
+from deltatune.runtime.assets import (
+    AssetMissingError,
+    QAPair,
+    chatterbot_pairs,
+    minilm_path,
+)
 
 
 def test_chatterbot_pairs_cover_21_topics_with_nonempty_strings() -> None:

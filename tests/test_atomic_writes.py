@@ -12,15 +12,15 @@ import stat
 from pathlib import Path
 
 import pytest
+from file_trees import read_tree, write_tree
 from safetensors import SafetensorError
 from safetensors.torch import save_file
-
-import deltatune.atomic
-import deltatune.io
-from deltatune.atomic import atomic_directory, atomic_file
-from deltatune.errors import DeltaTuneError, SaveError
-from file_trees import read_tree, write_tree
 from tiny_models import SCENARIOS, delta_model
+
+import deltatune.io
+import deltatune.runtime.atomic
+from deltatune.errors import DeltaTuneError, SaveError
+from deltatune.runtime.atomic import atomic_directory, atomic_file
 
 OLD = {"model.safetensors": b"old weights", "config.json": b"{}"}
 NEW = {"model.safetensors": b"new weights" * 1000, "tokenizer.json": b"{}", "sub/extra.txt": b"x"}
@@ -57,7 +57,7 @@ def test_an_existing_folder_is_replaced_whole(previous: Path, exchange: str, mon
         def unsupported(first, second):
             raise OSError(errno.ENOSYS, "renameat2 is not available on this system")
 
-        monkeypatch.setattr(deltatune.atomic, "_exchange", unsupported)
+        monkeypatch.setattr(deltatune.runtime.atomic, "_exchange", unsupported)
     with atomic_directory(previous) as staging:
         write_tree(staging, NEW)
     assert read_tree(previous) == NEW  # old-only files are gone too
@@ -102,7 +102,7 @@ def test_out_of_space_is_one_line_naming_the_target_and_keeps_the_previous_versi
         result = real_statvfs(path)
         return os.statvfs_result((*result[:4], 0, *result[5:]))  # f_bavail = 0
 
-    monkeypatch.setattr(deltatune.atomic.os, "statvfs", full_disk)
+    monkeypatch.setattr(deltatune.runtime.atomic.os, "statvfs", full_disk)
     with pytest.raises(SaveError) as info:
         with atomic_directory(previous) as staging:
             failure(staging)
@@ -169,7 +169,7 @@ def test_out_of_space_in_an_adapter_save_keeps_the_previous_files(tmp_path: Path
 
 def _die_between_the_two_renames(target: Path) -> None:
     """In a child: replace ``target`` without renameat2, and die by SIGKILL after moving the old one aside."""
-    deltatune.atomic._exchange = lambda first, second: (_ for _ in ()).throw(OSError(errno.ENOSYS, "none"))
+    deltatune.runtime.atomic._exchange = lambda first, second: (_ for _ in ()).throw(OSError(errno.ENOSYS, "none"))
     real_rename = os.rename
 
     def rename_then_die(source, destination):

@@ -6,12 +6,14 @@ import json
 
 import pytest
 
-from deltatune import bench
+from deltatune.bench import step as bench
+from deltatune.bench.options import MODES, SHAPES
+from deltatune.bench.report import format_report, summarize
 from deltatune.cli.main import main as cli_main
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
-TINY = bench.SHAPES["tiny"]
+TINY = SHAPES["tiny"]
 
 
 def train(mode: str, dropout: float = 0.0) -> dict:
@@ -19,7 +21,7 @@ def train(mode: str, dropout: float = 0.0) -> dict:
 
 
 def test_train_job_measures_every_mode_and_the_floor_trains_nothing():
-    results = {mode: train(mode) for mode in bench.MODES}
+    results = {mode: train(mode) for mode in MODES}
     for mode, result in results.items():
         assert result["tokens_per_s"] > 0 and result["tokens_per_cpu_s"] > 0 and len(result["step_s"]) == 1, mode
         assert result["peak_mib"] > result["step_mib"] > 0 and result["saved_mib"] > 0, mode
@@ -51,10 +53,10 @@ def test_saved_section_on_meta_gives_the_differences_between_modes_of_a_real_ste
     """On meta, attention's math kernel makes o_proj's input a copy, where CPU/GPU flash kernels hand
     o_proj a view of what attention saved anyway: one [tokens, hidden] tensor per layer more in every
     LoRA mode. Apart from that, every difference to the floor is the real one, to the byte."""
-    meta = bench.saved_job(TINY, bench.MODES, rank=4, dropout=0.0)
-    real = {mode: train(mode)["saved_mib"] for mode in bench.MODES}
+    meta = bench.saved_job(TINY, MODES, rank=4, dropout=0.0)
+    real = {mode: train(mode)["saved_mib"] for mode in MODES}
     o_proj_input_mib = TINY.tokens * TINY.hidden * 4 * TINY.layers / 2**20
-    for mode in bench.MODES[1:]:
+    for mode in MODES[1:]:
         meta_extra = (meta[f"{mode}_gib"] - meta["floor_gib"]) * 1024
         # peft's DoRA pushes an identity matrix through lora_A on every call (a graph it then detaches): the
         # storages that graph saves are counted by what is alive (real) or distinct (meta), so it is only close.
@@ -65,7 +67,7 @@ def test_saved_section_on_meta_gives_the_differences_between_modes_of_a_real_ste
         assert meta_extra == pytest.approx(real[mode] - real["floor"] + o_proj_input_mib, abs=tolerance), mode
     assert meta["fused_gib"] < meta["fused-layer_gib"] == meta["plain_gib"] < meta["peft_gib"]  # peft: + the full logits
     report = {"settings": {"device": "cpu"}, "summary": {}, "infer": [], "wrap": [], "saved": [{"shape": "tiny", **meta}]}
-    assert "| floor | fused | fused-eager | fused-layer | plain | peft |" in bench.format_report(report)
+    assert "| floor | fused | fused-eager | fused-layer | plain | peft |" in format_report(report)
 
 
 def test_summary_takes_medians_over_repeats_and_ratios_to_floor_and_peft():
@@ -76,13 +78,13 @@ def test_summary_takes_medians_over_repeats_and_ratios_to_floor_and_peft():
         for s in speeds
     ]
     report = {"settings": {"device": "cpu", "dtype": None}, "train": records, "infer": [], "wrap": [], "saved": []}
-    summary = bench.summarize(report)["tiny"]
+    summary = summarize(report)["tiny"]
     assert summary["fused"]["tokens_per_cpu_s"] == 2 * 95 and summary["fused"]["tokens_per_s_range"] == [80, 99]
     fused = summary["fused"]  # ratios use the CPU clock on CPU: 190 / 200 and 190 / 100
     assert fused["speed_vs_floor"] == pytest.approx(0.95) and fused["speed_vs_peft"] == pytest.approx(1.9)
     assert fused["memory_vs_floor"] == pytest.approx(1.1) and fused["memory_vs_peft"] == pytest.approx(0.55)
-    report["summary"] = bench.summarize(report)
-    table = bench.format_report(report)
+    report["summary"] = summarize(report)
+    table = format_report(report)
     assert "| fused | 190 (160-198) | 0.95x | 1.90x | 95 | 11.0 | 1.10x | 0.55x | 1.0 |" in table
 
 

@@ -10,17 +10,42 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_model_semantics import single_thread  # noqa: F401  (autouse fixture)
+from test_training import BATCH, logits, tiny, train
+from tiny_models import (
+    VOCAB,
+    perturb_trainable,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    token_inputs,
+)
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
-from deltatune import AdapterLoadError, ConfigError, DeltaConfig, DeltaModel, MergeError, TargetError, get_delta_model
-from deltatune.config import NON_LINEARITIES, BottleneckConfig
+from deltatune import (
+    AdapterLoadError,
+    ConfigError,
+    DeltaConfig,
+    DeltaModel,
+    MergeError,
+    TargetError,
+    get_delta_model,
+)
 from deltatune.data import collate_causal, encode_records, split_records
 from deltatune.data.chatterbot import chatterbot_conversations
 from deltatune.train.evaluate import heldout_loss
-from deltatune.tuners.bottleneck import (
+from deltatune.tuners.bottleneck.config import NON_LINEARITIES, BottleneckConfig
+from deltatune.tuners.bottleneck.tuner import (
     PLACEMENTS,
     BottleneckLayer,
     Sites,
@@ -29,9 +54,6 @@ from deltatune.tuners.bottleneck import (
     site_layer,
     site_suffixes,
 )
-from test_model_semantics import single_thread  # noqa: F401  (autouse fixture)
-from test_training import BATCH, logits, tiny, train
-from tiny_models import VOCAB, perturb_trainable, tiny_bert, tiny_gpt2, tiny_llama, token_inputs
 
 D_MODEL = 32
 N_LAYERS = 2

@@ -9,16 +9,21 @@ import json
 from pathlib import Path
 
 import pytest
+from sft_helpers import TINY_RUN, save_tiny_chat_model
 
-from deltatune.chat_defaults import FILE, common_system, stored_system, write_chat_defaults
 from deltatune.cli import chat
 from deltatune.cli.generate import system_prompt
 from deltatune.cli.main import main
 from deltatune.data import Conversation, KTOExample, Message, TextExample
+from deltatune.data.chat_defaults import (
+    FILE,
+    common_system,
+    stored_system,
+    write_chat_defaults,
+)
 from deltatune.errors import ConfigError
 from deltatune.train.config import TrainConfig
 from deltatune.train.run import run_training
-from sft_helpers import TINY_RUN, save_tiny_chat_model
 
 TUTOR = "You are a maths tutor."
 

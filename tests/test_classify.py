@@ -7,12 +7,14 @@ import random
 
 import pytest
 import torch
+from preference_helpers import training_args
+from tiny_models import tiny_bert
 from transformers import AutoTokenizer
 
 from deltatune import LoraConfig, get_delta_model
-from deltatune.assets import minilm_path
 from deltatune.data.records import LabelledText
 from deltatune.errors import DataError
+from deltatune.runtime.assets import minilm_path
 from deltatune.train.classify import (
     ClassificationCollator,
     classification_accuracy,
@@ -20,8 +22,6 @@ from deltatune.train.classify import (
     run_classification,
     train_classifier,
 )
-from preference_helpers import training_args
-from tiny_models import tiny_bert
 
 # after a [CLS]-like token 1, class k draws its tokens from its own id range: separable, by reading the tokens
 RANGES = [(10, 20), (20, 30), (30, 40)]
@@ -111,7 +111,7 @@ def _tiny_classification_files(tmp_path):
 
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from deltatune.assets import minilm_path
+    from deltatune.runtime.assets import minilm_path
 
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, num_labels=2)  # fmt: skip

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from sft_helpers import TINY_RUN, save_tiny_chat_model, write_arithmetic_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deltatune import DeltaModel
 from deltatune.cli.main import main
 from deltatune.train.config import TrainConfig
-from sft_helpers import TINY_RUN, save_tiny_chat_model, write_arithmetic_jsonl
 
 MY_COMMANDS = ("train", "merge", "generate", "chat", "eval", "inspect")
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from sft_helpers import save_tiny_chat_model, write_arithmetic_jsonl
 from transformers import AutoModelForCausalLM
 
 from deltatune import LoraConfig, get_delta_model
 from deltatune.cli.main import main
 from deltatune.train.config import TrainConfig
-from sft_helpers import save_tiny_chat_model, write_arithmetic_jsonl
 
 ROWS = '{"prompt": "What is 1 plus 1?", "completion": "It is 2."}\n'
 WEATHER = '[{"name": "get_weather", "parameters": {"type": "object"}}]'

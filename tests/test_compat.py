@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltatune.compat.bitsandbytes import canonical, is_packed_for_cpu, remember_canonical, restore_canonical
+from deltatune.compat.bitsandbytes import (
+    canonical,
+    is_packed_for_cpu,
+    remember_canonical,
+    restore_canonical,
+)
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -53,7 +58,10 @@ def test_bitsandbytes_own_inverse_still_moves_the_scales(quant_type, double):
     """Why deltatune keeps the scales itself: bitsandbytes' inverse (its save and .cuda() call it) leaves them
     transposed and bf16 (re-quantised under double quantisation). When this fails, bitsandbytes fixed it: docs/qlora.md
     says what bitsandbytes does and needs the update."""
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse, dequantize_4bit
+    from bitsandbytes.functional import (
+        _convert_weight_packed_for_cpu_inverse,
+        dequantize_4bit,
+    )
 
     layer = linear_4bit(quant_type, double)
     before = dequantize_4bit(layer.weight.data, layer.weight.quant_state)

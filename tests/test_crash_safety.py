@@ -28,12 +28,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from file_trees import read_tree, write_tree
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from deltatune import DeltaModel, LoraConfig, get_delta_model
-from deltatune.atomic import atomic_directory
-from deltatune.checkpoints import is_complete_checkpoint, latest_complete_checkpoint, mark_complete
-from file_trees import read_tree, write_tree
+from deltatune.runtime.atomic import atomic_directory
+from deltatune.runtime.checkpoints import (
+    is_complete_checkpoint,
+    latest_complete_checkpoint,
+    mark_complete,
+)
 
 KILLS = 20
 SEED = 0

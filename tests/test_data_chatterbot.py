@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from deltatune.assets import chatterbot_pairs
-from deltatune.data import Conversation, KTOExample, Message, PreferencePair, split_records, unpair
+from deltatune.data import (
+    Conversation,
+    KTOExample,
+    Message,
+    PreferencePair,
+    split_records,
+    unpair,
+)
 from deltatune.data.chatterbot import (
     BUILTIN,
     chatterbot_conversations,
@@ -13,6 +19,7 @@ from deltatune.data.chatterbot import (
     chatterbot_preference_pairs,
     chatterbot_topics,
 )
+from deltatune.runtime.assets import chatterbot_pairs
 
 
 def qa(question: str, answer: str) -> Conversation:

@@ -7,9 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
 
-from deltatune.assets import minilm_path
 from deltatune.data import (
     IGNORE_INDEX,
     Conversation,
@@ -24,6 +28,7 @@ from deltatune.data import (
     prompt_ids,
     render,
 )
+from deltatune.runtime.assets import minilm_path
 
 U, A, S = "user", "assistant", "system"
 

@@ -8,9 +8,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from data_shapes import chat_rows, dataset_info, kto_message_rows, write_rows
 from transformers import AutoTokenizer
 
-from data_shapes import chat_rows, dataset_info, kto_message_rows, write_rows
 from deltatune.data import (
     Conversation,
     DataError,
@@ -23,7 +23,11 @@ from deltatune.data import (
     mix,
     parse_weights,
 )
-from deltatune.train.preference_data import encode_kto_examples, encode_preference_pairs, fit
+from deltatune.train.preference_data import (
+    encode_kto_examples,
+    encode_preference_pairs,
+    fit,
+)
 
 QA = Conversation((Message("user", "What is 1 plus 1?"), Message("assistant", "It is 2.")))
 

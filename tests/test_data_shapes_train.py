@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from data_shapes import (
     chat_rows,
     dataset_info,
@@ -17,11 +16,12 @@ from data_shapes import (
     trl_tool_rows,
     write_rows,
 )
-from deltatune.assets import SMOLLM2_HUB_ID, smollm2_path
-from deltatune.train.config import TrainConfig
-from deltatune.train.loading import load_adapted
-from deltatune.train.run import run_training
 from sft_helpers import TINY_RUN, save_tiny_chat_model, write_arithmetic_jsonl
+
+from deltatune.runtime.assets import SMOLLM2_HUB_ID, smollm2_path
+from deltatune.saved import load_adapted
+from deltatune.train.config import TrainConfig
+from deltatune.train.run import run_training
 
 QUICK = {"max_steps": 2, "batch_size": 2, "max_length": 64, "eval_examples": 2, "eval_fraction": 0.25,
          "warmup_steps": 0, "r": 2, "target_modules": "q_proj,v_proj"}  # fmt: skip
@@ -94,7 +94,7 @@ def test_a_local_model_folder_is_recorded_as_given_and_the_hub_id_loads_offline(
 @pytest.mark.slow
 def test_an_adapter_naming_the_hub_id_loads_on_the_embedded_copy(tmp_path: Path) -> None:
     from deltatune import LoraConfig, get_delta_model
-    from deltatune.assets import load_smollm2
+    from deltatune.runtime.assets import load_smollm2
 
     base, _ = load_smollm2()
     get_delta_model(base, LoraConfig(r=2, target_modules=["q_proj"], base_model_name_or_path=SMOLLM2_HUB_ID)

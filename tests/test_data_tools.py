@@ -7,10 +7,17 @@ import json
 from pathlib import Path
 
 import pytest
+from data_shapes import WEATHER, sharegpt_tool_rows, trl_tool_rows, write_rows
 from transformers import AutoTokenizer
 
-from data_shapes import WEATHER, sharegpt_tool_rows, trl_tool_rows, write_rows
-from deltatune.data import DataError, Message, ToolCall, encode_conversation, load_records, render
+from deltatune.data import (
+    DataError,
+    Message,
+    ToolCall,
+    encode_conversation,
+    load_records,
+    render,
+)
 
 # A tool-aware template (as Qwen2.5's does: tools in the system turn, calls in its own markup).
 NATIVE = (

@@ -13,17 +13,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ddp_worker as worker
 import pytest
 import torch
 from safetensors.torch import load_file
-
-import ddp_worker as worker
 from tiny_models import tiny_llama
 
 from deltatune import DeltaModel
-from deltatune.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
-from deltatune.distributed import gather_adapter_state, is_main_process, rank
 from deltatune.errors import ConfigError
+from deltatune.runtime.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
+from deltatune.runtime.distributed import gather_adapter_state, is_main_process, rank
 
 WORKER = Path(worker.__file__)
 

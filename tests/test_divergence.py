@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
+from tiny_models import VOCAB, tiny_llama
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 import deltatune
 from deltatune.train.divergence import DivergenceGuard
 from deltatune.train.trainer import DeltaTrainer
-from tiny_models import VOCAB, tiny_llama
 
 STEPS = 8
 ROWS = torch.randint(2, VOCAB, (8, 12), generator=torch.Generator().manual_seed(0))

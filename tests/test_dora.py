@@ -14,7 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tensor_checks import assert_matches_reference, saved_bytes
-from tiny_models import LLAMA_LINEAR, build, inputs_for, output_tensor, perturb_trainable, tiny_llama, token_inputs
+from tiny_models import (
+    LLAMA_LINEAR,
+    build,
+    inputs_for,
+    output_tensor,
+    perturb_trainable,
+    tiny_llama,
+    token_inputs,
+)
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -24,7 +32,7 @@ from deltatune.kernels import LoraFactors
 from deltatune.kernels.dora_linear import fused_dora_linear, weight_norm
 from deltatune.kernels.lora_linear import draw_seed, dropout_mask, quantized_dropout
 from deltatune.kernels.lora_mlp import Projection, fused_lora_mlp
-from deltatune.tuners.lora import LoraLinear
+from deltatune.tuners.lora.layer import LoraLinear
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 

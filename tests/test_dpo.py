@@ -11,6 +11,15 @@ import pytest
 import torch
 import trl
 from datasets import Dataset
+from preference_helpers import (
+    PAD,
+    dpo_examples,
+    lora_policy,
+    perturb_lora,
+    training_args,
+    trl_beside_deltatune,
+)
+from tiny_models import tiny_llama
 from transformers import AutoTokenizer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -21,15 +30,6 @@ from deltatune.train.losses import sequence_logprob
 from deltatune.train.preference import DPOTrainer
 from deltatune.train.preference_data import PreferenceCollator, encode_preference_pairs
 from deltatune.tuners import config_classes
-from preference_helpers import (
-    PAD,
-    dpo_examples,
-    lora_policy,
-    perturb_lora,
-    training_args,
-    trl_beside_deltatune,
-)
-from tiny_models import tiny_llama
 
 # prompts and completions of different lengths, so that padding is exercised
 TRIPLES = [([11, 12, 13], [1, 2, 3, 4], [2, 1]), ([20, 21], [5], [6, 7, 8]), ([30], [9, 10, 40], [41, 42, 43, 44, 45])]

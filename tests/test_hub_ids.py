@@ -15,10 +15,15 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import constants
+from sft_helpers import save_tiny_chat_model
 
 from deltatune.errors import ConfigError
-from deltatune.train.loading import base_model_id, load_causal_lm, load_tokenizer, model_folder
-from sft_helpers import save_tiny_chat_model
+from deltatune.runtime.loading import (
+    base_model_id,
+    load_causal_lm,
+    load_tokenizer,
+    model_folder,
+)
 
 REPO_ID = "DeltaTuneTests/Tiny-Chat"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -6,12 +6,6 @@ from __future__ import annotations
 import pytest
 import trl
 from datasets import Dataset
-from transformers import AutoTokenizer
-
-from deltatune.data.chatterbot import chatterbot_kto_examples
-from deltatune.errors import ConfigError, DataError
-from deltatune.train.kto import KTOTrainer
-from deltatune.train.preference_data import KTOCollator, encode_kto_examples
 from preference_helpers import (
     PAD,
     kto_examples,
@@ -19,6 +13,12 @@ from preference_helpers import (
     training_args,
     trl_beside_deltatune,
 )
+from transformers import AutoTokenizer
+
+from deltatune.data.chatterbot import chatterbot_kto_examples
+from deltatune.errors import ConfigError, DataError
+from deltatune.train.kto import KTOTrainer
+from deltatune.train.preference_data import KTOCollator, encode_kto_examples
 
 # (prompt, completion, desirable) of different lengths, so that padding is exercised
 ROWS = [

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-
 from deltatune import LoraConfig, PromptTuningConfig, get_delta_model
 from deltatune.data.collate import collate_causal, collate_padding_free
 from deltatune.kernels import linear_cross_entropy as lce

@@ -23,7 +23,7 @@ from torch import nn
 import deltatune
 from deltatune import DeltaModel
 from deltatune.errors import ConfigError, MergeError
-from deltatune.tuners.lora import LoraLinear
+from deltatune.tuners.lora.layer import LoraLinear
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups > 1:UserWarning"),

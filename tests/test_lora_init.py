@@ -14,14 +14,21 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import LLAMA_LINEAR, build, inputs_for, output_tensor, perturb_trainable, token_inputs
+from tiny_models import (
+    LLAMA_LINEAR,
+    build,
+    inputs_for,
+    output_tensor,
+    perturb_trainable,
+    token_inputs,
+)
 from torch import nn
 
 import deltatune
 from deltatune import DeltaModel
-from deltatune.config import LORA_INIT_REFUSALS
 from deltatune.errors import ConfigError
-from deltatune.tuners.lora_init import olora, orthogonal, pissa
+from deltatune.tuners.lora.config import LORA_INIT_REFUSALS
+from deltatune.tuners.lora.init import olora, orthogonal, pissa
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning"),

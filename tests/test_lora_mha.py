@@ -12,18 +12,24 @@ from __future__ import annotations
 import copy
 
 import peft
-from peft.tuners.lora.layer import MultiheadAttention as PeftAttention
 import pytest
 import torch
-from test_lora_conv import DIRECTIONS, MERGE_ATOL, assert_same_model, first, save_and_load
+from peft.tuners.lora.layer import MultiheadAttention as PeftAttention
+from test_lora_conv import (
+    DIRECTIONS,
+    MERGE_ATOL,
+    assert_same_model,
+    first,
+    save_and_load,
+)
 from tiny_models import _seeded, perturb_trainable
 from torch import nn
 from torch.func import functional_call
 
 import deltatune
 from deltatune.errors import ConfigError
-from deltatune.tuners.lora import LoraLinear
-from deltatune.tuners.lora_mha import LoraMultiheadAttention
+from deltatune.tuners.lora.layer import LoraLinear
+from deltatune.tuners.lora.mha import LoraMultiheadAttention
 
 LORA = {"target_modules": ["attn"], "r": 2, "lora_alpha": 6}  # scaling 3
 VARIANTS = {"batch_first": {"batch_first": True}, "sequence_first_no_bias": {"bias": False}}

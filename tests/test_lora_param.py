@@ -20,11 +20,16 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tiny_models import output_tensor, perturb_trainable
 from torch import nn
-from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import (
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 from deltatune import ConfigError, DeltaModel, LoraConfig, MergeError, get_delta_model
-from deltatune.tuners.lora import LoraLayer
-from deltatune.tuners.lora_param import LoraParameter
+from deltatune.tuners.lora.layer import LoraLayer
+from deltatune.tuners.lora.param import LoraParameter
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from deltatune.errors import ConfigError
-from deltatune.train.losses import completion_lengths, dpo_loss, kto_loss, sequence_logprob
+from deltatune.train.losses import (
+    completion_lengths,
+    dpo_loss,
+    kto_loss,
+    sequence_logprob,
+)
 
 
 def softplus(x: float) -> float:

@@ -14,13 +14,20 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import build, token_inputs
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 import deltatune.io
-from deltatune import AdapterLoadError, ConfigError, DeltaModel, LoraConfig, MergeError, get_delta_model
-from deltatune.tuners.lora import LoraLayer
-from tiny_models import build, token_inputs
+from deltatune import (
+    AdapterLoadError,
+    ConfigError,
+    DeltaModel,
+    LoraConfig,
+    MergeError,
+    get_delta_model,
+)
+from deltatune.tuners.lora.layer import LoraLayer
 
 INPUTS = token_inputs()
 # Square (d x d) projections of each tiny model: q_proj / o_proj of llama, attn.c_proj of GPT-2.

@@ -20,7 +20,13 @@ from collections.abc import Callable
 import peft
 import pytest
 import torch
-from test_lora_conv import DIRECTIONS, MERGE_ATOL, assert_same_model, first, save_and_load
+from test_lora_conv import (
+    DIRECTIONS,
+    MERGE_ATOL,
+    assert_same_model,
+    first,
+    save_and_load,
+)
 from test_peft_parity import delta_trainable, peft_trainable
 from tiny_models import _seeded, perturb_trainable
 from torch import nn
@@ -30,7 +36,7 @@ from transformers.pytorch_utils import Conv1D
 import deltatune
 from deltatune import DeltaModel
 from deltatune.errors import ConfigError, MergeError
-from deltatune.tuners.lora import LoraLayer
+from deltatune.tuners.lora.layer import LoraLayer
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups > 1:UserWarning"),

@@ -16,7 +16,16 @@ import pytest
 import torch
 from peft.tuners.lora import Embedding as PeftLoraEmbedding
 from safetensors import safe_open
-from tiny_models import SCENARIOS, Scenario, adapter_path, build, delta_model, inputs_for, output_tensor, peft_model
+from tiny_models import (
+    SCENARIOS,
+    Scenario,
+    adapter_path,
+    build,
+    delta_model,
+    inputs_for,
+    output_tensor,
+    peft_model,
+)
 
 from deltatune import AdapterLoadError, DeltaModel
 

@@ -30,7 +30,7 @@ from torch import nn
 import deltatune
 from deltatune import DeltaModel
 from deltatune.io import to_file_key
-from deltatune.tuners.lora import LoraLayer as DeltaLoraLayer
+from deltatune.tuners.lora.layer import LoraLayer as DeltaLoraLayer
 
 pytestmark = [
     # peft's own notices, not failures: it switches fan_in_fan_out on for GPT-2's Conv1D, and turns

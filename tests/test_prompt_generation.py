@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from prompt_cases import MODELS, batch, delta_model
 from tiny_models import perturb_trainable
 

@@ -12,13 +12,21 @@ import shutil
 import peft
 import pytest
 import torch
+from prompt_cases import (
+    INIT_TEXT,
+    MODELS,
+    N_VIRTUAL,
+    batch,
+    config,
+    outputs,
+    tokenizer_dir,
+)
+from tiny_models import VOCAB, _seeded, perturb_trainable
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import deltatune
 from deltatune import DeltaModel, get_delta_model
 from deltatune.errors import ConfigError
-from prompt_cases import INIT_TEXT, MODELS, N_VIRTUAL, batch, config, outputs, tokenizer_dir
-from tiny_models import VOCAB, _seeded, perturb_trainable
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),

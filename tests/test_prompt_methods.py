@@ -13,12 +13,6 @@ import json
 import peft
 import pytest
 import torch
-from safetensors import safe_open
-
-import deltatune
-from deltatune import DeltaModel, get_delta_model
-from deltatune.errors import AdapterLoadError, ConfigError, InputError, MergeError
-from deltatune.tuners.prompt_learning import attention_shape
 from prompt_cases import (
     INIT_TEXT,
     METHODS,
@@ -31,7 +25,13 @@ from prompt_cases import (
     outputs,
     peft_model,
 )
+from safetensors import safe_open
 from tiny_models import _seeded, perturb_trainable, tiny_bert
+
+import deltatune
+from deltatune import DeltaModel, get_delta_model
+from deltatune.errors import AdapterLoadError, ConfigError, InputError, MergeError
+from deltatune.tuners.prompt.learning import attention_shape
 
 pytestmark = [
     # peft's own notices under transformers 5, not failures of the code under test.

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import deltatune
-from deltatune.assets import chatterbot_pairs
+from deltatune.runtime.assets import chatterbot_pairs
 
 pytestmark = pytest.mark.slow
 

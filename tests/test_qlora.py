@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausa
 
 from deltatune import DeltaModel, LoraConfig, get_delta_model
 from deltatune.kernels.base_weight import dense, logical_shape
-from deltatune.tuners.lora_bnb import LoraQuantLinear
+from deltatune.tuners.lora.quantized import LoraQuantLinear
 
 bnb = pytest.importorskip("bitsandbytes")  # the test extra installs it; `pip install deltatune[qlora]`
 
@@ -235,7 +235,7 @@ def test_inits_that_rewrite_the_base_are_refused_over_a_quantised_base(llama_dir
 @pytest.mark.slow
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_lora_over_nf4_smollm2_matches_peft(direction, tmp_path):
-    from deltatune.assets import smollm2_path
+    from deltatune.runtime.assets import smollm2_path
 
     peft_side, delta_side = adapted(smollm2_path(), "nf4", direction, tmp_path)
     inputs = {"input_ids": torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(3))}

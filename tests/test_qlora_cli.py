@@ -16,11 +16,16 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from deltatune import DeltaModel
 from deltatune.cli.main import main
 from deltatune.errors import ConfigError
-from deltatune.quantization import base_memory, check_quantization, loading_options, prepare_for_kbit_training
+from deltatune.runtime.loading import load_causal_lm
+from deltatune.runtime.quantization import (
+    base_memory,
+    check_quantization,
+    loading_options,
+    prepare_for_kbit_training,
+)
 from deltatune.train.config import TrainConfig
-from deltatune.train.loading import load_causal_lm
 from deltatune.train.run import run_training
-from deltatune.tuners.lora_bnb import LoraQuantLinear
+from deltatune.tuners.lora.quantized import LoraQuantLinear
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -131,13 +136,14 @@ def test_inspect_shows_the_base_memory_in_each_mode(files):
 
 
 def test_the_bench_quant_section_measures_every_base(capsys):
-    from deltatune import bench
+    from deltatune.bench import step as bench
+    from deltatune.bench.options import shape_of
 
     args = ["--device", "cpu", "--shapes", "tiny", "--sections", "quant", "--steps", "1", "--warmup", "0", "--no-isolate"]
     assert bench.main(args) == 0
     out = capsys.readouterr().out
     assert all(f"| {base} |" in out for base in bench.QUANT_BASES), out
-    shape = bench.SHAPES["tiny"]
+    shape = shape_of("tiny")
     linear = shape.layers * (2 * shape.hidden**2 + 2 * shape.hidden * shape.hidden // 2 + 3 * shape.hidden * shape.intermediate)
     # the bytes themselves: nf4 is half a byte a weight plus one fp32 scale per 64
     fp32 = bench.quant_job(shape, "fp32", "cpu", 1, 0, 4)

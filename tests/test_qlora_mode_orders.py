@@ -170,7 +170,7 @@ def test_a_prepared_base_evaluates_with_peft_numbers(llama_dir, mode, tmp_path):
     """``prepare_for_kbit_training`` (what ``deltatune train`` runs) keeps bitsandbytes' eval kernel: a peft
     adapter loaded over a prepared base gives peft's eval logits (switching the kernel off, as it once did,
     moved SmolLM2's eval logits 0.6 away from peft's)."""
-    from deltatune.quantization import prepare_for_kbit_training
+    from deltatune.runtime.quantization import prepare_for_kbit_training
 
     peft_side = peft.get_peft_model(quantised(llama_dir, mode), peft.LoraConfig(**adapter_config("lora").to_dict()))
     perturb_trainable(peft_side)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import peft
 
-from deltatune.config import LORA_INIT_REFUSALS, LORA_REFUSALS
+from deltatune.tuners.lora.config import LORA_INIT_REFUSALS, LORA_REFUSALS
 
 README = Path(__file__).resolve().parent.parent / "docs" / "lora-options.md"
 BOOKKEEPING = {"peft_type", "auto_mapping", "peft_version"}  # written by peft itself, not options

@@ -8,7 +8,6 @@ from PIL import Image
 from deltatune.train.report import loss_figure, moving_average, plot_losses
 from deltatune.train.run import SampleAnswer
 
-
 LOGS = 20  # training-loss logs of a run: its moving average spans a quarter of them, 5
 
 

@@ -15,11 +15,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-
-from deltatune.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
-from deltatune.cli.main import main
-from deltatune.train.trainer import DeltaTrainer
 from sft_helpers import TINY_RUN, save_tiny_chat_model, write_arithmetic_jsonl
+
+from deltatune.cli.main import main
+from deltatune.runtime.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
+from deltatune.train.trainer import DeltaTrainer
 
 # fp32 on the CPU, one thread (as tests/conftest.py sets it), a checkpoint every 2 of 8 steps.
 RUN = {**TINY_RUN, "max_steps": 8, "save_steps": 2, "save_total_limit": 2, "precision": "fp32", "lora_dropout": 0.1}

@@ -10,12 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import tiny_gpt2, tiny_llama
 
-from deltatune import AdapterLoadError, ConfigError, DeltaModel, LoraConfig, MergeError, TargetError, get_delta_model
+from deltatune import (
+    AdapterLoadError,
+    ConfigError,
+    DeltaModel,
+    LoraConfig,
+    MergeError,
+    TargetError,
+    get_delta_model,
+)
 from deltatune.cli.main import main
 from deltatune.io import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, read_adapter_weights
 from deltatune.train.config import TrainConfig
-from tiny_models import tiny_gpt2, tiny_llama
 
 
 class Exploit:
@@ -215,7 +223,7 @@ def test_a_python_tag_in_an_override_never_runs(tmp_path: Path) -> None:
 def test_a_model_folder_with_custom_code_is_not_run(tmp_path: Path, model_type: str) -> None:
     """A model folder may ask for its own Python code (``auto_map``): it is never imported without an opt-in.
     A known architecture loads with transformers' own class; an unknown one is refused."""
-    from deltatune.train.loading import load_causal_lm
+    from deltatune.runtime.loading import load_causal_lm
 
     marker = tmp_path / "pwned"
     folder = tmp_path / "model"

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from sft_helpers import TINY_RUN, save_tiny_chat_model, write_arithmetic_jsonl
 
 from deltatune.errors import ConfigError, DataError
 from deltatune.train.config import TrainConfig
 from deltatune.train.run import RunResult, run_training
-from sft_helpers import TINY_RUN, save_tiny_chat_model, write_arithmetic_jsonl
 
 
 @pytest.fixture(scope="module")

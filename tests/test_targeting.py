@@ -9,11 +9,15 @@ import pytest
 import torch
 import transformers as tf
 from peft.tuners.lora import LoraLayer as PeftLoraLayer
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+from peft.utils.constants import (
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS,
+)
+from tiny_models import tiny_gpt2, tiny_llama
 from torch import nn
 
 from deltatune import LoraConfig, TargetError, get_delta_model
-from deltatune.targeting import (
+from deltatune.tuners.lora.layer import LoraLayer
+from deltatune.tuners.targeting import (
     adaptable_module_names,
     default_target_modules,
     find_targets,
@@ -21,8 +25,6 @@ from deltatune.targeting import (
     name_matches,
     pattern_value,
 )
-from deltatune.tuners.lora import LoraLayer
-from tiny_models import tiny_gpt2, tiny_llama
 
 # -- pure functions ---------------------------------------------------------------------------
 

@@ -9,8 +9,14 @@ import time
 import pytest
 import torch
 
-from deltatune.threads import (TRAIN_SPIN_COUNT, ThreadWatcher, busy_cpus, choose_threads, openmp_environment,
-                               others_busy)
+from deltatune.runtime.threads import (
+    TRAIN_SPIN_COUNT,
+    ThreadWatcher,
+    busy_cpus,
+    choose_threads,
+    openmp_environment,
+    others_busy,
+)
 from deltatune.train.thread_watch import ThreadWatch
 
 

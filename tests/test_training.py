@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_model_semantics import single_thread  # noqa: F401  (autouse fixture)
+from tiny_models import VOCAB, token_inputs
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from deltatune import LoraConfig, get_delta_model
-from test_model_semantics import single_thread  # noqa: F401  (autouse fixture)
-from tiny_models import VOCAB, token_inputs
 
 BATCH = token_inputs(batch=4, length=16, seed=3)["input_ids"]
 # tiny_models keeps transformers' init (std 0.02): with a frozen head that small behind the final

@@ -3,15 +3,23 @@
 Adapters are saved in peft's file format, so they load in peft and vLLM, and peft's load here.
 """
 
-from .config import (
-    BottleneckConfig,
-    DeltaConfig,
-    LoraConfig,
+from deltatune.config import DeltaConfig
+from deltatune.errors import (
+    AdapterLoadError,
+    ConfigError,
+    DataError,
+    DeltaTuneError,
+    MergeError,
+    SaveError,
+    TargetError,
+)
+from deltatune.tuners.bottleneck.config import BottleneckConfig
+from deltatune.tuners.lora.config import LoraConfig
+from deltatune.tuners.prompt.config import (
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
 )
-from .errors import AdapterLoadError, ConfigError, DataError, DeltaTuneError, MergeError, SaveError, TargetError
 
 _LAZY = {"DeltaModel": "model", "get_delta_model": "model"}  # these import torch: loaded on first use
 

@@ -26,8 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_file
-from .errors import AdapterLoadError
+from deltatune.errors import AdapterLoadError
+from deltatune.runtime.atomic import atomic_file
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"

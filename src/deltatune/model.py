@@ -15,14 +15,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import DeltaConfig
-from .errors import AdapterLoadError, ConfigError, MergeError
-from .io import adapter_dir, check_tensors_fit, file_key_map, read_adapter_weights, write_adapter
-from .tuners import tuner_for
-from .targeting import CLASSIFIER_HEADS, CLASSIFIER_TASKS
-from .tuners.lora_init import plain_lora
-from .tuners.modules_to_save import ModulesToSaveTuner
-from .tuners.trainable_tokens import TrainableTokensTuner
+from deltatune.config import DeltaConfig
+from deltatune.errors import AdapterLoadError, ConfigError, MergeError
+from deltatune.io import (
+    adapter_dir,
+    check_tensors_fit,
+    file_key_map,
+    read_adapter_weights,
+    write_adapter,
+)
+from deltatune.tuners import tuner_for
+from deltatune.tuners.lora.init import plain_lora
+from deltatune.tuners.modules_to_save import ModulesToSaveTuner
+from deltatune.tuners.targeting import CLASSIFIER_HEADS, CLASSIFIER_TASKS
+from deltatune.tuners.trainable_tokens import TrainableTokensTuner
 
 _MODULES_TO_SAVE = ModulesToSaveTuner()
 _TRAINABLE_TOKENS = TrainableTokensTuner()

@@ -14,7 +14,7 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
-    from ..bench_options import add_arguments
+    from deltatune.bench.options import add_arguments
 
     parser = commands.add_parser(
         name,
@@ -29,6 +29,6 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import run as run_bench
+    from deltatune.bench.step import run as run_bench
 
     return run_bench(args)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from .generate import (
+from deltatune.cli.generate import (
     add_generation_arguments,
     add_model_arguments,
     load_model,
@@ -40,7 +40,7 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = sampling(args)
-    from ..train.evaluate import answer
+    from deltatune.train.evaluate import answer
 
     model, tokenizer = load_model(args)
     system = system_prompt(args)
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 def converse(reply: Callable[[list], str], system: str | None, interactive: bool) -> int:
     """The chat loop on stdin: ``reply(messages)`` answers the conversation so far. Ctrl-C while it answers
     drops that exchange and asks again; Ctrl-C (or Ctrl-D, or /exit) at the prompt ends the chat."""
-    from ..data import Message
+    from deltatune.data import Message
 
     print("chat: /reset forgets the conversation, /exit or Ctrl-D ends it; Ctrl-C stops an answer", file=sys.stderr)
     messages = system_messages(system)

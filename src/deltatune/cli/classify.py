@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import ConfigError
+from deltatune.errors import ConfigError
 
 HELP = "train a sequence classifier (LoRA + a new head) and report held-out accuracy"
 EXAMPLES = """\
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("max_steps", "batch_size"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
-    from ..data import load_records
+    from deltatune.data import load_records
 
     records = None
     if args.data:
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{data.source} is {data.kind} data; classify needs text/label rows")
         records = data.records
     # Imported after the data is read, so that a missing or wrong file is reported before torch loads.
-    from ..train.classify import run_classification
+    from deltatune.train.classify import run_classification
 
     result = run_classification(
         args.model, records, output_dir=args.output_dir, max_steps=args.max_steps,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import ConfigError, DataError
+from deltatune.errors import ConfigError, DataError
 
 HELP = "held-out loss / perplexity of the base model vs base + adapter"
 EXAMPLES = """\
@@ -43,7 +43,13 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
     if not 0 < args.eval_fraction < 1:
         raise ConfigError(f"--eval-fraction={args.eval_fraction} must be between 0 and 1")
-    from ..data import BUILTIN, collate_causal, encode_records, load_records, split_records
+    from deltatune.data import (
+        BUILTIN,
+        collate_causal,
+        encode_records,
+        load_records,
+        split_records,
+    )
 
     data = load_records(args.data, args.data_format)
     if data.kind != "sft":
@@ -51,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
     records = split_records(data.records, args.eval_fraction, args.seed)[1] if args.data in BUILTIN else data.records
     records = records[: args.max_examples]
     # Imported after the data is read, so that a missing or wrong file is reported before torch loads.
-    from ..train.evaluate import heldout_loss, perplexity
-    from ..train.loading import load_adapted, load_causal_lm, load_tokenizer, model_folder, tokenizer_for
+    from deltatune.runtime.loading import load_causal_lm, load_tokenizer, model_folder
+    from deltatune.saved import load_adapted, tokenizer_for
+    from deltatune.train.evaluate import heldout_loss, perplexity
 
     if args.adapter:
         model, base_path = load_adapted(args.adapter, args.model)

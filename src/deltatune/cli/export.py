@@ -43,8 +43,8 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
-    from ..export import export_lora, export_model
+    from deltatune.errors import ConfigError
+    from deltatune.export import export_lora, export_model
 
     if args.base_gguf and not args.lora:
         raise ConfigError("--base-gguf only applies to --lora exports; drop it or add --lora")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import ConfigError
+from deltatune.errors import ConfigError
 
 HELP = "answer prompts with a model (and an adapter)"
 EXAMPLES = """\
@@ -47,7 +47,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_model(args: argparse.Namespace):
     """(model in eval mode, tokenizer) from --model / --adapter."""
-    from ..train.loading import load_adapted, load_causal_lm, load_tokenizer, model_folder, tokenizer_for
+    from deltatune.runtime.loading import load_causal_lm, load_tokenizer, model_folder
+    from deltatune.saved import load_adapted, tokenizer_for
 
     if args.adapter:
         model, base_path = load_adapted(args.adapter, args.model)
@@ -75,7 +76,7 @@ def system_prompt(args: argparse.Namespace) -> str | None:
     says on stderr which stored one is used."""
     if args.system is not None:
         return args.system or None
-    from ..chat_defaults import FILE, stored_system
+    from deltatune.data.chat_defaults import FILE, stored_system
 
     folder = args.adapter or args.model
     system = stored_system(folder) if folder else None
@@ -87,7 +88,7 @@ def system_prompt(args: argparse.Namespace) -> str | None:
 
 def system_messages(system: str | None) -> list:
     """The conversation's opening: the system message, if there is one."""
-    from ..data import Message
+    from deltatune.data import Message
 
     return [Message("system", system)] if system else []
 
@@ -98,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if not prompts:
         raise ConfigError("no prompt given (stdin was empty); pass a PROMPT or pipe lines into '-'")
     options = sampling(args)
-    from ..data import Message
-    from ..train.evaluate import answer
+    from deltatune.data import Message
+    from deltatune.train.evaluate import answer
 
     model, tokenizer = load_model(args)
     opening = system_messages(system_prompt(args))

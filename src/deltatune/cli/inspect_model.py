@@ -31,12 +31,19 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import DeltaTuneError
-    from ..model import get_delta_model
-    from ..quantization import QUANTIZATIONS, base_memory, is_quantized_model
-    from ..targeting import adaptable_module_names, default_target_modules
-    from ..train.loading import load_saved_class, model_folder
-    from ..train.methods import build_config, methods
+    from deltatune.errors import DeltaTuneError
+    from deltatune.model import get_delta_model
+    from deltatune.runtime.loading import load_saved_class, model_folder
+    from deltatune.runtime.quantization import (
+        QUANTIZATIONS,
+        base_memory,
+        is_quantized_model,
+    )
+    from deltatune.train.methods import build_config, methods
+    from deltatune.tuners.targeting import (
+        adaptable_module_names,
+        default_target_modules,
+    )
 
     model = load_saved_class(model_folder(args.model))
     total = sum(p.numel() for p in model.parameters())
@@ -75,9 +82,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _train_targets(model, task: str | None) -> str:
     """The line naming what ``deltatune train`` adapts with its defaults (``methods.CLI_DEFAULTS``)."""
-    from ..errors import DeltaTuneError
-    from ..targeting import find_targets, short_names
-    from ..train.methods import build_config
+    from deltatune.errors import DeltaTuneError
+    from deltatune.train.methods import build_config
+    from deltatune.tuners.targeting import find_targets, short_names
 
     config = build_config("lora", {}, task, None)
     spec = config.target_modules if isinstance(config.target_modules, str) else ", ".join(config.target_modules)

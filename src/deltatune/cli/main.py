@@ -17,9 +17,19 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import DeltaTuneError
-from ..threads import openmp_environment
-from . import bench, chat, classify, evaluate, export, generate, inspect_model, merge, train
+from deltatune.cli import (
+    bench,
+    chat,
+    classify,
+    evaluate,
+    export,
+    generate,
+    inspect_model,
+    merge,
+    train,
+)
+from deltatune.errors import DeltaTuneError
+from deltatune.runtime.threads import openmp_environment
 
 COMMANDS = {
     "train": train,
@@ -76,8 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _resume_advice(args: argparse.Namespace) -> str:
     """After an interrupted ``train``: the command that continues from its newest complete checkpoint,
     or how to make the run write checkpoints."""
-    from ..checkpoints import checkpoint_step, latest_complete_checkpoint
-    from ..train.config import TrainConfig
+    from deltatune.runtime.checkpoints import (
+        checkpoint_step,
+        latest_complete_checkpoint,
+    )
+    from deltatune.train.config import TrainConfig
 
     config_file = next((s for s in args.settings if "=" not in s), None)
     try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..atomic import atomic_directory
-from ..errors import ConfigError
+from deltatune.errors import ConfigError
+from deltatune.runtime.atomic import atomic_directory
 
 HELP = "merge an adapter into its base model (a plain transformers model folder)"
 EXAMPLES = """\
@@ -42,9 +42,10 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
-    from ..chat_defaults import copy_chat_defaults
-    from ..quantization import saved_quantization
-    from ..train.loading import DTYPES, adapter_base, load_adapted, tokenizer_for
+    from deltatune.data.chat_defaults import copy_chat_defaults
+    from deltatune.runtime.loading import DTYPES
+    from deltatune.runtime.quantization import saved_quantization
+    from deltatune.saved import adapter_base, load_adapted, tokenizer_for
 
     if args.dtype not in DTYPES:
         raise ConfigError(f"--dtype={args.dtype!r} is unknown; use one of {', '.join(DTYPES)}")

@@ -33,8 +33,8 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
 
 
 def _keys_help() -> str:
-    from ..train.config import TrainConfig
-    from ..train.methods import methods, option_defaults
+    from deltatune.train.config import TrainConfig
+    from deltatune.train.methods import methods, option_defaults
 
     lines = [
         f"  {f.name:<28} {f.metadata['help']} (default: {f.default!r})"
@@ -56,7 +56,12 @@ def _set_threads(requested: int) -> list:
         return []
     import torch
 
-    from ..threads import ThreadWatcher, available_cpus, busy_cpus, choose_threads
+    from deltatune.runtime.threads import (
+        ThreadWatcher,
+        available_cpus,
+        busy_cpus,
+        choose_threads,
+    )
 
     cpus = available_cpus()
     choice = choose_threads(requested, cpus, busy_cpus())
@@ -67,7 +72,7 @@ def _set_threads(requested: int) -> list:
         return []
     from tqdm.auto import tqdm
 
-    from ..train.thread_watch import ThreadWatch
+    from deltatune.train.thread_watch import ThreadWatch
 
     try:
         return [ThreadWatch(ThreadWatcher(choice.threads, cpus), log=lambda line: tqdm.write(line, file=sys.stderr))]
@@ -76,7 +81,7 @@ def _set_threads(requested: int) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.config import TrainConfig
+    from deltatune.train.config import TrainConfig
 
     config_file = next((s for s in args.settings if "=" not in s), None)
     overrides = [s for s in args.settings if s is not config_file]
@@ -84,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
     config.check_inputs()  # data files and max_length against the model's config.json, before torch loads
     watch = _set_threads(config.threads)
     # Imported here so that `deltatune --help` and config errors stay instant.
-    from ..distributed import is_main_process
-    from ..train.run import run_training
+    from deltatune.runtime.distributed import is_main_process
+    from deltatune.train.run import run_training
 
     result = run_training(config, callbacks=watch)
     if not is_main_process():  # under torchrun the main process alone reports

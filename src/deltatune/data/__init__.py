@@ -57,10 +57,9 @@ other questions' answers).
 
 from __future__ import annotations
 
-from ..errors import DataError
-from .chatterbot import BUILTIN, unpair
-from .collate import collate_causal, pack_examples
-from .encoding import (
+from deltatune.data.chatterbot import BUILTIN, unpair
+from deltatune.data.collate import collate_causal, pack_examples
+from deltatune.data.encoding import (
     IGNORE_INDEX,
     PLAIN_TEMPLATE,
     EncodedSet,
@@ -72,10 +71,10 @@ from .encoding import (
     render,
     truncate,
 )
-from .formats import FORMATS, detect_format
-from .mapping import ColumnMap
-from .mixing import Mixed, mix, parse_weights
-from .records import (
+from deltatune.data.formats import FORMATS, detect_format
+from deltatune.data.mapping import ColumnMap
+from deltatune.data.mixing import Mixed, mix, parse_weights
+from deltatune.data.records import (
     Conversation,
     KTOExample,
     LabelledText,
@@ -85,8 +84,15 @@ from .records import (
     TextExample,
     ToolCall,
 )
-from .sources import RecordSet, check_sources, load_records, load_sources, split_sources
-from .split import split_records
+from deltatune.data.sources import (
+    RecordSet,
+    check_sources,
+    load_records,
+    load_sources,
+    split_sources,
+)
+from deltatune.data.split import split_records
+from deltatune.errors import DataError
 
 __all__ = [
     "BUILTIN",

@@ -16,10 +16,17 @@ import random
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from .records import Conversation, KTOExample, LabelledText, Message, PreferencePair, Record
+from deltatune.data.records import (
+    Conversation,
+    KTOExample,
+    LabelledText,
+    Message,
+    PreferencePair,
+    Record,
+)
 
 if TYPE_CHECKING:
-    from .. import assets
+    from deltatune.runtime import assets
 
 
 def chatterbot_conversations() -> list[Conversation]:
@@ -73,7 +80,7 @@ BUILTIN: dict[str, Callable[[], list[Record]]] = {
 @functools.cache
 def _pairs() -> tuple[assets.QAPair, ...]:
     """The corpus pairs, parsed once per process (the YAML files take ~0.5 s)."""
-    from .. import assets  # imports torch: only when the corpus is read
+    from deltatune.runtime import assets  # imports torch: only when the corpus is read
 
     return tuple(assets.chatterbot_pairs())
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from .encoding import IGNORE_INDEX, Example
+from deltatune.data.encoding import IGNORE_INDEX, Example
 
 if TYPE_CHECKING:
     import torch

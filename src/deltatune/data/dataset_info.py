@@ -18,8 +18,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataError
-from .mapping import FORMATTINGS, ColumnMap
+from deltatune.data.mapping import FORMATTINGS, ColumnMap
+from deltatune.errors import DataError
 
 _KEYS = ("file_name", "formatting", "ranking", "columns", "tags")
 

@@ -32,8 +32,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DataError
-from .records import Conversation, Message, Record, TextExample, ToolCall
+from deltatune.data.records import Conversation, Message, Record, TextExample, ToolCall
+from deltatune.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -36,11 +36,9 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import DataError
-from .mapping import ColumnMap
-from .readers import json_problem
-from .readers import Table
-from .records import (
+from deltatune.data.mapping import ColumnMap
+from deltatune.data.readers import Table, json_problem
+from deltatune.data.records import (
     ROLES,
     Conversation,
     KTOExample,
@@ -53,6 +51,7 @@ from .records import (
     TextExample,
     ToolCall,
 )
+from deltatune.errors import DataError
 
 # ShareGPT speaker names -> roles ("function_call" turns become assistant tool calls).
 SHAREGPT_ROLES = {

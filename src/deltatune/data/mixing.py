@@ -15,8 +15,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import DataError
-from .records import Record
+from deltatune.data.records import Record
+from deltatune.errors import DataError
 
 
 @dataclass

@@ -9,13 +9,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
-from .chatterbot import BUILTIN
-from .dataset_info import is_entry, read_entry
-from .formats import normalise
-from .mapping import ColumnMap
-from .readers import SUFFIXES, read_table
-from .records import KINDS, Origin, Record
+from deltatune.data.chatterbot import BUILTIN
+from deltatune.data.dataset_info import is_entry, read_entry
+from deltatune.data.formats import normalise
+from deltatune.data.mapping import ColumnMap
+from deltatune.data.readers import SUFFIXES, read_table
+from deltatune.data.records import KINDS, Origin, Record
+from deltatune.errors import DataError
 
 
 @dataclass

@@ -6,7 +6,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from .records import prompt_key
+from deltatune.data.records import prompt_key
 
 R = TypeVar("R")
 

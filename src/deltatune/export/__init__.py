@@ -5,7 +5,7 @@ template and every hyper-parameter llama.cpp reads; ``export_lora`` writes a LoR
 llama.cpp LoRA file with its scale folded in. Both write an Ollama Modelfile beside the GGUF.
 """
 
-from .api import ExportResult, export_lora, export_model
-from .quantize import OUT_TYPES
+from deltatune.export.api import ExportResult, export_lora, export_model
+from deltatune.export.quantize import OUT_TYPES
 
 __all__ = ["OUT_TYPES", "ExportResult", "export_lora", "export_model"]

@@ -17,16 +17,16 @@ from pathlib import Path
 import gguf
 from transformers import AutoConfig
 
-from ..chat_defaults import stored_system
-from ..config import DeltaConfig
-from ..io import read_adapter_weights
-from .architectures import architecture_for
-from .lora import check_exportable, lora_tensors
-from .modelfile import modelfile_text, write_modelfile
-from .quantize import check_out_type
-from .tokenizer import add_tokenizer
-from .weights import model_tensors
-from .writer import add_tensors, build_writer, write_gguf
+from deltatune.config import DeltaConfig
+from deltatune.data.chat_defaults import stored_system
+from deltatune.export.architectures import architecture_for
+from deltatune.export.lora import check_exportable, lora_tensors
+from deltatune.export.modelfile import modelfile_text, write_modelfile
+from deltatune.export.quantize import check_out_type
+from deltatune.export.tokenizer import add_tokenizer
+from deltatune.export.weights import model_tensors
+from deltatune.export.writer import add_tensors, build_writer, write_gguf
+from deltatune.io import read_adapter_weights
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,8 @@ def export_model(
     pre_tokenizer: str | None = None,
 ) -> ExportResult:  # fmt: skip
     """Write ``source`` (a model folder, "smollm2", or an adapter merged onto its base) as a GGUF model."""
-    from ..train.loading import load_adapted, load_causal_lm, load_tokenizer, model_folder, tokenizer_for
+    from deltatune.runtime.loading import load_causal_lm, load_tokenizer, model_folder
+    from deltatune.saved import load_adapted, tokenizer_for
 
     check_out_type(out_type)
     output = Path(output)
@@ -73,7 +74,8 @@ def export_lora(
 ) -> ExportResult:  # fmt: skip
     """Write a LoRA adapter as a llama.cpp LoRA GGUF, plus its base model as a GGUF (unless
     ``base_gguf`` names one already exported) and a Modelfile using both."""
-    from ..train.loading import load_causal_lm, tokenizer_for
+    from deltatune.runtime.loading import load_causal_lm
+    from deltatune.saved import tokenizer_for
 
     check_out_type(out_type)
     output = Path(output)
@@ -116,6 +118,6 @@ def _is_adapter(source: str | os.PathLike) -> bool:
 
 
 def _adapter_base(adapter: str | os.PathLike, model: str | None) -> tuple[DeltaConfig, Path]:
-    from ..train.loading import adapter_base
+    from deltatune.saved import adapter_base
 
     return adapter_base(adapter, model)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import gguf
 import torch
 
-from ..errors import ConfigError
-from .hparams import gpt2_hparams, llama_hparams
+from deltatune.errors import ConfigError
+from deltatune.export.hparams import gpt2_hparams, llama_hparams
 
 
 @dataclass(frozen=True)

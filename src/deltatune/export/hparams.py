@@ -13,7 +13,7 @@ import math
 import gguf
 import torch
 
-from ..errors import ConfigError
+from deltatune.errors import ConfigError
 
 GLU_ACTIVATIONS = ("silu",)  # llama, mistral and qwen run SwiGLU in llama.cpp
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # llama.cpp's GPT-2 uses the tanh GELU

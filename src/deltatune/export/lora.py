@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from ..config import LoraConfig
-from ..errors import ConfigError
-from ..io import FILE_PREFIX
-from ..targeting import pattern_value
-from .architectures import Architecture, TensorNamer
+from deltatune.errors import ConfigError
+from deltatune.export.architectures import Architecture, TensorNamer
+from deltatune.io import FILE_PREFIX
+from deltatune.tuners.lora.config import LoraConfig
+from deltatune.tuners.targeting import pattern_value
 
 _FACTOR_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B"}
 

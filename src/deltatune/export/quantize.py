@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
-from ..errors import ConfigError
+from deltatune.errors import ConfigError
 
 Q = gguf.GGMLQuantizationType
 OUT_TYPES: dict[str, tuple[Q, gguf.LlamaFileType]] = {

@@ -13,7 +13,7 @@ import json
 
 import gguf
 
-from ..errors import ConfigError
+from deltatune.errors import ConfigError
 
 T = gguf.TokenType
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .architectures import Architecture, TensorNamer
-from .hparams import llama3_rope_factors
+from deltatune.export.architectures import Architecture, TensorNamer
+from deltatune.export.hparams import llama3_rope_factors
 
 ROPE_FREQS = "rope_freqs.weight"
 

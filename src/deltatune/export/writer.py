@@ -11,8 +11,8 @@ from pathlib import Path
 import gguf
 import torch
 
-from ..atomic import atomic_file
-from . import quantize
+from deltatune.export import quantize
+from deltatune.runtime.atomic import atomic_file
 
 F32_TENSORS = ("rope_freqs.weight",)  # llama.cpp reads these as f32 whatever the file type
 

@@ -1,5 +1,5 @@
 """Fused autograd functions for the tuners (plain torch, device-agnostic): see ``lora_linear.py``."""
 
-from .lora_linear import LoraFactors, fused_lora_linear
+from deltatune.kernels.lora_linear import LoraFactors, fused_lora_linear
 
 __all__ = ["LoraFactors", "fused_lora_linear"]

@@ -23,7 +23,7 @@ import logging
 
 import torch
 
-from ..compat.bitsandbytes import canonical
+from deltatune.compat.bitsandbytes import canonical
 
 # Importing bitsandbytes (transformers and peft do, whenever it is installed) warns that an optional CPU kernel from
 # the Hugging Face hub is missing; bitsandbytes falls back to its own, and the line would break one-line CLI errors.

@@ -28,8 +28,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .base_weight import dense
-from .lora_linear import (
+from deltatune.kernels.base_weight import dense
+from deltatune.kernels.lora_linear import (
     LoraFactors,
     ProjectionSpec,
     _any_requires_grad,

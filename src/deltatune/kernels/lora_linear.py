@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-from .base_weight import dense
+from deltatune.kernels.base_weight import dense
 
 
 class LoraFactors(NamedTuple):

@@ -42,8 +42,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .dora_linear import dora_backward, dora_forward, per_adapter
-from .lora_linear import (
+from deltatune.kernels.dora_linear import dora_backward, dora_forward, per_adapter
+from deltatune.kernels.lora_linear import (
     LoraFactors,
     ProjectionSpec,
     _any_requires_grad,

@@ -22,19 +22,25 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments, set_seed
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    TrainingArguments,
+    set_seed,
+)
 from transformers.trainer_callback import ProgressCallback
 
-from .. import assets
-from ..config import DeltaConfig, LoraConfig
-from ..data.chatterbot import chatterbot_topics
-from ..data.records import LabelledText
-from ..data.split import split_records
-from ..errors import DataError
-from ..model import get_delta_model
-from .preference import keep_columns
-from .progress import ProgressBar
-from .trainer import DeltaTrainer
+from deltatune.config import DeltaConfig
+from deltatune.data.chatterbot import chatterbot_topics
+from deltatune.data.records import LabelledText
+from deltatune.data.split import split_records
+from deltatune.errors import DataError
+from deltatune.model import get_delta_model
+from deltatune.runtime import assets
+from deltatune.train.preference import keep_columns
+from deltatune.train.progress import ProgressBar
+from deltatune.train.trainer import DeltaTrainer
+from deltatune.tuners.lora.config import LoraConfig
 
 ClassificationExample = dict[str, Any]  # {"input_ids": list[int], "label": int}
 

@@ -21,11 +21,16 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from ..config import PromptLearningConfig
-from ..data import ColumnMap, check_sources, parse_weights, split_sources
-from ..data.encoding import TRUNCATION_SIDES
-from ..errors import ConfigError, DataError
-from .methods import RUN_DEFAULTS, build_config, methods_taking, option_defaults
+from deltatune.data import ColumnMap, check_sources, parse_weights, split_sources
+from deltatune.data.encoding import TRUNCATION_SIDES
+from deltatune.errors import ConfigError, DataError
+from deltatune.train.methods import (
+    RUN_DEFAULTS,
+    build_config,
+    methods_taking,
+    option_defaults,
+)
+from deltatune.tuners.prompt.config import PromptLearningConfig
 
 EMBEDDED_MODEL = "smollm2"
 EMBEDDED_DATA = "chatterbot"
@@ -159,7 +164,9 @@ class TrainConfig:
             raise ConfigError(str(exc)) from None
         _check("stage", self.stage, self.stage in STAGES, f"is unknown; use one of {', '.join(STAGES)}")
         if self.quantization != "none":
-            from ..quantization import QUANTIZATIONS  # imports torch: only for a quantised run
+            from deltatune.runtime.quantization import (
+                QUANTIZATIONS,  # imports torch: only for a quantised run
+            )
 
             _check("quantization", self.quantization, self.quantization in QUANTIZATIONS,
                    f"is unknown; use one of {', '.join(QUANTIZATIONS)}")  # fmt: skip
@@ -319,7 +326,7 @@ def _installed(modules: tuple[str, ...]) -> bool:
 def _model_config_file(model: str) -> Path | None:
     """The config.json of ``model`` when it is on disk now: a local folder's, an embedded model's
     (``assets.embedded_config``), or a hub id's in the Hugging Face cache; else None."""
-    from .. import assets  # torch-free
+    from deltatune.runtime import assets  # torch-free
 
     local = Path(model) / "config.json"
     if local.is_file():

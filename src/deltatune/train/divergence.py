@@ -22,7 +22,12 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 WATCHED = ("loss", "eval_loss")  # logged values that must stay finite
 

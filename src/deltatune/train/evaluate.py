@@ -10,9 +10,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..data.encoding import prompt_ids
-from ..data.records import Message
-from .lm_loss import causal_lm_loss
+from deltatune.data.encoding import prompt_ids
+from deltatune.data.records import Message
+from deltatune.train.lm_loss import causal_lm_loss
 
 
 @torch.no_grad()

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 from transformers import TrainingArguments
 
-from ..errors import ConfigError
-from .losses import check_kto_settings, kto_loss
-from .preference import PreferenceTrainer, resolve_pad_token_id
-from .preference_data import KTOCollator
+from deltatune.errors import ConfigError
+from deltatune.train.losses import check_kto_settings, kto_loss
+from deltatune.train.preference import PreferenceTrainer, resolve_pad_token_id
+from deltatune.train.preference_data import KTOCollator
 
 
 class KTOTrainer(PreferenceTrainer):

@@ -21,8 +21,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..data.encoding import IGNORE_INDEX
-from ..kernels.linear_cross_entropy import chunk_rows, linear_cross_entropy, module_cross_entropy
+from deltatune.data.encoding import IGNORE_INDEX
+from deltatune.kernels.linear_cross_entropy import (
+    chunk_rows,
+    linear_cross_entropy,
+    module_cross_entropy,
+)
 
 # config attributes of models whose logits are not the head's output as it stands
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")

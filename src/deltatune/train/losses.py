@@ -24,8 +24,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..data.encoding import IGNORE_INDEX
-from ..errors import ConfigError
+from deltatune.data.encoding import IGNORE_INDEX
+from deltatune.errors import ConfigError
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 

@@ -14,9 +14,9 @@ import re
 from collections.abc import Mapping
 from typing import Any, get_type_hints
 
-from ..config import DeltaConfig
-from ..errors import ConfigError
-from ..tuners import config_classes
+from deltatune.config import DeltaConfig
+from deltatune.errors import ConfigError
+from deltatune.tuners import config_classes
 
 # Prefix and P-tuning start from the frozen model reading this text (not peft's random start, which
 # left the embedded model worse than untrained: docs/methods.md#starting-the-prompt-methods-at-the-base-model).

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ..errors import ConfigError
+from deltatune.errors import ConfigError
 
 # A matrix product of a small model's MLP shape: big enough to reach the GEMM kernels, ~1 ms in fp32.
 _PROBE_SHAPE = (256, 576, 1536)

@@ -19,10 +19,15 @@ import torch
 from torch import nn
 from transformers import TrainingArguments
 
-from ..errors import ConfigError
-from .losses import check_dpo_settings, completion_lengths, dpo_loss, sequence_logprob
-from .preference_data import PreferenceCollator
-from .trainer import DeltaTrainer
+from deltatune.errors import ConfigError
+from deltatune.train.losses import (
+    check_dpo_settings,
+    completion_lengths,
+    dpo_loss,
+    sequence_logprob,
+)
+from deltatune.train.preference_data import PreferenceCollator
+from deltatune.train.trainer import DeltaTrainer
 
 
 class PreferenceTrainer(DeltaTrainer):

@@ -26,10 +26,16 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..data.collate import collate_causal
-from ..data.encoding import IGNORE_INDEX, EncodedSet, Example, encode_completion, has_target
-from ..data.records import KTOExample, PreferencePair
-from ..errors import DataError
+from deltatune.data.collate import collate_causal
+from deltatune.data.encoding import (
+    IGNORE_INDEX,
+    EncodedSet,
+    Example,
+    encode_completion,
+    has_target,
+)
+from deltatune.data.records import KTOExample, PreferencePair
+from deltatune.errors import DataError
 
 
 def encode_preference_pairs(

@@ -16,25 +16,44 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments, set_seed
+from transformers import (
+    EarlyStoppingCallback,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 from transformers.trainer_callback import ProgressCallback
 
-from ..chat_defaults import write_chat_defaults
-from ..checkpoints import checkpoint_step, latest_complete_checkpoint
-from ..data import EncodedSet, Record, RecordSet, TextExample, load_sources, mix, parse_weights, prompt_ids, split_records
-from ..data.records import Conversation, Messages, PreferencePair
-from ..errors import ConfigError, DataError, MergeError
-from ..model import DeltaModel, get_delta_model
-from ..quantization import is_quantized_model, prepare_for_kbit_training
-from .config import TrainConfig
-from .divergence import DivergenceGuard
-from .evaluate import answer
-from .loading import base_model_id, load_causal_lm, load_tokenizer, model_folder
-from .precision import mixed_precision_flags, slow_half_precision_notice
-from .progress import ProgressBar
-from .report import plot_losses, write_metrics
-from .stages import STAGES, Stage
-
+from deltatune.data import (
+    EncodedSet,
+    Record,
+    RecordSet,
+    TextExample,
+    load_sources,
+    mix,
+    parse_weights,
+    prompt_ids,
+    split_records,
+)
+from deltatune.data.chat_defaults import write_chat_defaults
+from deltatune.data.records import Conversation, Messages, PreferencePair
+from deltatune.errors import ConfigError, DataError, MergeError
+from deltatune.model import DeltaModel, get_delta_model
+from deltatune.runtime.checkpoints import checkpoint_step, latest_complete_checkpoint
+from deltatune.runtime.loading import (
+    base_model_id,
+    load_causal_lm,
+    load_tokenizer,
+    model_folder,
+)
+from deltatune.runtime.quantization import is_quantized_model, prepare_for_kbit_training
+from deltatune.train.config import TrainConfig
+from deltatune.train.divergence import DivergenceGuard
+from deltatune.train.evaluate import answer
+from deltatune.train.precision import mixed_precision_flags, slow_half_precision_notice
+from deltatune.train.progress import ProgressBar
+from deltatune.train.report import plot_losses, write_metrics
+from deltatune.train.stages import STAGES, Stage
 
 SAMPLES = 3  # held-out questions answered before and after training, beside the data's own answer
 

@@ -13,18 +13,26 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from ..data import EncodedSet, PreferencePair, Record, collate_causal, encode_records, pack_examples, unpair
-from ..config import PromptLearningConfig
-from ..data.collate import collate_padding_free
-from ..data.encoding import Example
-from ..kernels.segment_attention import use_segment_attention
-from .config import TrainConfig
-from .evaluate import heldout_loss, perplexity
-from .kto import KTOTrainer
-from .lm_loss import causal_lm_loss
-from .preference import DPOTrainer
-from .preference_data import encode_kto_examples, encode_preference_pairs
-from .trainer import DeltaTrainer
+from deltatune.data import (
+    EncodedSet,
+    PreferencePair,
+    Record,
+    collate_causal,
+    encode_records,
+    pack_examples,
+    unpair,
+)
+from deltatune.data.collate import collate_padding_free
+from deltatune.data.encoding import Example
+from deltatune.kernels.segment_attention import use_segment_attention
+from deltatune.train.config import TrainConfig
+from deltatune.train.evaluate import heldout_loss, perplexity
+from deltatune.train.kto import KTOTrainer
+from deltatune.train.lm_loss import causal_lm_loss
+from deltatune.train.preference import DPOTrainer
+from deltatune.train.preference_data import encode_kto_examples, encode_preference_pairs
+from deltatune.train.trainer import DeltaTrainer
+from deltatune.tuners.prompt.config import PromptLearningConfig
 
 
 class SFTTrainer(DeltaTrainer):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from transformers import TrainerCallback
 
-from ..threads import ThreadWatcher
+from deltatune.runtime.threads import ThreadWatcher
 
 
 class ThreadWatch(TrainerCallback):

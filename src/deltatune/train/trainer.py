@@ -6,10 +6,10 @@ from pathlib import Path
 
 from transformers import Trainer
 
-from ..checkpoints import MarkCompleteCallback
-from ..errors import ConfigError
-from ..io import adapter_dir
-from ..model import DeltaModel
+from deltatune.errors import ConfigError
+from deltatune.io import adapter_dir
+from deltatune.model import DeltaModel
+from deltatune.runtime.checkpoints import MarkCompleteCallback
 
 
 class DeltaTrainer(Trainer):

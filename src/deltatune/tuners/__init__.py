@@ -10,25 +10,25 @@ import functools
 import importlib
 from typing import TYPE_CHECKING
 
-from ..config import (
-    BottleneckConfig,
-    DeltaConfig,
-    LoraConfig,
+from deltatune.config import DeltaConfig
+from deltatune.errors import ConfigError
+from deltatune.tuners.bottleneck.config import BottleneckConfig
+from deltatune.tuners.lora.config import LoraConfig
+from deltatune.tuners.prompt.config import (
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
 )
-from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    from .base import Tuner
+    from deltatune.tuners.base import Tuner
 
 _TUNERS: dict[type[DeltaConfig], str] = {  # config class -> "module.TunerClass", in registration order
-    LoraConfig: "lora_tuner.LoraTuner",
-    BottleneckConfig: "bottleneck.BottleneckTuner",
-    PromptTuningConfig: "prompt.PromptTuningTuner",
-    PromptEncoderConfig: "prompt.PTuningTuner",
-    PrefixTuningConfig: "prefix.PrefixTuner",
+    LoraConfig: "lora.tuner.LoraTuner",
+    BottleneckConfig: "bottleneck.tuner.BottleneckTuner",
+    PromptTuningConfig: "prompt.prompt_tuning.PromptTuningTuner",
+    PromptEncoderConfig: "prompt.prompt_tuning.PTuningTuner",
+    PrefixTuningConfig: "prompt.prefix.PrefixTuner",
 }
 
 

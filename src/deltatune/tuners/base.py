@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..config import DeltaConfig
-from ..errors import MergeError
-from ..io import file_key_map
+from deltatune.config import DeltaConfig
+from deltatune.errors import MergeError
+from deltatune.io import file_key_map
 
 
 def master_dtype(base_dtype: torch.dtype) -> torch.dtype:

@@ -13,9 +13,14 @@ import copy
 
 from torch import nn
 
-from ..errors import ConfigError, TargetError
-from ..targeting import CLASSIFIER_HEADS, CLASSIFIER_TASKS, shares_weight, walk_modules
-from .base import Tuner, replace_module
+from deltatune.errors import ConfigError, TargetError
+from deltatune.tuners.base import Tuner, replace_module
+from deltatune.tuners.targeting import (
+    CLASSIFIER_HEADS,
+    CLASSIFIER_TASKS,
+    shares_weight,
+    walk_modules,
+)
 
 
 class ModulesToSaveWrapper(nn.Module):

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, MergeError, TargetError
-from ..targeting import walk_modules
-from .base import Tuner, master_dtype, replace_module
+from deltatune.errors import ConfigError, MergeError, TargetError
+from deltatune.tuners.base import Tuner, master_dtype, replace_module
+from deltatune.tuners.targeting import walk_modules
 
 
 class TokenRows(nn.Module):

@@ -1,0 +1,72 @@
+"""The options and shapes of ``deltatune bench``, without torch: ``deltatune bench --help`` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+MODES = ("floor", "fused", "fused-eager", "fused-layer", "plain", "peft", "dora", "peft-dora")
+# Each mode's speed and memory are also given as ratios to these modes, where they ran.
+REFERENCES = ("floor", "peft", "peft-dora", "fused")
+SECTIONS = ("train", "infer", "wrap", "saved", "quant")
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A Llama-shaped model and the batch it trains on."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    batch: int
+    seq: int
+    dtype: str
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+SHAPES = {
+    "tiny": Shape(32, 2, 4, 2, 64, 128, 2, 16, "float32"),  # smoke tests only
+    "cpu-small": Shape(512, 4, 8, 4, 1408, 4096, 2, 256, "float32"),
+    "1.1b": Shape(2048, 22, 32, 4, 5632, 32000, 8, 1024, "bfloat16"),
+    "8b": Shape(4096, 32, 32, 8, 14336, 128256, 4, 1024, "bfloat16"),
+}
+DEFAULT_SHAPES = {"cpu": ["cpu-small"], "cuda": ["1.1b", "8b"]}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's options (shared by ``python -m deltatune.bench.step`` and ``deltatune bench``)."""
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when torch sees a GPU, else cpu")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="default: cpu-small on CPU, 1.1b and 8b on CUDA")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per mode (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--repeats", type=int, default=1, help="run every mode this many times, interleaved")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override the shapes' dtype")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--wrap-shape", choices=list(SHAPES), default="1.1b")
+    parser.add_argument("--wrap-device", choices=["cpu", "cuda", "meta"], help="default: --device")
+    parser.add_argument("--saved-shapes", nargs="+", choices=list(SHAPES), default=["1.1b", "8b"],
+                        help="shapes of the 'saved' section (on meta; default: the GPU shapes)")  # fmt: skip
+    parser.add_argument("--json", help="write the full report (every step time) to this file")
+    parser.add_argument("--e2e", action="store_true",
+                        help="instead: the quick start's SFT run through deltatune train and TRL + peft, end to end "
+                        "(deltatune.bench.e2e; needs trl and peft)")  # fmt: skip
+    parser.add_argument("--e2e-steps", type=int, default=30, help="--e2e: optimizer steps per run")
+    parser.add_argument("--e2e-default-steps", type=int, default=4,
+                        help="--e2e: steps of the run with TRL's defaults (slow on a CPU; 0 leaves it out)")  # fmt: skip
+    parser.add_argument("--e2e-dir", default="outputs/bench-e2e", help="--e2e: data and adapters go here")
+    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
+                        help="run modes in this process (quick looks; memory numbers are then less honest)")  # fmt: skip
+
+
+def shape_of(name: str, dtype: str | None = None) -> Shape:
+    """Shape ``name``, in ``dtype`` when given."""
+    return dataclasses.replace(SHAPES[name], dtype=dtype) if dtype else SHAPES[name]

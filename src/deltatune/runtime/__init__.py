@@ -1,0 +1,2 @@
+"""Run-time helpers every consumer imports downward: embedded assets, atomic writes, threads,
+checkpoints, distributed runs, quantisation options, model loading."""

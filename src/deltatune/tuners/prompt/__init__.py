@@ -1,0 +1,1 @@
+"""Prompt methods: prompt tuning, P-tuning and prefix tuning (virtual tokens before the input)."""
