@@ -42,10 +42,11 @@ from deltatune.kernels.dora_linear import weight_norm as dora_weight_norm
 from deltatune.kernels.lora_linear import autocast_dtype
 from deltatune.tuners.base import master_dtype
 from deltatune.tuners.lora.config import LoraConfig
+from deltatune.tuners.lora.dora import DoraVariant
 from deltatune.tuners.lora.init import check_initialisable, initial_factors
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(DoraVariant, nn.Module):
     """A base layer plus named low-rank updates; subclasses define the update's shape and math."""
 
     is_delta_layer = True
@@ -60,9 +61,7 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-        # DoRA: adapter -> trainable magnitude m (peft's file shape), and m / ||W0 + s·BA|| as it was merged.
-        self.lora_magnitude_vector = nn.ParameterDict()
-        self._merged_dora_scales: dict[str, torch.Tensor] = {}
+        self.init_dora()
 
     # -- adapter bookkeeping -------------------------------------------------------------
     def add(self, name: str, rank: int, alpha: float, config: LoraConfig) -> None:
@@ -75,9 +74,8 @@ class LoraLayer(nn.Module):
         dtype = master_dtype(weight.dtype)
         self._create(name, rank, weight.device, dtype)
         self._initialise(name, config.init_lora_weights)
-        if config.use_dora:  # m starts at ||W0 + s·BA||, so DoRA starts where LoRA does
-            norm = self.weight_norm(name).to(dtype)
-            self.lora_magnitude_vector[name] = nn.Parameter(norm.reshape(self.magnitude_shape(norm.numel())))
+        if config.use_dora:
+            self.add_magnitude(name, dtype)
 
     def delete(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -141,8 +139,7 @@ class LoraLayer(nn.Module):
         ``dora_scale`` ⊙ (W + s·BA) per unit (row) of ``rows``, the scale m / ||W0 + s·BA|| by default."""
         merged = dense(self.base_weight.data) + self.delta_weight(name)
         if name in self.lora_magnitude_vector:
-            scale = self.dora_scale(name) if dora_scale is None else dora_scale
-            self.rows(merged).mul_(scale[:, None].to(merged.dtype))
+            self.scale_rows(merged, self.dora_scale(name) if dora_scale is None else dora_scale)
         return merged
 
     def check_mergeable(self) -> None:
@@ -184,51 +181,16 @@ class LoraLayer(nn.Module):
     def _without_merged(self, weight: torch.Tensor, name: str) -> torch.Tensor:
         """``weight`` with merged adapter ``name`` taken out, as a new tensor."""
         if name in self._merged_dora_scales:
-            weight = weight.clone()
-            self.rows(weight).div_(self._merged_dora_scales[name][:, None].to(weight.dtype))
+            weight = self.scale_rows(weight.clone(), 1 / self._merged_dora_scales[name])
         return weight - self.delta_weight(name)
-
-    # -- DoRA ---------------------------------------------------------------------------
-    def rows(self, weight: torch.Tensor) -> torch.Tensor:
-        """A 2-D view [units, fan] of a tensor laid out like the base weight; DoRA keeps one magnitude per unit."""
-        raise NotImplementedError
-
-    def magnitude_shape(self, units: int) -> tuple[int, ...]:
-        """The shape of DoRA's magnitude parameter (peft's file shape): one entry per unit."""
-        return (units,)
-
-    def weight_norm(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """||W + s·BA|| per unit [units] for W = ``weight`` or the base weight as it is, in fp32; a constant
-        for the gradient (DoRA paper §4.3)."""
-        with torch.no_grad():
-            weight = self.base_weight if weight is None else weight
-            merged = dense(weight, torch.float32) + self.delta_weight(name).float()
-            return torch.linalg.vector_norm(self.rows(merged), dim=1)
-
-    def dora_scale(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """m / ||W + s·BA|| per unit [units], in fp32: the factor DoRA puts on the adapted weight's rows."""
-        return self.lora_magnitude_vector[name].reshape(-1).float() / self.weight_norm(name, weight)
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         for name in self.unmerged_active():
             lora = self.lora_output(x, name).to(result.dtype)
-            if name in self.lora_magnitude_vector:  # as peft: y ← y + (m/n − 1) ⊙ (y − b) + (m/n) ⊙ s·BA x
-                scale = self._channels(self.dora_scale(name), result)
-                result = result + (scale - 1) * self._without_bias(result) + scale * lora
-            else:
-                result = result + lora
+            result = self.dora_output(result, lora, name) if name in self.lora_magnitude_vector else result + lora
         return result
-
-    def _channels(self, per_unit: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """A per-unit vector shaped to broadcast over ``like`` (an output), in its dtype: units on the last dim."""
-        return per_unit.to(like.dtype)
-
-    def _without_bias(self, result: torch.Tensor) -> torch.Tensor:
-        """The base output less the base layer's bias: W0 x."""
-        bias = getattr(self.base_layer, "bias", None)
-        return result if bias is None else result - self._channels(bias, result)
 
     def unmerged_active(self) -> list[str]:
         """The adapters whose update the forward pass adds: active, not merged, layer not disabled."""
