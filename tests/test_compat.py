@@ -99,3 +99,113 @@ def test_bitsandbytes_cannot_repack_a_layer_narrower_than_a_block_so_deltatune_k
     with torch.no_grad():
         layer(torch.randn(2, 32))
     assert not is_packed_for_cpu(layer.weight)
+
+
+# -- torch ------------------------------------------------------------------------------------------------------
+def test_has_hooks_sees_every_kind_of_hook_torch_keeps():
+    from deltatune.compat.torch import has_hooks
+
+    layer = torch.nn.Linear(2, 2)
+    assert not has_hooks(layer)
+    registrations = [
+        lambda: layer.register_forward_hook(lambda *a: None),
+        lambda: layer.register_forward_pre_hook(lambda *a: None),
+        lambda: layer.register_full_backward_hook(lambda *a: None),
+        lambda: layer.register_full_backward_pre_hook(lambda *a: None),
+        lambda: torch.nn.modules.module.register_module_forward_hook(lambda *a: None),
+        lambda: torch.nn.modules.module.register_module_forward_pre_hook(lambda *a: None),
+        lambda: torch.nn.modules.module.register_module_full_backward_hook(lambda *a: None),
+        lambda: torch.nn.modules.module.register_module_full_backward_pre_hook(lambda *a: None),
+    ]
+    for register in registrations:  # fails when torch keeps a kind of hook somewhere deltatune does not look
+        handle = register()
+        assert has_hooks(layer), handle
+        handle.remove()
+        assert not has_hooks(layer)
+    layer.forward = lambda x: x
+    assert has_hooks(layer)
+
+
+# -- transformers -------------------------------------------------------------------------------------------------
+GATED_MLPS = [
+    ("llama", "LlamaMLP"),
+    ("mistral", "MistralMLP"),
+    ("qwen2", "Qwen2MLP"),
+    ("qwen3", "Qwen3MLP"),
+    ("gemma", "GemmaMLP"),
+    ("smollm3", "SmolLM3MLP"),
+]
+
+
+@pytest.mark.parametrize(("family", "name"), GATED_MLPS)
+def test_the_gated_mlps_of_common_decoders_are_recognised(family, name):
+    """When this fails, transformers rewrote that MLP's forward: the fused MLP kernel no longer applies to it."""
+    import importlib
+
+    from deltatune.compat.transformers import forward_input_name
+    from deltatune.tuners.lora.mlp import _GATED_EXPRESSION
+
+    cls = getattr(importlib.import_module(f"transformers.models.{family}.modeling_{family}"), name)
+    assert forward_input_name(cls, _GATED_EXPRESSION) == "x"
+
+
+@pytest.mark.parametrize(("key", "name"), [("silu", "silu"), ("gelu", "gelu"), ("gelu_pytorch_tanh", "gelu_tanh")])
+def test_transformers_activations_are_named(key, name):
+    from transformers.activations import ACT2FN
+
+    from deltatune.compat.transformers import activation_name
+
+    assert activation_name(ACT2FN[key]) == name
+
+
+def test_the_trainer_accepts_a_quantised_model_once_adapters_are_marked():
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    from deltatune.compat.transformers import allow_training_quantized
+
+    class Quantizer:
+        is_trainable = True
+
+    model = torch.nn.Linear(2, 2)
+    model.is_quantized, model.hf_quantizer = True, Quantizer()
+    with pytest.raises(ValueError, match="purely quantized"):
+        validate_quantization_for_training(model)
+    allow_training_quantized(model)
+    validate_quantization_for_training(model)
+
+
+# -- the fused paths say when they fall back ------------------------------------------------------------------------
+def test_a_lora_layer_off_the_fused_path_says_why_once(caplog):
+    from deltatune import LoraConfig, get_delta_model
+    from deltatune.tuners.lora import fallback
+
+    fallback._said.clear()
+    model = get_delta_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoraConfig(r=2, target_modules=["0"]))
+    from deltatune.tuners.lora.layer import LoraLinear
+
+    next(m for m in model.modules() if isinstance(m, LoraLinear)).base_layer.register_forward_hook(lambda *a: None)
+    model.train()
+    with caplog.at_level("INFO", logger="deltatune.tuners.lora"):
+        model(torch.randn(2, 4))
+        model(torch.randn(2, 4))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["LoRA on Linear trains on the plain (unfused) path: its base layer has hooks (or a patched forward)"]
+
+
+def test_an_unrecognised_gated_mlp_says_so(caplog):
+    from deltatune import LoraConfig, get_delta_model
+    from deltatune.tuners.lora import fallback
+
+    class OddMlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = (torch.nn.Linear(4, 4) for _ in range(3))
+            self.act_fn = torch.nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))  # a sum: not the gated product
+
+    fallback._said.clear()
+    with caplog.at_level("INFO", logger="deltatune.tuners.lora"):
+        get_delta_model(torch.nn.Sequential(OddMlp()), LoraConfig(r=2, target_modules="all-linear"))
+    assert any("the MLP OddMlp" in r.getMessage() for r in caplog.records)

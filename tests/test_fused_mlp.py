@@ -35,7 +35,8 @@ from deltatune.kernels.lora_linear import (
 )
 from deltatune.kernels.lora_mlp import ACTIVATIONS, Projection, fused_lora_mlp
 from deltatune.tuners.lora.layer import LoraLinear
-from deltatune.tuners.lora.mlp import FusedGatedMlp, activation_name, is_gated_mlp
+from deltatune.compat.transformers import activation_name
+from deltatune.tuners.lora.mlp import FusedGatedMlp, is_gated_mlp
 
 MLP_NODE = "_LoraMlpFunctionBackward"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

@@ -24,6 +24,7 @@ from transformers import (
 )
 from transformers.trainer_callback import ProgressCallback
 
+from deltatune.compat.transformers import allow_training_quantized
 from deltatune.data import (
     EncodedSet,
     Record,
@@ -128,7 +129,7 @@ def run_training(config: TrainConfig, log=print, callbacks: Sequence[TrainerCall
         prepare_for_kbit_training(model, config.gradient_checkpointing)
     model.config.use_cache = False  # training needs no KV cache (and packing needs none: see data.collate)
     delta = get_delta_model(model, config.delta_config(base_model_id(config.model)))
-    delta._hf_peft_config_loaded = True  # transformers' Trainer trains a quantised base only under adapters
+    allow_training_quantized(delta)  # transformers' Trainer trains a quantised base only under adapters
     trainable, total = delta.get_nb_trainable_parameters()
     log(f"{config.method}: {trainable:,} trainable of {total:,} parameters")
     arguments = _arguments(config, train_set, mixed_precision)

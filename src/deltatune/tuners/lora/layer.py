@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from deltatune.compat.torch import has_hooks
 from deltatune.errors import MergeError
 from deltatune.kernels import LoraFactors, fused_lora_linear
 from deltatune.kernels.base_weight import QUANTIZED_LINEARS, dense, logical_shape
@@ -43,6 +44,7 @@ from deltatune.kernels.lora_linear import autocast_dtype
 from deltatune.tuners.base import master_dtype
 from deltatune.tuners.lora.config import LoraConfig
 from deltatune.tuners.lora.dora import DoraVariant
+from deltatune.tuners.lora.fallback import linear_fallback_reason, log_fallback
 from deltatune.tuners.lora.init import check_initialisable, initial_factors
 
 
@@ -321,7 +323,12 @@ class LoraLinear(LoraBias, LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         names = self.unmerged_active()
-        if not names or args or kwargs or x.shape[-1] != self.in_features or not self.fusable(x, names):
+        if not names or args or kwargs or x.shape[-1] != self.in_features:
+            return super().forward(x, *args, **kwargs)
+        if not self.fusable(x, names):
+            if self.fused and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                has_b_bias = any(self.lora_B[name].bias is not None for name in names)
+                log_fallback(f"LoRA on {type(self.base_layer).__name__}", linear_fallback_reason(self.base_layer, x, has_b_bias))
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
         fused = fused_dora_linear if any(name in self.lora_magnitude_vector for name in names) else fused_lora_linear
@@ -380,16 +387,3 @@ def is_frozen_plain_linear(module: nn.Module, x: torch.Tensor) -> bool:
     )
 
 
-def has_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` does more than its class's ``forward``: hooks (its own or global), a patched forward."""
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-        or "forward" in vars(module)
-        or nn.modules.module._global_forward_hooks
-        or nn.modules.module._global_forward_pre_hooks
-        or nn.modules.module._global_backward_hooks
-        or nn.modules.module._global_backward_pre_hooks
-    )

@@ -24,19 +24,17 @@ runs the class's own forward, which goes through the LoRA layers one by one.
 
 from __future__ import annotations
 
-import ast
 import functools
-import inspect
-import textwrap
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import activations
 
+from deltatune.compat.torch import has_hooks
+from deltatune.compat.transformers import activation_name, forward_input_name
 from deltatune.kernels.base_weight import QUANTIZED_LINEARS, is_quantized, logical_shape
 from deltatune.kernels.lora_mlp import Projection, fused_lora_mlp
-from deltatune.tuners.lora.layer import LoraLinear, has_hooks, is_frozen_plain_linear
+from deltatune.tuners.lora.fallback import log_fallback
+from deltatune.tuners.lora.layer import LoraLinear, is_frozen_plain_linear
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _GATED_EXPRESSION = "self.down_proj(self.act_fn(self.gate_proj({x})) * self.up_proj({x}))"
@@ -80,7 +78,11 @@ def sync_fused_mlps(model: nn.Module) -> None:
     """Give every gated MLP of ``model`` with a LoRA projection the fused class; restore the others'."""
     for module in model.modules():
         installed = isinstance(module, FusedGatedMlp)
-        wanted = is_gated_mlp(module) and bool(_lora_layers(module))
+        adapted = bool(_lora_layers(module))
+        wanted = adapted and is_gated_mlp(module)
+        if adapted and not wanted and len(_lora_layers(module)) == len(PROJECTIONS):
+            log_fallback(f"the MLP {type(module).__name__}", "its forward or activation is not one the fused "
+                         "gated-MLP kernel recognises (deltatune.compat.transformers); its projections fuse one by one")
         if wanted and not installed:
             module.__class__ = fused_class(type(module))
         elif installed and not wanted:
@@ -101,51 +103,9 @@ def _is_linear(module: nn.Module | None) -> bool:
     return type(module) is nn.Linear or type(module).__name__ in QUANTIZED_LINEARS
 
 
-def activation_name(act: object) -> str | None:
-    """The kernel's name (``ACTIVATIONS``) for the activation module ``act``, or None if it has none."""
-    if type(act) in (nn.SiLU, activations.SiLUActivation):
-        return "silu"
-    if type(act) is nn.GELU:
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
-    if type(act) is activations.GELUActivation and act.act is F.gelu:
-        return "gelu"
-    if type(act) is activations.GELUTanh and isinstance(act.act, functools.partial):
-        partial = act.act
-        if partial.func is F.gelu and not partial.args and partial.keywords == {"approximate": "tanh"}:
-            return "gelu_tanh"
-    return None
-
-
-@functools.cache
 def _gated_input_name(cls: type) -> str | None:
-    """The input's name if ``cls.forward``'s source is ``return <the gated expression>`` (or via one variable)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
-    except (OSError, TypeError, SyntaxError):  # no source (built-in, generated, frozen): not recognisable
-        return None
-    function = tree.body[0]
-    if not isinstance(function, ast.FunctionDef) or function.decorator_list:
-        return None
-    arguments = function.args
-    if len(arguments.args) != 2 or arguments.vararg or arguments.kwarg or arguments.kwonlyargs or arguments.posonlyargs:
-        return None
-    name = arguments.args[1].arg
-    expected = ast.dump(ast.parse(_GATED_EXPRESSION.format(x=name), mode="eval").body)
-    body = [statement for statement in function.body if not _is_docstring(statement)]
-    if len(body) == 1 and isinstance(body[0], ast.Return):
-        gated = body[0].value is not None and ast.dump(body[0].value) == expected
-    elif len(body) == 2 and isinstance(body[0], ast.Assign) and isinstance(body[1], ast.Return):
-        targets, returned = body[0].targets, body[1].value
-        gated = (
-            len(targets) == 1
-            and isinstance(targets[0], ast.Name)
-            and isinstance(returned, ast.Name)
-            and returned.id == targets[0].id
-            and ast.dump(body[0].value) == expected
-        )
-    else:
-        gated = False
-    return name if gated else None
+    """The input's name if ``cls.forward`` returns the gated expression; None otherwise."""
+    return forward_input_name(cls, _GATED_EXPRESSION)
 
 
 def _single_input(cls: type, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -155,10 +115,6 @@ def _single_input(cls: type, args: tuple, kwargs: dict) -> torch.Tensor | None:
     if not args and len(kwargs) == 1:
         return kwargs.get(_gated_input_name(cls))
     return None
-
-
-def _is_docstring(statement: ast.stmt) -> bool:
-    return isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant) and isinstance(statement.value.value, str)
 
 
 def _fused_call(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:

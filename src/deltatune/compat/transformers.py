@@ -1,0 +1,83 @@
+"""What deltatune assumes about transformers' internals.
+
+- Gated MLPs are recognised by the source of their class's ``forward`` (``forward_input_name``) and their
+  activation by the classes and functions transformers' ``ACT2FN`` builds (``activation_name``); a model
+  whose MLP is written another way, or a new activation class, runs layer by layer (a log line says so).
+- transformers' ``Trainer`` refuses to train a quantised model unless ``_hf_peft_config_loaded`` says
+  adapters are attached (``validate_quantization_for_training``); ``allow_training_quantized`` sets it.
+
+``tests/test_compat.py`` checks each against the installed transformers: the MLPs of the common decoder
+families are recognised, ``ACT2FN``'s SiLU and GELUs are named, and the Trainer's check reads that flag.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import textwrap
+
+import torch.nn.functional as F
+from torch import nn
+from transformers import activations
+
+
+def activation_name(act: object) -> str | None:
+    """The fused MLP kernel's name ("silu", "gelu", "gelu_tanh") for activation module ``act``, or None."""
+    if type(act) in (nn.SiLU, activations.SiLUActivation):
+        return "silu"
+    if type(act) is nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+    if type(act) is activations.GELUActivation and act.act is F.gelu:
+        return "gelu"
+    if type(act) is activations.GELUTanh and isinstance(act.act, functools.partial):
+        partial = act.act
+        if partial.func is F.gelu and not partial.args and partial.keywords == {"approximate": "tanh"}:
+            return "gelu_tanh"
+    return None
+
+
+@functools.cache
+def forward_input_name(cls: type, expression: str) -> str | None:
+    """The input's name if ``cls.forward(self, x)``'s source is ``return <expression>`` (directly or through one
+    variable), with ``{x}`` in ``expression`` standing for the input; None otherwise (or with no source)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):  # no source (built-in, generated, frozen): not recognisable
+        return None
+    function = tree.body[0]
+    if not isinstance(function, ast.FunctionDef) or function.decorator_list:
+        return None
+    arguments = function.args
+    if len(arguments.args) != 2 or arguments.vararg or arguments.kwarg or arguments.kwonlyargs or arguments.posonlyargs:
+        return None
+    name = arguments.args[1].arg
+    expected = ast.dump(ast.parse(expression.format(x=name), mode="eval").body)
+    body = [statement for statement in function.body if not _is_docstring(statement)]
+    if len(body) == 1 and isinstance(body[0], ast.Return):
+        matches = body[0].value is not None and ast.dump(body[0].value) == expected
+    elif len(body) == 2 and isinstance(body[0], ast.Assign) and isinstance(body[1], ast.Return):
+        targets, returned = body[0].targets, body[1].value
+        matches = (
+            len(targets) == 1
+            and isinstance(targets[0], ast.Name)
+            and isinstance(returned, ast.Name)
+            and returned.id == targets[0].id
+            and ast.dump(body[0].value) == expected
+        )
+    else:
+        matches = False
+    return name if matches else None
+
+
+def allow_training_quantized(model: nn.Module) -> None:
+    """Let transformers' ``Trainer`` train ``model`` over a quantised base: the adapters are deltatune's."""
+    model._hf_peft_config_loaded = True
+
+
+def _is_docstring(statement: ast.stmt) -> bool:
+    return (
+        isinstance(statement, ast.Expr)
+        and isinstance(statement.value, ast.Constant)
+        and isinstance(statement.value.value, str)
+    )
