@@ -37,6 +37,11 @@ class DeltaConfig:
     """Fields shared by every method (peft's ``PeftConfig``)."""
 
     peft_type: ClassVar[str] = ""
+    # What ``deltatune train method=<peft_type lower case>`` uses where it differs from the class's (peft's)
+    # defaults: the method's hyper-parameters, and the run's keys (learning rate, warm-up) that suit it; both
+    # measured on the embedded model (docs/methods.md). The family's config module is their one home.
+    train_defaults: ClassVar[dict[str, Any]] = {}
+    run_defaults: ClassVar[dict[str, Any]] = {}
 
     task_type: str | None = None
     base_model_name_or_path: str | None = None

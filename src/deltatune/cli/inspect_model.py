@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train_targets(model, task: str | None) -> str:
-    """The line naming what ``deltatune train`` adapts with its defaults (``methods.CLI_DEFAULTS``)."""
+    """The line naming what ``deltatune train`` adapts with its defaults (the config class's ``train_defaults``)."""
     from deltatune.errors import DeltaTuneError
     from deltatune.train.methods import build_config
     from deltatune.tuners.targeting import find_targets, short_names

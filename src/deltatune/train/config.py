@@ -25,8 +25,8 @@ from deltatune.data import ColumnMap, check_sources, parse_weights, split_source
 from deltatune.data.encoding import TRUNCATION_SIDES
 from deltatune.errors import ConfigError, DataError
 from deltatune.train.methods import (
-    RUN_DEFAULTS,
     build_config,
+    method_class,
     methods_taking,
     option_defaults,
 )
@@ -276,7 +276,7 @@ class TrainConfig:
                 raise ConfigError(f"unknown config key {key!r}; {_unknown_key_hint(key, own, method, method_keys)}")
         if "epochs" in values and "max_steps" not in values:
             typed["max_steps"] = 0
-        run_defaults = RUN_DEFAULTS.get(method.lower(), {})
+        run_defaults = method_class(method).run_defaults
         for key, value in run_defaults.items():
             typed.setdefault(key, value)
         steps = typed.get("max_steps", cls.__dataclass_fields__["max_steps"].default)

@@ -2,8 +2,9 @@
 
 Every method registered in ``deltatune.tuners`` is available, named after its ``peft_type`` in
 lower case ("lora", "bottleneck", ...). Its hyper-parameters are the fields of its config class,
-set as flat keys (``r=16 lora_alpha=32``); ``CLI_DEFAULTS`` holds the command line's defaults where
-they differ from the class's (LoRA on every linear layer, as the quick start trains it).
+set as flat keys (``r=16 lora_alpha=32``); each config class's ``train_defaults`` holds the command line's
+defaults where they differ from the class's (LoRA on every linear layer, as the quick start trains it), and
+its ``run_defaults`` the run keys that suit the method (a prompt method's learning rate).
 """
 
 from __future__ import annotations
@@ -18,21 +19,6 @@ from deltatune.config import DeltaConfig
 from deltatune.errors import ConfigError
 from deltatune.tuners import config_classes
 
-# Prefix and P-tuning start from the frozen model reading this text (not peft's random start, which
-# left the embedded model worse than untrained: docs/methods.md#starting-the-prompt-methods-at-the-base-model).
-PROMPT_INIT_TEXT = "Answer the user's question helpfully, briefly and correctly, in one or two clear, friendly sentences."
-CLI_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"},
-    "prompt_tuning": {"num_virtual_tokens": 40},
-    "p_tuning": {"num_virtual_tokens": 20, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": PROMPT_INIT_TEXT},
-    "prefix_tuning": {"num_virtual_tokens": 20, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": PROMPT_INIT_TEXT},
-}
-# Run keys whose default depends on the method (measured on the embedded model; docs/methods.md).
-RUN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "prefix_tuning": {"learning_rate": 1e-2},
-    "p_tuning": {"learning_rate": 1e-2, "warmup_steps": 15},
-    "prompt_tuning": {"learning_rate": 1e-1},
-}
 # Fields every config has; the training run sets them, not the user.
 _RUN_FIELDS = {f.name for f in dataclasses.fields(DeltaConfig)}
 _REGEX_CHARS = re.compile(r"[*()\[\]|\\^$?+]")
@@ -62,7 +48,7 @@ def option_defaults(name: str) -> dict[str, Any]:
         for f in dataclasses.fields(cls)
         if f.name not in _RUN_FIELDS
     }
-    return {**defaults, **CLI_DEFAULTS.get(name.lower(), {})}
+    return {**defaults, **cls.train_defaults}
 
 
 def methods_taking(key: str) -> list[str]:

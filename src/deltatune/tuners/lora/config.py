@@ -73,6 +73,7 @@ class LoraConfig(DeltaConfig):
     """
 
     peft_type: ClassVar[str] = "LORA"
+    train_defaults: ClassVar[dict[str, Any]] = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
 
     r: int = 8
     lora_alpha: float = 8

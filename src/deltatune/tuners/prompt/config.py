@@ -29,6 +29,12 @@ _PROMPT_INIT_KEYS = frozenset(
 )
 
 
+# Prefix and P-tuning start from the frozen model reading this text (not peft's random start, which left the
+# embedded model worse than untrained: docs/methods.md#starting-the-prompt-methods-at-the-base-model).
+PROMPT_INIT_TEXT = "Answer the user's question helpfully, briefly and correctly, in one or two clear, friendly sentences."
+TEXT_START = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": PROMPT_INIT_TEXT}
+
+
 @dataclass
 class PromptLearningConfig(DeltaConfig):
     """What the prompt methods share (peft's ``PromptLearningConfig``): n virtual tokens the model attends to.
@@ -117,6 +123,8 @@ class PromptTuningConfig(PromptLearningConfig):
     """
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
+    train_defaults: ClassVar[dict[str, Any]] = {"num_virtual_tokens": 40}
+    run_defaults: ClassVar[dict[str, Any]] = {"learning_rate": 1e-1}
     optional_keys: ClassVar[frozenset[str]] = frozenset()  # peft's own fields: always written
     text_needs_tokenizer: ClassVar[bool] = True  # peft refuses a "TEXT" config without one
 
@@ -142,6 +150,8 @@ class PromptEncoderConfig(PromptLearningConfig):
     """
 
     peft_type: ClassVar[str] = "P_TUNING"
+    train_defaults: ClassVar[dict[str, Any]] = {"num_virtual_tokens": 20, **TEXT_START}
+    run_defaults: ClassVar[dict[str, Any]] = {"learning_rate": 1e-2, "warmup_steps": 15}
 
     encoder_reparameterization_type: str = "MLP"
     encoder_hidden_size: int | None = None
@@ -180,6 +190,8 @@ class PrefixTuningConfig(PromptLearningConfig):
     """
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
+    train_defaults: ClassVar[dict[str, Any]] = {"num_virtual_tokens": 20, **TEXT_START}
+    run_defaults: ClassVar[dict[str, Any]] = {"learning_rate": 1e-2}
 
     init_weights: str | None = None
     encoder_hidden_size: int | None = None
