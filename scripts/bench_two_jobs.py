@@ -3,7 +3,8 @@
     .venv/bin/python scripts/bench_two_jobs.py [--steps 20] [--stagger 30] [key=value ...]
 
 Runs ``deltatune train`` (the quick start, shortened: ``--steps`` steps, few held-out rows) alone, then
-two copies started together, then two started 30 s apart, and prints each run's seconds per training step and its slowdown. On a
+two copies started together, then two started 30 s apart, and prints each run's seconds per training step
+and its slowdown. On a
 machine with C cores, two runs sharing it can at best take 2x as long each; OpenMP threads that spin
 while they wait make it far worse (10x was seen before deltatune chose its thread count from the CPUs
 left free and watched them while training; ``threads.py`` has the measurements). Run it on an otherwise
@@ -24,8 +25,15 @@ from pathlib import Path
 
 def _command(output_dir: Path, steps: int, extra: list[str]) -> list[str]:
     deltatune = Path(sys.executable).with_name("deltatune")
-    return [str(deltatune), "train", f"max_steps={steps}", "eval_examples=8", "warmup_steps=0",
-            f"output_dir={output_dir}", *extra]  # fmt: skip
+    return [
+        str(deltatune),
+        "train",
+        f"max_steps={steps}",
+        "eval_examples=8",
+        "warmup_steps=0",
+        f"output_dir={output_dir}",
+        *extra,
+    ]
 
 
 def _step_seconds(output_dir: Path) -> float:
@@ -35,14 +43,24 @@ def _step_seconds(output_dir: Path) -> float:
 
 def run_together(folder: Path, names: list[str], steps: int, extra: list[str], stagger: float = 0.0) -> list[float]:
     """Start one ``deltatune train`` per name, ``stagger`` seconds apart; seconds per step of each."""
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}  # fmt: skip
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    }
     jobs = []
     for name in names:
         if jobs:
             time.sleep(stagger)
-        jobs.append(subprocess.Popen(_command(folder / name, steps, extra), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, env=env))  # fmt: skip
+        jobs.append(
+            subprocess.Popen(
+                _command(folder / name, steps, extra),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        )
     for name, job in zip(names, jobs):
         _, stderr = job.communicate()
         if job.returncode:

@@ -47,8 +47,13 @@ def run(method: str, common: list[str], out: Path) -> dict:
         raise SystemExit(f"{method} failed:\n{stderr[-2000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     curve = sorted({e["step"]: e["eval_loss"] for e in metrics["log_history"] if "eval_loss" in e}.items())
-    return {**metrics["result"], "config": metrics["config"], "curve": curve,
-            "peak_rss_mib": usage.ru_maxrss / 1024, "wall_s": time.perf_counter() - started}  # fmt: skip
+    return {
+        **metrics["result"],
+        "config": metrics["config"],
+        "curve": curve,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "wall_s": time.perf_counter() - started,
+    }
 
 
 def main(argv: list[str]) -> None:
@@ -66,14 +71,22 @@ def main(argv: list[str]) -> None:
                 rows.append((method, previous[method]))
                 continue
             result = {**run(method, common, folder / method), "defaults": _defaults(method)}
-            print(f"{method:<14} loss {result['eval_before']['eval_loss']:.3f} -> {result['eval_after']['eval_loss']:.3f}  "
-                  f"trainable {result['trainable_params']:,}  peak {result['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
+            print(
+                f"{method:<14} loss {result['eval_before']['eval_loss']:.3f} -> "
+                f"{result['eval_after']['eval_loss']:.3f}  "
+                f"trainable {result['trainable_params']:,}  peak {result['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
             rows.append((method, result))
-        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, " \
-                  f"transformers {transformers.__version__}; {datetime.date.today().isoformat()}"  # fmt: skip
+        machine = (
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
+            f"transformers {transformers.__version__}; {datetime.date.today().isoformat()}"
+        )
         saved.write_text(json.dumps({"budget": common, "machine": machine, "rows": rows}, indent=1), encoding="utf-8")
-    budgets = sorted((json.loads(path.read_text()) for path in folder.glob("results-*.json")),
-                     key=lambda budget: _steps(budget["budget"]))  # fmt: skip
+    budgets = sorted(
+        (json.loads(path.read_text()) for path in folder.glob("results-*.json")),
+        key=lambda budget: _steps(budget["budget"]),
+    )
     for budget in budgets:
         plot(budget["rows"], ROOT / "docs" / f"methods-{_steps(budget['budget'])}.png", " ".join(budget["budget"]))
     write_doc(budgets)
@@ -137,10 +150,16 @@ def write_doc(budgets: list[dict]) -> None:
     ]
     for budget in budgets:
         steps = _steps(budget["budget"])
-        lines += ["", f"### {steps} steps", "",
-                  f"`{' '.join(budget['budget'])}`; machine: {budget['machine']}.", "",
-                  f"![held-out loss against step over {steps} steps, one line per method](methods-{steps}.png)", "",
-                  *_table(budget["rows"])]  # fmt: skip
+        lines += [
+            "",
+            f"### {steps} steps",
+            "",
+            f"`{' '.join(budget['budget'])}`; machine: {budget['machine']}.",
+            "",
+            f"![held-out loss against step over {steps} steps, one line per method](methods-{steps}.png)",
+            "",
+            *_table(budget["rows"]),
+        ]
     doc = ROOT / "docs" / "methods.md"
     rest = doc.read_text(encoding="utf-8").split("\n## ", 1)
     doc.write_text("\n".join(lines) + "\n" + ("\n## " + rest[1] if len(rest) == 2 else ""), encoding="utf-8")

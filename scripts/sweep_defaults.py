@@ -7,8 +7,8 @@ Every combination of the ``--vary`` values is one `deltatune train` run with the
 (default budget: ``max_steps=30 eval_examples=48``, the same split and seed in every run). ``--jobs N``
 runs N at once, one CPU thread each (the held-out loss does not depend on it; the times then do, so
 none is printed). Each run's output folder is kept under outputs/sweeps/, and the table is appended to
-outputs/sweeps/results.md; the defaults in train/methods.py were chosen from tables written this way
-(docs/methods.md).
+outputs/sweeps/results.md; the methods' defaults (their config classes' train_defaults and run_defaults)
+were chosen from tables written this way (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -33,8 +33,14 @@ def _pairs(items: list[str]) -> dict[str, str]:
 def train(settings: dict[str, str], out: Path, one_thread: bool) -> dict:
     """One `deltatune train` run; its metrics.json result."""
     env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if one_thread else {})}
-    args = [sys.executable, "-m", "deltatune.cli.main", "train", *(f"{k}={v}" for k, v in settings.items()),
-            f"output_dir={out}"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "deltatune.cli.main",
+        "train",
+        *(f"{k}={v}" for k, v in settings.items()),
+        f"output_dir={out}",
+    ]
     done = subprocess.run(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode:
         raise SystemExit(f"{settings} failed:\n{done.stderr[-2000:]}")
@@ -59,8 +65,12 @@ def main() -> None:
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(one, combos))
-    lines = [f"`{' '.join(f'{k}={v}' for k, v in fixed.items())}`", "",
-             f"| {' | '.join(varied)} | held-out loss: base -> end | gain |", "|---" * (len(varied) + 2) + "|"]  # fmt: skip
+    lines = [
+        f"`{' '.join(f'{k}={v}' for k, v in fixed.items())}`",
+        "",
+        f"| {' | '.join(varied)} | held-out loss: base -> end | gain |",
+        "|---" * (len(varied) + 2) + "|",
+    ]
     for combo, result in results:
         before, after = result["eval_before"]["eval_loss"], result["eval_after"]["eval_loss"]
         lines.append(f"| {' | '.join(combo.values())} | {before:.3f} -> {after:.3f} | {before - after:.3f} |")

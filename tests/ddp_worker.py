@@ -29,10 +29,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import VOCAB, tiny_llama  # noqa: E402
-
 from deltatune import DeltaModel, LoraConfig, get_delta_model  # noqa: E402
 from deltatune.tuners.lora.mlp import FusedGatedMlp  # noqa: E402
+from tiny_models import VOCAB, tiny_llama  # noqa: E402
 
 GLOBAL_BATCH = 4
 LENGTH = 8
@@ -74,11 +73,24 @@ def train_with_trainer(model: DeltaModel, output_dir: Path, per_device: int):
     from deltatune.train.trainer import DeltaTrainer
 
     args = TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=per_device, max_steps=STEPS,
-        learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0,
-        save_strategy="steps", save_steps=STEPS, logging_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0,
-        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(output_dir),
+        per_device_train_batch_size=per_device,
+        max_steps=STEPS,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=0.0,
+        save_strategy="steps",
+        save_steps=STEPS,
+        logging_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
     examples = [{"input_ids": row, "labels": row} for row in global_batch()]
     rows_per_step: list[int] = []
 
@@ -137,7 +149,9 @@ def main(out: Path) -> None:
     _record_writes(runs, writes)
 
     model = fresh_model()
-    trainer, rows = train_with_trainer(model, runs / "trainer", per_device=GLOBAL_BATCH // int(os.environ["WORLD_SIZE"]))
+    trainer, rows = train_with_trainer(
+        model, runs / "trainer", per_device=GLOBAL_BATCH // int(os.environ["WORLD_SIZE"])
+    )
     trainer.save_model(str(runs / "trainer" / "adapter"))  # DeltaTrainer saves on rank 0 only
     rank, world = dist.get_rank(), dist.get_world_size()  # the Trainer set up the gloo process group
     mine = global_batch().chunk(world)[rank]
@@ -156,7 +170,9 @@ def main(out: Path) -> None:
     fully_shard(model)
     train_loop(model, model, mine)
     state = gather_adapter_state(model)  # a collective: every process gathers the shards
-    save_file({name.removeprefix("base_model."): t for name, t in state.items()}, results / f"fsdp_rank{rank}.safetensors")
+    save_file(
+        {name.removeprefix("base_model."): t for name, t in state.items()}, results / f"fsdp_rank{rank}.safetensors"
+    )
     if is_main_process():
         model.save_pretrained(runs / "fsdp" / "adapter", state_dict=state)
 

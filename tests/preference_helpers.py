@@ -14,11 +14,11 @@ from pathlib import Path
 import peft
 import torch
 from datasets import Dataset
-from tiny_models import VOCAB, tiny_llama
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast, TrainingArguments
 
 from deltatune import DeltaModel, LoraConfig, get_delta_model
+from tiny_models import VOCAB, tiny_llama
 
 PATTERN = [1, 2, 3, 4]
 SHUFFLED = [list(order) for order in itertools.permutations(PATTERN) if list(order) != PATTERN]
@@ -41,8 +41,13 @@ def dpo_examples(n: int, seed: int) -> list[dict[str, list[int]]]:
     examples = []
     for prompt, chosen, rejected in preference_triples(n, seed):
         chosen_row, rejected_row = tokenised(prompt, chosen), tokenised(prompt, rejected)
-        examples.append({f"{side}_{key}": row[key] for side, row in (("chosen", chosen_row), ("rejected", rejected_row))
-                         for key in ("input_ids", "labels")})  # fmt: skip
+        examples.append(
+            {
+                f"{side}_{key}": row[key]
+                for side, row in (("chosen", chosen_row), ("rejected", rejected_row))
+                for key in ("input_ids", "labels")
+            }
+        )
     return examples
 
 
@@ -76,9 +81,12 @@ def trl_beside_deltatune(
     the adapter disabled, as ours), that adapter perturbed, and the same adapter loaded in deltatune from
     peft's files. Both models are in train mode. ``placeholder``: one data row, since TRL wants a data set."""
     trl_trainer = trainer_class(
-        model=tiny_llama(), args=config, train_dataset=Dataset.from_list([placeholder]),
-        processing_class=word_tokenizer(), peft_config=peft.LoraConfig(**LORA),
-    )  # fmt: skip
+        model=tiny_llama(),
+        args=config,
+        train_dataset=Dataset.from_list([placeholder]),
+        processing_class=word_tokenizer(),
+        peft_config=peft.LoraConfig(**LORA),
+    )
     perturb_lora(trl_trainer.model)
     trl_trainer.model.save_pretrained(tmp_path / "adapter")
     model = DeltaModel.from_pretrained(tiny_llama(), tmp_path / "adapter", is_trainable=True)
@@ -96,8 +104,17 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
 def training_args(output_dir: Path, **overrides: object) -> TrainingArguments:
     """Quiet CPU arguments: no saving, no reporting, a fixed seed."""
     values = {
-        "output_dir": str(output_dir), "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16,
-        "learning_rate": 1e-2, "max_steps": 30, "logging_steps": 10, "save_strategy": "no", "report_to": [],
-        "use_cpu": True, "seed": 0, "lr_scheduler_type": "constant", "disable_tqdm": True,
-    }  # fmt: skip
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 16,
+        "learning_rate": 1e-2,
+        "max_steps": 30,
+        "logging_steps": 10,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "seed": 0,
+        "lr_scheduler_type": "constant",
+        "disable_tqdm": True,
+    }
     return TrainingArguments(**{**values, **overrides})

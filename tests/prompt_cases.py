@@ -15,7 +15,6 @@ from typing import Any
 
 import peft
 import torch
-from tiny_models import VOCAB, _seeded, tiny_bert, tiny_gpt2, tiny_llama
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 from transformers import (
@@ -28,6 +27,7 @@ from transformers import (
 )
 
 import deltatune
+from tiny_models import VOCAB, _seeded, tiny_bert, tiny_gpt2, tiny_llama
 
 N_VIRTUAL = 4
 INIT_TEXT = "classify the sentiment of this review"
@@ -36,19 +36,32 @@ INIT_TEXT = "classify the sentiment of this review"
 def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     """Qwen2: vocab 128, hidden 32, 2 layers, 4 heads over 2 key/value heads (GQA), q/k/v biases."""
     config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=64, attn_implementation="eager",
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
     return _seeded(lambda: Qwen2ForCausalLM(config), seed)
 
 
 def tiny_bert_features(seed: int = 0) -> BertModel:
     """A bare BertModel (FEATURE_EXTRACTION), the same sizes as ``tiny_models.tiny_bert``."""
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        initializer_range=0.2, attn_implementation="eager",
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        initializer_range=0.2,
+        attn_implementation="eager",
+    )
     return _seeded(lambda: BertModel(config), seed)
 
 
@@ -95,7 +108,11 @@ def method_kwargs(method: str) -> tuple[str, dict[str, Any]]:
         "prompt_sample_vocab": ("PromptTuningConfig", {"prompt_tuning_init": "SAMPLE_VOCAB"}),
         "prompt_text": (
             "PromptTuningConfig",
-            {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": INIT_TEXT, "tokenizer_name_or_path": tokenizer_dir()},
+            {
+                "prompt_tuning_init": "TEXT",
+                "prompt_tuning_init_text": INIT_TEXT,
+                "tokenizer_name_or_path": tokenizer_dir(),
+            },
         ),
         "ptuning_mlp": ("PromptEncoderConfig", {"encoder_hidden_size": 24}),
         "ptuning_lstm": ("PromptEncoderConfig", {"encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 12}),
@@ -106,8 +123,14 @@ def method_kwargs(method: str) -> tuple[str, dict[str, Any]]:
 
 
 METHODS = [
-    "prompt_random", "prompt_sample_vocab", "prompt_text", "ptuning_mlp", "ptuning_lstm", "prefix", "prefix_projection",
-]  # fmt: skip
+    "prompt_random",
+    "prompt_sample_vocab",
+    "prompt_text",
+    "ptuning_mlp",
+    "ptuning_lstm",
+    "prefix",
+    "prefix_projection",
+]
 VIRTUAL_TOKEN_METHODS = [m for m in METHODS if not m.startswith("prefix")]
 
 
@@ -120,7 +143,9 @@ def config(library, method: str, kind: str, **overrides: Any):
 
 def delta_model(method: str, kind: str, seed: int = 0, **overrides: Any) -> deltatune.DeltaModel:
     """deltatune's model, adapter weights drawn under ``seed``."""
-    return _seeded(lambda: deltatune.get_delta_model(MODELS[kind].build(), config(deltatune, method, kind, **overrides)), seed)
+    return _seeded(
+        lambda: deltatune.get_delta_model(MODELS[kind].build(), config(deltatune, method, kind, **overrides)), seed
+    )
 
 
 def peft_model(method: str, kind: str, seed: int = 0) -> nn.Module:

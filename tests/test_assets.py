@@ -112,14 +112,10 @@ def test_conversion_is_renamed_into_place(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert (assets.smollm2_path() / "marker").read_text() == "ours"
 
 
-def test_conversion_losing_a_race_keeps_the_winner(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_conversion_losing_a_race_keeps_the_winner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path))
 
-    def convert_while_another_process_finishes(
-        gguf_dir: Path, gguf_file: str, out_dir: Path
-    ) -> None:
+    def convert_while_another_process_finishes(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
         winner = assets._smollm2_cache_dir()
         winner.mkdir()
         (winner / "marker").write_text("winner")

@@ -12,15 +12,15 @@ import stat
 from pathlib import Path
 
 import pytest
-from file_trees import read_tree, write_tree
 from safetensors import SafetensorError
 from safetensors.torch import save_file
-from tiny_models import SCENARIOS, delta_model
 
 import deltatune.io
 import deltatune.runtime.atomic
 from deltatune.errors import DeltaTuneError, SaveError
 from deltatune.runtime.atomic import atomic_directory, atomic_file
+from file_trees import read_tree, write_tree
+from tiny_models import SCENARIOS, delta_model
 
 OLD = {"model.safetensors": b"old weights", "config.json": b"{}"}
 NEW = {"model.safetensors": b"new weights" * 1000, "tokenizer.json": b"{}", "sub/extra.txt": b"x"}
@@ -86,10 +86,14 @@ def _fail_with(exc: Exception):
     [
         (_fail_with(OSError(errno.ENOSPC, "No space left on device")), "No space left on device"),
         (_fail_with(OSError(errno.EDQUOT, "Disk quota exceeded")), "Disk quota exceeded"),
-        (_fail_with(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")),
-         "No space left on device"),
-        (_fail_with(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")),
-         "No space left on device"),  # torch.save on a full disk, which statvfs reports as full
+        (
+            _fail_with(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")),
+            "No space left on device",
+        ),
+        (
+            _fail_with(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")),
+            "No space left on device",
+        ),  # torch.save on a full disk, which statvfs reports as full
     ],
     ids=["ENOSPC", "EDQUOT", "safetensors", "torch.save"],
 )

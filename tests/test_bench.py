@@ -65,15 +65,30 @@ def test_saved_section_on_meta_gives_the_differences_between_modes_of_a_real_ste
         # (what is alive varies from run to run by up to a sixth of peft-DoRA's excess: garbage collection)
         tolerance = 0.25 * meta_extra if mode == "peft-dora" else 64 / 2**20 if mode.startswith("peft") else 1e-9
         assert meta_extra == pytest.approx(real[mode] - real["floor"] + o_proj_input_mib, abs=tolerance), mode
-    assert meta["fused_gib"] < meta["fused-layer_gib"] == meta["plain_gib"] < meta["peft_gib"]  # peft: + the full logits
-    report = {"settings": {"device": "cpu"}, "summary": {}, "infer": [], "wrap": [], "saved": [{"shape": "tiny", **meta}]}
+    assert (
+        meta["fused_gib"] < meta["fused-layer_gib"] == meta["plain_gib"] < meta["peft_gib"]
+    )  # peft: + the full logits
+    report = {
+        "settings": {"device": "cpu"},
+        "summary": {},
+        "infer": [],
+        "wrap": [],
+        "saved": [{"shape": "tiny", **meta}],
+    }
     assert "| floor | fused | fused-eager | fused-layer | plain | peft |" in format_report(report)
 
 
 def test_summary_takes_medians_over_repeats_and_ratios_to_floor_and_peft():
     runs = {"floor": ((100, 90, 110), 10.0), "fused": ((95, 99, 80), 11.0), "peft": ((50, 40, 60), 20.0)}
     records = [
-        {"shape": "tiny", "mode": mode, "tokens_per_s": s, "tokens_per_cpu_s": 2 * s, "peak_mib": peak, "saved_mib": 1.0}
+        {
+            "shape": "tiny",
+            "mode": mode,
+            "tokens_per_s": s,
+            "tokens_per_cpu_s": 2 * s,
+            "peak_mib": peak,
+            "saved_mib": 1.0,
+        }
         for mode, (speeds, peak) in runs.items()
         for s in speeds
     ]
@@ -88,10 +103,26 @@ def test_summary_takes_medians_over_repeats_and_ratios_to_floor_and_peft():
     assert "| fused | 190 (160-198) | 0.95x | 1.90x | 95 | 11.0 | 1.10x | 0.55x | 1.0 |" in table
 
 
+@pytest.mark.subprocess
 def test_cli_runs_each_mode_in_a_child_process_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    argv = ["bench", "--shapes", "tiny", "--modes", "fused", "--sections", "train", "--steps", "1", "--warmup", "0",
-            "--threads", "1", "--json", str(out)]  # fmt: skip
+    argv = [
+        "bench",
+        "--shapes",
+        "tiny",
+        "--modes",
+        "fused",
+        "--sections",
+        "train",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+    ]
     assert cli_main(argv) == 0
     report = json.loads(out.read_text())
     assert [r["mode"] for r in report["train"]] == ["fused"] and report["environment"]["torch"]

@@ -10,16 +10,6 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_model_semantics import single_thread  # noqa: F401  (autouse fixture)
-from test_training import BATCH, logits, tiny, train
-from tiny_models import (
-    VOCAB,
-    perturb_trainable,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_llama,
-    token_inputs,
-)
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -54,6 +44,16 @@ from deltatune.tuners.bottleneck.tuner import (
     site_layer,
     site_suffixes,
 )
+from test_model_semantics import single_thread  # noqa: F401  (autouse fixture)
+from test_training import BATCH, logits, tiny, train
+from tiny_models import (
+    VOCAB,
+    perturb_trainable,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    token_inputs,
+)
 
 D_MODEL = 32
 N_LAYERS = 2
@@ -64,9 +64,15 @@ TENSOR_PARTS = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight",
 def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     """Qwen2 (q/k/v biases): vocab 128, hidden 32, 2 layers, 4 heads, 2 kv heads, intermediate 64."""
     config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=64, num_hidden_layers=N_LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager",
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=D_MODEL,
+        intermediate_size=64,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return Qwen2ForCausalLM(config).eval()
@@ -118,9 +124,16 @@ def test_invalid_values_raise_one_line_config_errors(kwargs: dict, field: str) -
 
 def test_names_are_normalised_and_the_json_round_trip_is_exact(tmp_path: Path) -> None:
     config = BottleneckConfig(
-        bottleneck_size=12, placement="Pfeiffer", non_linearity="GELU", dropout=0.1, scaling=2.0,
-        init_weights="Normal", layers_to_transform=[0, 1], modules_to_save=["lm_head"], task_type="causal_lm",
-    )  # fmt: skip
+        bottleneck_size=12,
+        placement="Pfeiffer",
+        non_linearity="GELU",
+        dropout=0.1,
+        scaling=2.0,
+        init_weights="Normal",
+        layers_to_transform=[0, 1],
+        modules_to_save=["lm_head"],
+        task_type="causal_lm",
+    )
     assert (config.placement, config.non_linearity, config.init_weights) == ("pfeiffer", "gelu", "normal")
     config.save(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -350,7 +363,7 @@ def test_gradient_checkpointing_trains_the_adapter_alike() -> None:
             model.activation_checkpointing_enable()
             model.enable_input_require_grads()
         calls = []
-        model.base_model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda *_: calls.append(1))
+        model.base_model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         model.train()
         model(input_ids=BATCH, labels=BATCH).loss.backward()
         assert len(calls) == (2 if checkpointing else 1)  # checkpointing recomputes the layer in backward
@@ -378,7 +391,8 @@ def test_merge_and_unload_is_refused_clearly_and_changes_nothing() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "adapter", "task_type"), [("llama", "default", None), ("bert", "default", "SEQ_CLS"), ("gpt2", "other", None)]
+    ("kind", "adapter", "task_type"),
+    [("llama", "default", None), ("bert", "default", "SEQ_CLS"), ("gpt2", "other", None)],
 )
 def test_save_and_load_reproduce_the_outputs(kind: str, adapter: str, task_type: str | None, tmp_path: Path) -> None:
     config = BottleneckConfig(reduction_factor=4, non_linearity="silu", scaling=0.5, task_type=task_type)
@@ -415,10 +429,7 @@ def test_the_documented_format_read_with_plain_torch_hooks_gives_the_same_output
     for key in tensors:
         if key.endswith(".adapter_down.weight"):
             site = key.removeprefix("base_model.model.").removesuffix(".adapter_down.weight")
-            down_w, down_b, up_w, up_b = (
-                tensors[key.replace("adapter_down.weight", part)]
-                for part in TENSOR_PARTS
-            )
+            down_w, down_b, up_w, up_b = (tensors[key.replace("adapter_down.weight", part)] for part in TENSOR_PARTS)
 
             def hook(module, inputs, y, down_w=down_w, down_b=down_b, up_w=up_w, up_b=up_b):
                 hidden = ACT2FN[saved["non_linearity"]](y @ down_w.T + down_b)

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-from sft_helpers import TINY_RUN, save_tiny_chat_model
 
 from deltatune.cli import chat
 from deltatune.cli.generate import system_prompt
@@ -24,6 +23,7 @@ from deltatune.data.chat_defaults import (
 from deltatune.errors import ConfigError
 from deltatune.train.config import TrainConfig
 from deltatune.train.run import run_training
+from sft_helpers import TINY_RUN, save_tiny_chat_model
 
 TUTOR = "You are a maths tutor."
 
@@ -37,8 +37,13 @@ def test_the_most_common_system_prompt_is_chosen_and_the_others_are_counted() ->
     assert common_system([conversation(TUTOR)] * 3) == (TUTOR, f"system prompt {TUTOR!r} (in 3 of 3 training rows)")
     system, line = common_system([conversation(TUTOR)] * 3 + [conversation("Be brief."), conversation(None)])
     assert system == TUTOR
-    assert line == f"system prompt {TUTOR!r} (in 3 of 5 training rows; the most common of 2 different ones; 1 rows have none)"
-    prompts = [KTOExample((Message("system", "Be kind."), Message("user", "Hi")), (Message("assistant", "Hello"),), True)]
+    assert (
+        line
+        == f"system prompt {TUTOR!r} (in 3 of 5 training rows; the most common of 2 different ones; 1 rows have none)"
+    )
+    prompts = [
+        KTOExample((Message("system", "Be kind."), Message("user", "Hi")), (Message("assistant", "Hello"),), True)
+    ]
     assert common_system(prompts)[0] == "Be kind."
 
 
@@ -111,8 +116,10 @@ def test_ctrl_c_at_the_prompt_ends_the_chat(monkeypatch, capsys) -> None:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A one-step run (checkpoint at step 1) on rows most of which carry the tutor's system prompt."""
     root = tmp_path_factory.mktemp("defaults")
-    rows = [{"messages": [m.as_dict() for m in conversation(TUTOR if n % 5 else "Be brief.", n).messages]}
-            for n in range(30)]  # fmt: skip
+    rows = [
+        {"messages": [m.as_dict() for m in conversation(TUTOR if n % 5 else "Be brief.", n).messages]}
+        for n in range(30)
+    ]
     data = root / "system.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     files = {"root": root, "model": save_tiny_chat_model(root / "model"), "data": data}
@@ -122,7 +129,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def train(files: dict[str, Path], output: str, **keys) -> list[str]:
     lines: list[str] = []
-    values = {**TINY_RUN, "model": str(files["model"]), "data": str(files["data"]), "output_dir": str(files["root"] / output)}
+    values = {
+        **TINY_RUN,
+        "model": str(files["model"]),
+        "data": str(files["data"]),
+        "output_dir": str(files["root"] / output),
+    }
     run_training(TrainConfig.from_dict({**values, **keys}), log=lines.append)
     return lines
 
@@ -131,8 +143,10 @@ def test_a_run_names_the_data_format_and_stores_the_system_prompt(tiny) -> None:
     adapter = tiny["root"] / "first" / "adapter"
     assert f"data: {tiny['data']} — format messages, 30 rows" in tiny["log"]
     assert json.loads((adapter / FILE).read_text()) == {"system": TUTOR}
-    assert any(line.startswith(f"system prompt {TUTOR!r} (in ") and "the most common of 2 different ones" in line
-               for line in tiny["log"])  # fmt: skip
+    assert any(
+        line.startswith(f"system prompt {TUTOR!r} (in ") and "the most common of 2 different ones" in line
+        for line in tiny["log"]
+    )
 
 
 def test_a_resumed_run_says_where_it_continues(tiny) -> None:
@@ -150,8 +164,10 @@ def test_an_interrupted_train_says_how_to_resume(tiny, monkeypatch, capsys) -> N
     first = tiny["root"] / "first"
     assert main(["train", f"output_dir={first}", "max_steps=3", "resume_from_checkpoint=x"]) == 130
     err = capsys.readouterr().err
-    assert err == (f"deltatune train: interrupted; continue from {first / 'checkpoints' / 'checkpoint-1'} (step 1) with: "
-                   f"deltatune train output_dir={first} max_steps=3 resume_from_checkpoint=last\n")  # fmt: skip
+    assert err == (
+        f"deltatune train: interrupted; continue from {first / 'checkpoints' / 'checkpoint-1'} (step 1) with: "
+        f"deltatune train output_dir={first} max_steps=3 resume_from_checkpoint=last\n"
+    )
     assert main(["train", f"output_dir={tiny['root'] / 'new'}"]) == 130
     assert "interrupted; no checkpoint was written to " in capsys.readouterr().err
 

@@ -7,8 +7,6 @@ import random
 
 import pytest
 import torch
-from preference_helpers import training_args
-from tiny_models import tiny_bert
 from transformers import AutoTokenizer
 
 from deltatune import LoraConfig, get_delta_model
@@ -22,6 +20,8 @@ from deltatune.train.classify import (
     run_classification,
     train_classifier,
 )
+from preference_helpers import training_args
+from tiny_models import tiny_bert
 
 # after a [CLS]-like token 1, class k draws its tokens from its own id range: separable, by reading the tokens
 RANGES = [(10, 20), (20, 30), (30, 40)]
@@ -88,8 +88,21 @@ def test_classify_command_trains_a_tiny_classifier_from_a_file(tmp_path, capsys)
     from deltatune.cli.main import main
 
     model_dir, data_file = _tiny_classification_files(tmp_path)
-    code = main(["classify", "--model", str(model_dir), "--data", str(data_file), "--max-steps", "3",
-                 "--batch-size", "4", "--output-dir", str(tmp_path / "out")])  # fmt: skip
+    code = main(
+        [
+            "classify",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data_file),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "held-out accuracy:" in out
@@ -113,8 +126,9 @@ def _tiny_classification_files(tmp_path):
 
     from deltatune.runtime.assets import minilm_path
 
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, num_labels=2)  # fmt: skip
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=2
+    )
     model_dir = tmp_path / "tiny-bert"
     BertForSequenceClassification(config).save_pretrained(model_dir)
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(model_dir)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from sft_helpers import TINY_RUN, save_tiny_chat_model, write_arithmetic_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deltatune import DeltaModel
 from deltatune.cli.main import main
 from deltatune.train.config import TrainConfig
+from sft_helpers import TINY_RUN, save_tiny_chat_model, write_arithmetic_jsonl
 
 MY_COMMANDS = ("train", "merge", "generate", "chat", "eval", "inspect")
 
@@ -77,7 +77,9 @@ def test_fp16_without_a_gpu_fails_before_anything_loads(capsys, monkeypatch) -> 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code, _, err = cli(capsys, "train", "precision=fp16")
     assert code == 2
-    assert err == "deltatune train: error: precision=fp16 needs a CUDA GPU; use precision=bf16 or fp32 on this machine\n"
+    assert (
+        err == "deltatune train: error: precision=fp16 needs a CUDA GPU; use precision=bf16 or fp32 on this machine\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     with contextlib.redirect_stdout(stdout):
         code = main(["train", f"model={model}", f"data={data}", f"output_dir={root / 'run'}", *keys])
     assert code == 0
-    return {"root": root, "model": model, "data": data, "adapter": root / "run" / "adapter", "stdout": stdout.getvalue()}
+    return {
+        "root": root,
+        "model": model,
+        "data": data,
+        "adapter": root / "run" / "adapter",
+        "stdout": stdout.getvalue(),
+    }
 
 
 def test_train_prints_the_before_and_after(trained) -> None:
@@ -139,8 +147,9 @@ def test_generate_and_chat_answer_like_the_trained_adapter(trained, capsys, monk
 
 
 def test_eval_compares_base_and_adapter(trained, capsys) -> None:
-    code, out, _ = cli(capsys, "eval", "--adapter", str(trained["adapter"]), "--data", str(trained["data"]),
-                       "--max-examples", "8")  # fmt: skip
+    code, out, _ = cli(
+        capsys, "eval", "--adapter", str(trained["adapter"]), "--data", str(trained["data"]), "--max-examples", "8"
+    )
     assert code == 0
     lines = {line.split(":")[0]: line for line in out.splitlines()}
     base, adapted = (float(lines[name].split()[2]) for name in ("base", "adapter"))
@@ -179,11 +188,20 @@ def test_command_errors_are_one_line_with_exit_2(capsys, argv: tuple[str, ...], 
 
 def test_dpo_and_kto_stages_run_from_the_command_line(trained, capsys) -> None:
     root = trained["root"]
-    rows = [{"prompt": f"What is {i} plus {i}?", "chosen": f"It is {2 * i}.", "rejected": f"It is {2 * i + 1}."}
-            for i in range(12)]  # fmt: skip
+    rows = [
+        {"prompt": f"What is {i} plus {i}?", "chosen": f"It is {2 * i}.", "rejected": f"It is {2 * i + 1}."}
+        for i in range(12)
+    ]
     (root / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    common = [f"model={trained['model']}", f"data={root / 'pairs.jsonl'}", "max_steps=1", "batch_size=2",
-              "eval_examples=2", "eval_fraction=0.2", "max_length=48"]  # fmt: skip
+    common = [
+        f"model={trained['model']}",
+        f"data={root / 'pairs.jsonl'}",
+        "max_steps=1",
+        "batch_size=2",
+        "eval_examples=2",
+        "eval_fraction=0.2",
+        "max_length=48",
+    ]
     for stage in ("dpo", "kto"):  # kto unpairs the preference pairs
         code, out, err = cli(capsys, "train", f"stage={stage}", f"output_dir={root / stage}", *common)
         assert code == 0, err
@@ -207,7 +225,10 @@ def test_an_override_of_epochs_or_max_steps_replaces_the_files_other(tmp_path: P
     config = TrainConfig.from_sources(str(path), ["epochs=2"])
     assert (config.max_steps, config.epochs, config.method_options) == (0, 2.0, {"r": 4})
     path.write_text("epochs: 3\n", encoding="utf-8")
-    assert (TrainConfig.from_sources(str(path), ["max_steps=5"]).max_steps, TrainConfig.from_sources(str(path), []).max_steps) == (5, 0)
+    assert (
+        TrainConfig.from_sources(str(path), ["max_steps=5"]).max_steps,
+        TrainConfig.from_sources(str(path), []).max_steps,
+    ) == (5, 0)
 
 
 def test_method_values_take_their_fields_types() -> None:

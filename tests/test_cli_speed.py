@@ -39,6 +39,7 @@ def _probe(*argv: str, env: dict | None = None) -> tuple[str, str, float]:
     return last, done.stdout + done.stderr, time.perf_counter() - start
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("argv", [["train", "learning_rat=1e-4"], ["train", "threads=-1"]])
 def test_config_errors_do_not_import_torch(argv):
     loaded, output, _ = _probe(*argv)
@@ -47,8 +48,16 @@ def test_config_errors_do_not_import_torch(argv):
         assert "did you mean 'learning_rate'" in output
 
 
-@pytest.mark.parametrize("argv", [["train", f"data={MISSING}"], ["train", f"eval_data={MISSING}"],
-                                  ["eval", "--data", MISSING], ["classify", "--data", MISSING]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", f"data={MISSING}"],
+        ["train", f"eval_data={MISSING}"],
+        ["eval", "--data", MISSING],
+        ["classify", "--data", MISSING],
+    ],
+)
+@pytest.mark.subprocess
 def test_a_missing_data_file_is_named_before_torch_loads(argv):
     """A mistyped data path costs a moment and one line naming it, not the seconds torch and the model take."""
     loaded, output, seconds = _probe(*argv)
@@ -59,6 +68,7 @@ def test_a_missing_data_file_is_named_before_torch_loads(argv):
     assert "EXIT 2" in output
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("command", [None, *COMMANDS])
 def test_every_help_answers_at_once_without_torch(command):
     """Every command of the CLI, a new one included: its help must not wait seconds for torch to load."""
@@ -89,6 +99,7 @@ def test_missing_data_sources_are_found_without_reading_rows(tmp_path):
         check_sources("chatterbot,b.jsonl", "eval_data")
 
 
+@pytest.mark.subprocess
 def test_openmp_threads_sleep_but_in_train_unless_the_user_set_them():
     """Every command but train sleeps idle OpenMP threads; train spins briefly (it watches the machine);
     a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT is left alone."""

@@ -189,7 +189,9 @@ def test_a_lora_layer_off_the_fused_path_says_why_once(caplog):
         model(torch.randn(2, 4))
         model(torch.randn(2, 4))
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["LoRA on Linear trains on the plain (unfused) path: its base layer has hooks (or a patched forward)"]
+    assert lines == [
+        "LoRA on Linear trains on the plain (unfused) path: its base layer has hooks (or a patched forward)"
+    ]
 
 
 def test_an_unrecognised_gated_mlp_says_so(caplog):

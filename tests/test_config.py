@@ -282,11 +282,16 @@ def test_property_valid_configs_round_trip_exactly(fields: dict) -> None:
 
 
 def test_every_peft_lora_field_is_accepted_by_name() -> None:
-    """Each field of peft's LoraConfig is a LoraConfig keyword here: at peft's default value it builds, never a TypeError."""
+    """Each field of peft's LoraConfig is a LoraConfig keyword here: at peft's default value it builds, never a
+    TypeError."""
     import dataclasses
 
     ours = {f.name for f in dataclasses.fields(LoraConfig)}
-    theirs = {f.name for f in dataclasses.fields(peft.LoraConfig) if f.init} - {"peft_type", "auto_mapping", "peft_version"}
+    theirs = {f.name for f in dataclasses.fields(peft.LoraConfig) if f.init} - {
+        "peft_type",
+        "auto_mapping",
+        "peft_version",
+    }
     assert theirs <= ours, sorted(theirs - ours)
     for f in dataclasses.fields(peft.LoraConfig):
         if f.init and f.name in ours and f.name != "runtime_config":

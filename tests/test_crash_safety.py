@@ -28,7 +28,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from file_trees import read_tree, write_tree
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from deltatune import DeltaModel, LoraConfig, get_delta_model
@@ -38,6 +37,7 @@ from deltatune.runtime.checkpoints import (
     latest_complete_checkpoint,
     mark_complete,
 )
+from file_trees import read_tree, write_tree
 
 KILLS = 20
 SEED = 0
@@ -45,8 +45,15 @@ SEED = 0
 
 def _base() -> LlamaForCausalLM:
     """A llama wide enough that an all-linear r=32 adapter is ~1.6 MB, so writes take measurable time."""
-    config = LlamaConfig(vocab_size=64, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=256, max_position_embeddings=32)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        max_position_embeddings=32,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return LlamaForCausalLM(config).eval()
@@ -128,6 +135,7 @@ def _check_checkpoints(root: Path) -> int:
     return int(latest.name.split("-")[1]) + 1  # the next child goes on after the newest complete one
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("kind", ["adapter", "folder", "checkpoint", "in-place-checkpoint"])
 def test_kill_9_at_random_moments_leaves_a_whole_version(tmp_path: Path, kind: str) -> None:
     adapters = [_adapter(1), _adapter(2)] if kind == "adapter" else []

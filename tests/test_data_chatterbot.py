@@ -57,8 +57,10 @@ def test_synthetic_kto_examples_unpair_the_preference_pairs() -> None:
     pairs = chatterbot_preference_pairs()
     examples = chatterbot_kto_examples()
     assert examples == unpair(pairs)
-    assert examples[:2] == [KTOExample(pairs[0].prompt, pairs[0].chosen, True),
-                            KTOExample(pairs[0].prompt, pairs[0].rejected, False)]  # fmt: skip
+    assert examples[:2] == [
+        KTOExample(pairs[0].prompt, pairs[0].chosen, True),
+        KTOExample(pairs[0].prompt, pairs[0].rejected, False),
+    ]
 
 
 def test_synthetic_sources_say_so_in_their_names() -> None:

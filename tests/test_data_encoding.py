@@ -99,14 +99,18 @@ def test_train_on_prompt_labels_everything(tokenizer) -> None:
 
 def test_system_message_replaces_the_template_default(tokenizer) -> None:
     default = tokenizer.decode(encode_conversation(tokenizer, chat((U, "Hi"), (A, "Hello.")))["input_ids"])
-    custom = tokenizer.decode(encode_conversation(tokenizer, chat((S, "Be brief."), (U, "Hi"), (A, "Hello.")))["input_ids"])
+    custom = tokenizer.decode(
+        encode_conversation(tokenizer, chat((S, "Be brief."), (U, "Hi"), (A, "Hello.")))["input_ids"]
+    )
     assert "You are a helpful AI assistant named SmolLM" in default
     assert custom.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi")
     assert "SmolLM" not in custom
 
 
 def test_plain_format_without_chat_template(plain_tokenizer) -> None:
-    example = encode_conversation(plain_tokenizer, chat((S, "Be brief."), (U, "What is AI?"), (A, "Machines."), (U, "And?"), (A, "That think.")))  # fmt: skip
+    example = encode_conversation(
+        plain_tokenizer, chat((S, "Be brief."), (U, "What is AI?"), (A, "Machines."), (U, "And?"), (A, "That think."))
+    )
     assert plain_tokenizer.decode(example["input_ids"]) == (
         "Be brief.\n\nQuestion: What is AI?\nAnswer: Machines.<|im_end|>\nQuestion: And?\nAnswer: That think.<|im_end|>"
     )
@@ -151,8 +155,10 @@ def test_truncation_is_counted_and_label_free_examples_are_dropped(tokenizer) ->
 
 
 def test_collate_right_pads(tokenizer) -> None:
-    batch = [encode_conversation(tokenizer, chat((U, "Hi"), (A, "Hello."))),
-             encode_conversation(tokenizer, chat((U, "What is your favourite book?"), (A, "The dictionary.")))]  # fmt: skip
+    batch = [
+        encode_conversation(tokenizer, chat((U, "Hi"), (A, "Hello."))),
+        encode_conversation(tokenizer, chat((U, "What is your favourite book?"), (A, "The dictionary."))),
+    ]
     lengths = [len(example["input_ids"]) for example in batch]
     out = collate_causal(batch, pad_token_id=tokenizer.pad_token_id)
     assert set(out) == {"input_ids", "attention_mask", "labels"}
@@ -177,15 +183,25 @@ def test_packing_fills_rows_first_fit_decreasing() -> None:
 def test_packed_rows_compute_what_each_example_computes_alone(tokenizer) -> None:
     """Restarting position ids make transformers mask attention across packed examples."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, use_cache=False)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_cache=False,
+    )
     model = LlamaForCausalLM(config).eval()
-    examples = [encode_conversation(tokenizer, chat((U, q), (A, a)))
-                for q, a in (("Hi", "Hello."), ("What is AI?", "Machines."), ("Bye", "Ciao, see you soon."))]  # fmt: skip
+    examples = [
+        encode_conversation(tokenizer, chat((U, q), (A, a)))
+        for q, a in (("Hi", "Hello."), ("What is AI?", "Machines."), ("Bye", "Ciao, see you soon."))
+    ]
     rows = pack_examples(examples, max_length=200)
     assert len(rows) == 1
-    batch = collate_causal(rows + [examples[0] | {"position_ids": list(range(len(examples[0]["input_ids"])))}],
-                           tokenizer.pad_token_id)  # a padded second row  # fmt: skip
+    batch = collate_causal(
+        rows + [examples[0] | {"position_ids": list(range(len(examples[0]["input_ids"])))}], tokenizer.pad_token_id
+    )  # a padded second row
     assert "attention_mask" not in batch
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits

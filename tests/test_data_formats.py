@@ -37,45 +37,102 @@ def msgs(*turns: tuple[str, str]) -> list[dict[str, str]]:
 
 
 CASES = [
-    ("messages", {"messages": msgs((S, "Be kind."), (U, "Hi"), (A, "Hello!"), (U, "Bye"), (A, "See you."))},
-     conversation((S, "Be kind."), (U, "Hi"), (A, "Hello!"), (U, "Bye"), (A, "See you."))),
-    ("sharegpt", {"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi"},
-                                    {"from": "gpt", "value": "Hello!"}]},
-     conversation((S, "Be kind."), (U, "Hi"), (A, "Hello!"))),
-    ("alpaca", {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5", "system": "Be exact.",
-                "history": [["What is 1+1?", "2"]]},
-     conversation((S, "Be exact."), (U, "What is 1+1?"), (A, "2"), (U, "Add the numbers.\n\n2 and 3"), (A, "5"))),
+    (
+        "messages",
+        {"messages": msgs((S, "Be kind."), (U, "Hi"), (A, "Hello!"), (U, "Bye"), (A, "See you."))},
+        conversation((S, "Be kind."), (U, "Hi"), (A, "Hello!"), (U, "Bye"), (A, "See you.")),
+    ),
+    (
+        "sharegpt",
+        {
+            "conversations": [
+                {"from": "system", "value": "Be kind."},
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Hello!"},
+            ]
+        },
+        conversation((S, "Be kind."), (U, "Hi"), (A, "Hello!")),
+    ),
+    (
+        "alpaca",
+        {
+            "instruction": "Add the numbers.",
+            "input": "2 and 3",
+            "output": "5",
+            "system": "Be exact.",
+            "history": [["What is 1+1?", "2"]],
+        },
+        conversation((S, "Be exact."), (U, "What is 1+1?"), (A, "2"), (U, "Add the numbers.\n\n2 and 3"), (A, "5")),
+    ),
     ("alpaca", {"instruction": "Say hi.", "input": "", "output": "Hi."}, conversation((U, "Say hi."), (A, "Hi."))),
-    ("prompt_completion", {"prompt": "What is AI?", "completion": "Machines that think."},
-     conversation((U, "What is AI?"), (A, "Machines that think."))),
-    ("prompt_completion", {"prompt": msgs((S, "Short."), (U, "Hi")), "completion": msgs((A, "Hello."))},
-     conversation((S, "Short."), (U, "Hi"), (A, "Hello."))),
+    (
+        "prompt_completion",
+        {"prompt": "What is AI?", "completion": "Machines that think."},
+        conversation((U, "What is AI?"), (A, "Machines that think.")),
+    ),
+    (
+        "prompt_completion",
+        {"prompt": msgs((S, "Short."), (U, "Hi")), "completion": msgs((A, "Hello."))},
+        conversation((S, "Short."), (U, "Hi"), (A, "Hello.")),
+    ),
     ("text", {"text": "Once upon a time."}, TextExample("Once upon a time.")),
     ("classification", {"text": "What is AI?", "label": "ai"}, LabelledText("What is AI?", "ai")),
     ("classification", {"text": "What is AI?", "label": 3}, LabelledText("What is AI?", "3")),
-    ("preference", {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
-     PreferencePair((Message(U, "Hi"),), (Message(A, "Hello!"),), (Message(A, "Go away."),))),
-    ("preference", {"chosen": msgs((U, "Hi"), (A, "Hello!")), "rejected": msgs((U, "Hi"), (A, "Go away."))},
-     PreferencePair((Message(U, "Hi"),), (Message(A, "Hello!"),), (Message(A, "Go away."),))),
-    ("preference", {"chosen": msgs((U, "a"), (A, "b"), (U, "c"), (A, "good")),
-                    "rejected": msgs((U, "a"), (A, "b"), (U, "c"), (A, "bad"))},
-     PreferencePair(tuple(Message(r, c) for r, c in ((U, "a"), (A, "b"), (U, "c"))), (Message(A, "good"),),
-                    (Message(A, "bad"),))),
-    ("kto", {"prompt": "Hi", "completion": "Hello!", "label": True},
-     KTOExample((Message(U, "Hi"),), (Message(A, "Hello!"),), True)),
-    ("kto", {"prompt": msgs((U, "Hi")), "completion": msgs((A, "Go away.")), "label": False},
-     KTOExample((Message(U, "Hi"),), (Message(A, "Go away."),), False)),
-    ("sharegpt_preference", {"conversations": [{"from": "human", "value": "Hi"}], "chosen": {"from": "gpt", "value": "Hello!"},
-                             "rejected": [{"from": "gpt", "value": "Go away."}]},
-     PreferencePair((Message(U, "Hi"),), (Message(A, "Hello!"),), (Message(A, "Go away."),))),
-    ("alpaca_preference", {"instruction": "Say hi.", "input": "", "chosen": "Hi.", "rejected": "No."},
-     PreferencePair((Message(U, "Say hi."),), (Message(A, "Hi."),), (Message(A, "No."),))),
-    ("messages_kto", {"messages": msgs((U, "Hi"), (A, "Hello!")), "label": True},
-     KTOExample((Message(U, "Hi"),), (Message(A, "Hello!"),), True)),
-    ("sharegpt_kto", {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Go away."}],
-                      "kto_tag": False},
-     KTOExample((Message(U, "Hi"),), (Message(A, "Go away."),), False)),
-]  # fmt: skip
+    (
+        "preference",
+        {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
+        PreferencePair((Message(U, "Hi"),), (Message(A, "Hello!"),), (Message(A, "Go away."),)),
+    ),
+    (
+        "preference",
+        {"chosen": msgs((U, "Hi"), (A, "Hello!")), "rejected": msgs((U, "Hi"), (A, "Go away."))},
+        PreferencePair((Message(U, "Hi"),), (Message(A, "Hello!"),), (Message(A, "Go away."),)),
+    ),
+    (
+        "preference",
+        {
+            "chosen": msgs((U, "a"), (A, "b"), (U, "c"), (A, "good")),
+            "rejected": msgs((U, "a"), (A, "b"), (U, "c"), (A, "bad")),
+        },
+        PreferencePair(
+            tuple(Message(r, c) for r, c in ((U, "a"), (A, "b"), (U, "c"))), (Message(A, "good"),), (Message(A, "bad"),)
+        ),
+    ),
+    (
+        "kto",
+        {"prompt": "Hi", "completion": "Hello!", "label": True},
+        KTOExample((Message(U, "Hi"),), (Message(A, "Hello!"),), True),
+    ),
+    (
+        "kto",
+        {"prompt": msgs((U, "Hi")), "completion": msgs((A, "Go away.")), "label": False},
+        KTOExample((Message(U, "Hi"),), (Message(A, "Go away."),), False),
+    ),
+    (
+        "sharegpt_preference",
+        {
+            "conversations": [{"from": "human", "value": "Hi"}],
+            "chosen": {"from": "gpt", "value": "Hello!"},
+            "rejected": [{"from": "gpt", "value": "Go away."}],
+        },
+        PreferencePair((Message(U, "Hi"),), (Message(A, "Hello!"),), (Message(A, "Go away."),)),
+    ),
+    (
+        "alpaca_preference",
+        {"instruction": "Say hi.", "input": "", "chosen": "Hi.", "rejected": "No."},
+        PreferencePair((Message(U, "Say hi."),), (Message(A, "Hi."),), (Message(A, "No."),)),
+    ),
+    (
+        "messages_kto",
+        {"messages": msgs((U, "Hi"), (A, "Hello!")), "label": True},
+        KTOExample((Message(U, "Hi"),), (Message(A, "Hello!"),), True),
+    ),
+    (
+        "sharegpt_kto",
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Go away."}], "kto_tag": False},
+        KTOExample((Message(U, "Hi"),), (Message(A, "Go away."),), False),
+    ),
+]
 
 
 @pytest.mark.parametrize(("fmt", "row", "expected"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
@@ -93,16 +150,28 @@ def test_every_format_has_a_detection_case() -> None:
 def test_kinds_follow_the_records(tmp_path: Path) -> None:
     kinds = {fmt: load_records(write_jsonl(tmp_path / f"{fmt}.jsonl", [row])).kind for fmt, row, _ in CASES}
     assert kinds == {
-        "messages": "sft", "sharegpt": "sft", "alpaca": "sft", "prompt_completion": "sft", "text": "sft",
-        "classification": "classification", "preference": "preference", "kto": "kto",
-        "sharegpt_preference": "preference", "alpaca_preference": "preference", "messages_kto": "kto", "sharegpt_kto": "kto",
-    }  # fmt: skip
+        "messages": "sft",
+        "sharegpt": "sft",
+        "alpaca": "sft",
+        "prompt_completion": "sft",
+        "text": "sft",
+        "classification": "classification",
+        "preference": "preference",
+        "kto": "kto",
+        "sharegpt_preference": "preference",
+        "alpaca_preference": "preference",
+        "messages_kto": "kto",
+        "sharegpt_kto": "kto",
+    }
 
 
 def test_unread_columns_are_errors_unless_ignored_and_explicit_format_overrides_detection(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"id": 7, "text": "hello", "label": "x"}])
-    with pytest.raises(DataError, match=r"d.jsonl: row 1: column 'id' is not read by the classification format .*"
-                                        r"ignore_columns=id"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"d.jsonl: row 1: column 'id' is not read by the classification format .*"
+        r"ignore_columns=id",
+    ):
         load_records(path)
     assert load_records(path, ignore_columns=["id"]).format == "classification"
     with pytest.raises(DataError, match="column 'label' is not read by the text format .*did you mean stage=kto"):
@@ -157,18 +226,33 @@ def test_bad_messages_are_reported_with_their_position(tmp_path: Path, messages,
 
 
 OTHER_ERRORS = [
-    ([{"conversations": [{"from": "robot", "value": "x"}]}], "row 1: 'conversations' message 1 has unknown role 'robot'"),
+    (
+        [{"conversations": [{"from": "robot", "value": "x"}]}],
+        "row 1: 'conversations' message 1 has unknown role 'robot'",
+    ),
     ([{"instruction": "i", "output": ""}], "row 1: column 'output' is an empty completion"),
     ([{"instruction": "i", "output": "o", "history": [["q"]]}], "row 1: column 'history' must be a list of"),
     ([{"instruction": 1, "output": "o"}], "row 1: column 'instruction' must be a string, got int"),
-    ([{"prompt": "p", "completion": "c", "label": "maybe"}], "row 1: column 'label' must be true or false, got str 'maybe'"),
-    ([{"chosen": "a", "rejected": "b"}], "row 1: missing column 'prompt' (needed when chosen and rejected are strings)"),
-    ([{"chosen": msgs((U, "q"), (A, "a")), "rejected": msgs((U, "other"), (A, "b"))}], "row 1: chosen and rejected share no prompt"),
-    ([{"chosen": msgs((U, "q"), (A, "a")), "rejected": msgs((U, "q"), (A, "a"))}], "row 1: chosen and rejected are the same completion"),
+    (
+        [{"prompt": "p", "completion": "c", "label": "maybe"}],
+        "row 1: column 'label' must be true or false, got str 'maybe'",
+    ),
+    (
+        [{"chosen": "a", "rejected": "b"}],
+        "row 1: missing column 'prompt' (needed when chosen and rejected are strings)",
+    ),
+    (
+        [{"chosen": msgs((U, "q"), (A, "a")), "rejected": msgs((U, "other"), (A, "b"))}],
+        "row 1: chosen and rejected share no prompt",
+    ),
+    (
+        [{"chosen": msgs((U, "q"), (A, "a")), "rejected": msgs((U, "q"), (A, "a"))}],
+        "row 1: chosen and rejected are the same completion",
+    ),
     ([{"text": ""}], "row 1: column 'text' is empty"),
     ([{"text": "t", "label": None}], "row 1: missing column 'label'"),
     ([{"question": "q", "answer": "a"}], "cannot tell the data format from the columns ['answer', 'question']"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("rows", "message"), OTHER_ERRORS, ids=[m for _, m in OTHER_ERRORS])

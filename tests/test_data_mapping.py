@@ -8,9 +8,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from data_shapes import chat_rows, dataset_info, kto_message_rows, write_rows
 from transformers import AutoTokenizer
 
+from data_shapes import chat_rows, dataset_info, kto_message_rows, write_rows
 from deltatune.data import (
     Conversation,
     DataError,
@@ -32,8 +32,10 @@ from deltatune.train.preference_data import (
 QA = Conversation((Message("user", "What is 1 plus 1?"), Message("assistant", "It is 2.")))
 
 
-@pytest.mark.parametrize("columns", ['{"prompt": "q", "completion": "a"}', {"prompt": "q", "completion": "a"},
-                                     {"prompt": "q", "response": "a"}])  # fmt: skip
+@pytest.mark.parametrize(
+    "columns",
+    ['{"prompt": "q", "completion": "a"}', {"prompt": "q", "completion": "a"}, {"prompt": "q", "response": "a"}],
+)
 def test_columns_rename_to_our_names_json_or_mapping(tmp_path: Path, columns) -> None:
     path = write_rows(tmp_path / "d.jsonl", [{"q": "What is 1 plus 1?", "a": "It is 2."}])
     data = load_records(path, columns=columns)
@@ -43,8 +45,11 @@ def test_columns_rename_to_our_names_json_or_mapping(tmp_path: Path, columns) ->
 
 def test_mapping_errors_name_the_column(tmp_path: Path) -> None:
     path = write_rows(tmp_path / "d.jsonl", [{"q": "Hi", "a": "Hello"}])
-    with pytest.raises(DataError, match=r"d.jsonl: columns maps 'completion' to 'answer', which is not a column; "
-                                        r"the columns are q, a"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"d.jsonl: columns maps 'completion' to 'answer', which is not a column; "
+        r"the columns are q, a",
+    ):
         load_records(path, columns={"prompt": "q", "completion": "answer"})
     with pytest.raises(DataError, match="columns: 'question' is not a column any format reads"):
         load_records(path, columns={"question": "q"})
@@ -69,7 +74,9 @@ def test_dataset_info_entries_that_cannot_be_read_are_refused(tmp_path: Path) ->
     entries["hub"] = {"hf_hub_url": "someone/data"}
     entries["ranked"] = {**entries["chat"], "ranking": True}
     info.write_text(json.dumps(entries), encoding="utf-8")
-    with pytest.raises(DataError, match=r"dataset_info.json#hub: key 'hf_hub_url' is not supported \(nothing is downloaded\)"):
+    with pytest.raises(
+        DataError, match=r"dataset_info.json#hub: key 'hf_hub_url' is not supported \(nothing is downloaded\)"
+    ):
         load_records(f"{info}#hub")
     with pytest.raises(DataError, match="says ranking=true, but the rows are sft data"):
         load_records(f"{info}#ranked")
@@ -99,8 +106,10 @@ def test_mixing_resizes_each_source_by_its_weight(tmp_path: Path) -> None:
     assert mix(records, [s.source for s in sets], parse_weights("1,1", 2), seed=0).records == mixed.records
 
 
-@pytest.mark.parametrize(("text", "message"), [("1,2,3", "has 3 weights for 2 data sources"),
-                                               ("1,x", "must be comma-separated numbers"), ("0,0", "not all 0")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("1,2,3", "has 3 weights for 2 data sources"), ("1,x", "must be comma-separated numbers"), ("0,0", "not all 0")],
+)
 def test_bad_weights(text: str, message: str) -> None:
     with pytest.raises(DataError, match=message):
         parse_weights(text, 2)
@@ -133,7 +142,9 @@ def test_long_prompts_keep_their_preference_and_kto_rows(smollm2_dir) -> None:
     assert (len(encoded.examples), encoded.n_truncated, encoded.n_dropped) == (3, 3, 0)
     assert encoded.reasons == {"prompt cut from the left": 3}
     example = encoded.examples[0]
-    assert tokenizer.decode(example["chosen_input_ids"]).endswith("What is 1 plus 1?<|im_end|>\n<|im_start|>assistant\nIt is 2.<|im_end|>")
+    assert tokenizer.decode(example["chosen_input_ids"]).endswith(
+        "What is 1 plus 1?<|im_end|>\n<|im_start|>assistant\nIt is 2.<|im_end|>"
+    )
     kto = encode_kto_examples(tokenizer, [KTOExample(prompt, pair.chosen, True)], max_length=64, max_prompt_length=40)
     assert len(kto.examples) == 1 and len(kto.examples[0]["input_ids"]) == 64
     assert kto.summary(64) == "1 examples, 64 tokens; 1 longer than max_length=64 (prompt cut from the left: 1)"

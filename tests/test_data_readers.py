@@ -54,8 +54,11 @@ def test_csv_quote_left_open_is_an_error_not_one_long_cell(tmp_path: Path) -> No
     """Read loosely, an opened quote swallows every later line into one cell; strictly, it is named."""
     path = tmp_path / "q.csv"
     path.write_text('prompt,completion\nHi,"Hello\nBye,See you\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"q\.csv: the row starting on line 2: unexpected end of data; a cell with quotes in it must be "
-                                        r'quoted whole, its own quotes doubled \("say ""hi""\"\)'):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"q\.csv: the row starting on line 2: unexpected end of data; a cell with quotes in it must be "
+        r'quoted whole, its own quotes doubled \("say ""hi""\"\)',
+    ):
         read_table(path)
     path.write_text('prompt,completion\nHi,"Hel"lo\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"row starting on line 2: ',' expected after '\"'"):

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from data_shapes import (
     chat_rows,
     dataset_info,
@@ -16,15 +17,22 @@ from data_shapes import (
     trl_tool_rows,
     write_rows,
 )
-from sft_helpers import TINY_RUN, save_tiny_chat_model, write_arithmetic_jsonl
-
 from deltatune.runtime.assets import SMOLLM2_HUB_ID, smollm2_path
 from deltatune.saved import load_adapted
 from deltatune.train.config import TrainConfig
 from deltatune.train.run import run_training
+from sft_helpers import TINY_RUN, save_tiny_chat_model, write_arithmetic_jsonl
 
-QUICK = {"max_steps": 2, "batch_size": 2, "max_length": 64, "eval_examples": 2, "eval_fraction": 0.25,
-         "warmup_steps": 0, "r": 2, "target_modules": "q_proj,v_proj"}  # fmt: skip
+QUICK = {
+    "max_steps": 2,
+    "batch_size": 2,
+    "max_length": 64,
+    "eval_examples": 2,
+    "eval_fraction": 0.25,
+    "warmup_steps": 0,
+    "r": 2,
+    "target_modules": "q_proj,v_proj",
+}
 
 
 def train(tmp_path: Path, data: str, **keys) -> tuple[dict, list[str]]:
@@ -85,7 +93,9 @@ def test_a_local_model_folder_is_recorded_as_given_and_the_hub_id_loads_offline(
     model = save_tiny_chat_model(tmp_path / "model")
     monkeypatch.chdir(tmp_path)
     data = write_arithmetic_jsonl(tmp_path / "d.jsonl")
-    config = TrainConfig.from_dict({**TINY_RUN, "max_steps": 1, "model": "model", "data": str(data), "output_dir": "out"})
+    config = TrainConfig.from_dict(
+        {**TINY_RUN, "max_steps": 1, "model": "model", "data": str(data), "output_dir": "out"}
+    )
     run_training(config, log=lambda line: None)
     assert adapter_base(tmp_path) == "model"
     assert load_adapted(tmp_path / "out" / "adapter")[1] == model.relative_to(tmp_path)
@@ -97,6 +107,7 @@ def test_an_adapter_naming_the_hub_id_loads_on_the_embedded_copy(tmp_path: Path)
     from deltatune.runtime.assets import load_smollm2
 
     base, _ = load_smollm2()
-    get_delta_model(base, LoraConfig(r=2, target_modules=["q_proj"], base_model_name_or_path=SMOLLM2_HUB_ID)
-                    ).save_pretrained(tmp_path / "adapter")  # fmt: skip
+    get_delta_model(
+        base, LoraConfig(r=2, target_modules=["q_proj"], base_model_name_or_path=SMOLLM2_HUB_ID)
+    ).save_pretrained(tmp_path / "adapter")
     assert load_adapted(tmp_path / "adapter")[1] == smollm2_path()

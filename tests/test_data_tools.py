@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from data_shapes import WEATHER, sharegpt_tool_rows, trl_tool_rows, write_rows
 from transformers import AutoTokenizer
 
+from data_shapes import WEATHER, sharegpt_tool_rows, trl_tool_rows, write_rows
 from deltatune.data import (
     DataError,
     Message,
@@ -66,15 +66,26 @@ def test_plain_layout_puts_loss_on_calls_and_answers_not_on_tool_results(tmp_pat
 
 def test_parallel_calls_and_their_results_share_one_turn_each(tmp_path: Path, tokenizer) -> None:
     calls = [{"name": "get_weather", "arguments": {"city": c}} for c in ("Oslo", "Rome")]
-    row = {"conversations": [{"from": "human", "value": "Oslo or Rome?"}, {"from": "function_call", "value": json.dumps(calls)},
-                             {"from": "observation", "value": "5"}, {"from": "observation", "value": "25"},
-                             {"from": "gpt", "value": "Rome is warmer."}], "tools": json.dumps([WEATHER])}  # fmt: skip
+    row = {
+        "conversations": [
+            {"from": "human", "value": "Oslo or Rome?"},
+            {"from": "function_call", "value": json.dumps(calls)},
+            {"from": "observation", "value": "5"},
+            {"from": "observation", "value": "25"},
+            {"from": "gpt", "value": "Rome is warmer."},
+        ],
+        "tools": json.dumps([WEATHER]),
+    }
     record = load_records(write_rows(tmp_path / "p.json", [row])).records[0]
     text = render(tokenizer, record.messages, tools=record.tools)
-    assert text.count('<tool_call>\n{"name": "get_weather"') == 2 and text.count("<|im_start|>user\n<tool_response>") == 1
+    assert (
+        text.count('<tool_call>\n{"name": "get_weather"') == 2 and text.count("<|im_start|>user\n<tool_response>") == 1
+    )
     assert "</tool_response>\n<tool_response>\n25" in text
     labelled = labelled_text(tokenizer, encode_conversation(tokenizer, record))
-    assert labelled.count("<tool_call>") == 2 and "25" not in labelled and labelled.endswith("Rome is warmer.<|im_end|>")
+    assert (
+        labelled.count("<tool_call>") == 2 and "25" not in labelled and labelled.endswith("Rome is warmer.<|im_end|>")
+    )
 
 
 def test_a_template_with_tool_support_renders_tools_itself(tmp_path: Path, smollm2_dir) -> None:
@@ -82,7 +93,10 @@ def test_a_template_with_tool_support_renders_tools_itself(tmp_path: Path, smoll
     native.chat_template = NATIVE
     record = load_records(write_rows(tmp_path / "t.jsonl", trl_tool_rows())).records[0]
     text = render(native, record.messages, tools=record.tools)
-    assert text.startswith('<|im_start|>system\nTools: [{"type": "function", "function": {"name": "get_weather"') and "<tool_call>" not in text
+    assert (
+        text.startswith('<|im_start|>system\nTools: [{"type": "function", "function": {"name": "get_weather"')
+        and "<tool_call>" not in text
+    )
     assert '<|im_start|>tool\n{"temp": 10}<|im_end|>' in text
     assert labelled_text(native, encode_conversation(native, record)) == (
         '<call>get_weather {"city": "Paris"}</call><|im_end|>It is 10 degrees in Paris.<|im_end|>'
@@ -90,25 +104,45 @@ def test_a_template_with_tool_support_renders_tools_itself(tmp_path: Path, smoll
 
 
 TOOL_ERRORS = [
-    ({"from": "function_call", "value": '{"name": "get_time", "arguments": {}}'}, json.dumps([WEATHER]),
-     "'conversations' message 2 calls 'get_time', which column 'tools' does not offer (it has get_weather)"),
-    ({"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}'}, json.dumps([WEATHER]),
-     "'conversations' message 2: the function call is not valid JSON"),
-    ({"from": "function_call", "value": '{"name": "get_weather", "arguments": "Paris"}'}, json.dumps([WEATHER]),
-     "'conversations' message 2: the arguments of 'get_weather' are not valid JSON"),
-    ({"from": "function_call", "value": '{"name": "get_weather"}'}, '[{"name": "get_weather"',
-     "column 'tools' is not valid JSON"),
-    ({"from": "function_call", "value": '{"name": "get_weather"}'}, '[{"description": "no name"}]',
-     "column 'tools' item 1 is not a function schema with a 'name'"),
-    ({"from": "observation", "value": "21"}, json.dumps([WEATHER]),
-     "'conversations' message 2: a tool result must follow an assistant message that calls a tool"),
-]  # fmt: skip
+    (
+        {"from": "function_call", "value": '{"name": "get_time", "arguments": {}}'},
+        json.dumps([WEATHER]),
+        "'conversations' message 2 calls 'get_time', which column 'tools' does not offer (it has get_weather)",
+    ),
+    (
+        {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}'},
+        json.dumps([WEATHER]),
+        "'conversations' message 2: the function call is not valid JSON",
+    ),
+    (
+        {"from": "function_call", "value": '{"name": "get_weather", "arguments": "Paris"}'},
+        json.dumps([WEATHER]),
+        "'conversations' message 2: the arguments of 'get_weather' are not valid JSON",
+    ),
+    (
+        {"from": "function_call", "value": '{"name": "get_weather"}'},
+        '[{"name": "get_weather"',
+        "column 'tools' is not valid JSON",
+    ),
+    (
+        {"from": "function_call", "value": '{"name": "get_weather"}'},
+        '[{"description": "no name"}]',
+        "column 'tools' item 1 is not a function schema with a 'name'",
+    ),
+    (
+        {"from": "observation", "value": "21"},
+        json.dumps([WEATHER]),
+        "'conversations' message 2: a tool result must follow an assistant message that calls a tool",
+    ),
+]
 
 
 @pytest.mark.parametrize(("turn", "tools", "message"), TOOL_ERRORS, ids=[m[:40] for *_, m in TOOL_ERRORS])
 def test_bad_tool_rows_are_one_line_errors(tmp_path: Path, turn: dict, tools: str, message: str) -> None:
-    row = {"conversations": [{"from": "human", "value": "Weather?"}, turn, {"from": "gpt", "value": "Sunny."}],
-           "tools": tools}  # fmt: skip
+    row = {
+        "conversations": [{"from": "human", "value": "Weather?"}, turn, {"from": "gpt", "value": "Sunny."}],
+        "tools": tools,
+    }
     path = write_rows(tmp_path / "bad.jsonl", [row])
     with pytest.raises(DataError) as info:
         load_records(path)

@@ -13,16 +13,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import ddp_worker as worker
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import tiny_llama
 
+import ddp_worker as worker
 from deltatune import DeltaModel
 from deltatune.errors import ConfigError
 from deltatune.runtime.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
 from deltatune.runtime.distributed import gather_adapter_state, is_main_process, rank
+from tiny_models import tiny_llama
+
+pytestmark = pytest.mark.multiprocess
 
 WORKER = Path(worker.__file__)
 
@@ -33,7 +35,15 @@ def launched(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("distributed")
     (out / "results").mkdir()
     (out / "runs").mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(WORKER),
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -96,8 +106,15 @@ def test_only_rank_0_writes(launched: Path) -> None:
     for way in worker.WAYS:
         assert f"{way}/adapter/adapter_model.safetensors" in written
     adapter_files = ("adapter_config.json", "adapter_model.safetensors")
-    checkpoint_files = (*adapter_files, "checkpoint_complete.json", "optimizer.pt", "scheduler.pt",
-                        "rng_state_0.pth", "rng_state_1.pth", "trainer_state.json")  # fmt: skip
+    checkpoint_files = (
+        *adapter_files,
+        "checkpoint_complete.json",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+        "trainer_state.json",
+    )
     expected = [f"{way}/adapter/{name}" for way in worker.WAYS for name in adapter_files]
     expected += [f"{CHECKPOINT}/{name}" for name in checkpoint_files]
     files = [p.relative_to(launched / "runs").as_posix() for p in (launched / "runs").rglob("*") if p.is_file()]

@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_llama
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 import deltatune
 from deltatune.train.divergence import DivergenceGuard
 from deltatune.train.trainer import DeltaTrainer
+from tiny_models import VOCAB, tiny_llama
 
 STEPS = 8
 ROWS = torch.randint(2, VOCAB, (8, 12), generator=torch.Generator().manual_seed(0))
@@ -28,15 +28,29 @@ def adapter(model: deltatune.DeltaModel) -> dict[str, torch.Tensor]:
 
 def train(model: deltatune.DeltaModel, tmp_path, learning_rate: float, callbacks=()) -> DeltaTrainer:
     args = TrainingArguments(
-        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=STEPS, learning_rate=learning_rate,
-        lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
-        use_cpu=True, seed=0, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        max_steps=STEPS,
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
     examples = [{"input_ids": row, "labels": row} for row in ROWS]
     trainer = DeltaTrainer(
-        model=model, args=args, train_dataset=examples, callbacks=list(callbacks),
+        model=model,
+        args=args,
+        train_dataset=examples,
+        callbacks=list(callbacks),
         data_collator=lambda rows: {key: torch.stack([row[key] for row in rows]) for key in rows[0]},
-    )  # fmt: skip
+    )
     trainer.train()
     return trainer
 
@@ -99,14 +113,14 @@ def test_a_non_finite_logged_loss_puts_back_the_weights_of_the_last_good_log(log
 
 
 def test_deltatune_train_runs_the_guard_and_reports_it(tmp_path):
-    from sft_helpers import TINY_RUN, save_tiny_chat_model, write_arithmetic_jsonl
-
     from deltatune.train.config import TrainConfig
     from deltatune.train.run import run_training
+    from sft_helpers import TINY_RUN, save_tiny_chat_model, write_arithmetic_jsonl
 
     model, data = save_tiny_chat_model(tmp_path / "model"), write_arithmetic_jsonl(tmp_path / "d.jsonl")
-    config = TrainConfig.from_dict({**TINY_RUN, "model": str(model), "data": str(data), "learning_rate": 1e38,
-                                    "output_dir": str(tmp_path / "run")})  # fmt: skip
+    config = TrainConfig.from_dict(
+        {**TINY_RUN, "model": str(model), "data": str(data), "learning_rate": 1e38, "output_dir": str(tmp_path / "run")}
+    )
     lines: list[str] = []
     result = run_training(config, log=lines.append)
     assert result.diverged and result.diverged in lines and "learning_rate" in result.diverged

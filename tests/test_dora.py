@@ -13,16 +13,6 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from tensor_checks import assert_matches_reference, saved_bytes
-from tiny_models import (
-    LLAMA_LINEAR,
-    build,
-    inputs_for,
-    output_tensor,
-    perturb_trainable,
-    tiny_llama,
-    token_inputs,
-)
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -33,6 +23,16 @@ from deltatune.kernels.dora_linear import fused_dora_linear, weight_norm
 from deltatune.kernels.lora_linear import draw_seed, dropout_mask, quantized_dropout
 from deltatune.kernels.lora_mlp import Projection, fused_lora_mlp
 from deltatune.tuners.lora.layer import LoraLinear
+from tensor_checks import assert_matches_reference, saved_bytes
+from tiny_models import (
+    LLAMA_LINEAR,
+    build,
+    inputs_for,
+    output_tensor,
+    perturb_trainable,
+    tiny_llama,
+    token_inputs,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
@@ -73,7 +73,9 @@ def leaves_of(x, bias, factors) -> dict[str, torch.Tensor | None]:
 
 def reference(x, weight, bias, factors, fan_in_fan_out, masks):
     """The module docstring's formula in float64 on detached copies; returns (y, dict of leaf copies)."""
-    ref = {k: None if v is None else v.detach().double().requires_grad_() for k, v in leaves_of(x, bias, factors).items()}
+    ref = {
+        k: None if v is None else v.detach().double().requires_grad_() for k, v in leaves_of(x, bias, factors).items()
+    }
     w = weight.double()
     base = ref["x"] @ (w if fan_in_fan_out else w.t())
     y = base if bias is None else base + ref["bias"]
@@ -145,7 +147,14 @@ def test_fused_dora_saves_x_z_and_rank_r_products_only():
 
 def _dora_pair(targets, seed=0, **kwargs):
     """(peft model, deltatune model) with the same random DoRA adapter (magnitudes perturbed too)."""
-    config = {"r": 4, "lora_alpha": 8, "target_modules": targets, "use_dora": True, "init_lora_weights": False, **kwargs}
+    config = {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": targets,
+        "use_dora": True,
+        "init_lora_weights": False,
+        **kwargs,
+    }
     torch.manual_seed(seed)
     peft_side = peft.get_peft_model(build("llama"), peft.LoraConfig(**config))
     perturb_trainable(peft_side)
@@ -203,7 +212,13 @@ def test_safe_merge_refuses_a_nan_magnitude_and_changes_nothing():
 def test_two_dora_adapters_active_together_match_peft():
     targets = ["q_proj", "v_proj", "up_proj", "embed_tokens"]
     peft_side, delta_side = _dora_pair(targets)
-    other = {"r": 2, "lora_alpha": 6, "target_modules": ["q_proj", "down_proj"], "use_dora": True, "init_lora_weights": False}
+    other = {
+        "r": 2,
+        "lora_alpha": 6,
+        "target_modules": ["q_proj", "down_proj"],
+        "use_dora": True,
+        "init_lora_weights": False,
+    }
     torch.manual_seed(3)
     peft_side.add_adapter("other", peft.LoraConfig(**other))
     delta_side.add_adapter("other", LoraConfig(**other))
@@ -217,10 +232,14 @@ def test_two_dora_adapters_active_together_match_peft():
     delta_side.set_adapter(["default", "other"])
     inputs = inputs_for("llama")
     with torch.no_grad():
-        torch.testing.assert_close(output_tensor(delta_side(**inputs)), output_tensor(peft_side(**inputs)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            output_tensor(delta_side(**inputs)), output_tensor(peft_side(**inputs)), atol=1e-5, rtol=0
+        )
         delta_side.merge_adapter()
         peft_side.merge_adapter()
-        torch.testing.assert_close(output_tensor(delta_side(**inputs)), output_tensor(peft_side(**inputs)), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            output_tensor(delta_side(**inputs)), output_tensor(peft_side(**inputs)), atol=1e-4, rtol=0
+        )
 
 
 def test_a_training_step_moves_the_magnitudes_and_only_the_adapter():
@@ -267,7 +286,11 @@ def test_fused_and_plain_paths_agree_with_dropout_in_eval_and_train_without(make
         layer.zero_grad(set_to_none=True)
         y = layer(x)
         y.square().sum().backward()
-        results[fused] = (y.grad_fn.name(), y.detach(), {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad})
+        results[fused] = (
+            y.grad_fn.name(),
+            y.detach(),
+            {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad},
+        )
     assert results[True][0] == DORA_NODE != results[False][0]
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-6)
     for name, grad in results[True][2].items():
@@ -300,8 +323,12 @@ def make_dora_mlp_case(dtype, kinds, bias=True, dropout=0.0, seed=0):
         return Projection(weight, leaf(out_features) if bias else None, adapters)
 
     x = leaf(2, 3, MLP_HIDDEN, scale=1.0)
-    return x, projection(MLP_INTER, MLP_HIDDEN, kinds[0]), projection(MLP_INTER, MLP_HIDDEN, kinds[1]), \
-        projection(MLP_HIDDEN, MLP_INTER, kinds[2])  # fmt: skip
+    return (
+        x,
+        projection(MLP_INTER, MLP_HIDDEN, kinds[0]),
+        projection(MLP_INTER, MLP_HIDDEN, kinds[1]),
+        projection(MLP_HIDDEN, MLP_INTER, kinds[2]),
+    )
 
 
 def check_dora_mlp(x, gate, up, down, seed=1234):

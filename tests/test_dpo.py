@@ -11,15 +11,6 @@ import pytest
 import torch
 import trl
 from datasets import Dataset
-from preference_helpers import (
-    PAD,
-    dpo_examples,
-    lora_policy,
-    perturb_lora,
-    training_args,
-    trl_beside_deltatune,
-)
-from tiny_models import tiny_llama
 from transformers import AutoTokenizer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -30,6 +21,15 @@ from deltatune.train.losses import sequence_logprob
 from deltatune.train.preference import DPOTrainer
 from deltatune.train.preference_data import PreferenceCollator, encode_preference_pairs
 from deltatune.tuners import config_classes
+from preference_helpers import (
+    PAD,
+    dpo_examples,
+    lora_policy,
+    perturb_lora,
+    training_args,
+    trl_beside_deltatune,
+)
+from tiny_models import tiny_llama
 
 # prompts and completions of different lengths, so that padding is exercised
 TRIPLES = [([11, 12, 13], [1, 2, 3, 4], [2, 1]), ([20, 21], [5], [6, 7, 8]), ([30], [9, 10, 40], [41, 42, 43, 44, 45])]
@@ -42,16 +42,24 @@ def trainer_for(model, tmp_path, train=None, evaluation=None, args=None, **kwarg
 
 def ours(triples) -> list[dict[str, list[int]]]:
     return [
-        {"chosen_input_ids": p + c, "chosen_labels": [-100] * len(p) + c,
-         "rejected_input_ids": p + r, "rejected_labels": [-100] * len(p) + r}
+        {
+            "chosen_input_ids": p + c,
+            "chosen_labels": [-100] * len(p) + c,
+            "rejected_input_ids": p + r,
+            "rejected_labels": [-100] * len(p) + r,
+        }
         for p, c, r in triples
-    ]  # fmt: skip
+    ]
 
 
 def test_collator_stacks_the_chosen_rows_over_the_rejected_rows() -> None:
     batch = PreferenceCollator(pad_token_id=0)(ours(TRIPLES[:2]))
-    assert batch["input_ids"].tolist() == [[11, 12, 13, 1, 2, 3, 4], [20, 21, 5, 0, 0, 0, 0],
-                                           [11, 12, 13, 2, 1, 0, 0], [20, 21, 6, 7, 8, 0, 0]]  # fmt: skip
+    assert batch["input_ids"].tolist() == [
+        [11, 12, 13, 1, 2, 3, 4],
+        [20, 21, 5, 0, 0, 0, 0],
+        [11, 12, 13, 2, 1, 0, 0],
+        [20, 21, 6, 7, 8, 0, 0],
+    ]
     assert batch["labels"][1].tolist() == [-100, -100, 5, -100, -100, -100, -100]
     assert batch["attention_mask"][2].tolist() == [1, 1, 1, 1, 1, 0, 0]
 
@@ -161,8 +169,13 @@ def test_gradient_accumulation_gives_the_full_batch_step(tmp_path) -> None:
     for batch_size, accumulation in ((8, 1), (4, 2)):
         model = lora_policy()
         perturb_lora(model)
-        args = {"max_steps": 1, "logging_steps": 1, "per_device_train_batch_size": batch_size,
-                "gradient_accumulation_steps": accumulation, "max_grad_norm": 1e9}  # fmt: skip
+        args = {
+            "max_steps": 1,
+            "logging_steps": 1,
+            "per_device_train_batch_size": batch_size,
+            "gradient_accumulation_steps": accumulation,
+            "max_grad_norm": 1e9,
+        }
         trainer = trainer_for(model, tmp_path, train=dpo_examples(8, seed=0), args=args)
         trainer.train()
         steps.append((trainer.state.log_history[0]["loss"], trainer.state.log_history[0]["grad_norm"]))

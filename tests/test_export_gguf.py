@@ -36,14 +36,24 @@ from deltatune.export import export_lora, export_model
 from deltatune.export.modelfile import modelfile_text
 from deltatune.export.quantize import decode
 
+pytestmark = pytest.mark.conversion
+
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 VOCAB = 288  # > the tiny tokenizer's 262 tokens: the rest must be written as unused padding
-LLAMA_SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
-                   tie_word_embeddings=False)  # fmt: skip
+LLAMA_SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -66,14 +76,15 @@ def tiny_model(kind: str, **overrides) -> torch.nn.Module:
         "mistral": lambda: MistralForCausalLM(MistralConfig(**{**LLAMA_SHAPE, **overrides})),
         "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**{**LLAMA_SHAPE, "tie_word_embeddings": True, **overrides})),
         "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**{**LLAMA_SHAPE, "head_dim": 32, **overrides})),
-        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                                                   **overrides)),  # fmt: skip
+        "gpt2": lambda: GPT2LMHeadModel(
+            GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, **overrides)
+        ),
     }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = configs[kind]().eval()
         with torch.no_grad():  # norms and biases away from their 1 / 0 initialisation, so a mix-up shows
-            for name, parameter in model.named_parameters():
+            for parameter in model.parameters():
                 if parameter.ndim == 1:
                     parameter.add_(torch.randn_like(parameter) * 0.1)
     return model
@@ -116,20 +127,39 @@ def types_of(path: Path) -> dict[str, str]:
 # -- what llama.cpp expects, written out independently of the exporter --------------------------------
 
 LLAMA_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-}  # fmt: skip
-GPT2_NAMES = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
-              "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}  # fmt: skip
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+}
+GPT2_NAMES = {
+    "ln_1": "attn_norm",
+    "attn.c_attn": "attn_qkv",
+    "attn.c_proj": "attn_output",
+    "ln_2": "ffn_norm",
+    "mlp.c_fc": "ffn_up",
+    "mlp.c_proj": "ffn_down",
+}
 
 
 def expected_gguf_name(hf_name: str) -> str | None:
     """llama.cpp's tensor name for a transformers one (None: not in the file, e.g. a tied head)."""
     module, kind = hf_name.rsplit(".", 1)
-    top = {"model.embed_tokens": "token_embd", "lm_head": "output", "model.norm": "output_norm",
-           "transformer.wte": "token_embd", "transformer.wpe": "position_embd", "transformer.ln_f": "output_norm"}
+    top = {
+        "model.embed_tokens": "token_embd",
+        "lm_head": "output",
+        "model.norm": "output_norm",
+        "transformer.wte": "token_embd",
+        "transformer.wpe": "position_embd",
+        "transformer.ln_f": "output_norm",
+    }
     if module in top:
         return f"{top[module]}.{kind}"
     parts = module.split(".")
@@ -147,7 +177,7 @@ def expected_tensors(model: torch.nn.Module, tensors: dict[str, np.ndarray]) -> 
     """The file's tensors mapped back to transformers' names and layout, for comparison with the model."""
     config, back = model.config, {}
     permuted = config.model_type in ("llama", "mistral")
-    for hf_name, value in model.state_dict().items():
+    for hf_name in model.state_dict():
         name = expected_gguf_name(hf_name)
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             assert "output.weight" not in tensors
@@ -193,8 +223,9 @@ def metadata(fields: dict, arch: str) -> dict:
     return {key[len(arch) + 1 :]: value for key, value in fields.items() if key.startswith(arch + ".")}
 
 
-@pytest.mark.parametrize("kind, arch", [("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"),
-                                        ("qwen3", "qwen3")])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind, arch", [("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")]
+)
 def test_llama_family_metadata(tmp_path, kind, arch):
     folder = save_tiny(tmp_path / "model", kind, rope_parameters={"rope_type": "default", "rope_theta": 123456.0})
     export_model(folder, tmp_path / "out.gguf", "f32")
@@ -202,12 +233,22 @@ def test_llama_family_metadata(tmp_path, kind, arch):
     head_dim = 32 if kind == "qwen3" else 16
     assert fields["general.architecture"] == arch and fields["general.type"] == "model"
     assert fields["general.file_type"] == gguf.LlamaFileType.ALL_F32
-    assert metadata(fields, arch) == pytest.approx({
-        "vocab_size": VOCAB, "context_length": 128, "embedding_length": 64, "block_count": 2,
-        "feed_forward_length": 96, "attention.head_count": 4, "attention.head_count_kv": 2,
-        "attention.key_length": head_dim, "attention.value_length": head_dim, "rope.dimension_count": head_dim,
-        "attention.layer_norm_rms_epsilon": 1e-5, "rope.freq_base": 123456.0,
-    })  # fmt: skip
+    assert metadata(fields, arch) == pytest.approx(
+        {
+            "vocab_size": VOCAB,
+            "context_length": 128,
+            "embedding_length": 64,
+            "block_count": 2,
+            "feed_forward_length": 96,
+            "attention.head_count": 4,
+            "attention.head_count_kv": 2,
+            "attention.key_length": head_dim,
+            "attention.value_length": head_dim,
+            "rope.dimension_count": head_dim,
+            "attention.layer_norm_rms_epsilon": 1e-5,
+            "rope.freq_base": 123456.0,
+        }
+    )
 
 
 def test_gpt2_metadata(tmp_path):
@@ -215,10 +256,17 @@ def test_gpt2_metadata(tmp_path):
     fields, _ = read(tmp_path / "out.gguf")
     assert fields["general.architecture"] == "gpt2"
     assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
-    assert metadata(fields, "gpt2") == pytest.approx({
-        "vocab_size": VOCAB, "context_length": 128, "embedding_length": 64, "block_count": 2,
-        "feed_forward_length": 256, "attention.head_count": 4, "attention.layer_norm_epsilon": 1e-5,
-    })  # fmt: skip
+    assert metadata(fields, "gpt2") == pytest.approx(
+        {
+            "vocab_size": VOCAB,
+            "context_length": 128,
+            "embedding_length": 64,
+            "block_count": 2,
+            "feed_forward_length": 256,
+            "attention.head_count": 4,
+            "attention.layer_norm_epsilon": 1e-5,
+        }
+    )
 
 
 def test_rope_scaling_is_written(tmp_path):
@@ -228,15 +276,22 @@ def test_rope_scaling_is_written(tmp_path):
     assert fields["llama.rope.scaling.type"] == "linear" and fields["llama.rope.scaling.factor"] == 4.0
     assert fields["llama.rope.freq_base"] == 5e5
 
-    llama3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+    llama3 = {
+        "rope_type": "llama3",
+        "rope_theta": 5e5,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
     export_model(save_tiny(tmp_path / "llama3", "llama", rope_parameters=llama3), tmp_path / "l3.gguf", "q8_0")
     _, tensors = read(tmp_path / "l3.gguf")
     # transformers' own llama3 rope: inv_freq = default inv_freq / factors
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "llama3")
     default = 1.0 / (5e5 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
-    np.testing.assert_allclose(tensors["rope_freqs.weight"], (default / model.model.rotary_emb.inv_freq).numpy(),
-                               rtol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        tensors["rope_freqs.weight"], (default / model.model.rotary_emb.inv_freq).numpy(), rtol=1e-5
+    )
     assert types_of(tmp_path / "l3.gguf")["rope_freqs.weight"] == "F32"
 
 
@@ -283,7 +338,9 @@ def test_modelfile_carries_the_system_prompt_the_adapter_was_trained_with(tmp_pa
     for result in (merged, lora):
         assert 'SYSTEM """Answer in one short sentence."""' in result.modelfile.read_text()
     (base / "deltatune.json").write_text('{"system": "From the merged folder."}', encoding="utf-8")
-    assert 'SYSTEM """From the merged folder."""' in export_model(base, tmp_path / "m.gguf", "f32").modelfile.read_text()
+    assert (
+        'SYSTEM """From the merged folder."""' in export_model(base, tmp_path / "m.gguf", "f32").modelfile.read_text()
+    )
     text = modelfile_text("x.gguf", AutoTokenizer.from_pretrained(base), system="Be brief.")
     assert text.count("SYSTEM") == 1 and 'SYSTEM """Be brief."""' in text
 
@@ -293,8 +350,14 @@ def test_modelfile_carries_the_system_prompt_the_adapter_was_trained_with(tmp_pa
 
 def test_merged_adapter_equals_deltatune_merge(tmp_path):
     base = save_tiny(tmp_path / "base", "llama")
-    adapter = save_lora(tmp_path / "adapter", base, r=4, lora_alpha=8, use_rslora=True,
-                        target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])  # fmt: skip
+    adapter = save_lora(
+        tmp_path / "adapter",
+        base,
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
+    )
     export_model(adapter, tmp_path / "merged.gguf", "f32", model=str(base))
     from deltatune.saved import load_adapted
 
@@ -314,8 +377,9 @@ def test_lora_gguf_reproduces_the_merge_with_llama_cpp_scale(tmp_path, kind):
     base = save_tiny(tmp_path / "base", kind)
     targets = ["c_attn", "c_proj", "c_fc"] if kind == "gpt2" else ["q_proj", "k_proj", "o_proj", "up_proj"]
     patterns = {"rank_pattern": {targets[1]: 2}, "alpha_pattern": {targets[0]: 3}}
-    adapter = save_lora(tmp_path / "adapter", base, r=4, lora_alpha=8, use_rslora=True, target_modules=targets,
-                        **patterns)  # fmt: skip
+    adapter = save_lora(
+        tmp_path / "adapter", base, r=4, lora_alpha=8, use_rslora=True, target_modules=targets, **patterns
+    )
     export_model(adapter, tmp_path / "merged.gguf", "f32", model=str(base))
     result = export_lora(adapter, tmp_path / "lora.gguf", "f32", model=str(base))
     assert result.base_gguf == tmp_path / "lora-base.gguf"
@@ -349,8 +413,9 @@ def test_lora_factors_are_the_scale_folded_file_factors(tmp_path):
     key = "base_model.model.model.layers.1.self_attn.v_proj"
     np.testing.assert_array_equal(lora["blk.1.attn_v.weight.lora_a"], factors[f"{key}.lora_A.weight"].numpy())
     fold = (16 / math.sqrt(4)) / (16 / 4)  # rsLoRA's alpha/sqrt(r) over llama.cpp's alpha/r = sqrt(r)
-    np.testing.assert_allclose(lora["blk.1.attn_v.weight.lora_b"], factors[f"{key}.lora_B.weight"].numpy() * fold,
-                               rtol=1e-7)  # fmt: skip
+    np.testing.assert_allclose(
+        lora["blk.1.attn_v.weight.lora_b"], factors[f"{key}.lora_B.weight"].numpy() * fold, rtol=1e-7
+    )
 
 
 def test_lora_on_embeddings_uses_llama_cpp_layout(tmp_path):
@@ -454,8 +519,12 @@ def test_cli(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == f"ollama create m -f {tmp_path / 'm.Modelfile'}"
     assert gguf.GGUFReader(out).fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
-    assert main(["export", str(adapter), str(tmp_path / "l.gguf"), "--model", str(base), "--lora",
-                 "--base-gguf", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            ["export", str(adapter), str(tmp_path / "l.gguf"), "--model", str(base), "--lora", "--base-gguf", str(out)]
+        )
+        == 0
+    )
     assert (tmp_path / "l.Modelfile").read_text().splitlines()[:2] == ["FROM ./m.gguf", "ADAPTER ./l.gguf"]
     assert not (tmp_path / "l-base.gguf").exists()
 
@@ -484,12 +553,30 @@ def test_smollm2_export_equals_the_embedded_gguf(tmp_path, smollm2_dir):
         reference = theirs[tensor.name]
         assert list(tensor.shape) == list(reference.shape), tensor.name
         np.testing.assert_array_equal(tensor.data, decode(reference.data, reference.tensor_type), err_msg=tensor.name)
-    same = ["tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.chat_template",
-            "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id",
-            "tokenizer.ggml.add_bos_token"] + [f"llama.{key}" for key in (
-            "context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
-            "attention.head_count_kv", "rope.freq_base", "attention.layer_norm_rms_epsilon", "vocab_size",
-            "rope.dimension_count")]  # fmt: skip
+    same = [
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.token_type",
+        "tokenizer.chat_template",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.padding_token_id",
+        "tokenizer.ggml.add_bos_token",
+    ] + [
+        f"llama.{key}"
+        for key in (
+            "context_length",
+            "embedding_length",
+            "block_count",
+            "feed_forward_length",
+            "attention.head_count",
+            "attention.head_count_kv",
+            "rope.freq_base",
+            "attention.layer_norm_rms_epsilon",
+            "vocab_size",
+            "rope.dimension_count",
+        )
+    ]
     for key in same:
         assert ours.fields[key].contents() == embedded.fields[key].contents(), key
     text = (tmp_path / "smol.Modelfile").read_text()
@@ -506,8 +593,17 @@ def llama_cpp_logits(model_path: Path, lora_path: Path | None, ids: list[int], s
     """(llama.cpp's next-token logits after ``ids``, its greedy continuation of ``steps`` tokens)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason=NO_LLAMA_CPP)
     # type_k/type_v 0: an f32 KV cache (llama.cpp's default f16 cache alone moves these logits by ~0.04)
-    llm = llama_cpp.Llama(str(model_path), lora_path=str(lora_path) if lora_path else None, n_ctx=256,
-                          logits_all=True, verbose=False, n_threads=1, seed=0, type_k=0, type_v=0)  # fmt: skip
+    llm = llama_cpp.Llama(
+        str(model_path),
+        lora_path=str(lora_path) if lora_path else None,
+        n_ctx=256,
+        logits_all=True,
+        verbose=False,
+        n_threads=1,
+        seed=0,
+        type_k=0,
+        type_v=0,
+    )
     llm.eval(ids)
     logits = np.array(llm.scores[len(ids) - 1], dtype=np.float32)
     continuation = []
@@ -535,8 +631,15 @@ def test_llama_cpp_runs_the_export_like_transformers(tmp_path, smollm2_dir):
 
     tokenizer = load_tokenizer(smollm2_dir)
     ids = tokenizer(PROMPT)["input_ids"]
-    adapter = save_lora(tmp_path / "adapter", smollm2_dir, r=8, lora_alpha=16, use_rslora=True,
-                        target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 4})  # fmt: skip
+    adapter = save_lora(
+        tmp_path / "adapter",
+        smollm2_dir,
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"v_proj": 4},
+    )
     merged = load_adapted(adapter, str(smollm2_dir))[0].merge_and_unload().eval()
     expected, expected_tokens = transformers_logits(merged, ids, steps=12)
 

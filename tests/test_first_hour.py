@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from sft_helpers import save_tiny_chat_model, write_arithmetic_jsonl
 
 from deltatune.cli.main import main
 from deltatune.data import load_records
@@ -22,6 +21,7 @@ from deltatune.errors import ConfigError, DataError
 from deltatune.runtime import assets
 from deltatune.runtime.atomic import atomic_directory, current_umask, honour_umask
 from deltatune.train.config import REPORTERS, TrainConfig
+from sft_helpers import save_tiny_chat_model, write_arithmetic_jsonl
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # Runs the CLI, then reports whether torch was imported (config errors must answer without it).
@@ -69,13 +69,24 @@ def test_a_wrong_type_names_the_kind_in_words() -> None:
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [
-        ("a.jsonl", '{"prompt": "a", "completion": "b}\n', "row 1: not valid JSON (Unterminated string starting at column 31)"),
-        ("b.jsonl", '{"prompt": "a" "completion": "b"}\n', "row 1: not valid JSON (Expecting ',' delimiter at column 16)"),
+        (
+            "a.jsonl",
+            '{"prompt": "a", "completion": "b}\n',
+            "row 1: not valid JSON (Unterminated string starting at column 31)",
+        ),
+        (
+            "b.jsonl",
+            '{"prompt": "a" "completion": "b"}\n',
+            "row 1: not valid JSON (Expecting ',' delimiter at column 16)",
+        ),
         ("c.json", '[{"prompt": "a",\n "completion": "b]', "not valid JSON (Unterminated string starting at line 2)"),
-        ("d.jsonl", '{"messages": [{"role": "user", "content": "hi"}], "tools": "[{\\"name\\": \\"f}]"}\n',
-         "column 'tools' is not valid JSON (Unterminated string starting at column 11)"),
+        (
+            "d.jsonl",
+            '{"messages": [{"role": "user", "content": "hi"}], "tools": "[{\\"name\\": \\"f}]"}\n',
+            "column 'tools' is not valid JSON (Unterminated string starting at column 11)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_json_error_says_where_once(tmp_path: Path, name: str, text: str, message: str) -> None:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
@@ -92,8 +103,18 @@ def test_train_says_step_in_the_singular_warns_of_whole_run_warmup_and_reports_t
     model = save_tiny_chat_model(tmp_path / "model")
     data = write_arithmetic_jsonl(tmp_path / "data.jsonl", n=12)
     out = tmp_path / "out"
-    argv = ["train", f"model={model}", f"data={data}", f"output_dir={out}", "max_steps=1", "batch_size=2",
-            "eval_examples=2", "eval_fraction=0.2", "max_length=48", "report_to=tensorboard"]  # fmt: skip
+    argv = [
+        "train",
+        f"model={model}",
+        f"data={data}",
+        f"output_dir={out}",
+        "max_steps=1",
+        "batch_size=2",
+        "eval_examples=2",
+        "eval_fraction=0.2",
+        "max_length=48",
+        "report_to=tensorboard",
+    ]
     with _umask(0o022):
         code = main(argv)
     captured = capsys.readouterr()
@@ -187,6 +208,7 @@ def test_max_length_is_checked_against_a_hub_models_cached_config(tmp_path: Path
     TrainConfig(model="org/not-cached", max_length=10**6).check_model()  # nothing on disk: nothing to check
 
 
+@pytest.mark.subprocess
 def test_the_cli_refuses_a_too_long_max_length_before_torch_loads(tmp_path: Path) -> None:
     model = _model_folder(tmp_path / "m", max_position_embeddings=64)
     last, err = _probe("train", f"model={model}", "max_length=65")
@@ -233,6 +255,7 @@ def test_report_to_reaches_the_training_arguments(tmp_path: Path, monkeypatch) -
     assert TrainConfig().reporters() == [] and "trackio" in TrainConfig(report_to="all").reporters()
 
 
+@pytest.mark.subprocess
 def test_report_to_errors_are_one_line_before_torch_loads() -> None:
     missing = next(name for name in ("swanlab", "dvclive", "clearml") if not _installed(name))
     last, err = _probe("train", f"report_to={missing}")
@@ -300,6 +323,8 @@ def test_inspect_names_the_targets_train_uses(tmp_path: Path, capsys) -> None:
     tiny_llama().save_pretrained(tmp_path / "llama")
     assert main(["inspect", str(tmp_path / "llama")]) == 0
     out = capsys.readouterr().out
-    assert ("`deltatune train` target_modules=all-linear (its default): 14 modules, down_proj, gate_proj, k_proj, "
-            "o_proj, q_proj, up_proj, v_proj") in out  # fmt: skip
+    assert (
+        "`deltatune train` target_modules=all-linear (its default): 14 modules, down_proj, gate_proj, k_proj, "
+        "o_proj, q_proj, up_proj, v_proj"
+    ) in out
     assert "peft's default target_modules: q_proj, v_proj" in out and "not what `deltatune train` uses" in out

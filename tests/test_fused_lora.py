@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tensor_checks import DEVICES, assert_matches_reference, saved_bytes
-from tiny_models import LLAMA_LINEAR, tiny_gpt2, tiny_llama, token_inputs
 from torch import nn
 from transformers import LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
@@ -20,6 +18,8 @@ import deltatune
 from deltatune.kernels import LoraFactors, fused_lora_linear
 from deltatune.kernels.lora_linear import draw_seed, dropout_mask, quantized_dropout
 from deltatune.tuners.lora.layer import LoraLinear
+from tensor_checks import DEVICES, assert_matches_reference, saved_bytes
+from tiny_models import LLAMA_LINEAR, tiny_gpt2, tiny_llama, token_inputs
 
 FUSED_NODE = "_LoraLinearFunctionBackward"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -51,7 +51,9 @@ def leaves_of(x, bias, factors) -> dict[str, torch.Tensor | None]:
 
 def reference(x, weight, bias, factors, fan_in_fan_out, masks):
     """The LoRA formula in float64 on detached copies; returns (y, dict of leaf copies)."""
-    ref = {k: None if v is None else v.detach().double().requires_grad_() for k, v in leaves_of(x, bias, factors).items()}
+    ref = {
+        k: None if v is None else v.detach().double().requires_grad_() for k, v in leaves_of(x, bias, factors).items()
+    }
     w = weight.double()
     y = ref["x"] @ (w if fan_in_fan_out else w.t())
     if bias is not None:
@@ -105,7 +107,9 @@ def test_fused_dropout_equals_formula_with_the_same_masks(dtype):
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.3, 0.5])
 def test_dropout_masks_keep_with_the_quantized_probability_and_replay_from_their_seed(p):
     """One 64-bit draw gives four 16-bit lanes: each element keeps with probability 1 - p̂, p̂ within 8e-6 of p."""
-    assert abs(quantized_dropout(p) - p) <= 2**-17 and quantized_dropout(p) * 2**16 == round(quantized_dropout(p) * 2**16)
+    assert abs(quantized_dropout(p) - p) <= 2**-17 and quantized_dropout(p) * 2**16 == round(
+        quantized_dropout(p) * 2**16
+    )
     shape = torch.Size([1001, 999])  # not a multiple of four elements
     mask = dropout_mask(shape, p, 123, torch.device("cpu"))
     assert mask.shape == shape and mask.dtype == torch.bool
@@ -143,7 +147,7 @@ def test_shared_input_is_saved_once_and_dropout_saves_nothing_extra(dtype):
     for dropout in (0.0, 0.3):
         layers, x = three_projections(dtype, dropout)
         weights = [p for layer in layers for p in layer.parameters()]
-        assert saved_bytes(lambda: [layer(x) for layer in layers], weights) == expected
+        assert saved_bytes(lambda layers=layers, x=x: [layer(x) for layer in layers], weights) == expected
     LoraLinear.fused = False
     try:  # the plain path (peft's graph) keeps far more: an fp32 copy of x per projection for bf16, dropped x's
         layers, x = three_projections(dtype, 0.3)
@@ -326,7 +330,9 @@ def test_tiny_llama_compiles_whole_and_trains():
 
 
 def test_gpt2_trains_through_the_fused_path_with_trained_biases():
-    model = deltatune.get_delta_model(tiny_gpt2(), deltatune.LoraConfig(target_modules=["c_attn", "c_fc"], bias="lora_only"))
+    model = deltatune.get_delta_model(
+        tiny_gpt2(), deltatune.LoraConfig(target_modules=["c_attn", "c_fc"], bias="lora_only")
+    )
     inputs = token_inputs()
     out = model(**inputs, labels=inputs["input_ids"])
     layer = model.base_model.transformer.h[0].attn.c_attn

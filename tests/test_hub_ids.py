@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import constants
-from sft_helpers import save_tiny_chat_model
 
 from deltatune.errors import ConfigError
 from deltatune.runtime.loading import (
@@ -24,6 +23,7 @@ from deltatune.runtime.loading import (
     load_tokenizer,
     model_folder,
 )
+from sft_helpers import save_tiny_chat_model
 
 REPO_ID = "DeltaTuneTests/Tiny-Chat"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -87,15 +87,22 @@ def test_the_embedded_default_never_asks_the_hub(hub_cache: Path) -> None:
     assert model_folder("smollm2") == model_folder("HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
+@pytest.mark.subprocess
 def test_generate_takes_a_hub_id(hub_cache: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "deltatune.cli.main", "generate", "--model", REPO_ID, "--max-new-tokens", "2", "Hi"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     done = subprocess.run(
         [sys.executable, "-m", "deltatune.cli.main", "generate", "--model", "DeltaTuneTests/Not-Cached", "Hi"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == 2 and "hf download DeltaTuneTests/Not-Cached" in done.stderr

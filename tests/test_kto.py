@@ -6,6 +6,12 @@ from __future__ import annotations
 import pytest
 import trl
 from datasets import Dataset
+from transformers import AutoTokenizer
+
+from deltatune.data.chatterbot import chatterbot_kto_examples
+from deltatune.errors import ConfigError, DataError
+from deltatune.train.kto import KTOTrainer
+from deltatune.train.preference_data import KTOCollator, encode_kto_examples
 from preference_helpers import (
     PAD,
     kto_examples,
@@ -13,16 +19,13 @@ from preference_helpers import (
     training_args,
     trl_beside_deltatune,
 )
-from transformers import AutoTokenizer
-
-from deltatune.data.chatterbot import chatterbot_kto_examples
-from deltatune.errors import ConfigError, DataError
-from deltatune.train.kto import KTOTrainer
-from deltatune.train.preference_data import KTOCollator, encode_kto_examples
 
 # (prompt, completion, desirable) of different lengths, so that padding is exercised
 ROWS = [
-    ([11, 12, 13], [1, 2, 3, 4], True), ([20, 21], [5], False), ([30], [9, 10, 40], True), ([50, 51], [6, 7], False)
+    ([11, 12, 13], [1, 2, 3, 4], True),
+    ([20, 21], [5], False),
+    ([30], [9, 10, 40], True),
+    ([50, 51], [6, 7], False),
 ]
 
 
@@ -40,8 +43,11 @@ def test_collator_pairs_each_prompt_with_the_previous_rows_completion() -> None:
     assert batch["input_ids"].tolist() == [[11, 12, 13, 1, 2, 3, 4], [20, 21, 5, 0, 0, 0, 0], [30, 9, 10, 40, 0, 0, 0]]
     # row 0 gets row 2's completion (cyclic), row 1 gets row 0's, row 2 gets row 1's
     assert batch["kl_input_ids"].tolist() == [[11, 12, 13, 9, 10, 40], [20, 21, 1, 2, 3, 4], [30, 5, 0, 0, 0, 0]]
-    assert batch["kl_labels"].tolist() == [[-100, -100, -100, 9, 10, 40], [-100, -100, 1, 2, 3, 4],
-                                           [-100, 5, -100, -100, -100, -100]]  # fmt: skip
+    assert batch["kl_labels"].tolist() == [
+        [-100, -100, -100, 9, 10, 40],
+        [-100, -100, 1, 2, 3, 4],
+        [-100, 5, -100, -100, -100, -100],
+    ]
     assert batch["kl_attention_mask"][2].tolist() == [1, 1, 0, 0, 0, 0]
     assert batch["desirable"].tolist() == [True, False, True]
     cut = KTOCollator(pad_token_id=0, max_length=4)(ours(ROWS[:2]))
@@ -86,9 +92,14 @@ def test_kto_lowers_its_loss_and_separates_desirable_from_undesirable(tmp_path) 
 
 def test_loss_rewards_and_kl_equal_trl_on_the_same_adapter_and_batch(tmp_path) -> None:
     config = trl.KTOConfig(
-        output_dir=str(tmp_path / "trl"), beta=0.5, desirable_weight=1.5, undesirable_weight=0.5, report_to=[],
-        use_cpu=True, per_device_train_batch_size=4,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "trl"),
+        beta=0.5,
+        desirable_weight=1.5,
+        undesirable_weight=0.5,
+        report_to=[],
+        use_cpu=True,
+        per_device_train_batch_size=4,
+    )
     placeholder = {"prompt": "t1", "completion": " t2", "label": True}
     reference, model = trl_beside_deltatune(trl.KTOTrainer, config, placeholder, tmp_path)
     completions = [c for _, c, _ in ROWS]

@@ -94,8 +94,12 @@ def test_no_import_circle():
 
 
 def test_nothing_in_the_library_imports_the_benchmarks():
-    users = [m for m, p in MODULES.items() if not m.startswith(("deltatune.bench", "deltatune.cli.bench"))
-             and any(n.startswith("deltatune.bench") for n in imports(p))]  # fmt: skip
+    users = [
+        m
+        for m, p in MODULES.items()
+        if not m.startswith(("deltatune.bench", "deltatune.cli.bench"))
+        and any(n.startswith("deltatune.bench") for n in imports(p))
+    ]
     assert not users
 
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.tensor_checks import assert_close_rel
+from tests.tiny_models import VOCAB, tiny_llama
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from deltatune import LoraConfig, PromptTuningConfig, get_delta_model
 from deltatune.data.collate import collate_causal, collate_padding_free
 from deltatune.kernels import linear_cross_entropy as lce
 from deltatune.train.lm_loss import answer_only_supported, causal_lm_loss
-from tests.tensor_checks import assert_close_rel
-from tests.tiny_models import VOCAB, tiny_llama
 
 
 def _examples(seed: int = 0) -> list[dict[str, list[int]]]:
@@ -167,9 +167,17 @@ def test_logits_exist_only_for_a_chunk_of_labelled_positions(monkeypatch) -> Non
 def test_models_that_transform_their_logits_keep_their_own_loss() -> None:
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    config = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=5.0,
-                          attn_implementation="eager")  # fmt: skip
+    config = Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        final_logit_softcapping=5.0,
+        attn_implementation="eager",
+    )
     torch.manual_seed(0)
     model = get_delta_model(Gemma2ForCausalLM(config).eval(), LoraConfig(r=4, target_modules="all-linear"))
     assert not answer_only_supported(model) and answer_only_supported(tiny_llama())
@@ -192,10 +200,17 @@ def test_sft_trainer_accumulation_gives_the_full_batch_step(tmp_path, collate) -
         torch.manual_seed(0)  # the same random B in both runs
         model = get_delta_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
         args = TrainingArguments(
-            output_dir=str(tmp_path), max_steps=1, logging_steps=1, per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation, max_grad_norm=1e9, report_to=[], use_cpu=True,
-            remove_unused_columns=False, train_sampling_strategy="sequential",
-        )  # fmt: skip
+            output_dir=str(tmp_path),
+            max_steps=1,
+            logging_steps=1,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_grad_norm=1e9,
+            report_to=[],
+            use_cpu=True,
+            remove_unused_columns=False,
+            train_sampling_strategy="sequential",
+        )
         trainer = SFTTrainer(model=model, args=args, train_dataset=examples, data_collator=lambda b: collate(b, 0))
         trainer.train()
         steps.append((trainer.state.log_history[0]["loss"], trainer.state.log_history[0]["grad_norm"]))

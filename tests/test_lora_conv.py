@@ -16,14 +16,14 @@ from collections.abc import Callable
 import peft
 import pytest
 import torch
-from test_peft_parity import DIRECTIONS, delta_trainable, peft_trainable
-from tiny_models import _seeded, perturb_trainable
 from torch import nn
 
 import deltatune
 from deltatune import DeltaModel
 from deltatune.errors import ConfigError, MergeError
 from deltatune.tuners.lora.layer import LoraLinear
+from test_peft_parity import DIRECTIONS, delta_trainable, peft_trainable
+from tiny_models import _seeded, perturb_trainable
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups > 1:UserWarning"),
@@ -177,6 +177,7 @@ def test_dilation_and_padding_mode_forward_equals_the_merged_convolution():
 
 # -- lora_bias: B gets a bias, merged as s · b into the base bias --------------------------------
 
+
 class LinearNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -228,6 +229,7 @@ def test_lora_bias_takes_linear_off_the_fused_path():
 
 # -- DoRA on convolutions ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("case", [case for case, (_, _, bias) in CASES.items() if bias])
 def test_conv_dora_matches_peft_both_ways(case, direction, tmp_path):
@@ -235,7 +237,10 @@ def test_conv_dora_matches_peft_both_ways(case, direction, tmp_path):
     dims, groups, bias = CASES[case]
     make = lambda: _seeded(lambda: ConvNet(dims, groups, bias))  # noqa: E731
     peft_side, delta_side = save_and_load(make, {**LORA, "use_dora": True}, direction, tmp_path)
-    assert delta_trainable(delta_side, "default")["base_model.model.conv_a.lora_magnitude_vector"].shape == (1, 8) + (1,) * dims
+    assert (
+        delta_trainable(delta_side, "default")["base_model.model.conv_a.lora_magnitude_vector"].shape
+        == (1, 8) + (1,) * dims
+    )
     assert_same_model(peft_side, delta_side, make, (make().example(),))
 
 
@@ -275,7 +280,9 @@ def test_refusals_name_the_module_and_leave_the_model_alone(refusal):
 def test_a_grouped_convolution_refuses_to_merge_before_any_other_layer_merges():
     """The grouped conv comes after an adapted Linear: the refusal leaves the Linear unmerged too."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Unflatten(1, (4, 1)), nn.Conv1d(4, 4, 1, groups=2))
-    delta = deltatune.get_delta_model(model, deltatune.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False))
+    delta = deltatune.get_delta_model(
+        model, deltatune.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False)
+    )
     before = {name: p.clone() for name, p in delta.base_model.state_dict().items()}
     with pytest.raises(deltatune.MergeError, match="grouped convolution"):
         delta.merge_adapter()

@@ -14,6 +14,13 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
+
+import deltatune
+from deltatune import DeltaModel
+from deltatune.errors import ConfigError
+from deltatune.tuners.lora.config import LORA_INIT_REFUSALS
+from deltatune.tuners.lora.init import olora, orthogonal, pissa
 from tiny_models import (
     LLAMA_LINEAR,
     build,
@@ -22,13 +29,6 @@ from tiny_models import (
     perturb_trainable,
     token_inputs,
 )
-from torch import nn
-
-import deltatune
-from deltatune import DeltaModel
-from deltatune.errors import ConfigError
-from deltatune.tuners.lora.config import LORA_INIT_REFUSALS
-from deltatune.tuners.lora.init import olora, orthogonal, pissa
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning"),
@@ -237,12 +237,19 @@ def converted_pair(tmp_path, init: str, **lora):
 
 @pytest.mark.parametrize(
     "init,lora",
-    [("pissa", {}), ("olora", {"use_rslora": True}), ("pissa", {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 4}})],
+    [
+        ("pissa", {}),
+        ("olora", {"use_rslora": True}),
+        ("pissa", {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 4}}),
+    ],
     ids=["pissa", "olora_rslora", "pissa_patterns"],
 )
 def test_conversion_to_plain_lora_matches_peft(tmp_path, init, lora):
     ours, theirs, trained = converted_pair(tmp_path, init, **lora)
-    our_tensors, their_tensors = load_file(ours / "adapter_model.safetensors"), load_file(theirs / "adapter_model.safetensors")
+    our_tensors, their_tensors = (
+        load_file(ours / "adapter_model.safetensors"),
+        load_file(theirs / "adapter_model.safetensors"),
+    )
     assert sorted(our_tensors) == sorted(their_tensors)
     for key, tensor in our_tensors.items():
         assert torch.equal(tensor, their_tensors[key]), key
@@ -264,7 +271,9 @@ def test_conversion_refusals(tmp_path):
     residual = build_pair(deltatune, "llama", ["q_proj", "v_proj"], init_lora_weights="pissa")
     with pytest.raises(ConfigError, match="initial adapter has no tensor"):
         residual.save_pretrained(tmp_path / "out", convert_to_lora_from=tmp_path / "initial")
-    patterned = build_pair(deltatune, "llama", ["q_proj"], init_lora_weights="pissa", use_rslora=True, rank_pattern={"q_proj": 2})
+    patterned = build_pair(
+        deltatune, "llama", ["q_proj"], init_lora_weights="pissa", use_rslora=True, rank_pattern={"q_proj": 2}
+    )
     patterned.save_pretrained(tmp_path / "initial2")
     with pytest.raises(ConfigError, match="use_rslora"):
         patterned.save_pretrained(tmp_path / "out", convert_to_lora_from=tmp_path / "initial2")
@@ -280,8 +289,12 @@ def test_unsupported_methods_are_refused_by_name(value):
 
 @pytest.mark.parametrize(
     "field,value",
-    [("loftq_config", {"loftq_bits": 4}), ("eva_config", {"rho": 2.0}), ("corda_config", {"corda_method": "kpm"}),
-     ("lora_ga_config", {"direction": "ArB2r"})],
+    [
+        ("loftq_config", {"loftq_bits": 4}),
+        ("eva_config", {"rho": 2.0}),
+        ("corda_config", {"corda_method": "kpm"}),
+        ("lora_ga_config", {"direction": "ArB2r"}),
+    ],
 )
 def test_options_of_unsupported_methods_are_refused(field, value):
     with pytest.raises(ConfigError, match=f"{field}=.*init_lora_weights='{field.removesuffix('_config')}'"):
@@ -298,18 +311,24 @@ def test_peft_written_config_with_neutral_init_options_loads(tmp_path):
 @pytest.mark.parametrize("init", ["pissa", "olora", "orthogonal"])
 def test_non_linear_layers_are_refused(init):
     with pytest.raises(ConfigError, match=f"init_lora_weights='{init}' works on Linear/Conv1D layers only.*Conv2d"):
-        deltatune.get_delta_model(build("conv"), deltatune.LoraConfig(target_modules=["conv1"], r=4, init_lora_weights=init))
+        deltatune.get_delta_model(
+            build("conv"), deltatune.LoraConfig(target_modules=["conv1"], r=4, init_lora_weights=init)
+        )
 
 
 def test_odd_rank_orthogonal_is_refused():
     with pytest.raises(ConfigError, match="'orthogonal' needs an even rank, got r=3"):
-        deltatune.get_delta_model(build("llama"), deltatune.LoraConfig(target_modules=["q_proj"], r=3, init_lora_weights="orthogonal"))
+        deltatune.get_delta_model(
+            build("llama"), deltatune.LoraConfig(target_modules=["q_proj"], r=3, init_lora_weights="orthogonal")
+        )
 
 
 @pytest.mark.filterwarnings("ignore:r=20 is larger than:UserWarning")
 def test_rank_above_the_layer_size_is_refused():
     with pytest.raises(ConfigError, match=r"'pissa' needs r <= min\(in, out\) = 16"):
-        deltatune.get_delta_model(build("llama"), deltatune.LoraConfig(target_modules=["k_proj"], r=20, init_lora_weights="pissa"))
+        deltatune.get_delta_model(
+            build("llama"), deltatune.LoraConfig(target_modules=["k_proj"], r=20, init_lora_weights="pissa")
+        )
 
 
 @pytest.mark.parametrize("init", ["pissa_niter_3", "olora"])

@@ -15,6 +15,13 @@ import peft
 import pytest
 import torch
 from peft.tuners.lora.layer import MultiheadAttention as PeftAttention
+from torch import nn
+from torch.func import functional_call
+
+import deltatune
+from deltatune.errors import ConfigError
+from deltatune.tuners.lora.layer import LoraLinear
+from deltatune.tuners.lora.mha import LoraMultiheadAttention
 from test_lora_conv import (
     DIRECTIONS,
     MERGE_ATOL,
@@ -23,13 +30,6 @@ from test_lora_conv import (
     save_and_load,
 )
 from tiny_models import _seeded, perturb_trainable
-from torch import nn
-from torch.func import functional_call
-
-import deltatune
-from deltatune.errors import ConfigError
-from deltatune.tuners.lora.layer import LoraLinear
-from deltatune.tuners.lora.mha import LoraMultiheadAttention
 
 LORA = {"target_modules": ["attn"], "r": 2, "lora_alpha": 6}  # scaling 3
 VARIANTS = {"batch_first": {"batch_first": True}, "sequence_first_no_bias": {"bias": False}}
@@ -116,8 +116,10 @@ def test_gradients_are_those_of_the_adapted_weights():
     x, plain = make().example(), make()
     layers = {"in_proj_weight": model.base_model.attn, "out_proj.weight": model.base_model.attn.out_proj}
     copies = {
-        name: [layer.lora_B["default"].weight.detach().clone().requires_grad_(),
-               layer.lora_A["default"].weight.detach().clone().requires_grad_()]
+        name: [
+            layer.lora_B["default"].weight.detach().clone().requires_grad_(),
+            layer.lora_A["default"].weight.detach().clone().requires_grad_(),
+        ]
         for name, layer in layers.items()
     }
     weights = {
@@ -232,7 +234,7 @@ def test_refusals_name_the_module_and_leave_the_model_alone(refusal):
 
 
 def test_all_linear_leaves_an_attention_out_proj_to_the_attention():
-    """"all-linear" skips nn.MultiheadAttention's out_proj (the attention never calls it as a module)."""
+    """ "all-linear" skips nn.MultiheadAttention's out_proj (the attention never calls it as a module)."""
     model = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2))
     delta = deltatune.get_delta_model(model, deltatune.LoraConfig(r=2, target_modules="all-linear"))
     adapted = {name for name, m in delta.base_model.named_modules() if getattr(m, "is_delta_layer", False)}

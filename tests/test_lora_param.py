@@ -18,7 +18,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from tiny_models import output_tensor, perturb_trainable
 from torch import nn
 from transformers import (
     MixtralConfig,
@@ -30,6 +29,7 @@ from transformers import (
 from deltatune import ConfigError, DeltaModel, LoraConfig, MergeError, get_delta_model
 from deltatune.tuners.lora.layer import LoraLayer
 from deltatune.tuners.lora.param import LoraParameter
+from tiny_models import output_tensor, perturb_trainable
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
@@ -51,20 +51,38 @@ def _seeded(make: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
 def tiny_qwen3_moe() -> Qwen3MoeForCausalLM:
     """Qwen3-MoE: hidden 16, 2 layers, 4 experts (top 2) of width 8; experts fused in [4, 16, 16] and [4, 16, 8]."""
     config = Qwen3MoeConfig(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=8, intermediate_size=32, moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2,
-        decoder_sparse_step=1, max_position_embeddings=64, attn_implementation="eager",
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        intermediate_size=32,
+        moe_intermediate_size=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
     return _seeded(lambda: Qwen3MoeForCausalLM(config))
 
 
 def tiny_mixtral() -> MixtralForCausalLM:
     """Mixtral: hidden 16, 2 layers, 4 experts (top 2) of width 12."""
     config = MixtralConfig(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=8, intermediate_size=12, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        intermediate_size=12,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
         attn_implementation="eager",
-    )  # fmt: skip
+    )
     return _seeded(lambda: MixtralForCausalLM(config))
 
 
@@ -115,8 +133,12 @@ CASES: dict[str, tuple[Callable[[], nn.Module], dict]] = {
     "mixtral_with_modules": (
         tiny_mixtral,
         {
-            "target_modules": ["q_proj"], "target_parameters": ["mlp.experts.down_proj"], "r": 3, "lora_alpha": 6,
-            "use_rslora": True, "rank_pattern": {r"layers\.1\.mlp\.experts\.down_proj": 2},
+            "target_modules": ["q_proj"],
+            "target_parameters": ["mlp.experts.down_proj"],
+            "r": 3,
+            "lora_alpha": 6,
+            "use_rslora": True,
+            "rank_pattern": {r"layers\.1\.mlp\.experts\.down_proj": 2},
         },
     ),
     # as in peft, layers_to_transform filters the module targets only: both layers' experts are adapted
@@ -125,7 +147,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], dict]] = {
         {"target_modules": ["q_proj"], "layers_to_transform": [0], "target_parameters": ["experts.down_proj"]},
     ),
     "toy_2d_and_transposed": (toy, {"target_parameters": ["mixer.matrix", "experts.weight"], "r": 2, "lora_alpha": 5}),
-}  # fmt: skip
+}
 
 
 def inputs(case: str) -> dict[str, torch.Tensor]:
@@ -340,7 +362,6 @@ def test_adapters_must_target_the_same_parameters():
     with pytest.raises(ConfigError, match="same ones"):
         ours.add_adapter("other", LoraConfig(target_parameters=["experts.down_proj"]))
     assert ours.base_model.model.layers[0].mlp.experts.adapter_names == ["default"]
-
 
 
 def test_a_module_and_its_parameter_are_not_both_adapted_across_adapters():

@@ -144,8 +144,16 @@ DESIRABLE = torch.tensor([True, False, False, True])
 
 def test_kto_loss_matches_the_hand_computation() -> None:
     # mismatched pairs: log-ratios (0.4, 0.2) -> KL = 0.3
-    result = kto_loss(POLICY, REFERENCE, DESIRABLE, t(-2.0, -3.0), t(-2.4, -3.2), beta=2.0,
-                      desirable_weight=1.5, undesirable_weight=0.5)  # fmt: skip
+    result = kto_loss(
+        POLICY,
+        REFERENCE,
+        DESIRABLE,
+        t(-2.0, -3.0),
+        t(-2.4, -3.2),
+        beta=2.0,
+        desirable_weight=1.5,
+        undesirable_weight=0.5,
+    )
     assert result.kl.item() == pytest.approx(0.3, abs=1e-12)
     expected = (
         1.5 * (1 - sigmoid(2.0 * (0.5 - 0.3)))

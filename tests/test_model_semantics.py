@@ -14,7 +14,6 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import build, token_inputs
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -28,6 +27,7 @@ from deltatune import (
     get_delta_model,
 )
 from deltatune.tuners.lora.layer import LoraLayer
+from tiny_models import build, token_inputs
 
 INPUTS = token_inputs()
 # Square (d x d) projections of each tiny model: q_proj / o_proj of llama, attn.c_proj of GPT-2.
@@ -445,6 +445,7 @@ def test_crash_during_save_keeps_the_previous_adapter(saved_adapter, monkeypatch
     assert torch.equal(logits(DeltaModel.from_pretrained(build("llama"), path)), expected)
 
 
+@pytest.mark.subprocess
 def test_sigkill_during_save_keeps_the_previous_adapter(saved_adapter) -> None:
     """A real crash: the saving process dies by SIGKILL half-way through writing the weights."""
     path, expected = saved_adapter
@@ -485,7 +486,9 @@ def test_save_renames_the_weights_before_the_config(saved_adapter, monkeypatch: 
 
 def test_nested_disable_adapter_keeps_the_outer_block_disabled():
     """Leaving an inner ``disable_adapter()`` must not switch the adapter back on inside the outer one."""
-    model = get_delta_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_delta_model(
+        build("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     batch = token_inputs()
     with model.disable_adapter():
         base = model(**batch).logits

@@ -20,15 +20,6 @@ from collections.abc import Callable
 import peft
 import pytest
 import torch
-from test_lora_conv import (
-    DIRECTIONS,
-    MERGE_ATOL,
-    assert_same_model,
-    first,
-    save_and_load,
-)
-from test_peft_parity import delta_trainable, peft_trainable
-from tiny_models import _seeded, perturb_trainable
 from torch import nn
 from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
@@ -37,6 +28,15 @@ import deltatune
 from deltatune import DeltaModel
 from deltatune.errors import ConfigError, MergeError
 from deltatune.tuners.lora.layer import LoraLayer
+from test_lora_conv import (
+    DIRECTIONS,
+    MERGE_ATOL,
+    assert_same_model,
+    first,
+    save_and_load,
+)
+from test_peft_parity import delta_trainable, peft_trainable
+from tiny_models import _seeded
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups > 1:UserWarning"),
@@ -48,6 +48,7 @@ pytestmark = [
 
 
 # -- peft's small models (names, shapes and data flow as in its test file) ------------------------
+
 
 class MLP(nn.Module):
     """lin0: 10 → 20, relu, lin1: 20 → 2, log-softmax; ``linear`` builds the two layers."""
@@ -177,18 +178,22 @@ ROWS: dict[str, tuple[str, dict]] = {
     "Vanilla MLP 7 LoRA with DoRA": ("MLP", {"target_modules": ["lin0"], **DORA}),
     "Vanilla MLP 8 LoRA with DoRA": ("MLP", {"target_modules": ["lin0", "lin1"], **DORA}),
     "Vanilla MLP 1 LoRA with KaSA": (
-        "MLP", {"target_modules": ["lin0"], "kasa_config": {"beta": 1e-4, "gamma": 1e-3}, "r": 4}
+        "MLP",
+        {"target_modules": ["lin0"], "kasa_config": {"beta": 1e-4, "gamma": 1e-3}, "r": 4},
     ),
     "Vanilla MLP 1 LoRA with MiCA": ("MLP", {"target_modules": ["lin0"], "init_lora_weights": "mica", "r": 4}),
     "Vanilla MLP 9 LoRA with DoRA": ("MLP", {"target_modules": "lin1", "lora_alpha": 32, **DORA}),
     "Vanilla MLP 10 LoRA with VeLoRA random": (
-        "MLP", {"target_modules": ["lin0"], "velora_config": {"num_groups": 2, "init_type": "random"}}
+        "MLP",
+        {"target_modules": ["lin0"], "velora_config": {"num_groups": 2, "init_type": "random"}},
     ),
     "Vanilla MLP 11 LoRA with VeLoRA batch_average": (
-        "MLP", {"target_modules": ["lin0", "lin1"], "velora_config": {"num_groups": 2, "init_type": "batch_average"}}
+        "MLP",
+        {"target_modules": ["lin0", "lin1"], "velora_config": {"num_groups": 2, "init_type": "batch_average"}},
     ),
     "Vanilla MLP 12 LoRA with VeLoRA batch_average_once": (
-        "MLP", {"target_modules": ["lin0"], "velora_config": {"num_groups": 2, "init_type": "batch_average_once"}}
+        "MLP",
+        {"target_modules": ["lin0"], "velora_config": {"num_groups": 2, "init_type": "batch_average_once"}},
     ),
     "Embedding + transformers Conv1D 1 LoRA": ("EmbConv1D", {"target_modules": ["conv1d"]}),
     "Embedding + transformers Conv1D 2 LoRA": ("EmbConv1D", {"target_modules": ["emb"]}),
@@ -197,7 +202,8 @@ ROWS: dict[str, tuple[str, dict]] = {
     "Embedding + transformers Conv1D 2 DoRA": ("EmbConv1D", {"target_modules": ["emb"], **DORA}),
     "Embedding + transformers Conv1D 3 DoRA": ("EmbConv1D", {"target_modules": ["emb", "conv1d"], **DORA}),
     "Embedding + transformers Conv1D 1 LoRA trainable_tokens": (
-        "EmbConv1D", {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [0, 10]}}
+        "EmbConv1D",
+        {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [0, 10]}},
     ),
     "Conv1d LoRA": ("Conv1d", {"target_modules": ["conv1d"]}),
     "Conv1d LoRA with DoRA": ("Conv1d", {"target_modules": ["conv1d"], **DORA}),
@@ -214,7 +220,8 @@ ROWS: dict[str, tuple[str, dict]] = {
     "Conv3d 1 LoRA with DoRA": ("Conv3d", {"target_modules": ["conv3d"], **DORA}),
     "Conv3d 2 LoRA with DoRA": ("Conv3d", {"target_modules": ["conv3d", "lin0"], **DORA}),
     "Vanilla MLP 1 LoRA with lora_b bias": (
-        "MLP", {"target_modules": ["lin0", "lin1"], "lora_bias": True, "lora_alpha": 32}
+        "MLP",
+        {"target_modules": ["lin0", "lin1"], "lora_bias": True, "lora_alpha": 32},
     ),
     "Conv2d 1 LoRA with lora_b bias": ("Conv2d", {"target_modules": ["conv2d"], "lora_bias": True, "lora_alpha": 32}),
     "Conv3d 1 LoRA with lora_b bias": ("Conv3d", {"target_modules": ["conv3d"], "lora_bias": True, "lora_alpha": 32}),
@@ -223,7 +230,8 @@ ROWS: dict[str, tuple[str, dict]] = {
     "MLP 1 using nn.Parameter LoRA": ("MlpUsingParameters", {"target_parameters": ["lin0.weight"]}),
     "MLP 2 using nn.Parameter LoRA": ("MLP", {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}),
     "Vanilla MLP 1 LoRA with Monteclora": (
-        "MLP", {"target_modules": ["lin0"], "monteclora_config": {"num_samples": 2}}
+        "MLP",
+        {"target_modules": ["lin0"], "monteclora_config": {"num_samples": 2}},
     ),
     "BD-LoRA A only": (
         "MLP",
@@ -231,15 +239,19 @@ ROWS: dict[str, tuple[str, dict]] = {
     ),
     "BD-LoRA B only": (
         "MLP",
-        {"target_modules": ["lin0", "lin1"],
-         "use_bdlora": {"target_modules_bd_b": ["lin1"], "nblocks": 2, "match_strict": False}},
+        {
+            "target_modules": ["lin0", "lin1"],
+            "use_bdlora": {"target_modules_bd_b": ["lin1"], "nblocks": 2, "match_strict": False},
+        },
     ),
     "BD-LoRA both A and B": (
         "MLP",
-        {"target_modules": ["lin0", "lin1"],
-         "use_bdlora": {"target_modules_bd_a": ["lin0"], "target_modules_bd_b": ["lin1"], "nblocks": 2}},
+        {
+            "target_modules": ["lin0", "lin1"],
+            "use_bdlora": {"target_modules_bd_a": ["lin0"], "target_modules_bd_b": ["lin1"], "nblocks": 2},
+        },
     ),
-}  # fmt: skip
+}
 
 # rows whose option deltatune does not have -> the option its refusal names
 REFUSED = {
@@ -298,6 +310,7 @@ def test_row_deltatune_lacks_is_refused_by_name_both_ways(row, tmp_path):
 
 
 # -- MultiheadAttention: the plain module on W + s·BA is the oracle ---------------------------------
+
 
 def adapted_weights(delta_side: DeltaModel, out_proj_times: int = 1) -> dict[str, torch.Tensor]:
     """Plain-model parameter name -> W + s·B A from each LoRA layer's factors (out_proj's ``out_proj_times``

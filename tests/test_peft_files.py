@@ -16,6 +16,8 @@ import pytest
 import torch
 from peft.tuners.lora import Embedding as PeftLoraEmbedding
 from safetensors import safe_open
+
+from deltatune import AdapterLoadError, DeltaModel
 from tiny_models import (
     SCENARIOS,
     Scenario,
@@ -26,8 +28,6 @@ from tiny_models import (
     output_tensor,
     peft_model,
 )
-
-from deltatune import AdapterLoadError, DeltaModel
 
 pytestmark = [
     # peft's own notices, not failures (see test_peft_parity.py).
@@ -45,10 +45,24 @@ VLLM_TENSOR_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "l
 # keeps "all-linear", which peft reads back to the same modules), modules_to_save (compared below)
 # and peft_version / the keys of features deltatune does not have.
 SAME_VALUES = (
-    "alpha_pattern", "base_model_name_or_path", "bias", "exclude_modules", "fan_in_fan_out", "inference_mode",
-    "init_lora_weights", "layers_pattern", "layers_to_transform", "lora_alpha", "lora_dropout", "peft_type", "r",
-    "rank_pattern", "revision", "task_type", "use_rslora",
-)  # fmt: skip
+    "alpha_pattern",
+    "base_model_name_or_path",
+    "bias",
+    "exclude_modules",
+    "fan_in_fan_out",
+    "inference_mode",
+    "init_lora_weights",
+    "layers_pattern",
+    "layers_to_transform",
+    "lora_alpha",
+    "lora_dropout",
+    "peft_type",
+    "r",
+    "rank_pattern",
+    "revision",
+    "task_type",
+    "use_rslora",
+)
 
 
 def unordered(value):

@@ -13,6 +13,7 @@ import itertools
 
 import pytest
 import torch
+
 from test_peft_parity import DIRECTIONS, assert_same_model, save_and_load
 from tiny_models import Scenario, inputs_for, output_tensor
 

@@ -14,6 +14,12 @@ import peft
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer as PeftLoraLayer
+from torch import nn
+
+import deltatune
+from deltatune import DeltaModel
+from deltatune.io import to_file_key
+from deltatune.tuners.lora.layer import LoraLayer as DeltaLoraLayer
 from tiny_models import (
     SCENARIOS,
     Scenario,
@@ -25,12 +31,6 @@ from tiny_models import (
     peft_model,
     perturb_trainable,
 )
-from torch import nn
-
-import deltatune
-from deltatune import DeltaModel
-from deltatune.io import to_file_key
-from deltatune.tuners.lora.layer import LoraLayer as DeltaLoraLayer
 
 pytestmark = [
     # peft's own notices, not failures: it switches fan_in_fan_out on for GPT-2's Conv1D, and turns

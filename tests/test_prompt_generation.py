@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from prompt_cases import MODELS, batch, delta_model
 from tiny_models import perturb_trainable
 
@@ -28,7 +29,11 @@ def padded(side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """LONG and SHORT in one batch, SHORT padded with 0 on ``side``."""
     pad = torch.zeros(1, LONG.shape[1] - SHORT.shape[1], dtype=torch.long)
     short = torch.cat([pad, SHORT], 1) if side == "left" else torch.cat([SHORT, pad], 1)
-    mask = (torch.arange(LONG.shape[1]) >= pad.shape[1]) if side == "left" else (torch.arange(LONG.shape[1]) < SHORT.shape[1])
+    mask = (
+        (torch.arange(LONG.shape[1]) >= pad.shape[1])
+        if side == "left"
+        else (torch.arange(LONG.shape[1]) < SHORT.shape[1])
+    )
     return torch.cat([LONG, short]), torch.stack([torch.ones_like(mask), mask]).long()
 
 
@@ -74,7 +79,11 @@ def loss_and_grads(method: str, kind: str, checkpointing: bool) -> tuple[torch.T
     model = delta_model(method, kind)
     if checkpointing:
         model.base_model.activation_checkpointing_enable()
-    attention = next(m for name, m in model.base_model.named_modules() if name.endswith(("0.self_attn", "0.attn", "0.attention.self")))
+    attention = next(
+        m
+        for name, m in model.base_model.named_modules()
+        if name.endswith(("0.self_attn", "0.attn", "0.attention.self"))
+    )
     calls = []
     attention.register_forward_hook(lambda *_: calls.append(1))
     model.train()

@@ -12,6 +12,11 @@ import shutil
 import peft
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import deltatune
+from deltatune import DeltaModel, get_delta_model
+from deltatune.errors import ConfigError
 from prompt_cases import (
     INIT_TEXT,
     MODELS,
@@ -22,11 +27,6 @@ from prompt_cases import (
     tokenizer_dir,
 )
 from tiny_models import VOCAB, _seeded, perturb_trainable
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-import deltatune
-from deltatune import DeltaModel, get_delta_model
-from deltatune.errors import ConfigError
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
@@ -40,7 +40,11 @@ ATOL = 1e-5
 
 
 def text_init() -> dict:
-    return {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": INIT_TEXT, "tokenizer_name_or_path": tokenizer_dir()}
+    return {
+        "prompt_tuning_init": "TEXT",
+        "prompt_tuning_init_text": INIT_TEXT,
+        "tokenizer_name_or_path": tokenizer_dir(),
+    }
 
 
 def started(method: str, kind: str, seed: int = 0, init: dict | None = None) -> DeltaModel:
@@ -56,10 +60,14 @@ def base_reading_first(kind: str, ids: list[int]) -> torch.Tensor:
     inputs, count = batch(), len(ids)
     prefix = torch.tensor(ids).expand(inputs["input_ids"].shape[0], -1)
     with torch.no_grad():
-        logits = MODELS[kind].build()(
-            input_ids=torch.cat([prefix, inputs["input_ids"]], 1),
-            attention_mask=torch.cat([torch.ones_like(prefix), inputs["attention_mask"]], 1),
-        ).logits
+        logits = (
+            MODELS[kind]
+            .build()(
+                input_ids=torch.cat([prefix, inputs["input_ids"]], 1),
+                attention_mask=torch.cat([torch.ones_like(prefix), inputs["attention_mask"]], 1),
+            )
+            .logits
+        )
     return logits[:, count:]
 
 
@@ -140,10 +148,16 @@ def test_text_reads_the_tokenizer_of_the_model_folder_by_default(tmp_path):
     )
     model = get_delta_model(loaded, cfg)
     assert model.peft_config["default"].tokenizer_name_or_path == str(tmp_path)
-    torch.testing.assert_close(outputs(model, "llama")["output"], base_reading_first("llama", TEXT_IDS), atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        outputs(model, "llama")["output"], base_reading_first("llama", TEXT_IDS), atol=ATOL, rtol=0
+    )
     with pytest.raises(ConfigError, match="not loaded from a local folder; set it"):
-        get_delta_model(MODELS["llama"].build(), deltatune.PromptEncoderConfig(
-            num_virtual_tokens=2, prompt_tuning_init="TEXT", prompt_tuning_init_text=INIT_TEXT))  # fmt: skip
+        get_delta_model(
+            MODELS["llama"].build(),
+            deltatune.PromptEncoderConfig(
+                num_virtual_tokens=2, prompt_tuning_init="TEXT", prompt_tuning_init_text=INIT_TEXT
+            ),
+        )
 
 
 def test_init_errors_name_the_fix():
@@ -188,8 +202,10 @@ def test_embedded_smollm2_started_from_text_is_near_its_base_loss_where_random_p
 
 def test_a_fused_optimizer_step_reaches_inference_and_the_saved_prompt():
     """Fused optimizers update weights without bumping their version counters: P must not be cached on them."""
-    model = get_delta_model(MODELS["llama"].build(), deltatune.PromptEncoderConfig(
-        num_virtual_tokens=3, task_type="CAUSAL_LM", prompt_tuning_init="SAMPLE_VOCAB"))  # fmt: skip
+    model = get_delta_model(
+        MODELS["llama"].build(),
+        deltatune.PromptEncoderConfig(num_virtual_tokens=3, task_type="CAUSAL_LM", prompt_tuning_init="SAMPLE_VOCAB"),
+    )
     encoder = next(m for m in model.modules() if hasattr(m, "value") and hasattr(m, "head"))
     ids = torch.tensor([[3, 4, 5, 6]])
     model.eval()

@@ -13,6 +13,12 @@ import json
 import peft
 import pytest
 import torch
+from safetensors import safe_open
+
+import deltatune
+from deltatune import DeltaModel, get_delta_model
+from deltatune.errors import AdapterLoadError, ConfigError, InputError, MergeError
+from deltatune.tuners.prompt.learning import attention_shape
 from prompt_cases import (
     INIT_TEXT,
     METHODS,
@@ -25,13 +31,7 @@ from prompt_cases import (
     outputs,
     peft_model,
 )
-from safetensors import safe_open
 from tiny_models import _seeded, perturb_trainable, tiny_bert
-
-import deltatune
-from deltatune import DeltaModel, get_delta_model
-from deltatune.errors import AdapterLoadError, ConfigError, InputError, MergeError
-from deltatune.tuners.prompt.learning import attention_shape
 
 pytestmark = [
     # peft's own notices under transformers 5, not failures of the code under test.
@@ -176,12 +176,18 @@ def test_init_from_text_and_vocabulary():
     table = text.base_model.get_input_embeddings().weight
     ids = list(range(2, 2 + len(INIT_TEXT.split())))  # the tokenizer numbers the text's words from 2
     torch.testing.assert_close(prompt_of(text), table[ids[:N_VIRTUAL]], atol=0, rtol=0)
-    torch.testing.assert_close(prompt_of(text), peft_model("prompt_text", "llama").prompt_encoder["default"].embedding.weight)
+    torch.testing.assert_close(
+        prompt_of(text), peft_model("prompt_text", "llama").prompt_encoder["default"].embedding.weight
+    )
     repeated = delta_model("prompt_text", "llama", num_virtual_tokens=8)  # 6 words, repeated to 8
     torch.testing.assert_close(prompt_of(repeated), table[(ids * 2)[:8]], atol=0, rtol=0)
     sampled = prompt_of(delta_model("prompt_sample_vocab", "llama"))
     assert all((table == row).all(dim=1).any() for row in sampled), "every sampled row is a token embedding"
-    random = prompt_of(_seeded(lambda: get_delta_model(MODELS["llama"].build(), deltatune.PromptTuningConfig(num_virtual_tokens=64)), 0))
+    random = prompt_of(
+        _seeded(
+            lambda: get_delta_model(MODELS["llama"].build(), deltatune.PromptTuningConfig(num_virtual_tokens=64)), 0
+        )
+    )
     assert abs(random.mean().item()) < 0.1 and 0.9 < random.std().item() < 1.1  # N(0, 1), 2048 draws
 
 
@@ -250,7 +256,10 @@ def test_config_errors_name_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="encoder_reparameterization_type"):
         deltatune.PromptEncoderConfig(num_virtual_tokens=2, encoder_reparameterization_type="GRU")
     missing = deltatune.PromptTuningConfig(
-        num_virtual_tokens=2, prompt_tuning_init="TEXT", prompt_tuning_init_text="hi", tokenizer_name_or_path=str(tmp_path / "none")
+        num_virtual_tokens=2,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="hi",
+        tokenizer_name_or_path=str(tmp_path / "none"),
     )
     with pytest.raises(ConfigError, match="cannot be read from local files"):
         get_delta_model(MODELS["llama"].build(), missing)
@@ -258,7 +267,12 @@ def test_config_errors_name_the_fix(tmp_path):
         get_delta_model(MODELS["llama"].build(), deltatune.PrefixTuningConfig(num_virtual_tokens=2, num_layers=3))
     with pytest.raises(ConfigError, match="wrong base model"):
         get_delta_model(MODELS["llama"].build(), deltatune.PromptTuningConfig(num_virtual_tokens=2, token_dim=16))
-    assert deltatune.PromptEncoderConfig(num_virtual_tokens=3, encoder_reparameterization_type="lstm").encoder_reparameterization_type == "LSTM"
+    assert (
+        deltatune.PromptEncoderConfig(
+            num_virtual_tokens=3, encoder_reparameterization_type="lstm"
+        ).encoder_reparameterization_type
+        == "LSTM"
+    )
 
 
 def test_runtime_errors_name_the_fix(tmp_path):

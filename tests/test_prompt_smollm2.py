@@ -48,9 +48,12 @@ def qa_batches(tokenizer) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
 def method_config(method: str, tokenizer_path: str) -> deltatune.DeltaConfig:
     if method == "prompt_tuning":
         return deltatune.PromptTuningConfig(
-            num_virtual_tokens=8, task_type="CAUSAL_LM", prompt_tuning_init="TEXT",
-            prompt_tuning_init_text="Answer the question in one short sentence.", tokenizer_name_or_path=tokenizer_path,
-        )  # fmt: skip
+            num_virtual_tokens=8,
+            task_type="CAUSAL_LM",
+            prompt_tuning_init="TEXT",
+            prompt_tuning_init_text="Answer the question in one short sentence.",
+            tokenizer_name_or_path=tokenizer_path,
+        )
     if method == "p_tuning":
         return deltatune.PromptEncoderConfig(num_virtual_tokens=8, task_type="CAUSAL_LM", encoder_hidden_size=128)
     return deltatune.PrefixTuningConfig(num_virtual_tokens=8, task_type="CAUSAL_LM")

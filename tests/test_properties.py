@@ -24,9 +24,8 @@ LORA_KEYS = list(option_defaults("lora"))
 SCHEDULERS = [s.value for s in SchedulerType if s.value != "reduce_lr_on_plateau"]
 
 # A folder or file name as people type it, where YAML reads it as that string (values are YAML scalars).
-path_text = (
-    st.text(alphabet=string.ascii_letters + string.digits + "/._-", min_size=1, max_size=20)
-    .filter(lambda text: isinstance(yaml.safe_load(text), str) and yaml.safe_load(text) == text)
+path_text = st.text(alphabet=string.ascii_letters + string.digits + "/._-", min_size=1, max_size=20).filter(
+    lambda text: isinstance(yaml.safe_load(text), str) and yaml.safe_load(text) == text
 )
 positive_float = st.floats(min_value=1e-8, max_value=1e3, allow_nan=False, allow_infinity=False)
 fraction = st.floats(min_value=1e-3, max_value=0.999)
@@ -144,8 +143,9 @@ def test_any_value_for_a_known_key_is_accepted_or_a_config_error(key: str, value
 # -- data format detection -----------------------------------------------------------------------
 
 KNOWN_COLUMNS = sorted({column for fmt in FORMATS.values() for column in fmt.required} | {"input", "system", "history"})
-column_names = st.sets(st.sampled_from(KNOWN_COLUMNS) | st.text(alphabet=string.ascii_lowercase + "_", max_size=8),
-                       max_size=8)  # fmt: skip
+column_names = st.sets(
+    st.sampled_from(KNOWN_COLUMNS) | st.text(alphabet=string.ascii_lowercase + "_", max_size=8), max_size=8
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -165,9 +165,11 @@ def test_detection_picks_the_first_format_whose_columns_are_there(columns: set[s
 
 
 message = st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "assistant", "system", "tool"]) | st.text(max_size=4),
-     "content": st.text(max_size=6) | yaml_values},
-) | st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "system", "x"]), "value": st.text(max_size=6)})  # fmt: skip
+    {
+        "role": st.sampled_from(["user", "assistant", "system", "tool"]) | st.text(max_size=4),
+        "content": st.text(max_size=6) | yaml_values,
+    },
+) | st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "system", "x"]), "value": st.text(max_size=6)})
 cell = st.text(max_size=8) | yaml_values | st.lists(message, max_size=4)
 rows = st.lists(st.dictionaries(st.sampled_from(KNOWN_COLUMNS), cell, min_size=1, max_size=5), min_size=1, max_size=3)
 

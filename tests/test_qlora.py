@@ -13,13 +13,13 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from tensor_checks import assert_close_rel, saved_bytes
-from tiny_models import perturb_trainable, tiny_llama, token_inputs
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
 
 from deltatune import DeltaModel, LoraConfig, get_delta_model
 from deltatune.kernels.base_weight import dense, logical_shape
 from deltatune.tuners.lora.quantized import LoraQuantLinear
+from quantised_models import MODES, quantised
+from tensor_checks import assert_close_rel, saved_bytes
+from tiny_models import perturb_trainable, token_inputs
 
 bnb = pytest.importorskip("bitsandbytes")  # the test extra installs it; `pip install deltatune[qlora]`
 
@@ -29,33 +29,7 @@ pytestmark = [
 ]
 
 ATOL = 1e-5
-MODES = {
-    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
-    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
-    "fp4-double": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True),
-    "nf4-double": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
-    "int8": dict(load_in_8bit=True),
-}
 DIRECTIONS = ["peft_to_deltatune", "deltatune_to_peft"]
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    """tests' tiny llama at hidden 64 / intermediate 128: bitsandbytes' CPU inference kernel (eval mode) needs
-    in_features to be a multiple of its 64-value blocks."""
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        config = tiny_llama().config
-        config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
-        LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
-
-
-def quantised(folder, mode: str, compute=torch.float32, dtype=torch.float32):
-    extra = {"bnb_4bit_compute_dtype": compute} if "load_in_4bit" in MODES[mode] else {}
-    config = BitsAndBytesConfig(**MODES[mode], **extra)
-    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu", dtype=dtype)
 
 
 # -- the seam ---------------------------------------------------------------------------------------------
@@ -67,7 +41,9 @@ def test_dense_reproduces_the_quantised_layers_training_matmul(mode, dtype):
     if mode == "int8":
         layer = bnb.nn.Linear8bitLt(128, 96, has_fp16_weights=False)
     else:
-        layer = bnb.nn.Linear4bit(128, 96, compute_dtype=dtype, quant_type=mode[:3], compress_statistics="double" in mode)
+        layer = bnb.nn.Linear4bit(
+            128, 96, compute_dtype=dtype, quant_type=mode[:3], compress_statistics="double" in mode
+        )
     layer.load_state_dict(plain.state_dict())
     layer = layer.to("cpu").to(dtype).train()
     x = torch.randn(3, 5, 128, dtype=dtype, requires_grad=True)
@@ -183,7 +159,9 @@ def test_the_fused_step_saves_no_dense_weight(llama_dir):
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_quantised_gated_mlps_run_as_one_fused_function_while_training(llama_dir, mode):
     """The MLP function reads quantised weights through ``dense`` too: same numbers as layer by layer."""
-    model = get_delta_model(quantised(llama_dir, mode), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model = get_delta_model(
+        quantised(llama_dir, mode), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
     model.train()
     mlp, inputs = model.base_model.model.layers[0].mlp, torch.randn(2, 3, 64)
     fused = mlp(inputs)
@@ -228,7 +206,9 @@ def test_inits_that_rewrite_the_base_are_refused_over_a_quantised_base(llama_dir
     from deltatune import ConfigError
 
     with pytest.raises(ConfigError, match="quantised"):
-        get_delta_model(quantised(llama_dir, "nf4"), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=init))
+        get_delta_model(
+            quantised(llama_dir, "nf4"), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=init)
+        )
 
 
 # -- the embedded SmolLM2 ----------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from sft_helpers import TINY_RUN, save_tiny_chat_model, write_arithmetic_jsonl
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from deltatune import DeltaModel
@@ -26,6 +25,7 @@ from deltatune.runtime.quantization import (
 from deltatune.train.config import TrainConfig
 from deltatune.train.run import run_training
 from deltatune.tuners.lora.quantized import LoraQuantLinear
+from sft_helpers import TINY_RUN, save_tiny_chat_model, write_arithmetic_jsonl
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -35,13 +35,22 @@ pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is d
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("qlora")
-    return {"root": root, "model": save_tiny_chat_model(root / "model"), "data": write_arithmetic_jsonl(root / "d.jsonl")}
+    return {
+        "root": root,
+        "model": save_tiny_chat_model(root / "model"),
+        "data": write_arithmetic_jsonl(root / "d.jsonl"),
+    }
 
 
 @pytest.fixture(scope="module")
 def nf4_run(files):
-    keys = {**TINY_RUN, "model": str(files["model"]), "data": str(files["data"]), "quantization": "nf4",
-            "output_dir": str(files["root"] / "nf4")}  # fmt: skip
+    keys = {
+        **TINY_RUN,
+        "model": str(files["model"]),
+        "data": str(files["data"]),
+        "quantization": "nf4",
+        "output_dir": str(files["root"] / "nf4"),
+    }
     return run_training(TrainConfig.from_dict(keys), log=lambda line: None)
 
 
@@ -68,8 +77,9 @@ def test_merge_writes_a_full_precision_model_from_a_quantised_run(files, nf4_run
     assert getattr(merged.config, "quantization_config", None) is None
     # the same adapter over the fp32 base, merged by hand
     reference = DeltaModel.from_pretrained(load_causal_lm(files["model"]), nf4_run.adapter_dir).merge_and_unload()
-    torch.testing.assert_close(merged.model.layers[1].mlp.down_proj.weight,
-                               reference.model.layers[1].mlp.down_proj.weight.bfloat16())  # fmt: skip
+    torch.testing.assert_close(
+        merged.model.layers[1].mlp.down_proj.weight, reference.model.layers[1].mlp.down_proj.weight.bfloat16()
+    )
 
 
 def test_merge_into_a_quantised_model_folder_is_refused(files, nf4_run, tmp_path, capsys):
@@ -86,8 +96,9 @@ def test_quantising_a_quantised_model_differently_is_refused(files, tmp_path):
     load_causal_lm(files["model"], quantization="int8").save_pretrained(tmp_path / "int8-model")
     with pytest.raises(ConfigError, match="already quantised as int8.*cannot be quantised again as nf4"):
         load_causal_lm(tmp_path / "int8-model", quantization="nf4")
-    assert isinstance(load_causal_lm(tmp_path / "int8-model", quantization="int8").model.layers[0].mlp.up_proj,
-                      bnb.nn.Linear8bitLt)  # fmt: skip
+    assert isinstance(
+        load_causal_lm(tmp_path / "int8-model", quantization="int8").model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt
+    )
 
 
 def test_bad_quantization_values_and_devices_fail_in_one_line(monkeypatch):
@@ -96,7 +107,9 @@ def test_bad_quantization_values_and_devices_fail_in_one_line(monkeypatch):
     with pytest.raises(ConfigError, match="does not run on mps"):
         check_quantization("nf4", "mps")
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
     with pytest.raises(ConfigError, match=r"needs bitsandbytes: pip install deltatune\[qlora\]"):
         check_quantization("nf4")
     check_quantization("none")  # no bitsandbytes needed
@@ -139,12 +152,26 @@ def test_the_bench_quant_section_measures_every_base(capsys):
     from deltatune.bench import step as bench
     from deltatune.bench.options import shape_of
 
-    args = ["--device", "cpu", "--shapes", "tiny", "--sections", "quant", "--steps", "1", "--warmup", "0", "--no-isolate"]
+    args = [
+        "--device",
+        "cpu",
+        "--shapes",
+        "tiny",
+        "--sections",
+        "quant",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--no-isolate",
+    ]
     assert bench.main(args) == 0
     out = capsys.readouterr().out
     assert all(f"| {base} |" in out for base in bench.QUANT_BASES), out
     shape = shape_of("tiny")
-    linear = shape.layers * (2 * shape.hidden**2 + 2 * shape.hidden * shape.hidden // 2 + 3 * shape.hidden * shape.intermediate)
+    linear = shape.layers * (
+        2 * shape.hidden**2 + 2 * shape.hidden * shape.hidden // 2 + 3 * shape.hidden * shape.intermediate
+    )
     # the bytes themselves: nf4 is half a byte a weight plus one fp32 scale per 64
     fp32 = bench.quant_job(shape, "fp32", "cpu", 1, 0, 4)
     nf4 = bench.quant_job(shape, "nf4", "cpu", 1, 0, 4)

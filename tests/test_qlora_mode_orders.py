@@ -14,13 +14,13 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from test_qlora import llama_dir, quantised  # noqa: F401  (llama_dir is a fixture)
-from tiny_models import perturb_trainable, token_inputs
 from transformers import AutoModelForCausalLM
 
 from deltatune import DeltaModel, LoraConfig, get_delta_model
 from deltatune.compat.bitsandbytes import is_packed_for_cpu
 from deltatune.kernels.base_weight import dense, is_quantized
+from quantised_models import quantised
+from tiny_models import perturb_trainable, token_inputs
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
@@ -43,7 +43,9 @@ def variant(request) -> str:
 
 
 def adapter_config(variant: str) -> LoraConfig:
-    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, use_dora=VARIANTS[variant])
+    return LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, use_dora=VARIANTS[variant]
+    )
 
 
 def adapted(folder, mode: str, variant: str) -> DeltaModel:

@@ -28,10 +28,13 @@ def test_moving_average_starts_when_its_window_fills() -> None:
     assert moving_average([], 3) == []
 
 
-@pytest.mark.parametrize(("every", "unit", "each", "window_steps"), [
-    (1, "answer tokens", "of each step", 5),
-    (2, "pairs", "of each log (mean of its 2 steps)", 10),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("every", "unit", "each", "window_steps"),
+    [
+        (1, "answer tokens", "of each step", 5),
+        (2, "pairs", "of each log (mean of its 2 steps)", 10),
+    ],
+)
 def test_the_average_starts_at_a_full_window_and_the_legend_says_what_each_curve_averages(
     every: int, unit: str, each: str, window_steps: int
 ) -> None:

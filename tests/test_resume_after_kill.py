@@ -15,11 +15,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-from sft_helpers import TINY_RUN, save_tiny_chat_model, write_arithmetic_jsonl
+import pytest
 
 from deltatune.cli.main import main
 from deltatune.runtime.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint
 from deltatune.train.trainer import DeltaTrainer
+from sft_helpers import TINY_RUN, save_tiny_chat_model, write_arithmetic_jsonl
 
 # fp32 on the CPU, one thread (as tests/conftest.py sets it), a checkpoint every 2 of 8 steps.
 RUN = {**TINY_RUN, "max_steps": 8, "save_steps": 2, "save_total_limit": 2, "precision": "fp32", "lora_dropout": 0.1}
@@ -49,13 +50,19 @@ def _argv(model: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
     return ["train", f"model={model}", f"data={data}", f"output_dir={output_dir}", *keys, *extra]
 
 
+@pytest.mark.subprocess
 def test_a_run_killed_mid_checkpoint_resumes_to_the_same_adapter_bytes(tmp_path: Path, capsys, monkeypatch) -> None:
     model, data = save_tiny_chat_model(tmp_path / "model"), write_arithmetic_jsonl(tmp_path / "data.jsonl")
     assert main(_argv(model, data, tmp_path / "whole")) == 0
 
     killed = tmp_path / "killed"
-    done = subprocess.run([sys.executable, "-c", KILLED_RUN, *_argv(model, data, killed)], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, *_argv(model, data, killed)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     checkpoints = killed / "checkpoints"
     assert (checkpoints / "checkpoint-6" / "optimizer.pt").is_file()  # torn: no trainer state, no marker

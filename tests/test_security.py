@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import tiny_gpt2, tiny_llama
 
 from deltatune import (
     AdapterLoadError,
@@ -24,6 +23,7 @@ from deltatune import (
 from deltatune.cli.main import main
 from deltatune.io import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, read_adapter_weights
 from deltatune.train.config import TrainConfig
+from tiny_models import tiny_gpt2, tiny_llama
 
 
 class Exploit:
@@ -79,7 +79,9 @@ def test_a_malicious_pickle_never_runs(adapter: Path, tmp_path: Path, allow_pick
     _pickled_adapter(adapter, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": Exploit(marker)})
     base = tiny_llama()
     before = _snapshot(base)
-    expected = r"torch.load\(weights_only=True\) accepts" if allow_pickle else "can run code when loaded.*allow_pickle=True"
+    expected = (
+        r"torch.load\(weights_only=True\) accepts" if allow_pickle else "can run code when loaded.*allow_pickle=True"
+    )
     with pytest.raises(AdapterLoadError, match=expected) as info:
         DeltaModel.from_pretrained(base, adapter, allow_pickle=allow_pickle)
     assert "\n" not in str(info.value) and PICKLE_WEIGHTS_NAME in str(info.value)
@@ -125,7 +127,9 @@ def _huge_header(adapter: Path) -> None:
 CASES = {
     # name: (how the file is damaged, the message it must give)
     "two-shapes-wrong": (
-        lambda a: _rewrite(a, lambda t: (_set(Q_A, lambda x: torch.zeros(2, 32))(t), _set(V_B, lambda x: x.T.contiguous())(t))),
+        lambda a: _rewrite(
+            a, lambda t: (_set(Q_A, lambda x: torch.zeros(2, 32))(t), _set(V_B, lambda x: x.T.contiguous())(t))
+        ),
         rf"{Q_A} has shape \(2, 32\) but the model expects \(4, 32\)",  # the first of the two, both shapes
     ),
     "unknown-module": (
@@ -133,25 +137,34 @@ CASES = {
         r"model\.layers\.7\.self_attn\.q_proj\.lora_A\.weight has no matching parameter in the model",
     ),
     "another-architecture": (
-        lambda a: _rewrite(a, lambda t: t.update(
-            {k.replace("model.model.layers", "model.transformer.h"): t.pop(k) for k in list(t)})),
+        lambda a: _rewrite(
+            a, lambda t: t.update({k.replace("model.model.layers", "model.transformer.h"): t.pop(k) for k in list(t)})
+        ),
         r"the file lacks base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight",
     ),
     "bool-dtype": (lambda a: _rewrite(a, _set(V_B, lambda x: x > 0)), rf"{V_B} has dtype torch\.bool"),
-    "nan": (lambda a: _rewrite(a, _set(V_B, lambda x: x.index_fill(0, torch.tensor([3]), float("nan")))),
-            rf"{V_B} holds NaN or Inf values"),
-    "inf": (lambda a: _rewrite(a, _set(Q_A, lambda x: x.index_fill(1, torch.tensor([0]), float("-inf")))),
-            rf"{Q_A} holds NaN or Inf values"),
+    "nan": (
+        lambda a: _rewrite(a, _set(V_B, lambda x: x.index_fill(0, torch.tensor([3]), float("nan")))),
+        rf"{V_B} holds NaN or Inf values",
+    ),
+    "inf": (
+        lambda a: _rewrite(a, _set(Q_A, lambda x: x.index_fill(1, torch.tensor([0]), float("-inf")))),
+        rf"{Q_A} holds NaN or Inf values",
+    ),
     "truncated": (_truncate, r"adapter_model\.safetensors is not a readable safetensors file"),
     "huge-header": (_huge_header, r"adapter_model\.safetensors is not a readable safetensors file"),
-    "not-safetensors": (lambda a: (a / WEIGHTS_NAME).write_bytes(b"<html>404 Not Found</html>"),
-                        r"adapter_model\.safetensors is not a readable safetensors file"),
-}  # fmt: skip
+    "not-safetensors": (
+        lambda a: (a / WEIGHTS_NAME).write_bytes(b"<html>404 Not Found</html>"),
+        r"adapter_model\.safetensors is not a readable safetensors file",
+    ),
+}
 
 
 @pytest.mark.parametrize("loader", ["from_pretrained", "load_adapter"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_an_adapter_file_that_does_not_fit_is_refused_and_changes_nothing(adapter: Path, case: str, loader: str) -> None:
+def test_an_adapter_file_that_does_not_fit_is_refused_and_changes_nothing(
+    adapter: Path, case: str, loader: str
+) -> None:
     damage, message = CASES[case]
     damage(adapter)
     if loader == "from_pretrained":
@@ -265,7 +278,8 @@ def test_the_merge_command_refuses_a_nan_adapter_in_one_line(adapter: Path, tmp_
     code = main(["merge", str(adapter), str(tmp_path / "merged"), "--model", str(tmp_path / "base")])
     err = capsys.readouterr().err  # after the base model's loading progress bar
     assert code == 2 and "Traceback" not in err
-    assert err.endswith(f"deltatune merge: error: {adapter}: {V_B} holds NaN or Inf values; the adapter is corrupt "
-                        f"(did training diverge?), re-train or pick an earlier checkpoint\n")  # fmt: skip
+    assert err.endswith(
+        f"deltatune merge: error: {adapter}: {V_B} holds NaN or Inf values; the adapter is corrupt "
+        f"(did training diverge?), re-train or pick an earlier checkpoint\n"
+    )
     assert not (tmp_path / "merged").exists()
-

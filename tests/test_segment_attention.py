@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
+from tests.test_lm_loss import _examples
+from tests.tiny_models import tiny_llama
 
 from deltatune import LoraConfig, get_delta_model
 from deltatune.data.collate import collate_causal, collate_padding_free, pack_examples
 from deltatune.kernels.segment_attention import NAME, register, use_segment_attention
 from deltatune.train.lm_loss import causal_lm_loss
-from tests.test_lm_loss import _examples
-from tests.tiny_models import tiny_llama
 
 
 def _loss_and_grads(model, batch):

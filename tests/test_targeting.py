@@ -12,7 +12,6 @@ from peft.tuners.lora import LoraLayer as PeftLoraLayer
 from peft.utils.constants import (
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS,
 )
-from tiny_models import tiny_gpt2, tiny_llama
 from torch import nn
 
 from deltatune import LoraConfig, TargetError, get_delta_model
@@ -25,6 +24,7 @@ from deltatune.tuners.targeting import (
     name_matches,
     pattern_value,
 )
+from tiny_models import tiny_gpt2, tiny_llama
 
 # -- pure functions ---------------------------------------------------------------------------
 
@@ -230,16 +230,25 @@ ARCHITECTURES = {
     "qwen2": (tf.Qwen2Config, tf.AutoModelForCausalLM, {**_DECODER, "num_key_value_heads": 1}),
     "qwen3": (tf.Qwen3Config, tf.AutoModelForCausalLM, {**_DECODER, "num_key_value_heads": 1, "head_dim": 8}),
     "gemma": (tf.GemmaConfig, tf.AutoModelForCausalLM, {**_DECODER, "num_key_value_heads": 1, "head_dim": 8}),
-    "phi3": (tf.Phi3Config, tf.AutoModelForCausalLM, {**_DECODER, "bos_token_id": 1, "eos_token_id": 2,
-                                                     "pad_token_id": 0}),
-    "gpt2": (tf.GPT2Config, tf.AutoModelForCausalLM, {"n_embd": 16, "n_layer": 2, "n_head": 2, "n_positions": 32,
-                                                     "bos_token_id": 0, "eos_token_id": 0}),
+    "phi3": (
+        tf.Phi3Config,
+        tf.AutoModelForCausalLM,
+        {**_DECODER, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
+    ),
+    "gpt2": (
+        tf.GPT2Config,
+        tf.AutoModelForCausalLM,
+        {"n_embd": 16, "n_layer": 2, "n_head": 2, "n_positions": 32, "bos_token_id": 0, "eos_token_id": 0},
+    ),
     "gpt_neox": (tf.GPTNeoXConfig, tf.AutoModelForCausalLM, _DECODER),
     "bert": (tf.BertConfig, tf.AutoModelForSequenceClassification, {**_DECODER, "max_position_embeddings": 32}),
     "roberta": (tf.RobertaConfig, tf.AutoModelForSequenceClassification, {**_DECODER, "max_position_embeddings": 40}),
-    "t5": (tf.T5Config, tf.AutoModelForSeq2SeqLM, {"d_model": 16, "d_ff": 32, "d_kv": 8, "num_layers": 2,
-                                                   "num_heads": 2, "decoder_start_token_id": 0}),
-}  # fmt: skip
+    "t5": (
+        tf.T5Config,
+        tf.AutoModelForSeq2SeqLM,
+        {"d_model": 16, "d_ff": 32, "d_kv": 8, "num_layers": 2, "num_heads": 2, "decoder_start_token_id": 0},
+    ),
+}
 # What each default adapts, by last name component (and how many per model: 2 layers; t5: encoder + decoder).
 EXPECTED_DEFAULTS = {
     "llama": ({"q_proj", "v_proj"}, 4),

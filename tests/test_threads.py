@@ -40,10 +40,13 @@ def test_explicit_threads_win():
     assert choose_threads(3, cpus=2, busy=9.0).notice is None
 
 
+@pytest.mark.subprocess
 def test_a_spinning_process_counts_as_one_busy_cpu():
     """A child that spins for a second is measured as (about) one busy CPU, on top of what was busy before."""
     before = busy_cpus(0.3)
-    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 2\nwhile time.time() < end: pass"])
+    spinner = subprocess.Popen(
+        [sys.executable, "-c", "import time\nend = time.time() + 2\nwhile time.time() < end: pass"]
+    )
     try:
         time.sleep(0.3)  # let it start
         during = busy_cpus(0.5)
@@ -81,10 +84,20 @@ class _Replayed(ThreadWatcher):
 
 def test_watcher_changes_threads_on_two_agreeing_measurements_only():
     cpus = os.cpu_count() or 1
-    watcher = _Replayed([(0, 0, 0), (2, 3.8, 2.0), (5, 9.5, 2.0),  # too soon; then alone: no change
-                         (10, 14.5, min(cpus, 2.0)), (15, 19.5, min(cpus, 2.0)),  # 1 CPU used by another, twice
-                         (20, 24.5, min(cpus, 2.0)),  # now on 1 thread, still shared: nothing new
-                         (25, 29.5, 1.0), (30, 34.5, 2.0), (35, 39.5, 1.0), (40, 44.5, 1.0)])  # fmt: skip
+    watcher = _Replayed(
+        [
+            (0, 0, 0),
+            (2, 3.8, 2.0),
+            (5, 9.5, 2.0),  # too soon; then alone: no change
+            (10, 14.5, min(cpus, 2.0)),
+            (15, 19.5, min(cpus, 2.0)),  # 1 CPU used by another, twice
+            (20, 24.5, min(cpus, 2.0)),  # now on 1 thread, still shared: nothing new
+            (25, 29.5, 1.0),
+            (30, 34.5, 2.0),
+            (35, 39.5, 1.0),
+            (40, 44.5, 1.0),
+        ]
+    )
     assert watcher.check() is None  # 2 s: below the interval, not measured
     assert watcher.check() is None  # alone
     assert watcher.check() is None and watcher.pending == 1  # another job: wait for a second look
@@ -98,9 +111,12 @@ def test_watcher_changes_threads_on_two_agreeing_measurements_only():
     assert choice.threads == 2 and choice.notice is None and watcher.threads == 2
 
 
+@pytest.mark.subprocess
 def test_watcher_sees_a_spinning_process_on_the_real_machine():
     """Two CPUs, one of them taken by a spinning child: the watcher moves to one thread."""
-    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 4\nwhile time.time() < end: pass"])
+    spinner = subprocess.Popen(
+        [sys.executable, "-c", "import time\nend = time.time() + 4\nwhile time.time() < end: pass"]
+    )
     try:
         time.sleep(0.3)
         watcher = ThreadWatcher(threads=2, cpus=2, interval=0.4)

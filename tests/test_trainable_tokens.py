@@ -13,7 +13,6 @@ import peft
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import VOCAB, _seeded, perturb_trainable
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune
@@ -21,6 +20,7 @@ from deltatune import DeltaModel
 from deltatune.errors import ConfigError, TargetError
 from deltatune.io import to_file_key
 from deltatune.tuners.trainable_tokens import TrainableTokensLayer
+from tiny_models import VOCAB, _seeded, perturb_trainable
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
@@ -35,9 +35,16 @@ TIED = [False, True]
 
 def llama(tied: bool, seed: int = 0) -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=tied, attn_implementation="eager",
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+        attn_implementation="eager",
+    )
     return _seeded(lambda: LlamaForCausalLM(config), seed)
 
 
@@ -50,8 +57,13 @@ def ids() -> torch.Tensor:
 
 
 def lora_kwargs(**overrides) -> dict:
-    return {"target_modules": "all-linear", "trainable_token_indices": list(TOKENS), "init_lora_weights": False,
-            "lora_alpha": 16, **overrides}  # fmt: skip
+    return {
+        "target_modules": "all-linear",
+        "trainable_token_indices": list(TOKENS),
+        "init_lora_weights": False,
+        "lora_alpha": 16,
+        **overrides,
+    }
 
 
 def delta(tied: bool, **overrides) -> DeltaModel:
@@ -90,8 +102,9 @@ def saved(directory) -> dict[str, torch.Tensor]:
 # -- what trains --------------------------------------------------------------------------------
 @pytest.mark.parametrize("tied", TIED)
 def test_only_the_chosen_rows_change_after_an_optimizer_step(tied):
-    model = deltatune.get_delta_model(llama(tied), deltatune.LoraConfig(target_modules=["q_proj"],
-                                                                        trainable_token_indices=TOKENS))  # fmt: skip
+    model = deltatune.get_delta_model(
+        llama(tied), deltatune.LoraConfig(target_modules=["q_proj"], trainable_token_indices=TOKENS)
+    )
     before_embedding = effective_weight(model, "model.embed_tokens")
     before_head = effective_weight(model, "lm_head")
     trainable = {name for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name}
@@ -151,8 +164,9 @@ def test_file_keys_and_gradients_equal_peft(tmp_path, tied):
 
 
 def test_unsorted_token_ids_from_peft_keep_their_rows(tmp_path):
-    source = _seeded(lambda: peft.get_peft_model(llama(False), peft.LoraConfig(**lora_kwargs(
-        trainable_token_indices=[5, 1, 3]))), 3)  # fmt: skip
+    source = _seeded(
+        lambda: peft.get_peft_model(llama(False), peft.LoraConfig(**lora_kwargs(trainable_token_indices=[5, 1, 3]))), 3
+    )
     perturb_trainable(source)
     source.save_pretrained(tmp_path)
     loaded = DeltaModel.from_pretrained(llama(False), tmp_path)
@@ -214,20 +228,33 @@ def test_tied_head_follows_with_or_without_ensure_weight_tying(tmp_path, ensure)
 
 
 def test_dict_form_naming_both_tied_modules():
-    same = deltatune.get_delta_model(llama(True), deltatune.LoraConfig(
-        target_modules=["q_proj"], trainable_token_indices={"embed_tokens": TOKENS, "lm_head": TOKENS}))  # fmt: skip
+    same = deltatune.get_delta_model(
+        llama(True),
+        deltatune.LoraConfig(
+            target_modules=["q_proj"], trainable_token_indices={"embed_tokens": TOKENS, "lm_head": TOKENS}
+        ),
+    )
     assert rows_of(same) == {"model.embed_tokens.token_adapter.trainable_tokens_delta.default"}
 
-    apart = deltatune.get_delta_model(llama(True), deltatune.LoraConfig(
-        target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 2], "lm_head": [3]}))  # fmt: skip
+    apart = deltatune.get_delta_model(
+        llama(True),
+        deltatune.LoraConfig(
+            target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 2], "lm_head": [3]}
+        ),
+    )
     assert rows_of(apart) == {
         "model.embed_tokens.token_adapter.trainable_tokens_delta.default",
         "lm_head.token_adapter.trainable_tokens_delta.default",
     }
     with pytest.raises(ConfigError, match="ensure_weight_tying=True but the tied"):
-        deltatune.get_delta_model(llama(True), deltatune.LoraConfig(
-            target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 2], "lm_head": [3]},
-            ensure_weight_tying=True))  # fmt: skip
+        deltatune.get_delta_model(
+            llama(True),
+            deltatune.LoraConfig(
+                target_modules=["q_proj"],
+                trainable_token_indices={"embed_tokens": [1, 2], "lm_head": [3]},
+                ensure_weight_tying=True,
+            ),
+        )
 
 
 def test_untied_output_head_trains_its_own_rows_as_in_peft(tmp_path):
@@ -307,7 +334,10 @@ def test_file_keys_are_a_pure_rename():
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"]}, "tied model.embed_tokens in modules_to_save"),
+        (
+            {"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"]},
+            "tied model.embed_tokens in modules_to_save",
+        ),
         ({"target_modules": ["embed_tokens", "q_proj"]}, "LoRA on the tied embedding model.embed_tokens"),
     ],
 )

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model_semantics import single_thread  # noqa: F401  (autouse fixture)
-from tiny_models import VOCAB, token_inputs
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from deltatune import LoraConfig, get_delta_model
+from test_model_semantics import single_thread  # noqa: F401  (autouse fixture)
+from tiny_models import VOCAB, token_inputs
 
 BATCH = token_inputs(batch=4, length=16, seed=3)["input_ids"]
 # tiny_models keeps transformers' init (std 0.02): with a frozen head that small behind the final
@@ -22,14 +22,30 @@ def tiny(kind: str) -> nn.Module:
     torch.manual_seed(0)
     if kind == "llama":
         config = LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, initializer_range=INIT_STD, attn_implementation="eager",
-        )  # fmt: skip
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            initializer_range=INIT_STD,
+            attn_implementation="eager",
+        )
         return LlamaForCausalLM(config).eval()
     config = GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=INIT_STD,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, attn_implementation="eager",
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        initializer_range=INIT_STD,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="eager",
+    )
     return GPT2LMHeadModel(config).eval()
 
 

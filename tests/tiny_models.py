@@ -161,7 +161,11 @@ class Scenario:
     @property
     def plain(self) -> bool:
         """True when the save is a plain LoRA (no modules_to_save, no trained biases, no DoRA): what vLLM loads."""
-        return not self.lora.get("modules_to_save") and self.lora.get("bias", "none") == "none" and not self.lora.get("use_dora")
+        return (
+            not self.lora.get("modules_to_save")
+            and self.lora.get("bias", "none") == "none"
+            and not self.lora.get("use_dora")
+        )
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -197,7 +201,9 @@ SCENARIOS: dict[str, Scenario] = {
     "all_linear_llama": Scenario("llama", {"target_modules": "all-linear"}),
     "all_linear_gpt2": Scenario("gpt2", {"target_modules": "all-linear"}),
     "exclude_modules": Scenario("llama", {"target_modules": "all-linear", "exclude_modules": ["down_proj", "o_proj"]}),
-    "dora_llama": Scenario("llama", {"target_modules": [*LLAMA_LINEAR, "embed_tokens"], "lora_alpha": 16, "use_dora": True}),
+    "dora_llama": Scenario(
+        "llama", {"target_modules": [*LLAMA_LINEAR, "embed_tokens"], "lora_alpha": 16, "use_dora": True}
+    ),
     "dora_gpt2_conv1d": Scenario("gpt2", {"target_modules": ["c_attn", "c_proj", "c_fc"], "use_dora": True, "r": 4}),
     "dora_modules_to_save": Scenario(
         "llama", {"target_modules": ["q_proj", "down_proj"], "use_dora": True, "modules_to_save": ["lm_head"]}

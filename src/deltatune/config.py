@@ -207,7 +207,9 @@ def pattern_dict(name: str, value: Any) -> dict[str, Any]:
 def layer_indices(value: Any) -> list[int] | int | None:
     if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
         return value
-    if isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+    if isinstance(value, (list, tuple)) and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+    ):
         return list(value)
     raise ConfigError(f"layers_to_transform={value!r} must be a non-negative int or a list of them")
 
@@ -219,5 +221,3 @@ def without_defaults(config: DeltaConfig, data: dict[str, Any], names: frozenset
         if f.name in names and data[f.name] == jsonable(default):
             del data[f.name]
     return data
-
-

@@ -35,8 +35,16 @@ FILE_PREFIX = "base_model.model."
 
 # Containers whose children are keyed by adapter name; the name is dropped in the file.
 ADAPTER_CONTAINERS = frozenset(
-    {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "adapter_down", "adapter_up",
-     "trainable_tokens_delta"}
+    {
+        "lora_A",
+        "lora_B",
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "lora_magnitude_vector",
+        "adapter_down",
+        "adapter_up",
+        "trainable_tokens_delta",
+    }
 )
 # Containers dropped together with the adapter name (the copy replaces the module itself).
 WRAPPER_CONTAINERS = frozenset({"modules_to_save"})
@@ -112,9 +120,7 @@ def read_adapter_weights(directory: str | os.PathLike, allow_pickle: bool = Fals
     raise AdapterLoadError(f"no {WEIGHTS_NAME} in {directory}; is this an adapter directory?")
 
 
-def check_tensors_fit(
-    tensors: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor], source: str
-) -> None:
+def check_tensors_fit(tensors: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor], source: str) -> None:
     """Refuse a file whose keys or shapes differ from the model's, naming the first mismatch."""
     for key, tensor in tensors.items():
         if key not in targets:
@@ -127,8 +133,10 @@ def check_tensors_fit(
         if not tensor.is_floating_point():
             raise AdapterLoadError(f"{source}: {key} has dtype {tensor.dtype}, expected a floating-point tensor")
         if not torch.isfinite(tensor).all():
-            raise AdapterLoadError(f"{source}: {key} holds NaN or Inf values; the adapter is corrupt (did training "
-                                   f"diverge?), re-train or pick an earlier checkpoint")  # fmt: skip
+            raise AdapterLoadError(
+                f"{source}: {key} holds NaN or Inf values; the adapter is corrupt (did training "
+                f"diverge?), re-train or pick an earlier checkpoint"
+            )
 
 
 def _load_plain_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -89,9 +89,13 @@ class DeltaModel(nn.Module):
     @property
     def merged_adapters(self) -> list[str]:
         return sorted(
-            {name for tuner in self._merging_tuners() for _, layer in tuner.layers(self.base_model)
-             for name in getattr(layer, "merged_adapters", [])}
-        )  # fmt: skip
+            {
+                name
+                for tuner in self._merging_tuners()
+                for _, layer in tuner.layers(self.base_model)
+                for name in getattr(layer, "merged_adapters", [])
+            }
+        )
 
     def add_adapter(self, adapter_name: str, config: DeltaConfig) -> None:
         """Inject a new adapter (inactive unless it is the first); the base model stays frozen."""
@@ -220,7 +224,9 @@ class DeltaModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         """Print peft's line: ``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7322``."""
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # -- files --------------------------------------------------------------------------------
     def save_pretrained(
@@ -312,7 +318,9 @@ class DeltaModel(nn.Module):
         targets = {key: optional[name] for key, name in file_key_map(optional, adapter_name).items()} | required
         missing = [key for key in required if key not in tensors]
         if missing:
-            raise AdapterLoadError(f"{source}: the file lacks {missing[0]} (and {len(missing) - 1} more keys); wrong config?")
+            raise AdapterLoadError(
+                f"{source}: the file lacks {missing[0]} (and {len(missing) - 1} more keys); wrong config?"
+            )
         check_tensors_fit(tensors, targets, source)
         with torch.no_grad():
             for key, tensor in tensors.items():
@@ -362,8 +370,10 @@ def _entries(state_dict: Mapping[str, torch.Tensor], state: dict[str, nn.Paramet
     """``state``'s names (relative to the base model) -> their tensors in a ``DeltaModel.state_dict()``."""
     missing = [name for name in state if f"base_model.{name}" not in state_dict]
     if missing:
-        raise ConfigError(f"state_dict lacks base_model.{missing[0]} (and {len(missing) - 1} more adapter keys); "
-                          f"pass a state dict of this model, e.g. from distributed.gather_adapter_state")  # fmt: skip
+        raise ConfigError(
+            f"state_dict lacks base_model.{missing[0]} (and {len(missing) - 1} more adapter keys); "
+            f"pass a state dict of this model, e.g. from distributed.gather_adapter_state"
+        )
     return {name: state_dict[f"base_model.{name}"] for name in state}
 
 

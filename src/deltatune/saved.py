@@ -14,7 +14,11 @@ from deltatune.errors import ConfigError
 from deltatune.model import DeltaModel
 from deltatune.runtime.loading import load_pretrained, load_tokenizer, model_folder
 
-_TASK_CLASSES = {None: AutoModelForCausalLM, "CAUSAL_LM": AutoModelForCausalLM, "SEQ_CLS": AutoModelForSequenceClassification}
+_TASK_CLASSES = {
+    None: AutoModelForCausalLM,
+    "CAUSAL_LM": AutoModelForCausalLM,
+    "SEQ_CLS": AutoModelForSequenceClassification,
+}
 
 
 def adapter_base(adapter: str | os.PathLike, model: str | None) -> tuple[DeltaConfig, Path]:
@@ -30,8 +34,9 @@ def load_adapted(
     """(the base model with the adapter loaded, frozen and in eval mode; the base folder)."""
     config, base_path = adapter_base(adapter, model)
     if config.task_type not in _TASK_CLASSES:
-        raise ConfigError(f"{adapter}: task_type={config.task_type} adapters are not supported here; use "
-                          f"CAUSAL_LM or SEQ_CLS")  # fmt: skip
+        raise ConfigError(
+            f"{adapter}: task_type={config.task_type} adapters are not supported here; use CAUSAL_LM or SEQ_CLS"
+        )
     base = load_pretrained(_TASK_CLASSES[config.task_type], base_path, dtype, allow_pickle)
     return DeltaModel.from_pretrained(base, adapter, allow_pickle=allow_pickle).eval(), base_path
 

@@ -36,8 +36,16 @@ from deltatune.runtime.threads import openmp_environment
 
 RUNS = ("deltatune", "trl-fair", "trl-defaults")
 WARMUP_STEPS = 2  # the first steps (allocations, kernel choice) are not timed
-SETTINGS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "batch_size": 8, "max_length": 128,
-            "learning_rate": 1e-3, "warmup_steps": 5, "seed": 0}  # fmt: skip
+SETTINGS = {
+    "r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.05,
+    "batch_size": 8,
+    "max_length": 128,
+    "learning_rate": 1e-3,
+    "warmup_steps": 5,
+    "seed": 0,
+}
 RESULT_PREFIX = "E2E_RESULT "
 
 
@@ -50,8 +58,10 @@ def prepare_data(folder: Path, eval_fraction: float = 0.1, seed: int = 0) -> tup
     folder.mkdir(parents=True, exist_ok=True)
     paths = folder / "train.jsonl", folder / "eval.jsonl"
     for path, rows in zip(paths, (train, held_out)):
-        lines = [json.dumps({"prompt": [m.as_dict() for m in r.messages[:-1]], "completion": [r.messages[-1].as_dict()]})
-                 for r in rows]  # fmt: skip
+        lines = [
+            json.dumps({"prompt": [m.as_dict() for m in r.messages[:-1]], "completion": [r.messages[-1].as_dict()]})
+            for r in rows
+        ]
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return paths
 
@@ -88,12 +98,14 @@ class StepMeter(TrainerCallback):
     def result(self) -> dict[str, Any]:
         timed = self.steps[WARMUP_STEPS:] or self.steps
         result = {
-            "steps": len(self.steps), "step_s": statistics.median(s[0] for s in timed),
+            "steps": len(self.steps),
+            "step_s": statistics.median(s[0] for s in timed),
             "cpu_step_s": statistics.median(s[1] for s in timed),
             "tokens_per_s": sum(s[2] for s in timed) / sum(s[0] for s in timed),
-            "peak_rss_mib": self.peak_rss / 2**20, "rss_train_start_mib": self.rss_start / 2**20,
+            "peak_rss_mib": self.peak_rss / 2**20,
+            "rss_train_start_mib": self.rss_start / 2**20,
             "step_times": [s[0] for s in self.steps],
-        }  # fmt: skip
+        }
         import torch
 
         if torch.cuda.is_available():
@@ -112,8 +124,9 @@ def deltatune_job(train: str, held_out: str, out: str, steps: int) -> dict:
     from deltatune.train.run import run_training
 
     meter = StepMeter()
-    config = TrainConfig.from_dict({**SETTINGS, "data": train, "eval_data": held_out, "max_steps": steps,
-                                    "output_dir": out, "logging_steps": 1})  # fmt: skip
+    config = TrainConfig.from_dict(
+        {**SETTINGS, "data": train, "eval_data": held_out, "max_steps": steps, "output_dir": out, "logging_steps": 1}
+    )
     result = run_training(config, log=lambda line: print(line, file=sys.stderr), callbacks=[meter])
     return {**meter.result(), "adapter": result.adapter_dir}
 
@@ -132,15 +145,30 @@ def trl_job(train: str, out: str, steps: int, defaults: bool) -> dict:
     rows = [json.loads(line) for line in Path(train).read_text(encoding="utf-8").splitlines()]
     tuned = {} if defaults else {"gradient_checkpointing": False, **mixed_precision_flags("auto")}
     args = trl.SFTConfig(
-        output_dir=out, max_steps=steps, per_device_train_batch_size=SETTINGS["batch_size"],
-        max_length=SETTINGS["max_length"], learning_rate=SETTINGS["learning_rate"], lr_scheduler_type="cosine",
-        warmup_steps=SETTINGS["warmup_steps"], seed=SETTINGS["seed"], logging_steps=1, save_strategy="no",
-        report_to=[], use_cpu=not torch.cuda.is_available(), **tuned,
-    )  # fmt: skip
-    lora = peft.LoraConfig(r=SETTINGS["r"], lora_alpha=SETTINGS["lora_alpha"], lora_dropout=SETTINGS["lora_dropout"],
-                           target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
-    trainer = trl.SFTTrainer(model=str(smollm2_path()), args=args, train_dataset=Dataset.from_list(rows),
-                             peft_config=lora, callbacks=[meter])  # fmt: skip
+        output_dir=out,
+        max_steps=steps,
+        per_device_train_batch_size=SETTINGS["batch_size"],
+        max_length=SETTINGS["max_length"],
+        learning_rate=SETTINGS["learning_rate"],
+        lr_scheduler_type="cosine",
+        warmup_steps=SETTINGS["warmup_steps"],
+        seed=SETTINGS["seed"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        **tuned,
+    )
+    lora = peft.LoraConfig(
+        r=SETTINGS["r"],
+        lora_alpha=SETTINGS["lora_alpha"],
+        lora_dropout=SETTINGS["lora_dropout"],
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    trainer = trl.SFTTrainer(
+        model=str(smollm2_path()), args=args, train_dataset=Dataset.from_list(rows), peft_config=lora, callbacks=[meter]
+    )
     trainer.train()
     trainer.model.save_pretrained(out)
     return {**meter.result(), "adapter": out, "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing}
@@ -192,8 +220,11 @@ def run_e2e(folder: Path, steps: int, repeats: int, default_steps: int, runs: li
     train, held_out = prepare_data(folder / "data")
     import trl
 
-    report: dict[str, Any] = {"environment": {**environment("cuda" if _cuda() else "cpu", None), "trl": trl.__version__},
-                              "settings": {**SETTINGS, "steps": steps, "default_steps": default_steps}, "runs": []}  # fmt: skip
+    report: dict[str, Any] = {
+        "environment": {**environment("cuda" if _cuda() else "cpu", None), "trl": trl.__version__},
+        "settings": {**SETTINGS, "steps": steps, "default_steps": default_steps},
+        "runs": [],
+    }
     for repeat in range(repeats):
         for run in runs:
             if run == "trl-defaults" and repeat:
@@ -202,12 +233,20 @@ def run_e2e(folder: Path, steps: int, repeats: int, default_steps: int, runs: li
             if run == "deltatune":
                 job = {"kind": "deltatune", "train": str(train), "held_out": str(held_out), "out": out, "steps": steps}
             else:
-                job = {"kind": "trl", "train": str(train), "out": out, "defaults": run == "trl-defaults",
-                       "steps": default_steps if run == "trl-defaults" else steps}  # fmt: skip
+                job = {
+                    "kind": "trl",
+                    "train": str(train),
+                    "out": out,
+                    "defaults": run == "trl-defaults",
+                    "steps": default_steps if run == "trl-defaults" else steps,
+                }
             result = {"run": run, "repeat": repeat, **_run_child(job)}
             report["runs"].append(result)
-            print(f"  {run:<12} repeat {repeat}: {result['step_s']:.2f} s/step, {result['tokens_per_s']:,.0f} tok/s, "
-                  f"peak RSS {result['peak_rss_mib']:,.0f} MiB", flush=True)  # fmt: skip
+            print(
+                f"  {run:<12} repeat {repeat}: {result['step_s']:.2f} s/step, {result['tokens_per_s']:,.0f} tok/s, "
+                f"peak RSS {result['peak_rss_mib']:,.0f} MiB",
+                flush=True,
+            )
     adapters = {f"{r['run']}-{r['repeat']}": r["adapter"] for r in report["runs"]}
     report["score"] = _run_child({"kind": "score", "held_out": str(held_out), "adapters": adapters})
     report["summary"] = summarize(report)
@@ -226,8 +265,10 @@ def summarize(report: dict) -> dict[str, dict[str, float]]:
     summary: dict[str, dict[str, float]] = {}
     for run in dict.fromkeys(r["run"] for r in report["runs"]):
         entries = [r for r in report["runs"] if r["run"] == run]
-        summary[run] = {key: statistics.median(e[key] for e in entries)
-                        for key in ("step_s", "cpu_step_s", "tokens_per_s", "peak_rss_mib", "rss_train_start_mib")}  # fmt: skip
+        summary[run] = {
+            key: statistics.median(e[key] for e in entries)
+            for key in ("step_s", "cpu_step_s", "tokens_per_s", "peak_rss_mib", "rss_train_start_mib")
+        }
         summary[run]["heldout_loss"] = statistics.median(losses[f"{run}-{e['repeat']}"] for e in entries)
     fair = summary.get("trl-fair")
     for entry in summary.values():
@@ -243,15 +284,20 @@ def summarize(report: dict) -> dict[str, dict[str, float]]:
 
 def format_report(report: dict) -> str:
     """The summary as a Markdown table."""
-    lines = ["| run | s/step | CPU s/step | tokens/s | vs trl-fair | peak RSS MiB | vs trl-fair | "
-             "training's RSS vs trl-fair | held-out loss |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| run | s/step | CPU s/step | tokens/s | vs trl-fair | peak RSS MiB | vs trl-fair | "
+        "training's RSS vs trl-fair | held-out loss |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for run, e in report["summary"].items():
         if run == "base":
             continue
-        lines.append(f"| {run} | {e['step_s']:.2f} | {e['cpu_step_s']:.2f} | {e['tokens_per_s']:,.0f} | "
-                     f"{e.get('speed_vs_trl_fair', float('nan')):.2f}x | {e['peak_rss_mib']:,.0f} | "
-                     f"{e.get('peak_rss_vs_trl_fair', float('nan')):.2f}x | "
-                     f"{e.get('train_memory_vs_trl_fair', float('nan')):.2f}x | {e['heldout_loss']:.4f} |")  # fmt: skip
+        lines.append(
+            f"| {run} | {e['step_s']:.2f} | {e['cpu_step_s']:.2f} | {e['tokens_per_s']:,.0f} | "
+            f"{e.get('speed_vs_trl_fair', float('nan')):.2f}x | {e['peak_rss_mib']:,.0f} | "
+            f"{e.get('peak_rss_vs_trl_fair', float('nan')):.2f}x | "
+            f"{e.get('train_memory_vs_trl_fair', float('nan')):.2f}x | {e['heldout_loss']:.4f} |"
+        )
     lines.append(f"| base (no adapter) | | | | | | | | {report['summary']['base']['heldout_loss']:.4f} |")
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ MODES = ("floor", "fused", "fused-eager", "fused-layer", "plain", "peft", "dora"
 REFERENCES = ("floor", "peft", "peft-dora", "fused")
 SECTIONS = ("train", "infer", "wrap", "saved", "quant")
 
+
 @dataclasses.dataclass(frozen=True)
 class Shape:
     """A Llama-shaped model and the batch it trains on."""
@@ -41,7 +42,9 @@ DEFAULT_SHAPES = {"cpu": ["cpu-small"], "cuda": ["1.1b", "8b"]}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared by ``python -m deltatune.bench.step`` and ``deltatune bench``)."""
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when torch sees a GPU, else cpu")
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="default: cpu-small on CPU, 1.1b and 8b on CUDA")
+    parser.add_argument(
+        "--shapes", nargs="+", choices=list(SHAPES), help="default: cpu-small on CPU, 1.1b and 8b on CUDA"
+    )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--steps", type=int, default=6, help="timed steps per mode (median reported)")
@@ -53,18 +56,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--wrap-shape", choices=list(SHAPES), default="1.1b")
     parser.add_argument("--wrap-device", choices=["cpu", "cuda", "meta"], help="default: --device")
-    parser.add_argument("--saved-shapes", nargs="+", choices=list(SHAPES), default=["1.1b", "8b"],
-                        help="shapes of the 'saved' section (on meta; default: the GPU shapes)")  # fmt: skip
+    parser.add_argument(
+        "--saved-shapes",
+        nargs="+",
+        choices=list(SHAPES),
+        default=["1.1b", "8b"],
+        help="shapes of the 'saved' section (on meta; default: the GPU shapes)",
+    )
     parser.add_argument("--json", help="write the full report (every step time) to this file")
-    parser.add_argument("--e2e", action="store_true",
-                        help="instead: the quick start's SFT run through deltatune train and TRL + peft, end to end "
-                        "(deltatune.bench.e2e; needs trl and peft)")  # fmt: skip
+    parser.add_argument(
+        "--e2e",
+        action="store_true",
+        help="instead: the quick start's SFT run through deltatune train and TRL + peft, end to end "
+        "(deltatune.bench.e2e; needs trl and peft)",
+    )
     parser.add_argument("--e2e-steps", type=int, default=30, help="--e2e: optimizer steps per run")
-    parser.add_argument("--e2e-default-steps", type=int, default=4,
-                        help="--e2e: steps of the run with TRL's defaults (slow on a CPU; 0 leaves it out)")  # fmt: skip
+    parser.add_argument(
+        "--e2e-default-steps",
+        type=int,
+        default=4,
+        help="--e2e: steps of the run with TRL's defaults (slow on a CPU; 0 leaves it out)",
+    )
     parser.add_argument("--e2e-dir", default="outputs/bench-e2e", help="--e2e: data and adapters go here")
-    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
-                        help="run modes in this process (quick looks; memory numbers are then less honest)")  # fmt: skip
+    parser.add_argument(
+        "--no-isolate",
+        dest="isolate",
+        action="store_false",
+        help="run modes in this process (quick looks; memory numbers are then less honest)",
+    )
 
 
 def shape_of(name: str, dtype: str | None = None) -> Shape:

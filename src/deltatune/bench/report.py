@@ -44,7 +44,12 @@ def summarize_quant(report: dict) -> dict:
             for key in list(entry):
                 entry[key] = statistics.median(entry[key])
         for entry in bases.values():
-            for key, reference in (("peak_mib", "fp32"), ("base_mib", "fp32"), ("linear_mib", "fp32"), (clock, "peft-nf4")):
+            for key, reference in (
+                ("peak_mib", "fp32"),
+                ("base_mib", "fp32"),
+                ("linear_mib", "fp32"),
+                (clock, "peft-nf4"),
+            ):
                 if reference in bases:
                     entry[f"{key}_vs_{reference}"] = entry[key] / bases[reference][key]
     return summary
@@ -54,9 +59,13 @@ def _format_quant(report: dict, speed: str) -> list[str]:
     clock = _clock(report)
     lines = []
     for shape, bases in report.get("quant_summary", {}).items():
-        lines += [f"\nLoRA over quantised bases, {shape} (r={report['settings']['rank']}, all seven projections):", "",
-                  f"| base | {speed} | vs peft-nf4 | wall tokens/s | step peak MiB | vs fp32 | base weights MiB | vs fp32 "
-                  f"| linear layers MiB | vs fp32 |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"\nLoRA over quantised bases, {shape} (r={report['settings']['rank']}, all seven projections):",
+            "",
+            f"| base | {speed} | vs peft-nf4 | wall tokens/s | step peak MiB | vs fp32 | base weights MiB | vs fp32 "
+            f"| linear layers MiB | vs fp32 |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for base, e in bases.items():
             lines.append(
                 f"| {base} | {e[clock]:,.0f} | {_ratio(e, f'{clock}_vs_peft-nf4')} | {e['tokens_per_s']:,.0f} | "
@@ -74,9 +83,13 @@ def format_report(report: dict) -> str:
     lines = []
     for shape, modes in report["summary"].items():
         s = shape_of(shape, report["settings"]["dtype"])
-        lines += [f"\n{shape}: hidden {s.hidden}, {s.layers} layers, {s.dtype}, batch {s.batch}x{s.seq}", "",
-                  f"| mode | {speed} (min-max) | vs floor | vs peft | wall tokens/s | peak MiB | vs floor | vs peft "
-                  f"| saved for backward MiB |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"\n{shape}: hidden {s.hidden}, {s.layers} layers, {s.dtype}, batch {s.batch}x{s.seq}",
+            "",
+            f"| mode | {speed} (min-max) | vs floor | vs peft | wall tokens/s | peak MiB | vs floor | vs peft "
+            f"| saved for backward MiB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for mode, e in modes.items():
             lo, hi = e[f"{clock}_range"]
             lines.append(
@@ -86,27 +99,44 @@ def format_report(report: dict) -> str:
             )
         if "dora" in modes and {"peft-dora", "fused"} & set(modes):
             e = modes["dora"]
-            lines.append(f"\nDoRA: {_ratio(e, 'speed_vs_peft-dora')} peft-DoRA's speed, {_ratio(e, 'memory_vs_peft-dora')} "
-                         f"its peak memory; step time {_inverse(e, 'speed_vs_fused')} deltatune's LoRA step")  # fmt: skip
+            lines.append(
+                f"\nDoRA: {_ratio(e, 'speed_vs_peft-dora')} peft-DoRA's speed, {_ratio(e, 'memory_vs_peft-dora')} "
+                f"its peak memory; step time {_inverse(e, 'speed_vs_fused')} deltatune's LoRA step"
+            )
     lines += _format_quant(report, speed)
     for record in report["infer"]:
         base = record["base_ms"]
         cells = [f"{base:.2f}"] + [
-            f"{record[key]:.2f} ({record[key] / base:.3f}x)" for key in ("unmerged_ms", "unmerged_plain_ms", "merged_ms")
+            f"{record[key]:.2f} ({record[key] / base:.3f}x)"
+            for key in ("unmerged_ms", "unmerged_plain_ms", "merged_ms")
         ]
-        lines += [f"\ninference {record['shape']} (last-token logits, {'CPU ' if on_cpu else ''}ms, median):", "",
-                  "| base | unmerged (fused) | unmerged (plain) | merged |", "|---|---|---|---|",
-                  "| " + " | ".join(cells) + " |"]  # fmt: skip
+        lines += [
+            f"\ninference {record['shape']} (last-token logits, {'CPU ' if on_cpu else ''}ms, median):",
+            "",
+            "| base | unmerged (fused) | unmerged (plain) | merged |",
+            "|---|---|---|---|",
+            "| " + " | ".join(cells) + " |",
+        ]
     for record in report["wrap"]:
-        times = ", ".join(f"{key.removesuffix('_s')} {value:.2f} s" for key, value in record.items() if key.endswith("_s"))
+        times = ", ".join(
+            f"{key.removesuffix('_s')} {value:.2f} s" for key, value in record.items() if key.endswith("_s")
+        )
         lines.append(f"\nwrap {record['shape']} on {record['device']}: {times}")
     for record in report["saved"]:
         modes = [key.removesuffix("_gib") for key in record if key.endswith("_gib")]
         floor = record.get("floor_gib")
-        cells = [f"{record[f'{m}_gib']:.2f}" + (f" ({record[f'{m}_gib'] - floor:+.2f})" if floor is not None else "") for m in modes]
-        lines += [f"\nsaved for backward, {record['shape']} on meta (GiB; in brackets: minus the floor's, which "
-                  f"counts o_proj's input, a view on GPUs, in every LoRA mode):", "",
-                  "| " + " | ".join(modes) + " |", "|" + "---|" * len(modes), "| " + " | ".join(cells) + " |"]  # fmt: skip
+        cells = [
+            f"{record[f'{m}_gib']:.2f}" + (f" ({record[f'{m}_gib'] - floor:+.2f})" if floor is not None else "")
+            for m in modes
+        ]
+        lines += [
+            f"\nsaved for backward, {record['shape']} on meta (GiB; in brackets: minus the floor's, which "
+            f"counts o_proj's input, a view on GPUs, in every LoRA mode):",
+            "",
+            "| " + " | ".join(modes) + " |",
+            "|" + "---|" * len(modes),
+            "| " + " | ".join(cells) + " |",
+        ]
     return "\n".join(lines)
 
 

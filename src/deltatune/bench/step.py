@@ -38,7 +38,6 @@ weights (quantisation scales included), whole and of the linear layers alone.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -46,7 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +53,7 @@ import torch
 from torch import nn
 
 from deltatune.bench.machine import environment
+from deltatune.bench.measure import live_bytes, profiled_step, saved_storages, synchronize, timed, weight_bytes
 from deltatune.bench.options import DEFAULT_SHAPES, Shape, add_arguments, shape_of
 from deltatune.bench.report import format_report, summarize, summarize_quant
 
@@ -104,7 +104,9 @@ def attach(model: nn.Module, mode: str, rank: int, dropout: float) -> nn.Module:
 
     model = get_delta_model(model, LoraConfig(**kwargs))
     mode = "fused" if mode == "dora" else mode
-    set_fused(model, mode.startswith("fused"), mode in ("fused", "fused-eager"), False if mode == "fused-eager" else None)
+    set_fused(
+        model, mode.startswith("fused"), mode in ("fused", "fused-eager"), False if mode == "fused-eager" else None
+    )
     return model
 
 
@@ -124,7 +126,9 @@ def _import_peft():
     except ImportError:
         from deltatune.errors import ConfigError
 
-        raise ConfigError("mode 'peft' needs the peft package; pip install peft, or leave peft out of --modes") from None
+        raise ConfigError(
+            "mode 'peft' needs the peft package; pip install peft, or leave peft out of --modes"
+        ) from None
     return peft
 
 
@@ -156,15 +160,15 @@ def measure_training(model: nn.Module, shape: Shape, device: str, steps: int, wa
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    wall, cpu = _timed(step, steps, device)
+    wall, cpu = timed(step, steps, device)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    saved, step_peak = _profiled_step(step, model, device)
+    saved, step_peak = profiled_step(step, model, device)
     return {
         "tokens_per_s": shape.tokens / statistics.median(wall),
         "tokens_per_cpu_s": shape.tokens / statistics.median(cpu),
         "step_s": wall,
         "step_cpu_s": cpu,
-        "peak_mib": (peak if peak is not None else _live_bytes(model, optimizer) + step_peak) / MIB,
+        "peak_mib": (peak if peak is not None else live_bytes(model, optimizer) + step_peak) / MIB,
         "step_mib": None if device == "cuda" else step_peak / MIB,
         "saved_mib": saved / MIB,
         "trainable": sum(p.numel() for p in trainable),
@@ -202,7 +206,7 @@ def infer_job(shape: Shape, device: str, steps: int, warmup: int, rank: int) -> 
                 forward = lambda m=model: m(input_ids=ids, logits_to_keep=1)  # noqa: E731
                 for _ in range(warmup):
                     forward()
-                wall, cpu = _timed(forward, 3, device)
+                wall, cpu = timed(forward, 3, device)
                 times[name] += cpu if device == "cpu" else wall
                 if name == "merged":
                     delta.unmerge_adapter()
@@ -217,10 +221,10 @@ def wrap_job(shape: Shape, device: str, rank: int, libraries: Sequence[str]) -> 
             model = build_model(shape, "meta")
         else:  # the weights' values do not matter here: skip the slow random init
             model = build_model(shape, "meta").to_empty(device=device)
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         attach(model, "peft" if library == "peft" else "fused", rank, 0.0)
-        _synchronize(device)
+        synchronize(device)
         result[f"{library}_s"] = time.perf_counter() - start
         del model
     return result
@@ -256,98 +260,14 @@ def quant_job(shape: Shape, base: str, device: str, steps: int, warmup: int, ran
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder)
             device_map = {"": torch.cuda.current_device()} if device == "cuda" else device
-            model = AutoModelForCausalLM.from_pretrained(folder, device_map=device_map, **loading_options(mode, model.config))
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, device_map=device_map, **loading_options(mode, model.config)
+            )
     head = model.get_output_embeddings()
     linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
     sizes = {"base_mib": weight_bytes(model.parameters()) / MIB, "linear_mib": weight_bytes(linears) / MIB}
     model = attach(model, "peft" if base.startswith("peft") else "fused", rank, 0.0)
     return {**sizes, **measure_training(model, shape, device, steps, warmup, own_loss=base.startswith("peft"))}
-
-
-def weight_bytes(params: Iterable[nn.Parameter]) -> int:
-    """Bytes of ``params`` as held, each storage once; a quantised weight's scales included (bitsandbytes
-    keeps them beside the parameter: a 4-bit ``quant_state``, 8-bit ``SCB``)."""
-    storages: dict[int, int] = {}
-    for param in params:
-        tensors = [param]
-        state = getattr(param, "quant_state", None)
-        if state is not None:
-            tensors += [state.absmax, state.code]
-            if state.nested:
-                tensors += [state.state2.absmax, state.state2.code]
-        if getattr(param, "SCB", None) is not None:
-            tensors.append(param.SCB)
-        storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors})
-    return sum(storages.values())
-
-
-def _timed(fn: Callable[[], Any], count: int, device: str) -> tuple[list[float], list[float]]:
-    """(wall seconds, process CPU seconds) of ``count`` calls of ``fn``.
-
-    On a shared CPU, wall time counts the time other processes held the cores; the process's
-    CPU time counts only the work this process did, so it is the fairer clock for comparing modes.
-    """
-    wall, cpu = [], []
-    for _ in range(count):
-        _synchronize(device)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        fn()
-        _synchronize(device)
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return wall, cpu
-
-
-def _synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _profiled_step(step: Callable[[], None], model: nn.Module, device: str) -> tuple[int, int]:
-    """One more step: (bytes autograd saves for backward, CPU: peak bytes allocated during the step)."""
-    if device == "cuda":
-        with saved_storages(model) as saved:
-            step()
-        return sum(saved.values()), 0
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, saved_storages(model) as saved:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    current = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        current += event.nbytes()
-        peak = max(peak, current)
-    return sum(saved.values()), peak
-
-
-@contextlib.contextmanager
-def saved_storages(model: nn.Module) -> Iterator[dict[int, int]]:
-    """Yields {storage: bytes} of what autograd saves for backward inside the block.
-
-    Each storage counts once (x shared by q/k/v counts once); the model's parameters are left
-    out (a saved ``W.t()`` is a view of a weight, not new memory). Storages are told apart by
-    their C++ object, which also works on ``meta``, where every data pointer is 0.
-    """
-    weights = {p.untyped_storage()._cdata for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage._cdata not in weights:
-            saved[storage._cdata] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        yield saved
-
-
-def _live_bytes(model: nn.Module, optimizer) -> int:
-    """Bytes of the weights, buffers and optimizer state alive between steps."""
-    tensors = [*model.parameters(), *model.buffers()]
-    if optimizer is not None:
-        tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 # -- orchestration ----------------------------------------------------------------------------
@@ -369,7 +289,9 @@ def _dispatch(job: dict) -> dict:
     if threads:
         torch.set_num_threads(threads)
     job["shape"] = shape_of(job["shape"], dtype)
-    return {"train": train_job, "infer": infer_job, "wrap": wrap_job, "saved": saved_job, "quant": quant_job}[kind](**job)
+    return {"train": train_job, "infer": infer_job, "wrap": wrap_job, "saved": saved_job, "quant": quant_job}[kind](
+        **job
+    )
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -380,39 +302,87 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         _import_peft()  # fail in one line now rather than in every child
     common = {"device": device, "threads": args.threads, "dtype": args.dtype}
     settings = {key: value for key, value in vars(args).items() if key != "job"}
-    report: dict[str, Any] = {"environment": environment(device, args.threads), "settings": settings,
-                              "train": [], "infer": [], "wrap": [], "saved": [], "quant": []}  # fmt: skip
+    report: dict[str, Any] = {
+        "environment": environment(device, args.threads),
+        "settings": settings,
+        "train": [],
+        "infer": [],
+        "wrap": [],
+        "saved": [],
+        "quant": [],
+    }
     for shape in shapes:
         if "train" in args.sections:
             for repeat in range(args.repeats):
                 for mode in args.modes:
-                    job = {"kind": "train", "shape": shape, "mode": mode, "steps": args.steps, "warmup": args.warmup,
-                           "rank": args.rank, "dropout": args.lora_dropout, **common}  # fmt: skip
+                    job = {
+                        "kind": "train",
+                        "shape": shape,
+                        "mode": mode,
+                        "steps": args.steps,
+                        "warmup": args.warmup,
+                        "rank": args.rank,
+                        "dropout": args.lora_dropout,
+                        **common,
+                    }
                     result = run_job(job, args.isolate)
                     report["train"].append({"shape": shape, "mode": mode, "repeat": repeat, **result})
-                    print(f"  {shape} {mode:<11} repeat {repeat}: {result['tokens_per_s']:,.0f} tok/s, "
-                          f"peak {result['peak_mib']:,.0f} MiB", flush=True)  # fmt: skip
+                    print(
+                        f"  {shape} {mode:<11} repeat {repeat}: {result['tokens_per_s']:,.0f} tok/s, "
+                        f"peak {result['peak_mib']:,.0f} MiB",
+                        flush=True,
+                    )
         if "infer" in args.sections:
-            job = {"kind": "infer", "shape": shape, "steps": args.steps, "warmup": args.warmup, "rank": args.rank, **common}
+            job = {
+                "kind": "infer",
+                "shape": shape,
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "rank": args.rank,
+                **common,
+            }
             report["infer"].append({"shape": shape, **run_job(job, args.isolate)})
         if "quant" in args.sections:
             for repeat in range(args.repeats):
                 for base in QUANT_BASES:
-                    job = {"kind": "quant", "shape": shape, "base": base, "steps": args.steps, "warmup": args.warmup,
-                           "rank": args.rank, "device": device, "threads": args.threads}  # fmt: skip
+                    job = {
+                        "kind": "quant",
+                        "shape": shape,
+                        "base": base,
+                        "steps": args.steps,
+                        "warmup": args.warmup,
+                        "rank": args.rank,
+                        "device": device,
+                        "threads": args.threads,
+                    }
                     result = run_job(job, args.isolate)
                     report["quant"].append({"shape": shape, "base": base, "repeat": repeat, **result})
-                    print(f"  {shape} over {base:<8} repeat {repeat}: {result['tokens_per_s']:,.0f} tok/s, "
-                          f"peak {result['peak_mib']:,.0f} MiB, base {result['base_mib']:,.1f} MiB", flush=True)  # fmt: skip
+                    print(
+                        f"  {shape} over {base:<8} repeat {repeat}: {result['tokens_per_s']:,.0f} tok/s, "
+                        f"peak {result['peak_mib']:,.0f} MiB, base {result['base_mib']:,.1f} MiB",
+                        flush=True,
+                    )
     if "wrap" in args.sections:
         libraries = ["deltatune", "peft"] if "peft" in args.modes else ["deltatune"]
-        job = {"kind": "wrap", "shape": args.wrap_shape, "device": args.wrap_device or device, "rank": args.rank,
-               "libraries": libraries, "threads": args.threads}  # fmt: skip
+        job = {
+            "kind": "wrap",
+            "shape": args.wrap_shape,
+            "device": args.wrap_device or device,
+            "rank": args.rank,
+            "libraries": libraries,
+            "threads": args.threads,
+        }
         report["wrap"].append({"shape": args.wrap_shape, "device": job["device"], **run_job(job, args.isolate)})
     if "saved" in args.sections:
         for shape in args.saved_shapes:
-            job = {"kind": "saved", "shape": shape, "modes": args.modes, "rank": args.rank, "dropout": args.lora_dropout,
-                   "dtype": args.dtype}  # fmt: skip
+            job = {
+                "kind": "saved",
+                "shape": shape,
+                "modes": args.modes,
+                "rank": args.rank,
+                "dropout": args.lora_dropout,
+                "dtype": args.dtype,
+            }
             report["saved"].append({"shape": shape, **run_job(job, args.isolate)})
     report["summary"] = summarize(report)
     report["quant_summary"] = summarize_quant(report)

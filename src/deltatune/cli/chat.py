@@ -44,8 +44,11 @@ def run(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args)
     system = system_prompt(args)
-    return converse(lambda messages: answer(model, tokenizer, messages, args.max_new_tokens, **options), system,
-                    interactive=sys.stdin.isatty())  # fmt: skip
+    return converse(
+        lambda messages: answer(model, tokenizer, messages, args.max_new_tokens, **options),
+        system,
+        interactive=sys.stdin.isatty(),
+    )
 
 
 def converse(reply: Callable[[list], str], system: str | None, interactive: bool) -> int:

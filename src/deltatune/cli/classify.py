@@ -1,4 +1,5 @@
-"""``deltatune classify``: sequence classification with an adapter and a new head (MiniLM + chatterbot topics by default)."""
+"""``deltatune classify``: sequence classification with an adapter and a new head (MiniLM + chatterbot topics by
+default)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
     )
     parser.add_argument("--model", help="encoder folder (default: the embedded all-MiniLM-L6-v2)")
     parser.add_argument("--data", help="text/label file (default: chatterbot questions labelled by topic)")
-    parser.add_argument("--output-dir", default="outputs/classify", help="where the adapter goes (default: outputs/classify)")
+    parser.add_argument(
+        "--output-dir", default="outputs/classify", help="where the adapter goes (default: outputs/classify)"
+    )
     parser.add_argument("--max-steps", type=int, default=100, help="optimizer steps (default: 100)")
     parser.add_argument("--batch-size", type=int, default=32, help="examples per step (default: 32)")
     parser.add_argument("--learning-rate", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
@@ -49,9 +52,16 @@ def run(args: argparse.Namespace) -> int:
     from deltatune.train.classify import run_classification
 
     result = run_classification(
-        args.model, records, output_dir=args.output_dir, max_steps=args.max_steps,
-        batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
-    )  # fmt: skip
-    print(f"held-out accuracy: {result.accuracy_before:.1%} -> {result.accuracy_after:.1%} "
-          f"(most-common-label baseline {result.majority_accuracy:.1%}); adapter in {args.output_dir}/adapter")  # fmt: skip
+        args.model,
+        records,
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+    )
+    print(
+        f"held-out accuracy: {result.accuracy_before:.1%} -> {result.accuracy_after:.1%} "
+        f"(most-common-label baseline {result.majority_accuracy:.1%}); adapter in {args.output_dir}/adapter"
+    )
     return 0

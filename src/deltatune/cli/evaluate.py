@@ -25,15 +25,20 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", help="model folder, 'smollm2' or a hub id (default: the adapter's base model, "
-                        "else smollm2)")  # fmt: skip
+    parser.add_argument(
+        "--model", help="model folder, 'smollm2' or a hub id (default: the adapter's base model, else smollm2)"
+    )
     parser.add_argument("--adapter", help="adapter folder to compare with the base model")
     parser.add_argument("--data", default="chatterbot", help="data file or folder, or 'chatterbot' (default)")
-    parser.add_argument("--data-format", default="auto", help="auto (default) or a format name (see deltatune train --help)")
+    parser.add_argument(
+        "--data-format", default="auto", help="auto (default) or a format name (see deltatune train --help)"
+    )
     parser.add_argument("--max-length", type=int, default=128, help="tokens per example (default: 128)")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
     parser.add_argument("--max-examples", type=int, default=96, help="score at most this many examples (default: 96)")
-    parser.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of built-in data (default: 0.1)")
+    parser.add_argument(
+        "--eval-fraction", type=float, default=0.1, help="held-out share of built-in data (default: 0.1)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="split seed for built-in data (default: 0)")
 
 
@@ -53,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
 
     data = load_records(args.data, args.data_format)
     if data.kind != "sft":
-        raise DataError(f"{data.source} is {data.kind} data; eval scores conversations or text (e.g. --data chatterbot)")
+        raise DataError(
+            f"{data.source} is {data.kind} data; eval scores conversations or text (e.g. --data chatterbot)"
+        )
     records = split_records(data.records, args.eval_fraction, args.seed)[1] if args.data in BUILTIN else data.records
     records = records[: args.max_examples]
     # Imported after the data is read, so that a missing or wrong file is reported before torch loads.

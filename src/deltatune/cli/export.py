@@ -36,8 +36,10 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
     parser.add_argument("--type", default="f16", choices=list(OUT_TYPES), help="tensor type (default: f16)")
     parser.add_argument("--model", help="base model of an adapter (default: its base_model_name_or_path)")
     parser.add_argument("--lora", action="store_true", help="write the adapter as a llama.cpp LoRA GGUF, not merged")
-    parser.add_argument("--base-gguf", help="with --lora: an already exported base GGUF (default: export it "
-                        "beside OUTPUT as <name>-base.gguf)")  # fmt: skip
+    parser.add_argument(
+        "--base-gguf",
+        help="with --lora: an already exported base GGUF (default: export it beside OUTPUT as <name>-base.gguf)",
+    )
     parser.add_argument("--pre-tokenizer", help="llama.cpp's pre-tokenizer name, when it cannot be recognised")
     parser.add_argument("--ollama", action="store_true", help="print the 'ollama create' command for the result")
 
@@ -49,10 +51,17 @@ def run(args: argparse.Namespace) -> int:
     if args.base_gguf and not args.lora:
         raise ConfigError("--base-gguf only applies to --lora exports; drop it or add --lora")
     if args.lora:
-        result = export_lora(args.source, args.output, args.type, model=args.model, base_gguf=args.base_gguf,
-                             pre_tokenizer=args.pre_tokenizer)  # fmt: skip
-        print(f"wrote LoRA adapter {result.gguf} ({args.type}) for base {result.base_gguf}; "
-              f"Modelfile {result.modelfile}")  # fmt: skip
+        result = export_lora(
+            args.source,
+            args.output,
+            args.type,
+            model=args.model,
+            base_gguf=args.base_gguf,
+            pre_tokenizer=args.pre_tokenizer,
+        )
+        print(
+            f"wrote LoRA adapter {result.gguf} ({args.type}) for base {result.base_gguf}; Modelfile {result.modelfile}"
+        )
     else:
         result = export_model(args.source, args.output, args.type, model=args.model, pre_tokenizer=args.pre_tokenizer)
         print(f"wrote {result.gguf} ({args.type}); Modelfile {result.modelfile}")

@@ -31,14 +31,18 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="model folder, 'smollm2' or a hub id (default: the adapter's base model, "
-                        "else smollm2)")  # fmt: skip
+    parser.add_argument(
+        "--model", help="model folder, 'smollm2' or a hub id (default: the adapter's base model, else smollm2)"
+    )
     parser.add_argument("--adapter", help="adapter folder (adapter_config.json + weights) to apply to the model")
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--system", help="system message; '' for none (default: the one the adapter or merged model "
-                        "was trained with, if any, else the chat template's own)")  # fmt: skip
+    parser.add_argument(
+        "--system",
+        help="system message; '' for none (default: the one the adapter or merged model "
+        "was trained with, if any, else the chat template's own)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default: 64)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0)")
@@ -81,8 +85,10 @@ def system_prompt(args: argparse.Namespace) -> str | None:
     folder = args.adapter or args.model
     system = stored_system(folder) if folder else None
     if system is not None:
-        print(f"system prompt from {folder}/{FILE}: {system!r} (--system replaces it, --system '' drops it)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"system prompt from {folder}/{FILE}: {system!r} (--system replaces it, --system '' drops it)",
+            file=sys.stderr,
+        )
     return system
 
 

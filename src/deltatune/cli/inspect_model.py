@@ -63,8 +63,10 @@ def run(args: argparse.Namespace) -> int:
     task = next((task for suffix, task in _TASKS if type(model).__name__.endswith(suffix)), None)
     print(_train_targets(model, task))
     try:
-        print(f"peft's default target_modules: {', '.join(default_target_modules(model))} (LoraConfig without "
-              f"target_modules, for this architecture; not what `deltatune train` uses)")  # fmt: skip
+        print(
+            f"peft's default target_modules: {', '.join(default_target_modules(model))} (LoraConfig without "
+            f"target_modules, for this architecture; not what `deltatune train` uses)"
+        )
     except DeltaTuneError as exc:
         print(f"peft's default target_modules: none ({exc})")
     print(f"trainable parameters per method (task_type={task}, `deltatune train` defaults):")

@@ -100,8 +100,10 @@ def _resume_advice(args: argparse.Namespace) -> str:
     folder = Path(config.output_dir) / "checkpoints"
     last = latest_complete_checkpoint(folder)
     if last is None:
-        return (f"; no checkpoint was written to {folder}, so it cannot resume (save_steps=N saves one every N "
-                f"steps, for resume_from_checkpoint=last)")  # fmt: skip
+        return (
+            f"; no checkpoint was written to {folder}, so it cannot resume (save_steps=N saves one every N "
+            f"steps, for resume_from_checkpoint=last)"
+        )
     kept = [s for s in args.settings if not s.startswith("resume_from_checkpoint=")]
     command = shlex.join(["deltatune", "train", *kept, "resume_from_checkpoint=last"])
     return f"; continue from {last} (step {checkpoint_step(last)}) with: {command}"

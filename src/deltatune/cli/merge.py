@@ -26,17 +26,24 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
     parser = commands.add_parser(
         name,
         help=HELP,
-        description="Merge ADAPTER into its base model (W0 + delta) and save the result, with the tokenizer, to OUTPUT.",
+        description="Merge ADAPTER into its base model (W0 + delta) and save the result, with the tokenizer, "
+        "to OUTPUT.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("output", help="folder for the merged model (must be empty or new)")
-    parser.add_argument("--model", help="base model folder, 'smollm2' or a hub id (default: the adapter's "
-                        "base_model_name_or_path)")  # fmt: skip
-    parser.add_argument("--dtype", default="float32",
-                        help="dtype of the saved weights: fp32 / float32 (default), bf16 / bfloat16, fp16 / float16")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT folder (swapped whole, in one step)")
+    parser.add_argument(
+        "--model", help="base model folder, 'smollm2' or a hub id (default: the adapter's base_model_name_or_path)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="dtype of the saved weights: fp32 / float32 (default), bf16 / bfloat16, fp16 / float16",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty OUTPUT folder (swapped whole, in one step)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,8 +62,10 @@ def run(args: argparse.Namespace) -> int:
     _, base_path = adapter_base(args.adapter, args.model)
     saved = saved_quantization(AutoConfig.from_pretrained(base_path, local_files_only=True))
     if saved != "none":
-        raise ConfigError(f"{base_path} is a quantised ({saved}) model: merging into it would round the merged "
-                          f"weights; pass the full-precision base with --model (training quantises it on load)")  # fmt: skip
+        raise ConfigError(
+            f"{base_path} is a quantised ({saved}) model: merging into it would round the merged "
+            f"weights; pass the full-precision base with --model (training quantises it on load)"
+        )
     model, base_path = load_adapted(args.adapter, args.model)  # merged in fp32, then cast
     merged = model.merge_and_unload(safe_merge=True).to(DTYPES[args.dtype])
     with atomic_directory(output) as staging:  # a crash leaves the previous OUTPUT or the new one, never a mix
@@ -64,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         tokenizer_for(args.adapter, base_path).save_pretrained(staging)
         copy_chat_defaults(args.adapter, staging)  # the trained system prompt: generate/chat use it
     total = sum(p.numel() for p in merged.parameters())
-    print(f"merged {args.adapter} into {base_path}: {type(merged).__name__}, {total:,} parameters ({args.dtype}) "
-          f"saved to {output}")  # fmt: skip
+    print(
+        f"merged {args.adapter} into {base_path}: {type(merged).__name__}, {total:,} parameters ({args.dtype}) "
+        f"saved to {output}"
+    )
     return 0

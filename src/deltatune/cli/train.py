@@ -43,8 +43,14 @@ def _keys_help() -> str:
     ]
     for method in methods():
         lines.append(f"\nmethod={method} keys (defaults):")
-        lines.append(textwrap.fill(", ".join(f"{k}={v!r}" for k, v in option_defaults(method).items()),
-                                   width=100, initial_indent="  ", subsequent_indent="  "))  # fmt: skip
+        lines.append(
+            textwrap.fill(
+                ", ".join(f"{k}={v!r}" for k, v in option_defaults(method).items()),
+                width=100,
+                initial_indent="  ",
+                subsequent_indent="  ",
+            )
+        )
     return "\n".join(lines)
 
 
@@ -116,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
     if result.diverged:
         print(result.diverged)
     steps = f"{result.steps} step" + ("" if result.steps == 1 else "s")
-    print(f"trained {steps} in {result.train_seconds:.0f} s ({result.tokens_per_second:,.0f} tokens/s); "
-          f"adapter in {result.adapter_dir}, metrics.json and loss.png in {config.output_dir}")  # fmt: skip
+    print(
+        f"trained {steps} in {result.train_seconds:.0f} s ({result.tokens_per_second:,.0f} tokens/s); "
+        f"adapter in {result.adapter_dir}, metrics.json and loss.png in {config.output_dir}"
+    )
     return 0

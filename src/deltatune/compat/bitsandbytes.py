@@ -67,10 +67,19 @@ def remember_canonical(weight: torch.Tensor) -> None:
     """Keep a reference to ``weight``'s canonical scales on its quant state (once; nothing when packed)."""
     state = weight.quant_state
     if getattr(state, _MEMO, None) is None and not is_packed_for_cpu(weight):
-        setattr(state, _MEMO, CanonicalScales(
-            state.absmax, bool(state.nested), getattr(state, "state2", None), getattr(state, "offset", None),
-            state.dtype, weight.data.shape, weight.data.dtype,
-        ))  # fmt: skip
+        setattr(
+            state,
+            _MEMO,
+            CanonicalScales(
+                state.absmax,
+                bool(state.nested),
+                getattr(state, "state2", None),
+                getattr(state, "offset", None),
+                state.dtype,
+                weight.data.shape,
+                weight.data.dtype,
+            ),
+        )
 
 
 def canonical(weight: torch.Tensor) -> tuple[torch.Tensor, CanonicalScales]:
@@ -129,9 +138,13 @@ def _scales_from_packed(weight: torch.Tensor) -> CanonicalScales:
     )
     absmax = state.absmax.t().reshape(-1).float()
     memo = CanonicalScales(
-        absmax, False, None, None, getattr(state, "original_dtype", torch.float32),
+        absmax,
+        False,
+        None,
+        None,
+        getattr(state, "original_dtype", torch.float32),
         getattr(state, "original_qshape", torch.Size(((state.shape[0] * state.shape[1] + 1) // 2, 1))),
         getattr(state, "original_storage_type", None) or torch.uint8,
-    )  # fmt: skip
+    )
     setattr(state, _MEMO, memo)
     return memo

@@ -21,7 +21,8 @@ _GLOBAL_HOOKS = (
 
 
 def has_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` does more than its class's ``forward``: hooks (its own or global), a patched forward."""
+    """Whether calling ``module`` does more than its class's ``forward``: hooks (its own or global), or a patched
+    forward."""
     return (
         any(getattr(module, name) for name in _MODULE_HOOKS)
         or "forward" in vars(module)

@@ -53,8 +53,10 @@ def common_system(records: Sequence[Record]) -> tuple[str | None, str | None]:
     if system is None:
         if not others:
             return None, None
-        return None, (f"no chat default stored: {rows} of {len(records)} training rows have no system prompt "
-                      f"({others} different ones in the rest)")  # fmt: skip
+        return None, (
+            f"no chat default stored: {rows} of {len(records)} training rows have no system prompt "
+            f"({others} different ones in the rest)"
+        )
     distinct = len(counts) - (None in counts)
     detail = [f"in {rows} of {len(records)} training rows"]
     if distinct > 1:

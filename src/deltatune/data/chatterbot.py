@@ -59,8 +59,10 @@ def unpair(pairs: Sequence[PreferencePair]) -> list[KTOExample]:
     """Preference pairs -> KTO examples: each pair gives a desirable and an undesirable example."""
     out = []
     for pair in pairs:
-        out += [KTOExample(pair.prompt, answer, label, pair.tools, pair.origin)
-                for answer, label in ((pair.chosen, True), (pair.rejected, False))]
+        out += [
+            KTOExample(pair.prompt, answer, label, pair.tools, pair.origin)
+            for answer, label in ((pair.chosen, True), (pair.rejected, False))
+        ]
     return out
 
 

@@ -56,8 +56,10 @@ def read_entry(source: str) -> Entry:
         raise DataError(f"{where}: an entry is an object with file_name, formatting, columns, tags")
     unread = [key for key in entry if key not in _KEYS]
     if unread:
-        raise DataError(f"{where}: key {unread[0]!r} is not supported (nothing is downloaded); use file_name with "
-                        f"formatting, ranking, columns, tags")  # fmt: skip
+        raise DataError(
+            f"{where}: key {unread[0]!r} is not supported (nothing is downloaded); use file_name with "
+            f"formatting, ranking, columns, tags"
+        )
     if not isinstance(entry.get("file_name"), str):
         raise DataError(f"{where}: needs a 'file_name' (a data file next to dataset_info.json)")
     formatting = entry.get("formatting", "alpaca")
@@ -71,6 +73,8 @@ def read_entry(source: str) -> Entry:
         raise DataError(f"{where}: columns and tags must be objects of names")
     unnamed = [key for key in tags if not key.endswith("_tag")]
     if unnamed:
-        raise DataError(f"{where}: tags key {unnamed[0]!r} is not a sharegpt tag (role_tag, content_tag, user_tag, ...)")
+        raise DataError(
+            f"{where}: tags key {unnamed[0]!r} is not a sharegpt tag (role_tag, content_tag, user_tag, ...)"
+        )
     mapping = ColumnMap.parse({**columns, **tags}, formatting)
     return Entry(Path(path).parent / entry["file_name"], mapping, ranking)

@@ -79,10 +79,16 @@ def render(
     return _apply(tokenizer, dicts, tools_arg, add_generation_prompt)
 
 
-def _apply(tokenizer: PreTrainedTokenizerBase, dicts: list[dict], tools: list | None, add_generation_prompt: bool) -> str:
+def _apply(
+    tokenizer: PreTrainedTokenizerBase, dicts: list[dict], tools: list | None, add_generation_prompt: bool
+) -> str:
     extra = {"tools": tools} if tools else {}
     return tokenizer.apply_chat_template(
-        dicts, chat_template=chat_template(tokenizer), tokenize=False, add_generation_prompt=add_generation_prompt, **extra
+        dicts,
+        chat_template=chat_template(tokenizer),
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        **extra,
     )
 
 
@@ -96,7 +102,9 @@ def _layout(
     out: list[Message] = []
     index: list[int] = []
     if tools:
-        preamble = TOOLS_PREAMBLE.format(schemas="\n".join(json.dumps(s, ensure_ascii=False) for s in json.loads(tools)))
+        preamble = TOOLS_PREAMBLE.format(
+            schemas="\n".join(json.dumps(s, ensure_ascii=False) for s in json.loads(tools))
+        )
         out.append(Message("system", preamble))
     for message in messages:
         if message.role == "tool":
@@ -268,4 +276,3 @@ def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str, first: bool) -> lis
     if not text:
         return []
     return tokenizer(text, add_special_tokens=first and not tokenizer.chat_template)["input_ids"]
-

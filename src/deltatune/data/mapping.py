@@ -24,10 +24,22 @@ from typing import Any
 from deltatune.errors import DataError
 
 # sharegpt tags and their defaults; the roles they name.
-TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-        "system_tag": "system", "function_tag": "function_call", "observation_tag": "observation"}  # fmt: skip
-TAG_ROLES = {"user_tag": "user", "assistant_tag": "assistant", "system_tag": "system",
-             "function_tag": "function_call", "observation_tag": "tool"}  # fmt: skip
+TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "system_tag": "system",
+    "function_tag": "function_call",
+    "observation_tag": "observation",
+}
+TAG_ROLES = {
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "system_tag": "system",
+    "function_tag": "function_call",
+    "observation_tag": "tool",
+}
 _LF_ALPACA = {"prompt": "instruction", "query": "input", "response": "output"}
 FORMATTINGS = ("alpaca", "sharegpt")
 
@@ -49,8 +61,10 @@ class ColumnMap:
             try:
                 spec = json.loads(spec)
             except json.JSONDecodeError as exc:
-                raise DataError(f"columns={spec!r} is not valid JSON ({exc.msg}); e.g. "
-                                f"columns='{{\"prompt\": \"question\", \"completion\": \"answer\"}}'") from None  # fmt: skip
+                raise DataError(
+                    f"columns={spec!r} is not valid JSON ({exc.msg}); e.g. "
+                    f'columns=\'{{"prompt": "question", "completion": "answer"}}\''
+                ) from None
         if not isinstance(spec, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in spec.items()):
             raise DataError(f"columns must map names to column names (strings), got {spec!r}")
         tags = {k: v for k, v in spec.items() if k.endswith("_tag")}
@@ -72,8 +86,10 @@ class ColumnMap:
         out = {key: value for key, value in row.items() if key not in theirs}
         for ours, column in self.columns.items():
             if ours in out:
-                raise DataError(f"{name}: row {number}: columns maps {ours!r} to {column!r}, but the row has a "
-                                f"{ours!r} column too; map or list it in ignore_columns")  # fmt: skip
+                raise DataError(
+                    f"{name}: row {number}: columns maps {ours!r} to {column!r}, but the row has a "
+                    f"{ours!r} column too; map or list it in ignore_columns"
+                )
             if column in row:
                 out[ours] = row[column]
         return out
@@ -82,8 +98,10 @@ class ColumnMap:
         """Every mapped column must be a column of the source (``columns``: its first row's)."""
         for ours, column in self.columns.items():
             if column not in columns:
-                raise DataError(f"{name}: columns maps {ours!r} to {column!r}, which is not a column; "
-                                f"the columns are {', '.join(columns)}")  # fmt: skip
+                raise DataError(
+                    f"{name}: columns maps {ours!r} to {column!r}, which is not a column; "
+                    f"the columns are {', '.join(columns)}"
+                )
 
     def roles(self, defaults: Mapping[str, str]) -> dict[str, str]:
         """Speaker name (lower case) -> role: ``defaults`` plus the names the tags give."""

@@ -44,8 +44,10 @@ def parse_weights(text: str, n_sources: int) -> list[float] | None:
     except ValueError:
         raise DataError(f"data_weights={text!r} must be comma-separated numbers, e.g. data_weights=3,1") from None
     if len(weights) != n_sources:
-        raise DataError(f"data_weights={text!r} has {len(weights)} weights for {n_sources} data sources; give one per "
-                        f"source in data=")  # fmt: skip
+        raise DataError(
+            f"data_weights={text!r} has {len(weights)} weights for {n_sources} data sources; give one per "
+            f"source in data="
+        )
     if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
         raise DataError(f"data_weights={text!r} must be finite, 0 or more, and not all 0")
     return weights
@@ -63,7 +65,9 @@ def mix(records: Sequence[Record], sources: Sequence[str], weights: Sequence[flo
     for (source, group), weight in zip(groups.items(), weights):
         want = round(total * weight / sum(weights))
         if want and not group:
-            raise DataError(f"{source}: data_weights gives it {want} rows but it has none left after the held-out split")
+            raise DataError(
+                f"{source}: data_weights gives it {want} rows but it has none left after the held-out split"
+            )
         passes, rest = divmod(want, len(group)) if group else (0, 0)
         picked = sorted(rng.sample(range(len(group)), rest))
         mixed += group * passes + [group[i] for i in picked]

@@ -49,7 +49,13 @@ def read_table(source: str | os.PathLike | Any, split: str | None = None) -> Tab
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; pass a {'/'.join(SUFFIXES)} file or a saved datasets folder")
     suffix = path.suffix.lower()
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv, ".parquet": _read_parquet}
+    readers = {
+        ".jsonl": _read_jsonl,
+        ".json": _read_json,
+        ".csv": _read_csv,
+        ".tsv": _read_csv,
+        ".parquet": _read_parquet,
+    }
     if suffix not in readers:
         raise DataError(f"{path}: unknown data file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
     try:
@@ -118,11 +124,15 @@ def _read_csv(path: Path) -> Table:
         try:
             for number, row in enumerate(reader, start=1):
                 if None in row:
-                    raise DataError(f"{path}: row {number}: more cells than the {len(reader.fieldnames)} header columns")
+                    raise DataError(
+                        f"{path}: row {number}: more cells than the {len(reader.fieldnames)} header columns"
+                    )
                 rows.append((number, {key: value for key, value in row.items() if value is not None}))
         except csv.Error as exc:  # the reader's line count stops where the broken row began
-            raise DataError(f"{path}: the row starting on line {reader.line_num + 1}: {exc}; a cell with quotes in it must be quoted whole, "
-                            'its own quotes doubled ("say ""hi""")') from None  # fmt: skip
+            raise DataError(
+                f"{path}: the row starting on line {reader.line_num + 1}: {exc}; a cell with quotes in it must be "
+                'quoted whole, its own quotes doubled ("say ""hi""")'
+            ) from None
     return Table(str(path), rows)
 
 

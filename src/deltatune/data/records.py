@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -122,7 +122,7 @@ class LabelledText:
     origin: Origin | None = _origin()
 
 
-Record = Union[Conversation, TextExample, PreferencePair, KTOExample, LabelledText]
+Record = Conversation | TextExample | PreferencePair | KTOExample | LabelledText
 
 # The kind of training each record type feeds (``Dataset.kind``).
 KINDS: dict[type, str] = {

@@ -28,7 +28,7 @@ class RecordSet:
 
     @property
     def kind(self) -> str:
-        """"sft", "preference", "kto" or "classification" (what the records train)."""
+        """ "sft", "preference", "kto" or "classification" (what the records train)."""
         return KINDS[type(self.records[0])]
 
     def __len__(self) -> int:
@@ -51,8 +51,10 @@ def check_sources(spec: str, key: str = "data") -> None:
         folder, sep, _ = source.rpartition("#")
         if source in BUILTIN or is_entry(source) or Path(source).exists() or (sep and Path(folder).is_dir()):
             continue
-        raise DataError(f"{key}={spec!r}: {source} does not exist; pass a {'/'.join(SUFFIXES)} file, a saved "
-                        f"datasets folder, dataset_info.json#name or a built-in name ({', '.join(BUILTIN)})")  # fmt: skip
+        raise DataError(
+            f"{key}={spec!r}: {source} does not exist; pass a {'/'.join(SUFFIXES)} file, a saved "
+            f"datasets folder, dataset_info.json#name or a built-in name ({', '.join(BUILTIN)})"
+        )
 
 
 def load_records(
@@ -85,14 +87,18 @@ def load_records(
     fmt, records = normalise(table, data_format, mapping, ignore_columns)
     data = RecordSet(table.name, fmt, records)
     if ranking is not None and ranking != (data.kind == "preference"):
-        raise DataError(f"{table.name}: its dataset_info entry says ranking={str(ranking).lower()}, but the rows are "
-                        f"{data.kind} data (format {fmt}); fix ranking or the columns")  # fmt: skip
+        raise DataError(
+            f"{table.name}: its dataset_info entry says ranking={str(ranking).lower()}, but the rows are "
+            f"{data.kind} data (format {fmt}); fix ranking or the columns"
+        )
     return data
 
 
 def load_sources(
-    spec: str, data_format: str = "auto", columns: str | Mapping[str, str] | None = None,
+    spec: str,
+    data_format: str = "auto",
+    columns: str | Mapping[str, str] | None = None,
     ignore_columns: Collection[str] = (),
-) -> list[RecordSet]:  # fmt: skip
+) -> list[RecordSet]:
     """``load_records`` of every comma-separated source in ``spec``."""
     return [load_records(source, data_format, None, columns, ignore_columns) for source in split_sources(spec)]

@@ -42,9 +42,13 @@ class ExportResult:
 
 
 def export_model(
-    source: str | os.PathLike, output: str | os.PathLike, out_type: str = "f16", *, model: str | None = None,
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    out_type: str = "f16",
+    *,
+    model: str | None = None,
     pre_tokenizer: str | None = None,
-) -> ExportResult:  # fmt: skip
+) -> ExportResult:
     """Write ``source`` (a model folder, "smollm2", or an adapter merged onto its base) as a GGUF model."""
     from deltatune.runtime.loading import load_causal_lm, load_tokenizer, model_folder
     from deltatune.saved import load_adapted, tokenizer_for
@@ -69,9 +73,14 @@ def export_model(
 
 
 def export_lora(
-    adapter: str | os.PathLike, output: str | os.PathLike, out_type: str = "f16", *, model: str | None = None,
-    base_gguf: str | os.PathLike | None = None, pre_tokenizer: str | None = None,
-) -> ExportResult:  # fmt: skip
+    adapter: str | os.PathLike,
+    output: str | os.PathLike,
+    out_type: str = "f16",
+    *,
+    model: str | None = None,
+    base_gguf: str | os.PathLike | None = None,
+    pre_tokenizer: str | None = None,
+) -> ExportResult:
     """Write a LoRA adapter as a llama.cpp LoRA GGUF, plus its base model as a GGUF (unless
     ``base_gguf`` names one already exported) and a Modelfile using both."""
     from deltatune.runtime.loading import load_causal_lm
@@ -85,8 +94,9 @@ def export_lora(
     architecture = architecture_for(base_config)
     tensors = lora_tensors(read_adapter_weights(adapter), config, architecture, base_config)
     if base_gguf is not None and not Path(base_gguf).is_file():
-        raise FileNotFoundError(f"base GGUF {base_gguf} does not exist; export the base model first or drop "
-                                f"--base-gguf")  # fmt: skip
+        raise FileNotFoundError(
+            f"base GGUF {base_gguf} does not exist; export the base model first or drop --base-gguf"
+        )
     writer = build_writer(architecture.name, "adapter", out_type, Path(adapter).name)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config.lora_alpha))
@@ -99,7 +109,9 @@ def export_lora(
     write_gguf(writer, output)
     modelfile = output.with_suffix(".Modelfile")
     base_ref = os.path.relpath(Path(base_gguf).resolve(), modelfile.parent.resolve())
-    write_modelfile(modelfile, modelfile_text(base_ref, tokenizer, adapter_name=output.name, system=stored_system(adapter)))
+    write_modelfile(
+        modelfile, modelfile_text(base_ref, tokenizer, adapter_name=output.name, system=stored_system(adapter))
+    )
     return ExportResult(output, modelfile, Path(base_gguf))
 
 

@@ -73,8 +73,10 @@ class TensorNamer:
         naming the tensor when llama.cpp has no place for it."""
         name = self._names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise ConfigError(f"tensor {hf_name!r} has no place in llama.cpp's {self.architecture.name!r} "
-                              f"architecture; it cannot be exported to GGUF")  # fmt: skip
+            raise ConfigError(
+                f"tensor {hf_name!r} has no place in llama.cpp's {self.architecture.name!r} "
+                f"architecture; it cannot be exported to GGUF"
+            )
         return name
 
     def to_gguf_layout(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -42,8 +42,10 @@ def gpt2_hparams(writer: gguf.GGUFWriter, config) -> None:
     """Keys of llama.cpp's GPT-2 architecture (LayerNorm, GELU MLP, learned positions)."""
     _require(config, "activation_function", GPT2_ACTIVATIONS)
     if getattr(config, "scale_attn_by_inverse_layer_idx", False) or not getattr(config, "scale_attn_weights", True):
-        raise ConfigError("this GPT-2 scales attention differently from llama.cpp's GPT-2 "
-                          "(scale_attn_by_inverse_layer_idx / scale_attn_weights); it cannot be exported")  # fmt: skip
+        raise ConfigError(
+            "this GPT-2 scales attention differently from llama.cpp's GPT-2 "
+            "(scale_attn_by_inverse_layer_idx / scale_attn_weights); it cannot be exported"
+        )
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.n_positions)
     writer.add_embedding_length(config.n_embd)
@@ -60,8 +62,10 @@ def rope_parameters(config) -> dict:
         params["rope_theta"] = getattr(config, "rope_theta", 10000.0)
         params.update(getattr(config, "rope_scaling", None) or {})
     if "rope_theta" not in params:
-        raise ConfigError("this model has per-layer rope settings (rope_parameters by layer type), which "
-                          "llama.cpp's llama/qwen architectures cannot express")  # fmt: skip
+        raise ConfigError(
+            "this model has per-layer rope settings (rope_parameters by layer type), which "
+            "llama.cpp's llama/qwen architectures cannot express"
+        )
     return params
 
 
@@ -98,12 +102,15 @@ def _rope(writer: gguf.GGUFWriter, config) -> None:
         original = params.get("original_max_position_embeddings") or config.max_position_embeddings
         writer.add_rope_scaling_orig_ctx_len(int(original))
     elif kind not in ("default", "llama3"):  # llama3 travels as the rope_freqs tensor
-        raise ConfigError(f"rope_type={kind!r} has no llama.cpp equivalent here; supported: default, linear, "
-                          f"yarn, llama3")  # fmt: skip
+        raise ConfigError(
+            f"rope_type={kind!r} has no llama.cpp equivalent here; supported: default, linear, yarn, llama3"
+        )
 
 
 def _require(config, key: str, allowed: tuple[str, ...]) -> None:
     value = getattr(config, key, None)
     if value not in allowed:
-        raise ConfigError(f"{key}={value!r} differs from what llama.cpp runs for {config.model_type} "
-                          f"({', '.join(allowed)}); this model cannot be exported to GGUF")  # fmt: skip
+        raise ConfigError(
+            f"{key}={value!r} differs from what llama.cpp runs for {config.model_type} "
+            f"({', '.join(allowed)}); this model cannot be exported to GGUF"
+        )

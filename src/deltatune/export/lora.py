@@ -29,8 +29,10 @@ _FACTOR_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embeddi
 def check_exportable(config, source: str) -> LoraConfig:
     """Refuse, in one line, an adapter that a llama.cpp LoRA file cannot carry."""
     if not isinstance(config, LoraConfig):
-        raise ConfigError(f"{source} is a {config.peft_type} adapter; only LoRA adapters become GGUF adapters "
-                          f"(export the merged model instead: drop --lora)")  # fmt: skip
+        raise ConfigError(
+            f"{source} is a {config.peft_type} adapter; only LoRA adapters become GGUF adapters "
+            f"(export the merged model instead: drop --lora)"
+        )
     refusals = {
         "use_dora": "DoRA's magnitude vector",
         "modules_to_save": "fully trained modules (modules_to_save)",
@@ -40,11 +42,14 @@ def check_exportable(config, source: str) -> LoraConfig:
     }
     for field, what in refusals.items():
         if getattr(config, field, None):
-            raise ConfigError(f"{source}: a llama.cpp LoRA adapter cannot carry {what}; export the merged model "
-                              f"instead (drop --lora)")  # fmt: skip
+            raise ConfigError(
+                f"{source}: a llama.cpp LoRA adapter cannot carry {what}; export the merged model instead (drop --lora)"
+            )
     if config.bias != "none":
-        raise ConfigError(f"{source}: bias={config.bias!r} trains base biases, which a llama.cpp LoRA adapter "
-                          f"cannot carry; export the merged model instead (drop --lora)")  # fmt: skip
+        raise ConfigError(
+            f"{source}: bias={config.bias!r} trains base biases, which a llama.cpp LoRA adapter "
+            f"cannot carry; export the merged model instead (drop --lora)"
+        )
     return config
 
 
@@ -56,22 +61,29 @@ def lora_tensors(
     for key, tensor in weights.items():
         suffix = next((s for s in _FACTOR_SUFFIXES if key.endswith(s)), None)
         if suffix is None or not key.startswith(FILE_PREFIX):
-            raise ConfigError(f"adapter tensor {key!r} is not a LoRA factor; a llama.cpp LoRA adapter cannot "
-                              f"carry it (export the merged model instead)")  # fmt: skip
+            raise ConfigError(
+                f"adapter tensor {key!r} is not a LoRA factor; a llama.cpp LoRA adapter cannot "
+                f"carry it (export the merged model instead)"
+            )
         if tensor.ndim != 2:
-            raise ConfigError(f"adapter tensor {key!r} has {tensor.ndim} dimensions (a convolution?); llama.cpp "
-                              f"LoRA adapters hold matrices only")  # fmt: skip
+            raise ConfigError(
+                f"adapter tensor {key!r} has {tensor.ndim} dimensions (a convolution?); llama.cpp "
+                f"LoRA adapters hold matrices only"
+            )
         module = key[len(FILE_PREFIX) : -len(suffix)]
         factors.setdefault(module, {})[_FACTOR_SUFFIXES[suffix]] = tensor.detach().to(torch.float32)
     namer = TensorNamer(architecture, base_config)
     tensors = {}
     for module, pair in factors.items():
         if set(pair) != {"A", "B"}:
-            raise ConfigError(f"adapter module {module!r} has only lora_{''.join(pair)}; the adapter file is "
-                              f"incomplete")  # fmt: skip
+            raise ConfigError(
+                f"adapter module {module!r} has only lora_{''.join(pair)}; the adapter file is incomplete"
+            )
         if module.endswith("lm_head") and getattr(base_config, "tie_word_embeddings", False):
-            raise ConfigError("the adapter changes lm_head, which this model ties to its input embedding; "
-                              "llama.cpp has no separate output weight to adapt (export the merged model instead)")
+            raise ConfigError(
+                "the adapter changes lm_head, which this model ties to its input embedding; "
+                "llama.cpp has no separate output weight to adapt (export the merged model instead)"
+            )
         weight = f"{module}.weight"
         name = namer.gguf_name(weight)
         a, b = pair["A"], pair["B"] * _fold(config, module, rank=pair["A"].shape[0])

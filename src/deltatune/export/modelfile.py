@@ -16,9 +16,7 @@ from pathlib import Path
 
 from deltatune.runtime.atomic import atomic_file
 
-CHATML_GO = (
-    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
-)
+CHATML_GO = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 _SYSTEM, _USER = "\x01system-marker\x01", "\x01user-marker\x01"
 
 

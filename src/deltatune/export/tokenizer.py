@@ -19,9 +19,15 @@ T = gguf.TokenType
 
 # Split patterns of byte-level BPE tokenizers, by llama.cpp's name for them.
 _SPLIT_PATTERNS = {  # the two differ only in how many digits a number piece may hold
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
-}  # fmt: skip
+    (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ): "llama-bpe",
+    (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ): "qwen2",
+}
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, pre: str | None = None) -> None:
@@ -56,23 +62,29 @@ def pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") in _SPLIT_PATTERNS:
         return _SPLIT_PATTERNS[steps[0]["pattern"]["Regex"]]
-    raise ConfigError(f"pre-tokenizer {json.dumps(pre_tokenizer)[:120]} has no known llama.cpp name; pass the "
-                      f"name llama.cpp uses for it (--pre-tokenizer, e.g. gpt-2, llama-bpe, qwen2)")  # fmt: skip
+    raise ConfigError(
+        f"pre-tokenizer {json.dumps(pre_tokenizer)[:120]} has no known llama.cpp name; pass the "
+        f"name llama.cpp uses for it (--pre-tokenizer, e.g. gpt-2, llama-bpe, qwen2)"
+    )
 
 
 def _check_byte_level_bpe(backend: dict) -> None:
     model, decoder = backend.get("model", {}), (backend.get("decoder") or {}).get("type")
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
-        raise ConfigError(f"only byte-level BPE tokenizers (GPT-2 style) can be exported to GGUF yet; this one is "
-                          f"{model.get('type')} with decoder {decoder}")  # fmt: skip
+        raise ConfigError(
+            f"only byte-level BPE tokenizers (GPT-2 style) can be exported to GGUF yet; this one is "
+            f"{model.get('type')} with decoder {decoder}"
+        )
 
 
 def _tokens(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     """Token strings in id order and their types; ids the tokenizer lacks become unused padding."""
     vocab = tokenizer.get_vocab()
     if len(vocab) > vocab_size:
-        raise ConfigError(f"the tokenizer has {len(vocab)} tokens but the model only {vocab_size} embeddings; "
-                          f"resize the model's embeddings before exporting")  # fmt: skip
+        raise ConfigError(
+            f"the tokenizer has {len(vocab)} tokens but the model only {vocab_size} embeddings; "
+            f"resize the model's embeddings before exporting"
+        )
     by_id = {token_id: token for token, token_id in vocab.items()}
     added = {token_id: added.special for token_id, added in tokenizer.added_tokens_decoder.items()}
     tokens, types = [], []

@@ -43,8 +43,11 @@ from deltatune.kernels.lora_linear import (
 )
 
 
-def weight_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
-    """||W + s·B A|| per output row [d], in fp32, from rank-r products (W is [d, k], or [k, d] with ``fan_in_fan_out``)."""
+def weight_norm(
+    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, fan_in_fan_out: bool
+) -> torch.Tensor:
+    """||W + s·B A|| per output row [d], in fp32, from rank-r products (W is [d, k], or [k, d] with
+    ``fan_in_fan_out``)."""
     with torch.no_grad():
         w = dense(weight)
         w = w.t() if fan_in_fan_out else w
@@ -116,9 +119,27 @@ def dora_forward(x, weight, bias, spec: ProjectionSpec, dora, a_factors, b_facto
 
 
 def dora_backward(
-    dy, x, weight, spec: ProjectionSpec, dora, a_factors, b_factors, magnitudes, norms, hidden, *,
-    z=None, out=None, bias=None, need_x: bool, bias_dtype, need_a, need_b, need_m, dx_into=None,
-):  # fmt: skip
+    dy,
+    x,
+    weight,
+    spec: ProjectionSpec,
+    dora,
+    a_factors,
+    b_factors,
+    magnitudes,
+    norms,
+    hidden,
+    *,
+    z=None,
+    out=None,
+    bias=None,
+    need_x: bool,
+    bias_dtype,
+    need_a,
+    need_b,
+    need_m,
+    dx_into=None,
+):
     """(dx, db, [dA_i], [dB_i], [dm_k]) of the module docstring, autocast off.
 
     Σ_rows dy ⊙ z comes from the saved z, or, where the caller keeps the output y instead (a fused
@@ -135,12 +156,21 @@ def dora_backward(
         scaled_dy = dy * suffix[0].to(dy.dtype)
         dx = torch.mm(scaled_dy, w) if dx_into is None else dx_into.addmm_(scaled_dy, w)
         del scaled_dy
-    column_sums = dy.sum(0, dtype=torch.float32) if bias_dtype is not None or (out is not None and bias is not None) else None
+    column_sums = (
+        dy.sum(0, dtype=torch.float32) if bias_dtype is not None or (out is not None and bias is not None) else None
+    )
     dbias = _cast(column_sums, bias_dtype) if bias_dtype is not None else None
     grads_a, products = adapter_backward(
-        dy, x, spec, a_factors, _scaled_b(b_factors, suffix), hidden, dx, need_a,
+        dy,
+        x,
+        spec,
+        a_factors,
+        _scaled_b(b_factors, suffix),
+        hidden,
+        dx,
+        need_a,
         [nb or any(need_m[i:]) for i, nb in enumerate(need_b)],
-    )  # fmt: skip
+    )
     grads_b = [
         None if not need_b[i] else p if g is None else _cast(p.float() * g[:, None], b.dtype)
         for i, (b, g, p) in enumerate(zip(b_factors, suffix, products))
@@ -189,11 +219,23 @@ class _DoraLinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         with _autocast_off(dy.device.type):
             dx, dbias, grads_a, grads_b, grads_m = dora_backward(
-                dy, x, weight, spec, dora, a_factors, b_factors, magnitudes, norms, hidden, z=z,
-                need_x=needs[0], bias_dtype=ctx.bias_dtype if needs[2] else None,
-                need_a=needs[5 : 5 + count], need_b=needs[5 + count : 5 + 2 * count],
+                dy,
+                x,
+                weight,
+                spec,
+                dora,
+                a_factors,
+                b_factors,
+                magnitudes,
+                norms,
+                hidden,
+                z=z,
+                need_x=needs[0],
+                bias_dtype=ctx.bias_dtype if needs[2] else None,
+                need_a=needs[5 : 5 + count],
+                need_b=needs[5 + count : 5 + 2 * count],
                 need_m=per_adapter(dora, needs[5 + 2 * count : 5 + 2 * count + dora_count], False),
-            )  # fmt: skip
+            )
         if dx is not None:
             dx = _cast(dx.view(x.shape), x.dtype)
         return (dx, None, dbias, None, None, *grads_a, *grads_b, *grads_m, *([None] * dora_count))
@@ -206,7 +248,8 @@ def per_adapter(dora: Sequence[bool], dora_values: Sequence, default) -> list:
 
 
 def _magnitude_grads(through_z, through_b, gains, need_m, norms, magnitudes) -> list[torch.Tensor | None]:
-    """dm_k for each DoRA adapter k (the module docstring's formula), in its magnitude's dtype; None where not needed."""
+    """dm_k for each DoRA adapter k (the module docstring's formula), in its magnitude's dtype; None where not
+    needed."""
     grads, dora_index = [], 0
     for k, gain in enumerate(gains):
         if gain is None:

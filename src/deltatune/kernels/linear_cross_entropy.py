@@ -66,7 +66,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, rows: int | None = None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    rows: int | None = None,
 ) -> torch.Tensor:
     """Σ_i CE(h_i Wᵀ + b, t_i) over the rows of ``hidden`` [N, H]; ``weight`` [V, H]; ``targets`` [N] (all valid).
 

@@ -83,7 +83,10 @@ def fused_lora_linear(
 
 
 def projection_spec(
-    x: torch.Tensor, adapters: Sequence[LoraFactors], fan_in_fan_out: bool = False, adapter_dtype: torch.dtype | None = None
+    x: torch.Tensor,
+    adapters: Sequence[LoraFactors],
+    fan_in_fan_out: bool = False,
+    adapter_dtype: torch.dtype | None = None,
 ) -> ProjectionSpec:
     """The constants of one projection's call on input ``x``; draws a dropout seed per adapter with p > 0."""
     compute = autocast_dtype(x.device.type) or x.dtype
@@ -150,10 +153,18 @@ class _LoraLinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         with _autocast_off(dy.device.type):
             dx, dbias, grads_a, grads_b = linear_backward(
-                dy, x, weight, spec, a_factors, b_factors, hidden,
-                need_x=needs[0], bias_dtype=ctx.bias_dtype if needs[2] else None,
-                need_a=needs[4 : 4 + count], need_b=needs[4 + count :],
-            )  # fmt: skip
+                dy,
+                x,
+                weight,
+                spec,
+                a_factors,
+                b_factors,
+                hidden,
+                need_x=needs[0],
+                bias_dtype=ctx.bias_dtype if needs[2] else None,
+                need_a=needs[4 : 4 + count],
+                need_b=needs[4 + count :],
+            )
         if dx is not None:
             dx = _cast(dx.view(x.shape), x.dtype)
         return (dx, None, dbias, None, *grads_a, *grads_b)
@@ -201,7 +212,8 @@ def adapter_backward(
     need_a: Sequence[bool],
     need_b: Sequence[bool],
 ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
-    """([dA_i], [dB_i]) for dy [N, out]; each adapter's share of dx is added into ``dx`` [N, in] in place (None: skip)."""
+    """([dA_i], [dB_i]) for dy [N, out]; each adapter's share of dx is added into ``dx`` [N, in] in place (None:
+    skip)."""
     count = len(spec.scalings)
     grads_a: list[torch.Tensor | None] = [None] * count
     grads_b: list[torch.Tensor | None] = [None] * count
@@ -227,7 +239,9 @@ def adapter_backward(
     return grads_a, grads_b
 
 
-def linear_forward(x, weight, bias, spec: ProjectionSpec, a_factors, b_factors) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def linear_forward(
+    x, weight, bias, spec: ProjectionSpec, a_factors, b_factors
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(y, [h_i]): the base GEMM, then each adapter's rank-r product added into its output in place."""
     rows = _rows(x, spec.compute_dtype)
     out = base_product(rows, weight, bias, spec)
@@ -235,14 +249,18 @@ def linear_forward(x, weight, bias, spec: ProjectionSpec, a_factors, b_factors) 
     return out.view(*x.shape[:-1], out.shape[-1]), hidden
 
 
-def base_product(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ProjectionSpec) -> torch.Tensor:
+def base_product(
+    rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ProjectionSpec
+) -> torch.Tensor:
     """x Wᵀ + b [N, out] in the compute dtype, for x as [N, in] ``rows``; the weight comes through ``dense``."""
     w = dense(weight, spec.compute_dtype)
     w_t = w if spec.fan_in_fan_out else w.t()
     return torch.mm(rows, w_t) if bias is None else torch.addmm(_cast(bias, spec.compute_dtype), rows, w_t)
 
 
-def add_adapter_products(out: torch.Tensor, rows: torch.Tensor, spec: ProjectionSpec, a_factors, b_factors) -> list[torch.Tensor]:
+def add_adapter_products(
+    out: torch.Tensor, rows: torch.Tensor, spec: ProjectionSpec, a_factors, b_factors
+) -> list[torch.Tensor]:
     """out [N, out] += Σ s_i h_i B_iᵀ in place, h_i = (x ⊙ M_i / q_i) A_iᵀ; returns [h_i] (saved for backward)."""
     rows = _cast(rows, spec.adapter_dtype)
     hidden = []

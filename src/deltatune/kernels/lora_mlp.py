@@ -66,7 +66,8 @@ ACTIVATIONS: dict[str, Activation] = {
     "silu": Activation(F.silu, torch.ops.aten.silu_backward),
     "gelu": Activation(F.gelu, functools.partial(torch.ops.aten.gelu_backward, approximate="none")),
     "gelu_tanh": Activation(
-        functools.partial(F.gelu, approximate="tanh"), functools.partial(torch.ops.aten.gelu_backward, approximate="tanh")
+        functools.partial(F.gelu, approximate="tanh"),
+        functools.partial(torch.ops.aten.gelu_backward, approximate="tanh"),
     ),
 }
 
@@ -157,8 +158,17 @@ def _forward(x, spec: MlpSpec, weights, biases, a_factors, b_factors, magnitudes
 
     def project(i, inputs):
         if any(spec.dora[i]):
-            return dora_forward(inputs, weights[i], biases[i], spec.projections[i], spec.dora[i], a_factors[i],
-                                b_factors[i], magnitudes[i], norms[i])  # fmt: skip
+            return dora_forward(
+                inputs,
+                weights[i],
+                biases[i],
+                spec.projections[i],
+                spec.dora[i],
+                a_factors[i],
+                b_factors[i],
+                magnitudes[i],
+                norms[i],
+            )
         return (*linear_forward(inputs, weights[i], biases[i], spec.projections[i], a_factors[i], b_factors[i]), None)
 
     g, hidden_g, _ = project(0, x)  # DoRA's z of gate and up is never kept: backward reads it from g and u
@@ -174,7 +184,9 @@ def gated_product(g: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Te
     return ACTIVATIONS[activation].forward(g).mul_(u)
 
 
-def gated_grads(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_grads(
+    g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor, activation: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dg, du) = (act'(g) ⊙ dh ⊙ u, dh ⊙ act(g)), the gradients through h = act(g) ⊙ u."""
     act = ACTIVATIONS[activation]
     return act.backward(dh * u, g), dh * act.forward(g)
@@ -194,7 +206,9 @@ def _run_compiled(fn: Callable, *args):
     global _compile_failed
     try:
         return _compiled(fn)(*args)
-    except torch._dynamo.exc.TorchDynamoException as error:  # e.g. no compiler for the device (not OOM: that propagates)
+    except (
+        torch._dynamo.exc.TorchDynamoException
+    ) as error:  # e.g. no compiler for the device (not OOM: that propagates)
         _compile_failed = True
         warnings.warn(
             f"deltatune: compiling the fused MLP's elementwise kernels failed ({type(error).__name__}: {error}); "
@@ -248,12 +262,37 @@ class _LoraMlpFunction(torch.autograd.Function):
             common = dict(need_a=needs.a_factors[i], need_b=needs.b_factors[i], bias_dtype=bias_dtypes[i])
             if any(spec.dora[i]):
                 return dora_backward(
-                    d_out, inputs, unpacked.weights[i], spec.projections[i], spec.dora[i], unpacked.a_factors[i],
-                    unpacked.b_factors[i], unpacked.magnitudes[i], unpacked.norms[i], hidden[i],
-                    need_x=need_inputs, need_m=need_m[i], dx_into=dx_into, **dora_source, **common,
-                )  # fmt: skip
-            return (*linear_backward(d_out, inputs, unpacked.weights[i], spec.projections[i], unpacked.a_factors[i],
-                                     unpacked.b_factors[i], hidden[i], need_x=need_inputs, dx_into=dx_into, **common), [])  # fmt: skip
+                    d_out,
+                    inputs,
+                    unpacked.weights[i],
+                    spec.projections[i],
+                    spec.dora[i],
+                    unpacked.a_factors[i],
+                    unpacked.b_factors[i],
+                    unpacked.magnitudes[i],
+                    unpacked.norms[i],
+                    hidden[i],
+                    need_x=need_inputs,
+                    need_m=need_m[i],
+                    dx_into=dx_into,
+                    **dora_source,
+                    **common,
+                )
+            return (
+                *linear_backward(
+                    d_out,
+                    inputs,
+                    unpacked.weights[i],
+                    spec.projections[i],
+                    unpacked.a_factors[i],
+                    unpacked.b_factors[i],
+                    hidden[i],
+                    need_x=need_inputs,
+                    dx_into=dx_into,
+                    **common,
+                ),
+                [],
+            )
 
         dx = None
         compiled = spec.compile_elementwise
@@ -276,7 +315,8 @@ class _LoraMlpFunction(torch.autograd.Function):
             dx = _cast(dx.view(x.shape), x.dtype)
         bias_grads = [grad[0] for grad in grads]
         factor_grads = [
-            t for i, grad in enumerate(grads)
+            t
+            for i, grad in enumerate(grads)
             for t in (*grad[1], *grad[2], *(grad[3] or [None] * sum(spec.dora[i])), *([None] * sum(spec.dora[i])))
-        ]  # fmt: skip
+        ]
         return (dx, None, None, bias_grads[0], None, bias_grads[1], None, bias_grads[2], *factor_grads)

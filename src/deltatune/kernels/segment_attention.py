@@ -11,7 +11,8 @@ eight chatterbot examples of SmolLM2's attention shape on 2 CPU cores)::
     segments: [a a a . ]  [b b . . ]  [c c c c]      (. never attended: it comes after every real token)
 
 Every other call (padded batches, generation with a cache, rows without restarts, sliding windows,
-soft-capping) is transformers' own sdpa attention, which also builds the masks (``register`` registers both under one name).
+soft-capping) is transformers' own sdpa attention, which also builds the masks (``register`` registers both
+under one name).
 """
 
 from __future__ import annotations
@@ -51,12 +52,17 @@ def sdpa_segments(module, query, key, value, attention_mask, dropout: float = 0.
     index = _segment_index(kwargs.get("position_ids"), query.shape[2], key.shape[2])
     special = any(kwargs.get(key) for key in ("output_attentions", "sliding_window", "softcap"))
     if index is None or special:  # windows and soft-capping live in sdpa's mask and kernel choice
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     batch, heads, length, dim = query.shape
     out = F.scaled_dot_product_attention(
-        *(_gather(x, index) for x in (query, key, value)), dropout_p=dropout, is_causal=True, scale=scaling,
+        *(_gather(x, index) for x in (query, key, value)),
+        dropout_p=dropout,
+        is_causal=True,
+        scale=scaling,
         enable_gqa=key.shape[1] != heads,
-    )  # [segments, heads, longest, dim]  # fmt: skip
+    )  # [segments, heads, longest, dim]
     rows = out.transpose(1, 2).flatten(0, 1)  # [segments * longest, heads, dim]
     real = index.flatten() >= 0
     flat = rows.new_empty(batch * length, heads, dim)

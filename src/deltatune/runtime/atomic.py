@@ -160,8 +160,9 @@ def _space_error(exc: BaseException, folder: Path, target: Path) -> SaveError | 
             reason = os.strerror(errno.ENOSPC)
     if reason is None:
         return None
-    return SaveError(f"could not write {target}: {reason}; free space on that disk and save again "
-                     f"(the previous version is kept)")  # fmt: skip
+    return SaveError(
+        f"could not write {target}: {reason}; free space on that disk and save again (the previous version is kept)"
+    )
 
 
 def _swap_in(staging: Path, target: Path) -> None:

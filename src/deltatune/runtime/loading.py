@@ -31,8 +31,14 @@ from deltatune.runtime.quantization import (
 
 EMBEDDED_MODELS: dict[str, Callable[[], Path]] = {"smollm2": assets.smollm2_path, "minilm": assets.minilm_path}
 HUB_IDS = {"smollm2": assets.SMOLLM2_HUB_ID, "minilm": assets.MINILM_HUB_ID}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # fmt: skip
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 def model_folder(model: str | os.PathLike) -> Path:
@@ -47,8 +53,9 @@ def model_folder(model: str | os.PathLike) -> Path:
     if not path.exists() and HUB_ID.fullmatch(str(model)):
         return hub_folder(str(model))
     names = ", ".join(repr(name) for name in EMBEDDED_MODELS)
-    raise ConfigError(f"model={str(model)!r} is not a model folder (no config.json); use {names}, a local path "
-                      f"or a hub id (Org/Name)")  # fmt: skip
+    raise ConfigError(
+        f"model={str(model)!r} is not a model folder (no config.json); use {names}, a local path or a hub id (Org/Name)"
+    )
 
 
 # A hub model id, "Org/Name" (huggingface_hub's rule: letters, digits, "-", "_", "."; no "--" or "..";
@@ -76,20 +83,27 @@ def hub_folder(repo_id: str) -> Path:
             return folder
     except LocalEntryNotFoundError:  # IncompleteSnapshotError too: an interrupted download
         pass
-    where = f"model={repo_id!r} is not a local folder, and as a hub id it is not in the Hugging Face cache " \
-            f"({constants.HF_HUB_CACHE})"  # fmt: skip
+    where = (
+        f"model={repo_id!r} is not a local folder, and as a hub id it is not in the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE})"
+    )
     if constants.HF_HUB_OFFLINE:
-        raise ConfigError(f"{where} while HF_HUB_OFFLINE is set; run `hf download {repo_id}` where the network is "
-                          f"available (into that cache), or unset HF_HUB_OFFLINE")  # fmt: skip
+        raise ConfigError(
+            f"{where} while HF_HUB_OFFLINE is set; run `hf download {repo_id}` where the network is "
+            f"available (into that cache), or unset HF_HUB_OFFLINE"
+        )
     try:
         folder = Path(snapshot_download(repo_id, ignore_patterns=_HUB_IGNORE))
     except (RepositoryNotFoundError, GatedRepoError) as exc:
-        raise ConfigError(f"{where}, and the hub refused it ({type(exc).__name__}); check the id's spelling, or "
-                          f"log in with `hf auth login` for a private or gated model") from None  # fmt: skip
+        raise ConfigError(
+            f"{where}, and the hub refused it ({type(exc).__name__}); check the id's spelling, or "
+            f"log in with `hf auth login` for a private or gated model"
+        ) from None
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"{where}, and downloading it failed ({reason}); check the network, or run "
-                          f"`hf download {repo_id}`") from None  # fmt: skip
+        raise ConfigError(
+            f"{where}, and downloading it failed ({reason}); check the network, or run `hf download {repo_id}`"
+        ) from None
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model={repo_id!r}: the hub repository has no config.json; it is not a transformers model")
     return folder
@@ -136,16 +150,17 @@ def load_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype, allow_pick
     """``cls.from_pretrained`` from local files, with no remote code, from safetensors weights unless
     pickles are allowed; a torn or corrupt weights file is a one-line ``ConfigError``."""
     if not allow_pickle and not any(Path(path).glob("*.safetensors")):
-        raise ConfigError(f"{path} has no .safetensors weights; pickled weights (.bin) can run code when loaded, "
-                          f"so convert them to safetensors (from Python: allow_pickle=True, if you trust their "
-                          f"source)")  # fmt: skip
+        raise ConfigError(
+            f"{path} has no .safetensors weights; pickled weights (.bin) can run code when loaded, "
+            f"so convert them to safetensors (from Python: allow_pickle=True, if you trust their "
+            f"source)"
+        )
     safetensors_only = {} if allow_pickle else {"use_safetensors": True}
     try:
         return cls.from_pretrained(
             path, dtype=dtype, local_files_only=True, trust_remote_code=False, **safetensors_only, **options
         )
     except SafetensorError as exc:
-        raise ConfigError(f"{path}: the model weights are not a readable safetensors file ({exc}); copy or "
-                          f"save the model again") from None
-
-
+        raise ConfigError(
+            f"{path}: the model weights are not a readable safetensors file ({exc}); copy or save the model again"
+        ) from None

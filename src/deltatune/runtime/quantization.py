@@ -37,8 +37,10 @@ def check_quantization(mode: str, device_type: str = "cpu") -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"quantization={mode} needs bitsandbytes: pip install deltatune[qlora]")
     if device_type not in SUPPORTED_DEVICES:
-        raise ConfigError(f"quantization={mode} does not run on {device_type} (bitsandbytes supports "
-                          f"{', '.join(SUPPORTED_DEVICES)}); use quantization=none there")  # fmt: skip
+        raise ConfigError(
+            f"quantization={mode} does not run on {device_type} (bitsandbytes supports "
+            f"{', '.join(SUPPORTED_DEVICES)}); use quantization=none there"
+        )
 
 
 def saved_quantization(model_config: Any) -> str:
@@ -64,8 +66,10 @@ def loading_options(mode: str, model_config: Any, compute_dtype: torch.dtype = t
     saved = saved_quantization(model_config)
     if saved != "none":
         if mode not in ("none", saved):
-            raise ConfigError(f"the model is already quantised as {saved}; it cannot be quantised again as {mode} "
-                              f"(use quantization={saved}, or the full-precision model)")  # fmt: skip
+            raise ConfigError(
+                f"the model is already quantised as {saved}; it cannot be quantised again as {mode} "
+                f"(use quantization={saved}, or the full-precision model)"
+            )
         return {}
     if mode == "none":
         return {}

@@ -45,8 +45,9 @@ def choose_threads(requested: int, cpus: int, busy: float) -> ThreadChoice:
     free = max(1, min(cpus, int(cpus - max(0.0, busy) + 0.5)))
     if free == cpus:
         return ThreadChoice(cpus)
-    return ThreadChoice(free, f"{free} of {cpus} CPU threads: other processes keep {busy:.1f} CPUs busy; "
-                              f"set threads=N to choose")  # fmt: skip
+    return ThreadChoice(
+        free, f"{free} of {cpus} CPU threads: other processes keep {busy:.1f} CPUs busy; set threads=N to choose"
+    )
 
 
 def available_cpus() -> int:

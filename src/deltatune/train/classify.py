@@ -68,10 +68,12 @@ def encode_labelled(
     if unknown:
         raise DataError(f"held-out label {unknown[0]!r} never occurs in the training data; add examples of it")
     return [
-        {"input_ids": tokenizer(r.text, truncation=True, max_length=max_length)["input_ids"],
-         "label": label_ids[r.label]}
+        {
+            "input_ids": tokenizer(r.text, truncation=True, max_length=max_length)["input_ids"],
+            "label": label_ids[r.label],
+        }
         for r in records
-    ]  # fmt: skip
+    ]
 
 
 @dataclass
@@ -157,8 +159,10 @@ def run_classification(
     held_out = encode_labelled(tokenizer, eval_records, label_ids, max_length)
     majority = Counter(r.label for r in train_records).most_common(1)[0][0]
     majority_accuracy = sum(r.label == majority for r in eval_records) / len(eval_records)
-    log(f"data: {len(train)} training / {len(held_out)} held-out texts, {len(labels)} labels "
-        f"(always answering {majority!r} scores {majority_accuracy:.1%})")  # fmt: skip
+    log(
+        f"data: {len(train)} training / {len(held_out)} held-out texts, {len(labels)} labels "
+        f"(always answering {majority!r} scores {majority_accuracy:.1%})"
+    )
 
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_ids, local_files_only=True
@@ -174,11 +178,20 @@ def run_classification(
     log(f"{config.peft_type} + new head: {trainable:,} trainable of {total:,} parameters")
 
     args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, max_steps // 20),
-        logging_steps=max(1, max_steps // 10), save_strategy="no", report_to=[], seed=seed, data_seed=seed,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-    )  # fmt: skip
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, max_steps // 20),
+        logging_steps=max(1, max_steps // 10),
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
     start = time.perf_counter()
     train_classifier(delta, train, args, pad)
     seconds = time.perf_counter() - start

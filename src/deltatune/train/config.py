@@ -38,20 +38,37 @@ STAGES = ("sft", "dpo", "kto")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # transformers' SchedulerType values but reduce_lr_on_plateau (it needs an eval metric each step), written
 # out so that checking a config never imports transformers; tests/test_cli_speed.py keeps them in step.
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                 "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy")
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+    "greedy",
+)
 # transformers' report_to integrations (INTEGRATION_TO_CALLBACK) but kubeflow (set up by its platform, not a
 # package): the modules each needs, and their pip packages. Written out so that checking a config never
 # imports transformers; tests/test_first_hour.py keeps them in step.
 REPORTERS: dict[str, tuple[tuple[str, ...], str]] = {
-    "tensorboard": (("tensorboard",), "tensorboard"), "wandb": (("wandb",), "wandb"),
-    "mlflow": (("mlflow",), "mlflow"), "trackio": (("trackio",), "trackio"),
-    "comet_ml": (("comet_ml",), "comet_ml"), "clearml": (("clearml",), "clearml"),
-    "neptune": (("neptune",), "neptune"), "dagshub": (("dagshub", "mlflow"), "dagshub mlflow"),
-    "dvclive": (("dvclive",), "dvclive"), "swanlab": (("swanlab",), "swanlab"),
-    "codecarbon": (("codecarbon",), "codecarbon"), "azure_ml": (("azureml.core.run",), "azureml-core"),
+    "tensorboard": (("tensorboard",), "tensorboard"),
+    "wandb": (("wandb",), "wandb"),
+    "mlflow": (("mlflow",), "mlflow"),
+    "trackio": (("trackio",), "trackio"),
+    "comet_ml": (("comet_ml",), "comet_ml"),
+    "clearml": (("clearml",), "clearml"),
+    "neptune": (("neptune",), "neptune"),
+    "dagshub": (("dagshub", "mlflow"), "dagshub mlflow"),
+    "dvclive": (("dvclive",), "dvclive"),
+    "swanlab": (("swanlab",), "swanlab"),
+    "codecarbon": (("codecarbon",), "codecarbon"),
+    "azure_ml": (("azureml.core.run",), "azureml-core"),
     "flyte": (("flytekit", "flytekitplugins.deck"), "flytekit flytekitplugins-deck-standard"),
-}  # fmt: skip
+}
 # config.json fields that hold a model's context length (positions it has embeddings or a rope range for).
 _CONTEXT_FIELDS = ("max_position_embeddings", "n_positions")
 # How a wrong value's expected type is said: "max_steps=2.5 must be an integer".
@@ -68,16 +85,30 @@ class TrainConfig:
     SmolLM2-135M-Instruct on chatterbot question/answer pairs, a few minutes on a laptop CPU."""
 
     model: str = _key(EMBEDDED_MODEL, "model folder (config.json + weights), or 'smollm2' (embedded)")
-    data: str = _key(EMBEDDED_DATA, "a .jsonl/.json/.csv/.tsv/.parquet file, a datasets folder, dataset_info.json#name, "
-                     "or built-in: chatterbot, chatterbot-preference-synthetic, chatterbot-kto-synthetic; "
-                     "several: a.jsonl,b.jsonl")  # fmt: skip
-    data_format: str = _key("auto", "auto (from the columns), messages, prompt_completion, text, alpaca, sharegpt, "
-                            "preference, kto, sharegpt_preference, sharegpt_kto, messages_kto, alpaca_preference")  # fmt: skip
-    columns: str = _key("", "column mapping {our name: your column} as JSON or YAML, e.g. "
-                        "'{\"prompt\": \"question\", \"completion\": \"answer\"}'; sharegpt tags too (role_tag, ...)")  # fmt: skip
-    ignore_columns: str = _key("", "columns the data may hold unread (comma-separated); any other unread column is an error")
-    data_weights: str = _key("", "one weight per data source (e.g. 3,1): source i gives round(N*w_i/sum(w)) of the "
-                             "N training rows, repeated or sampled; empty: every row once")  # fmt: skip
+    data: str = _key(
+        EMBEDDED_DATA,
+        "a .jsonl/.json/.csv/.tsv/.parquet file, a datasets folder, dataset_info.json#name, "
+        "or built-in: chatterbot, chatterbot-preference-synthetic, chatterbot-kto-synthetic; "
+        "several: a.jsonl,b.jsonl",
+    )
+    data_format: str = _key(
+        "auto",
+        "auto (from the columns), messages, prompt_completion, text, alpaca, sharegpt, "
+        "preference, kto, sharegpt_preference, sharegpt_kto, messages_kto, alpaca_preference",
+    )
+    columns: str = _key(
+        "",
+        "column mapping {our name: your column} as JSON or YAML, e.g. "
+        '\'{"prompt": "question", "completion": "answer"}\'; sharegpt tags too (role_tag, ...)',
+    )
+    ignore_columns: str = _key(
+        "", "columns the data may hold unread (comma-separated); any other unread column is an error"
+    )
+    data_weights: str = _key(
+        "",
+        "one weight per data source (e.g. 3,1): source i gives round(N*w_i/sum(w)) of the "
+        "N training rows, repeated or sampled; empty: every row once",
+    )
     eval_data: str = _key("", "held-out data file; empty: hold out eval_fraction of data")
     eval_fraction: float = _key(0.1, "share of distinct prompts held out when eval_data is empty")
     eval_examples: int = _key(96, "at most this many held-out examples are scored")
@@ -88,33 +119,50 @@ class TrainConfig:
     epochs: float = _key(0.0, "passes over the training data, when max_steps is 0")
     batch_size: int = _key(8, "examples per device step")
     gradient_accumulation_steps: int = _key(1, "device steps per optimizer step")
-    learning_rate: float = _key(1e-3, "peak learning rate (AdamW); prefix_tuning and p_tuning: 1e-2, prompt_tuning: 1e-1")
+    learning_rate: float = _key(
+        1e-3, "peak learning rate (AdamW); prefix_tuning and p_tuning: 1e-2, prompt_tuning: 1e-1"
+    )
     lr_scheduler: str = _key("cosine", "learning-rate schedule after warm-up: cosine, linear, constant, ...")
     warmup_steps: int = _key(5, "linear warm-up steps; p_tuning: 15 (at most a quarter of max_steps)")
     weight_decay: float = _key(0.0, "AdamW weight decay")
     max_length: int = _key(128, "tokens per example; longer ones are cut (and counted)")
     truncation_side: str = _key("right", "sft: cut over-long examples at the end (right) or the start (left)")
-    max_prompt_length: int = _key(0, "dpo/kto: prompt tokens a too-long row keeps at least (its prompt is cut from "
-                                  "the left, the answer from the right); 0: max_length // 2")  # fmt: skip
+    max_prompt_length: int = _key(
+        0,
+        "dpo/kto: prompt tokens a too-long row keeps at least (its prompt is cut from "
+        "the left, the answer from the right); 0: max_length // 2",
+    )
     train_on_prompt: bool = _key(False, "also put loss on prompt tokens (default: only on answers)")
     packing: bool = _key(False, "pack several examples into each max_length row (sft)")
-    padding_free: bool = _key(True, "sft: lay each batch out as one row, its examples back to back (positions restart "
-                              "per example, attention stays within one), so no compute goes to padding; false: "
-                              "right-pad rows. Prompt-learning methods always pad (virtual tokens come once per row)")  # fmt: skip
+    padding_free: bool = _key(
+        True,
+        "sft: lay each batch out as one row, its examples back to back (positions restart "
+        "per example, attention stays within one), so no compute goes to padding; false: "
+        "right-pad rows. Prompt-learning methods always pad (virtual tokens come once per row)",
+    )
     eval_steps: int = _key(0, "evaluate every N steps; 0: only before and after training")
     early_stopping_patience: int = _key(0, "stop after N evaluations without a lower eval loss; 0: off")
     save_steps: int = _key(0, "write a checkpoint every N steps to output_dir/checkpoints; 0: none")
     save_total_limit: int = _key(2, "keep at most this many checkpoints")
     resume_from_checkpoint: str = _key("", "a checkpoint folder, or 'last' (the newest in output_dir/checkpoints)")
     gradient_checkpointing: bool = _key(False, "recompute activations in backward: less memory, ~30% slower")
-    quantization: str = _key("none", "hold the frozen base's linear layers as nf4, fp4 or int8 (QLoRA; needs "
-                             "pip install deltatune[qlora]) or none; the adapter stays fp32")  # fmt: skip
+    quantization: str = _key(
+        "none",
+        "hold the frozen base's linear layers as nf4, fp4 or int8 (QLoRA; needs "
+        "pip install deltatune[qlora]) or none; the adapter stays fp32",
+    )
     precision: str = _key("auto", "fp32, bf16, fp16 (mixed precision) or auto (bf16 on a GPU that has it, else fp32)")
     logging_steps: int = _key(0, "log the training loss every N steps; 0: about 50 times per run")
-    tensorboard: bool = _key(False, "also log to TensorBoard in output_dir/tensorboard (needs tensorboard); the "
-                             "same as adding tensorboard to report_to")  # fmt: skip
-    report_to: str = _key("none", "also log to these trackers (comma-separated; each needs its package): "
-                          f"{', '.join(REPORTERS)}; all: every installed one; none")  # fmt: skip
+    tensorboard: bool = _key(
+        False,
+        "also log to TensorBoard in output_dir/tensorboard (needs tensorboard); the "
+        "same as adding tensorboard to report_to",
+    )
+    report_to: str = _key(
+        "none",
+        "also log to these trackers (comma-separated; each needs its package): "
+        f"{', '.join(REPORTERS)}; all: every installed one; none",
+    )
     beta: float = _key(0.1, "dpo/kto: strength of the pull towards the reference (base) model")
     loss_type: str = _key("sigmoid", "dpo: sigmoid (the DPO paper) or ipo")
     desirable_weight: float = _key(1.0, "kto: weight of desirable examples' loss")
@@ -126,35 +174,67 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "max_length", "eval_examples"):
             _check(name, getattr(self, name), getattr(self, name) > 0, "must be positive")
-        for name in ("max_steps", "warmup_steps", "eval_steps", "early_stopping_patience", "save_steps",
-                     "save_total_limit", "logging_steps", "epochs", "weight_decay", "threads"):  # fmt: skip
+        for name in (
+            "max_steps",
+            "warmup_steps",
+            "eval_steps",
+            "early_stopping_patience",
+            "save_steps",
+            "save_total_limit",
+            "logging_steps",
+            "epochs",
+            "weight_decay",
+            "threads",
+        ):
             _check(name, getattr(self, name), getattr(self, name) >= 0, "must be 0 or more")
-        for name in ("eval_fraction", "epochs", "learning_rate", "weight_decay", "beta", "desirable_weight",
-                     "undesirable_weight"):  # fmt: skip
+        for name in (
+            "eval_fraction",
+            "epochs",
+            "learning_rate",
+            "weight_decay",
+            "beta",
+            "desirable_weight",
+            "undesirable_weight",
+        ):
             _check(name, getattr(self, name), math.isfinite(getattr(self, name)), "must be a finite number")
         for name in ("learning_rate", "beta", "desirable_weight", "undesirable_weight"):
             _check(name, getattr(self, name), getattr(self, name) > 0, "must be positive")
         if (self.max_steps > 0) == (self.epochs > 0):
-            raise ConfigError(f"set max_steps or epochs (exactly one above 0); got max_steps={self.max_steps}, "
-                              f"epochs={self.epochs}")  # fmt: skip
+            raise ConfigError(
+                f"set max_steps or epochs (exactly one above 0); got max_steps={self.max_steps}, epochs={self.epochs}"
+            )
         if not self.eval_data:
             _check("eval_fraction", self.eval_fraction, 0 < self.eval_fraction < 1, "must be between 0 and 1")
         if self.early_stopping_patience and not self.eval_steps:
             raise ConfigError("early_stopping_patience needs evaluations during training; set eval_steps too")
         if self.early_stopping_patience and self.save_steps % max(self.eval_steps, 1):
-            raise ConfigError(f"save_steps={self.save_steps} must be a multiple of eval_steps={self.eval_steps} "
-                              f"with early stopping (the best adapter is restored from a checkpoint)")  # fmt: skip
+            raise ConfigError(
+                f"save_steps={self.save_steps} must be a multiple of eval_steps={self.eval_steps} "
+                f"with early stopping (the best adapter is restored from a checkpoint)"
+            )
         if self.stage == "kto" and self.batch_size < 2:
-            raise ConfigError("stage=kto needs batch_size >= 2 (its KL term pairs each prompt with another row's answer)")
+            raise ConfigError(
+                "stage=kto needs batch_size >= 2 (its KL term pairs each prompt with another row's answer)"
+            )
         if self.stage != "sft" and (self.packing or self.train_on_prompt):
             raise ConfigError(f"packing and train_on_prompt apply to stage=sft only, not stage={self.stage}")
         if self.stage != "sft" and self.truncation_side != "right":
-            raise ConfigError(f"truncation_side applies to stage=sft only; stage={self.stage} cuts prompts from the "
-                              f"left and answers from the right (see max_prompt_length)")  # fmt: skip
-        _check("truncation_side", self.truncation_side, self.truncation_side in TRUNCATION_SIDES,
-               "is unknown; use right (keep the start) or left (keep the end)")  # fmt: skip
-        _check("max_prompt_length", self.max_prompt_length, 0 <= self.max_prompt_length < self.max_length,
-               f"must be 0 or more and below max_length={self.max_length}")  # fmt: skip
+            raise ConfigError(
+                f"truncation_side applies to stage=sft only; stage={self.stage} cuts prompts from the "
+                f"left and answers from the right (see max_prompt_length)"
+            )
+        _check(
+            "truncation_side",
+            self.truncation_side,
+            self.truncation_side in TRUNCATION_SIDES,
+            "is unknown; use right (keep the start) or left (keep the end)",
+        )
+        _check(
+            "max_prompt_length",
+            self.max_prompt_length,
+            0 <= self.max_prompt_length < self.max_length,
+            f"must be 0 or more and below max_length={self.max_length}",
+        )
         if self.max_prompt_length and self.stage == "sft":
             raise ConfigError("max_prompt_length applies to stage=dpo and kto; use truncation_side for sft")
         try:
@@ -168,15 +248,27 @@ class TrainConfig:
                 QUANTIZATIONS,  # imports torch: only for a quantised run
             )
 
-            _check("quantization", self.quantization, self.quantization in QUANTIZATIONS,
-                   f"is unknown; use one of {', '.join(QUANTIZATIONS)}")  # fmt: skip
-        _check("precision", self.precision, self.precision in PRECISIONS, f"is unknown; use one of {', '.join(PRECISIONS)}")
-        _check("lr_scheduler", self.lr_scheduler, self.lr_scheduler in LR_SCHEDULERS,
-               f"is unknown; use one of {', '.join(LR_SCHEDULERS)}")  # fmt: skip
+            _check(
+                "quantization",
+                self.quantization,
+                self.quantization in QUANTIZATIONS,
+                f"is unknown; use one of {', '.join(QUANTIZATIONS)}",
+            )
+        _check(
+            "precision", self.precision, self.precision in PRECISIONS, f"is unknown; use one of {', '.join(PRECISIONS)}"
+        )
+        _check(
+            "lr_scheduler",
+            self.lr_scheduler,
+            self.lr_scheduler in LR_SCHEDULERS,
+            f"is unknown; use one of {', '.join(LR_SCHEDULERS)}",
+        )
         self.reporters()  # validates report_to
         if self.packing and isinstance(self.delta_config(), PromptLearningConfig):
-            raise ConfigError(f"packing=true does not work with method={self.method}: its virtual tokens come once per "
-                              f"row, so only a row's first example would see them; set packing=false")  # fmt: skip
+            raise ConfigError(
+                f"packing=true does not work with method={self.method}: its virtual tokens come once per "
+                f"row, so only a row's first example would see them; set packing=false"
+            )
         self.delta_config()  # validates the method and its hyper-parameters
 
     def reporters(self) -> list[str]:
@@ -191,8 +283,9 @@ class TrainConfig:
             if name not in REPORTERS:
                 guess = difflib.get_close_matches(name, REPORTERS, n=1)
                 hint = f"did you mean {guess[0]!r}? " if guess else ""
-                raise ConfigError(f"report_to: {name!r} is unknown; {hint}use none, all or some of "
-                                  f"{', '.join(REPORTERS)}")  # fmt: skip
+                raise ConfigError(
+                    f"report_to: {name!r} is unknown; {hint}use none, all or some of {', '.join(REPORTERS)}"
+                )
             if not _installed(REPORTERS[name][0]):
                 raise ConfigError(f"report_to={name} needs the {name} package: pip install {REPORTERS[name][1]}")
         if self.tensorboard and "tensorboard" not in names:
@@ -222,8 +315,10 @@ class TrainConfig:
             return  # loading the model names the problem
         name, context = next(((n, fields[n]) for n in _CONTEXT_FIELDS if isinstance(fields.get(n), int)), (None, 0))
         if name and self.max_length > context:
-            raise ConfigError(f"max_length={self.max_length} is longer than model={self.model}'s context of {context} "
-                              f"tokens ({name} in {path}); set max_length={context} or less")  # fmt: skip
+            raise ConfigError(
+                f"max_length={self.max_length} is longer than model={self.model}'s context of {context} "
+                f"tokens ({name} in {path}); set max_length={context} or less"
+            )
 
     def delta_config(self, base_model: str | None = None):
         """The adapter config this run trains (a causal-LM task)."""
@@ -292,8 +387,10 @@ def _unknown_key_hint(key: str, own: list[str], method: str, method_keys: list[s
     owners = [name for name in methods_taking(key) if name != method.lower()]
     if owners:
         takes = ", ".join(method_keys[:8]) + (", ..." if len(method_keys) > 8 else "")
-        return (f"it is a hyper-parameter of method={'/'.join(owners)}, not method={method}: drop it or set "
-                f"method={owners[0]} (method={method} takes {takes}; `deltatune train --help` lists the keys)")  # fmt: skip
+        return (
+            f"it is a hyper-parameter of method={'/'.join(owners)}, not method={method}: drop it or set "
+            f"method={owners[0]} (method={method} takes {takes}; `deltatune train --help` lists the keys)"
+        )
     candidates = {name.lower(): name for name in own + method_keys}
     guess = difflib.get_close_matches(key.lower().replace("-", "_"), candidates, n=1)
     return f"did you mean {candidates[guess[0]]!r}?" if guess else "`deltatune train --help` lists the keys"
@@ -308,8 +405,11 @@ def _drop_other_methods_keys(values: dict[str, Any], method: str, source: str) -
         for key in dropped:
             del values[key]
         owners = sorted({name for key in dropped for name in methods_taking(key)})
-        print(f"config: method={method} (command line) drops {', '.join(dropped)} from {source}: hyper-parameters "
-              f"of method={'/'.join(owners)}", file=sys.stderr)  # fmt: skip
+        print(
+            f"config: method={method} (command line) drops {', '.join(dropped)} from {source}: hyper-parameters "
+            f"of method={'/'.join(owners)}",
+            file=sys.stderr,
+        )
 
 
 def _installed(modules: tuple[str, ...]) -> bool:
@@ -392,4 +492,3 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
         return kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key}={value!r} must be {_KIND_WORDS.get(kind, kind.__name__)}") from None
-

@@ -49,7 +49,9 @@ class DivergenceGuard(TrainerCallback):
     def diverged(self) -> bool:
         return self.message is not None
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
+    ):
         self.message = None
         self._remember(model, state.global_step)
 
@@ -58,7 +60,9 @@ class DivergenceGuard(TrainerCallback):
             self._stop(args, state, control, model, "a trained weight is NaN or inf")
         return control
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, model=None, **kwargs):
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, model=None, **kwargs
+    ):
         if self.diverged:
             return control
         bad = _non_finite(logs or {})

@@ -45,14 +45,22 @@ def perplexity(loss: float) -> float:
 
 @torch.no_grad()
 def answer(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], max_new_tokens: int = 48, **sampling
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Message],
+    max_new_tokens: int = 48,
+    **sampling,
 ) -> str:
     """The model's next assistant message after ``messages`` (greedy unless ``sampling`` says otherwise)."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     output = model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-        do_sample=bool(sampling), pad_token_id=pad, **sampling,
-    )  # fmt: skip
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=bool(sampling),
+        pad_token_id=pad,
+        **sampling,
+    )
     return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()

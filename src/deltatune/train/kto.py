@@ -68,9 +68,15 @@ class KTOTrainer(PreferenceTrainer):
         reference_kl = self.reference_logps(model, inputs, prefix="kl_")
         desirable = inputs["desirable"].bool()
         result = kto_loss(
-            policy, reference, desirable, policy_kl, reference_kl,
-            beta=self.beta, desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
-        )  # fmt: skip
+            policy,
+            reference,
+            desirable,
+            policy_kl,
+            reference_kl,
+            beta=self.beta,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
+        )
         above_reference_point = result.rewards > self.beta * result.kl
         self.record(
             **{

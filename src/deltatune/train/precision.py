@@ -63,5 +63,7 @@ def slow_half_precision_notice(flags: dict[str, bool]) -> str | None:
     factor = cpu_autocast_slowdown(torch.bfloat16)
     if factor <= SLOW_FACTOR:
         return None
-    return (f"warning: precision=bf16 on this CPU: a bf16 linear layer measured {factor:.1f}x slower than fp32, "
-            f"so training will be several times slower; use precision=fp32 (or auto)")  # fmt: skip
+    return (
+        f"warning: precision=bf16 on this CPU: a bf16 linear layer measured {factor:.1f}x slower than fp32, "
+        f"so training will be several times slower; use precision=fp32 (or auto)"
+    )

@@ -142,10 +142,16 @@ class DPOTrainer(PreferenceTrainer):
         reference_chosen, reference_rejected = self.reference_logps(model, inputs).chunk(2)
         chosen_lengths, rejected_lengths = completion_lengths(inputs["labels"]).chunk(2)
         result = dpo_loss(
-            policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-            beta=self.beta, label_smoothing=self.label_smoothing, loss_type=self.loss_type,
-            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-        )  # fmt: skip
+            policy_chosen,
+            policy_rejected,
+            reference_chosen,
+            reference_rejected,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            loss_type=self.loss_type,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+        )
         self.record(
             **{
                 "rewards/chosen": result.chosen_rewards,

@@ -39,9 +39,11 @@ from deltatune.errors import DataError
 
 
 def encode_preference_pairs(
-    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PreferencePair], max_length: int,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[PreferencePair],
+    max_length: int,
     max_prompt_length: int | None = None,
-) -> EncodedSet:  # fmt: skip
+) -> EncodedSet:
     """Tokenise DPO pairs with the chat template; a pair longer than ``max_length`` is cut by ``fit``."""
     examples, reasons, n_truncated = [], Counter(), 0
     for pair in pairs:
@@ -57,9 +59,11 @@ def encode_preference_pairs(
 
 
 def encode_kto_examples(
-    tokenizer: PreTrainedTokenizerBase, records: Sequence[KTOExample], max_length: int,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[KTOExample],
+    max_length: int,
     max_prompt_length: int | None = None,
-) -> EncodedSet:  # fmt: skip
+) -> EncodedSet:
     """Tokenise KTO examples with the chat template; one longer than ``max_length`` is cut by ``fit``."""
     examples, reasons, n_truncated = [], Counter(), 0
     for record in records:
@@ -88,8 +92,10 @@ def fit(
     start = _first_label(next(iter(sides.values())))
     limit = max_length // 2 if max_prompt_length is None else max_prompt_length
     kept = min(start, max(limit, max_length - (longest - start)))
-    cut = {name: {key: ids[start - kept : start - kept + max_length] for key, ids in side.items()}
-           for name, side in sides.items()}  # fmt: skip
+    cut = {
+        name: {key: ids[start - kept : start - kept + max_length] for key, ids in side.items()}
+        for name, side in sides.items()
+    }
     if not all(has_target(side) for side in cut.values()):
         reasons["dropped, no answer token fits after the prompt"] += 1
         return None

@@ -19,7 +19,10 @@ def write_metrics(path: Path, **sections: Any) -> None:
 
 
 def plot_losses(
-    path: Path, log_history: Sequence[Mapping[str, Any]], title: str = "", samples: Sequence[Any] = (),
+    path: Path,
+    log_history: Sequence[Mapping[str, Any]],
+    title: str = "",
+    samples: Sequence[Any] = (),
     unit: str = "answer tokens",
 ) -> None:
     """Write ``loss_figure`` to ``path`` (loss.png)."""
@@ -27,7 +30,9 @@ def plot_losses(
 
 
 def loss_figure(
-    log_history: Sequence[Mapping[str, Any]], title: str = "", samples: Sequence[Any] = (),
+    log_history: Sequence[Mapping[str, Any]],
+    title: str = "",
+    samples: Sequence[Any] = (),
     unit: str = "answer tokens",
 ) -> Figure:
     """The run at a glance: the training loss per logged step (faint) and its moving average (``_plot_training``),
@@ -57,7 +62,9 @@ def loss_figure(
         text.axis("off")
         lines = []
         for sample in samples:
-            lines.append(f"Q: {_short(sample.question)}" + (f"   (data: {_short(sample.reference)})" if sample.reference else ""))
+            lines.append(
+                f"Q: {_short(sample.question)}" + (f"   (data: {_short(sample.reference)})" if sample.reference else "")
+            )
             lines.append(f"    before: {_short(sample.before)}")
             lines.append(f"    after:  {_short(sample.after)}")
         text.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=8)

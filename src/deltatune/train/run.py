@@ -153,8 +153,10 @@ def run_training(config: TrainConfig, log=print, callbacks: Sequence[TrainerCall
     delta.eval()  # Trainer leaves train mode (dropout) on
     after = trainer.evaluate()
     answers_after = [answer(delta, tokenizer, question) for question, _ in questions]
-    samples = [SampleAnswer(question[-1].content, reference, before_text, after_text)
-               for (question, reference), before_text, after_text in zip(questions, answers_before, answers_after)]  # fmt: skip
+    samples = [
+        SampleAnswer(question[-1].content, reference, before_text, after_text)
+        for (question, reference), before_text, after_text in zip(questions, answers_before, answers_after)
+    ]
     log(f"held-out loss after:  {_describe(after)}")
 
     adapter_dir = Path(config.output_dir) / "adapter"
@@ -171,20 +173,34 @@ def run_training(config: TrainConfig, log=print, callbacks: Sequence[TrainerCall
 
     state = trainer.state
     result = RunResult(
-        stage=stage.name, eval_before=before, eval_after=after, reloaded_max_logit_diff=reloaded_diff,
-        merged_max_logit_diff=merged_diff, sample_prompt=prompt[-1].content if prompt else None,
-        answer_before=samples[0].before if samples else None, answer_after=samples[0].after if samples else None,
-        answer_merged=answer_merged, samples=samples, diverged=guard.message,
-        train_seconds=train_seconds, tokens_per_second=progress.tokens_per_second,
-        steps=state.global_step, trainable_params=trainable, total_params=total, adapter_dir=str(adapter_dir),
-    )  # fmt: skip
+        stage=stage.name,
+        eval_before=before,
+        eval_after=after,
+        reloaded_max_logit_diff=reloaded_diff,
+        merged_max_logit_diff=merged_diff,
+        sample_prompt=prompt[-1].content if prompt else None,
+        answer_before=samples[0].before if samples else None,
+        answer_after=samples[0].after if samples else None,
+        answer_merged=answer_merged,
+        samples=samples,
+        diverged=guard.message,
+        train_seconds=train_seconds,
+        tokens_per_second=progress.tokens_per_second,
+        steps=state.global_step,
+        trainable_params=trainable,
+        total_params=total,
+        adapter_dir=str(adapter_dir),
+    )
     history = [{"step": 0, **before}, *state.log_history]
     output = Path(config.output_dir)
     if trainer.args.should_save:
         write_metrics(
-            output / "metrics.json", config=dataclasses.asdict(config), result=dataclasses.asdict(result),
-            data=_data_stats(train_records, eval_records, train_set, eval_set, sources), log_history=history,
-        )  # fmt: skip
+            output / "metrics.json",
+            config=dataclasses.asdict(config),
+            result=dataclasses.asdict(result),
+            data=_data_stats(train_records, eval_records, train_set, eval_set, sources),
+            log_history=history,
+        )
         title = f"{stage.name} · {config.method} · {model_path.name}"
         plot_losses(output / "loss.png", history, title, samples, stage.loss_unit)
     return result
@@ -198,14 +214,18 @@ def _checkpoint(config: TrainConfig, log=print) -> str | None:
         folder = Path(config.output_dir) / "checkpoints"
         path = latest_complete_checkpoint(folder)
         if path is None:
-            raise ConfigError(f"resume_from_checkpoint=last: no complete checkpoint in {folder}; train without "
-                              f"resume_from_checkpoint, or point it at a checkpoint folder")  # fmt: skip
+            raise ConfigError(
+                f"resume_from_checkpoint=last: no complete checkpoint in {folder}; train without "
+                f"resume_from_checkpoint, or point it at a checkpoint folder"
+            )
     else:
         path = Path(config.resume_from_checkpoint)
         if not (path / "trainer_state.json").is_file():
-            raise ConfigError(f"resume_from_checkpoint={str(path)!r} is not a checkpoint folder (no "
-                              f"trainer_state.json); point it at an output_dir/checkpoints/checkpoint-<step> "
-                              f"folder, or use last")  # fmt: skip
+            raise ConfigError(
+                f"resume_from_checkpoint={str(path)!r} is not a checkpoint folder (no "
+                f"trainer_state.json); point it at an output_dir/checkpoints/checkpoint-<step> "
+                f"folder, or use last"
+            )
     log(f"resuming from {path} (step {checkpoint_step(path)})")
     return str(path)
 
@@ -229,10 +249,14 @@ def _records(config: TrainConfig, stage: Stage, log) -> tuple[list[Record], list
     else:
         train, held_out = split_records(records, config.eval_fraction, config.seed)
         if not train or not held_out:
-            raise DataError(f"{config.data}: {len(records)} examples are too few to hold out eval_fraction="
-                            f"{config.eval_fraction}; add rows or pass eval_data")  # fmt: skip
-        log(f"data: {len(records)} rows, {len(held_out)} held out (eval_fraction={config.eval_fraction}), "
-            f"{min(len(held_out), config.eval_examples)} of them scored (eval_examples)")  # fmt: skip
+            raise DataError(
+                f"{config.data}: {len(records)} examples are too few to hold out eval_fraction="
+                f"{config.eval_fraction}; add rows or pass eval_data"
+            )
+        log(
+            f"data: {len(records)} rows, {len(held_out)} held out (eval_fraction={config.eval_fraction}), "
+            f"{min(len(held_out), config.eval_examples)} of them scored (eval_examples)"
+        )
     mixed = mix(train, [data.source for data in sets], parse_weights(config.data_weights, len(sets)), config.seed)
     for line in mixed.summary() if len(sets) > 1 else []:
         log(f"data: {line}")
@@ -243,8 +267,10 @@ def _checked(data: RecordSet, stage: Stage) -> RecordSet:
     if data.kind not in stage.kinds:
         meant = next((s.name for s in STAGES.values() if data.kind in s.kinds), None)
         hint = f"did you mean stage={meant}?" if meant else "use `deltatune classify` for it"
-        raise DataError(f"stage={stage.name} trains on {' or '.join(stage.kinds)} data, but {data.source} is "
-                        f"{data.kind} data (format {data.format}); {hint} (or e.g. data={stage.data_hint})")  # fmt: skip
+        raise DataError(
+            f"stage={stage.name} trains on {' or '.join(stage.kinds)} data, but {data.source} is "
+            f"{data.kind} data (format {data.format}); {hint} (or e.g. data={stage.data_hint})"
+        )
     return data
 
 
@@ -295,9 +321,11 @@ def _warmup_notice(config: TrainConfig, steps: int) -> str | None:
     then never reaches learning_rate (and a one-step run trains at 0)."""
     if not config.warmup_steps or config.warmup_steps < steps:
         return None
-    return (f"warmup_steps={config.warmup_steps} covers the whole run ({steps} step{'' if steps == 1 else 's'}): the "
-            f"learning rate never reaches learning_rate={config.learning_rate:g}"
-            f"{' (the step trains at 0)' if steps == 1 else ''}; set warmup_steps below {steps}, e.g. 0")  # fmt: skip
+    return (
+        f"warmup_steps={config.warmup_steps} covers the whole run ({steps} step{'' if steps == 1 else 's'}): the "
+        f"learning rate never reaches learning_rate={config.learning_rate:g}"
+        f"{' (the step trains at 0)' if steps == 1 else ''}; set warmup_steps below {steps}, e.g. 0"
+    )
 
 
 def _optional_callbacks(config: TrainConfig) -> list:
@@ -359,7 +387,9 @@ def _reloaded_diff(delta: DeltaModel, adapter_dir: Path, probe: torch.Tensor) ->
         delta.delete_adapter("reloaded")
 
 
-def _merged_check(delta: DeltaModel, tokenizer, prompt: Messages | None, probe: torch.Tensor) -> tuple[float | None, str | None]:
+def _merged_check(
+    delta: DeltaModel, tokenizer, prompt: Messages | None, probe: torch.Tensor
+) -> tuple[float | None, str | None]:
     """(max |logit difference| merged vs unmerged, the merged model's answer); (None, None) when the
     method cannot merge, or the base is quantised (merging would re-quantise it: the difference would
     measure the rounding, and unmerging would not give the trained base back). The weights are unmerged
@@ -381,12 +411,16 @@ def _merged_check(delta: DeltaModel, tokenizer, prompt: Messages | None, probe: 
 def _data_stats(train_records, eval_records, train_set: EncodedSet, eval_set: EncodedSet, sources) -> dict:
     """Row and token counts; the cuts by reason and the per-source mix appear when there are any."""
     stats = {
-        "train_records": len(train_records), "train_examples": len(train_set.examples),
-        "train_tokens": train_set.n_tokens, "train_truncated": train_set.n_truncated,
-        "train_dropped": train_set.n_dropped, "eval_records": len(eval_records),
-        "eval_examples": len(eval_set.examples), "eval_truncated": eval_set.n_truncated,
+        "train_records": len(train_records),
+        "train_examples": len(train_set.examples),
+        "train_tokens": train_set.n_tokens,
+        "train_truncated": train_set.n_truncated,
+        "train_dropped": train_set.n_dropped,
+        "eval_records": len(eval_records),
+        "eval_examples": len(eval_set.examples),
+        "eval_truncated": eval_set.n_truncated,
         "eval_dropped": eval_set.n_dropped,
-    }  # fmt: skip
+    }
     for name, encoded in (("train", train_set), ("eval", eval_set)):
         if encoded.reasons:
             stats[f"{name}_cuts"] = dict(encoded.reasons)
@@ -396,7 +430,7 @@ def _data_stats(train_records, eval_records, train_set: EncodedSet, eval_set: En
 
 
 def _describe(metrics: dict[str, float]) -> str:
-    """"2.7132 (perplexity 15.08)", plus the reward accuracy when the stage logs one."""
+    """ "2.7132 (perplexity 15.08)", plus the reward accuracy when the stage logs one."""
     text = f"{metrics['eval_loss']:.4f}"
     if "eval_perplexity" in metrics:
         text += f" (perplexity {metrics['eval_perplexity']:.2f})"

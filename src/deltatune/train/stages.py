@@ -84,9 +84,13 @@ def _sft_trainer(config, model, tokenizer, args, train: list[Example], evaluatio
         use_segment_attention(model.base_model)
     collate = collate_padding_free if padding_free else collate_causal
     return SFTTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
         data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
-    )  # fmt: skip
+    )
 
 
 def sft_padding_free(config: TrainConfig) -> bool:
@@ -104,9 +108,14 @@ def _encode_dpo(tokenizer, records, config) -> EncodedSet:
 
 def _dpo_trainer(config, model, tokenizer, args, train, evaluation) -> Trainer:
     return DPOTrainer(
-        model, args, beta=config.beta, loss_type=config.loss_type,
-        train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
-    )  # fmt: skip
+        model,
+        args,
+        beta=config.beta,
+        loss_type=config.loss_type,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+    )
 
 
 def _encode_kto(tokenizer, records, config) -> EncodedSet:
@@ -116,10 +125,16 @@ def _encode_kto(tokenizer, records, config) -> EncodedSet:
 
 def _kto_trainer(config, model, tokenizer, args, train, evaluation) -> Trainer:
     return KTOTrainer(
-        model, args, beta=config.beta, desirable_weight=config.desirable_weight,
-        undesirable_weight=config.undesirable_weight, max_length=config.max_length,
-        train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
-    )  # fmt: skip
+        model,
+        args,
+        beta=config.beta,
+        desirable_weight=config.desirable_weight,
+        undesirable_weight=config.undesirable_weight,
+        max_length=config.max_length,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+    )
 
 
 STAGES: dict[str, Stage] = {

@@ -25,4 +25,6 @@ class ThreadWatch(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if (choice := self.watcher.check()) is not None:
             torch.set_num_threads(choice.threads)
-            self.log(f"threads: {choice.notice or f'back to all {choice.threads} CPU threads: the machine is quiet again'}")
+            self.log(
+                f"threads: {choice.notice or f'back to all {choice.threads} CPU threads: the machine is quiet again'}"
+            )

@@ -56,7 +56,9 @@ class Tuner:
             for pname, param in layer.adapter_parameters(adapter_name)
         }
 
-    def trained_base_parameters(self, model: nn.Module, config: DeltaConfig, adapter_name: str) -> dict[str, nn.Parameter]:
+    def trained_base_parameters(
+        self, model: nn.Module, config: DeltaConfig, adapter_name: str
+    ) -> dict[str, nn.Parameter]:
         """Base-model parameters the adapter trains and saves too (LoRA's ``bias``); none by default."""
         return {}
 
@@ -64,7 +66,9 @@ class Tuner:
         """Base-model parameters a peft file may carry and that are loaded when present; none by default."""
         return {}
 
-    def file_targets(self, model: nn.Module, adapter_name: str, state: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    def file_targets(
+        self, model: nn.Module, adapter_name: str, state: dict[str, nn.Parameter]
+    ) -> dict[str, nn.Parameter]:
         """File key -> the parameter that file tensor loads into, for an adapter's ``state`` (name -> parameter).
 
         A method whose file holds something other than its parameters (the prompt methods) first
@@ -72,7 +76,9 @@ class Tuner:
         """
         return {key: state[name] for key, name in file_key_map(state, adapter_name).items()}
 
-    def file_tensors(self, model: nn.Module, adapter_name: str, state: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    def file_tensors(
+        self, model: nn.Module, adapter_name: str, state: dict[str, nn.Parameter]
+    ) -> dict[str, torch.Tensor]:
         """File key -> tensor that ``save_pretrained`` writes; by default the parameters themselves."""
         return self.file_targets(model, adapter_name, state)
 

@@ -81,11 +81,15 @@ class ModulesToSaveTuner(Tuner):
         for entry in wanted:
             if entry not in optional and not any(_selects(entry, name) for name in names):
                 raise TargetError(f"modules_to_save entry {entry!r} matches no module of this model; check the name")
-        tied = [name for name in names if shares_weight(model, name)] if getattr(config, "ensure_weight_tying", False) else []
+        tied = (
+            [name for name in names if shares_weight(model, name)]
+            if getattr(config, "ensure_weight_tying", False)
+            else []
+        )
         if tied:
             raise ConfigError(
-                f"ensure_weight_tying=True with the tied {tied[0]} in modules_to_save is not supported (peft trains one "
-                f"copy for both tied modules); drop ensure_weight_tying to train {tied[0]}'s copy on its own"
+                f"ensure_weight_tying=True with the tied {tied[0]} in modules_to_save is not supported (peft trains "
+                f"one copy for both tied modules); drop ensure_weight_tying to train {tied[0]}'s copy on its own"
             )
         for name in names:
             module = model.get_submodule(name)

@@ -172,8 +172,10 @@ class TrainableTokensLayer(nn.Module):
         return result.index_copy_(-1, index, columns.to(result.dtype))
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{name}: {len(self.rows(name)[0])} tokens" + (" (tied)" if name in self.tied else "")
-                         for name in self.adapter_names)  # fmt: skip
+        return ", ".join(
+            f"{name}: {len(self.rows(name)[0])} tokens" + (" (tied)" if name in self.tied else "")
+            for name in self.adapter_names
+        )
 
 
 class TrainableTokensTuner(Tuner):
@@ -205,7 +207,6 @@ class TrainableTokensTuner(Tuner):
             layer.merge(adapter_names)
 
 
-
 def _check_disjoint(names: list[str], rows) -> None:
     seen: set[int] = set()
     for name in names:
@@ -225,8 +226,10 @@ def _targets(model: nn.Module, wanted: list[int] | dict[str, list[int]]) -> dict
         for entry, token_ids in wanted.items():
             matches = [name for name, _ in walk_modules(model) if name == entry or name.endswith("." + entry)]
             if not matches:
-                raise TargetError(f"trainable_token_indices names {entry!r}, which matches no module of this model; "
-                                  f"give the embedding's name (e.g. 'embed_tokens')")  # fmt: skip
+                raise TargetError(
+                    f"trainable_token_indices names {entry!r}, which matches no module of this model; "
+                    f"give the embedding's name (e.g. 'embed_tokens')"
+                )
             named.update(dict.fromkeys(matches, token_ids))
     else:
         embedding = _input_embedding_name(model)
@@ -265,13 +268,11 @@ def _ties(model: nn.Module, config, targets: dict[str, list[int]]) -> dict[str, 
     if name not in targets:
         return {}
     weight = _base(model.get_submodule(name)).weight
-    heads = [
-        head for head, module in walk_modules(model)
-        if head != name and getattr(module, "weight", None) is weight
-    ]  # fmt: skip
+    heads = [head for head, module in walk_modules(model) if head != name and getattr(module, "weight", None) is weight]
     if config.ensure_weight_tying and not heads:
-        warnings.warn(f"ensure_weight_tying=True but nothing in this model shares {name}'s weight; nothing to tie",
-                      stacklevel=4)  # fmt: skip
+        warnings.warn(
+            f"ensure_weight_tying=True but nothing in this model shares {name}'s weight; nothing to tie", stacklevel=4
+        )
     ties = {}
     for head in heads:
         if head in targets and targets[head] != targets[name]:

@@ -53,8 +53,22 @@ _OUT_FC = Sites("attn.out_proj", "mlp.fc_out")
 # config.model_type -> sites. Add an entry here for an architecture deltatune does not know yet.
 PLACEMENTS: dict[str, Sites] = {
     **dict.fromkeys(
-        ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "phi3",
-         "stablelm", "cohere", "granite", "smollm3"),
+        (
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "olmo",
+            "olmo2",
+            "phi3",
+            "stablelm",
+            "cohere",
+            "granite",
+            "smollm3",
+        ),
         _O_DOWN,
     ),
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), _BERT),
@@ -68,7 +82,7 @@ PLACEMENTS: dict[str, Sites] = {
     "opt": Sites("self_attn.out_proj", "fc2"),
     "starcoder2": Sites("self_attn.o_proj", "mlp.c_proj"),
     "distilbert": Sites("attention.out_lin", "ffn.lin2"),
-}  # fmt: skip
+}
 
 
 def site_suffixes(sites: Sites, placement: str) -> tuple[str, ...]:

@@ -73,7 +73,12 @@ class LoraConfig(DeltaConfig):
     """
 
     peft_type: ClassVar[str] = "LORA"
-    train_defaults: ClassVar[dict[str, Any]] = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
+    train_defaults: ClassVar[dict[str, Any]] = {
+        "r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.05,
+        "target_modules": "all-linear",
+    }
 
     r: int = 8
     lora_alpha: float = 8
@@ -147,7 +152,9 @@ class LoraConfig(DeltaConfig):
         self.target_parameters = _parameter_names(self.target_parameters)
         self.layers_to_transform = layer_indices(self.layers_to_transform)
         if self.layers_to_transform is not None and isinstance(self.target_modules, str):
-            raise ConfigError("layers_to_transform cannot be used with a regex target_modules; put the layers in the regex")
+            raise ConfigError(
+                "layers_to_transform cannot be used with a regex target_modules; put the layers in the regex"
+            )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern is only used with layers_to_transform; set both or neither")
         self.rank_pattern = pattern_dict("rank_pattern", self.rank_pattern)
@@ -176,12 +183,29 @@ class LoraConfig(DeltaConfig):
 
 _OPTIONAL_LORA_KEYS = frozenset(
     {
-        "use_dora", "lora_bias", "trainable_token_indices", "target_parameters", "ensure_weight_tying",
-        "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_config", "megatron_core",
-        "velora_config", "monteclora_config", "kasa_config", "use_bdlora", "arrow_config",
-        "alora_invocation_tokens", "use_qalora", "qalora_group_size", "layer_replication", "runtime_config",
+        "use_dora",
+        "lora_bias",
+        "trainable_token_indices",
+        "target_parameters",
+        "ensure_weight_tying",
+        "loftq_config",
+        "eva_config",
+        "corda_config",
+        "lora_ga_config",
+        "megatron_config",
+        "megatron_core",
+        "velora_config",
+        "monteclora_config",
+        "kasa_config",
+        "use_bdlora",
+        "arrow_config",
+        "alora_invocation_tokens",
+        "use_qalora",
+        "qalora_group_size",
+        "layer_replication",
+        "runtime_config",
     }
-)  # fmt: skip
+)
 
 
 # init_lora_weights strings deltatune implements (``pissa_niter_<n>`` is spelled out by ``_lora_init``).
@@ -197,7 +221,9 @@ def _lora_init(value: Any) -> bool | str:
         if spelled in LORA_INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]*", spelled):
             return spelled
         if spelled in LORA_INIT_REFUSALS:
-            raise ConfigError(f"init_lora_weights={value!r} is not supported by deltatune: {LORA_INIT_REFUSALS[spelled]}")
+            raise ConfigError(
+                f"init_lora_weights={value!r} is not supported by deltatune: {LORA_INIT_REFUSALS[spelled]}"
+            )
     raise ConfigError(
         f"init_lora_weights={value!r} is not supported; use True, False, "
         f"{', '.join(repr(i) for i in LORA_INITS)} or 'pissa_niter_<n>'"
@@ -211,8 +237,10 @@ def _token_indices(value: Any) -> list[int] | dict[str, list[int]] | None:
     """
 
     def ids(item: Any) -> bool:
-        return isinstance(item, (list, tuple)) and bool(item) and all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in item
+        return (
+            isinstance(item, (list, tuple))
+            and bool(item)
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in item)
         )
 
     def unique(item: Any) -> list[int]:
@@ -237,7 +265,9 @@ def _parameter_names(value: Any) -> list[str] | None:
         return None
     if isinstance(value, (list, tuple, set)) and value and all(isinstance(item, str) and item for item in value):
         return sorted(set(value))
-    raise ConfigError(f"target_parameters={value!r} must be a non-empty list of parameter names (e.g. 'experts.gate_up_proj')")
+    raise ConfigError(
+        f"target_parameters={value!r} must be a non-empty list of parameter names (e.g. 'experts.gate_up_proj')"
+    )
 
 
 # peft LoraConfig fields deltatune refuses when they are set, each with the reason (README's options table

@@ -45,9 +45,17 @@ class LoraConvNd(LoraBias, LoraLayer):
     def _create(self, name, rank, device, dtype):
         base = self.base_layer
         self.lora_A[name] = self.conv_class(
-            base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
-            bias=False, padding_mode=base.padding_mode, device=device, dtype=dtype,
-        )  # fmt: skip
+            base.in_channels,
+            rank,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            bias=False,
+            padding_mode=base.padding_mode,
+            device=device,
+            dtype=dtype,
+        )
         self.lora_B[name] = self.conv_class(
             rank, base.out_channels, 1, groups=base.groups, bias=False, device=device, dtype=dtype
         )

@@ -66,7 +66,6 @@ class DoraVariant:
         """m / ||W + s·BA|| per unit [units], in fp32: the factor DoRA puts on the adapted weight's rows."""
         return self.lora_magnitude_vector[name].reshape(-1).float() / self.weight_norm(name, weight)
 
-
     def _channels(self, per_unit: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """A per-unit vector shaped to broadcast over ``like`` (an output), in its dtype: units on the last dim."""
         return per_unit.to(like.dtype)

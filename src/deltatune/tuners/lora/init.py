@@ -113,7 +113,8 @@ def olora(weight: torch.Tensor, rank: int, scaling: float) -> InitialFactors:
 def orthogonal(
     in_features: int, out_features: int, rank: int, dtype: torch.dtype, device: torch.device | None = None
 ) -> InitialFactors:
-    """Orthogonal init: nonzero A and B with B A = 0; draws on the CPU generator in peft's order, rounds to ``dtype``."""
+    """Orthogonal init: nonzero A and B with B A = 0; draws on the CPU generator in peft's order, rounds to
+    ``dtype``."""
     q, _ = torch.linalg.qr(torch.randn(rank, rank))
     q_odd, q_even = q[0::2], q[1::2]  # [r/2, r] each, rows mutually orthogonal
     a = (torch.randn(in_features, rank // 2) @ q_odd).T / 10.0
@@ -125,7 +126,9 @@ def _placed(factor: torch.Tensor, dtype: torch.dtype, device: torch.device | Non
     return factor.contiguous().to(dtype=dtype, device=device)
 
 
-def _with_residual(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, dtype: torch.dtype) -> InitialFactors:
+def _with_residual(
+    w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, dtype: torch.dtype
+) -> InitialFactors:
     """The factors rounded to ``dtype`` as peft stores them, and W0 − s · B A (peft's association: (s · B) @ A)
     from the unrounded fp32 factors, in ``dtype``."""
     return InitialFactors(a.to(dtype), b.to(dtype), (w - scaling * b @ a).to(dtype))

@@ -12,7 +12,8 @@ per square d x d projection instead of d². Merging adds s · B A into W0, so in
 nothing extra; unmerging subtracts it again.
 
 One wrapper class per base layer type (``nn.Linear`` and GPT-2 ``Conv1D`` here; ``nn.Embedding`` in
-``lora_embedding.py``, convolutions in ``lora_conv.py``); each holds any number of named adapters over ONE shared base layer. Parameter
+``embedding.py``, convolutions in ``conv.py``); each holds any number of named adapters over ONE shared base
+layer; DoRA, the one variant, is ``dora.py``. Parameter
 names follow peft (``lora_A.<adapter>.weight``, ``lora_embedding_A.<adapter>``) so that the key
 mapping to peft's files is a pure rename.
 
@@ -328,7 +329,9 @@ class LoraLinear(LoraBias, LoraLayer):
         if not self.fusable(x, names):
             if self.fused and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
                 has_b_bias = any(self.lora_B[name].bias is not None for name in names)
-                log_fallback(f"LoRA on {type(self.base_layer).__name__}", linear_fallback_reason(self.base_layer, x, has_b_bias))
+                log_fallback(
+                    f"LoRA on {type(self.base_layer).__name__}", linear_fallback_reason(self.base_layer, x, has_b_bias)
+                )
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
         fused = fused_dora_linear if any(name in self.lora_magnitude_vector for name in names) else fused_lora_linear
@@ -338,12 +341,15 @@ class LoraLinear(LoraBias, LoraLayer):
         """The adapters ``names`` as the fused functions take them (dropout p only while training)."""
         return [
             LoraFactors(
-                self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], self._dropout_p(name),
+                self.lora_A[name].weight,
+                self.lora_B[name].weight,
+                self.scaling[name],
+                self._dropout_p(name),
                 self.lora_magnitude_vector[name] if name in self.lora_magnitude_vector else None,
                 self.weight_norm(name) if name in self.lora_magnitude_vector else None,
             )
             for name in names
-        ]  # fmt: skip
+        ]
 
     def rows(self, weight: torch.Tensor) -> torch.Tensor:
         """[out, in]: ``nn.Linear``'s own layout, the transpose of ``Conv1D``'s."""
@@ -385,5 +391,3 @@ def is_frozen_plain_linear(module: nn.Module, x: torch.Tensor) -> bool:
         and not module.weight.requires_grad
         and (x.dtype == module.weight.dtype or autocast_dtype(x.device.type) is not None)
     )
-
-

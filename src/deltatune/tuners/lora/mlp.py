@@ -81,8 +81,11 @@ def sync_fused_mlps(model: nn.Module) -> None:
         adapted = bool(_lora_layers(module))
         wanted = adapted and is_gated_mlp(module)
         if adapted and not wanted and len(_lora_layers(module)) == len(PROJECTIONS):
-            log_fallback(f"the MLP {type(module).__name__}", "its forward or activation is not one the fused "
-                         "gated-MLP kernel recognises (deltatune.compat.transformers); its projections fuse one by one")
+            log_fallback(
+                f"the MLP {type(module).__name__}",
+                "its forward or activation is not one the fused "
+                "gated-MLP kernel recognises (deltatune.compat.transformers); its projections fuse one by one",
+            )
         if wanted and not installed:
             module.__class__ = fused_class(type(module))
         elif installed and not wanted:
@@ -132,7 +135,9 @@ def _fused_call(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     lora_layers = [layer for layer in layers if isinstance(layer, LoraLinear)]
     # one dtype (quantised weights: the compute dtype each layer's ``fusable`` checks) and x's device
-    same_setup = len({w.dtype for w in weights if not is_quantized(w)}) <= 1 and {w.device for w in weights} == {x.device}
+    same_setup = len({w.dtype for w in weights if not is_quantized(w)}) <= 1 and {w.device for w in weights} == {
+        x.device
+    }
     if not same_setup or len({(layer.adapter_dtype, layer.compile_mlp) for layer in lora_layers}) != 1:
         return None
     projections, any_adapter = [], False
@@ -151,9 +156,12 @@ def _fused_call(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if not any_adapter:
         return None
     return fused_lora_mlp(
-        x, *projections, activation=activation, adapter_dtype=lora_layers[0].adapter_dtype,
+        x,
+        *projections,
+        activation=activation,
+        adapter_dtype=lora_layers[0].adapter_dtype,
         compile_elementwise=lora_layers[0].compile_mlp,
-    )  # fmt: skip
+    )
 
 
 def _lora_layers(mlp: nn.Module) -> list[LoraLinear]:

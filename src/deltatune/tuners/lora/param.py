@@ -18,7 +18,8 @@ parameters of one module are wrapped one inside the other in the order the modul
 (so the inner one's file keys read ``<module>.base_layer.lora_A.weight``); every adapter of a model
 that targets parameters targets the same ones; ``target_modules=None`` then means no module (saved as
 ``[]``; peft reads ``[]`` and null alike); the update applies when the owner module is called, so code
-that reads the parameter from outside the owner sees W0. Refused as peft refuses them: ``lora_dropout`` (the layer never sees the input
+that reads the parameter from outside the owner sees W0. Refused as peft refuses them: ``lora_dropout`` (the
+layer never sees the input
 that dropout would act on), DoRA, ``lora_bias``, ``fan_in_fan_out``, initialisations from the base
 weight (PiSSA, OLoRA, orthogonal).
 """
@@ -148,7 +149,7 @@ def parameter_targets(model: nn.Module, config: LoraConfig, modules: list[str]) 
     if not entries:
         return []
     _check_options(config)
-    for name, param in model.named_parameters(recurse=False):
+    for name, _ in model.named_parameters(recurse=False):
         if name_matches(name, entries):
             raise ConfigError(
                 f"target_parameters selects {name!r}, a parameter of the top-level {type(model).__name__}, which "
@@ -223,7 +224,9 @@ def _check_options(config: LoraConfig) -> None:
         )
 
 
-def _check_parameter(key: str, param: nn.Parameter, module_name: str, slot_module: nn.Module, modules: list[str]) -> None:
+def _check_parameter(
+    key: str, param: nn.Parameter, module_name: str, slot_module: nn.Module, modules: list[str]
+) -> None:
     wrapped = getattr(slot_module, "is_delta_layer", False) and not isinstance(slot_module, LoraParameter)
     if module_name in modules or wrapped:
         raise ConfigError(

@@ -130,10 +130,14 @@ def requantize(layer: nn.Module, like: nn.Parameter, values: torch.Tensor) -> nn
     if type(like).__name__ == "Params4bit":
         _, scales = canonical(like)  # its dtype as quantised (a weight repacked for the CPU kernel says bf16)
         weight = bnb.nn.Params4bit(
-            values.to("cpu", scales.dtype), requires_grad=False, blocksize=like.blocksize,
-            compress_statistics=like.compress_statistics, quant_type=like.quant_type,
-            quant_storage=like.quant_storage, module=layer,
-        )  # fmt: skip
+            values.to("cpu", scales.dtype),
+            requires_grad=False,
+            blocksize=like.blocksize,
+            compress_statistics=like.compress_statistics,
+            quant_type=like.quant_type,
+            quant_storage=like.quant_storage,
+            module=layer,
+        )
         return weight.to(like.device)
     weight = bnb.nn.Int8Params(values.to("cpu"), requires_grad=False, has_fp16_weights=False).to(like.device)
     layer.state.reset_grads()  # bitsandbytes takes the new codes and scales from the weight on its next forward

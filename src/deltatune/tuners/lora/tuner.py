@@ -62,8 +62,13 @@ class LoraTuner(Tuner):
             rank = pattern_value(name, config.rank_pattern, config.r)
             _check_target(name, _base(module), rank, config)
             plan.append((name, module, rank, pattern_value(name, config.alpha_pattern, config.lora_alpha)))
-        tied = [name for name in targets if isinstance(_base(model.get_submodule(name)), nn.Embedding)
-                and config.ensure_weight_tying and shares_weight(model, name)]  # fmt: skip
+        tied = [
+            name
+            for name in targets
+            if isinstance(_base(model.get_submodule(name)), nn.Embedding)
+            and config.ensure_weight_tying
+            and shares_weight(model, name)
+        ]
         if tied:
             raise ConfigError(
                 f"ensure_weight_tying=True with LoRA on the tied embedding {tied[0]} is not supported (peft would tie "
@@ -84,7 +89,9 @@ class LoraTuner(Tuner):
         super().unload(model)
         sync_fused_mlps(model)
 
-    def trained_base_parameters(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> dict[str, nn.Parameter]:
+    def trained_base_parameters(
+        self, model: nn.Module, config: LoraConfig, adapter_name: str
+    ) -> dict[str, nn.Parameter]:
         """``bias="all"``: every bias of the model; ``"lora_only"``: biases of the adapted layers."""
         if config.bias == "all":
             return {
@@ -123,7 +130,6 @@ class LoraTuner(Tuner):
                         )
         for _, layer in layers:
             layer.merge(adapter_names)
-
 
 
 def _check_target(name: str, base: nn.Module, rank: int, config: LoraConfig) -> None:

@@ -1,4 +1,5 @@
-"""The prompt methods' configurations: prompt tuning, P-tuning (prompt encoder) and prefix tuning, with peft's fields."""
+"""The prompt methods' configurations: prompt tuning, P-tuning (prompt encoder) and prefix tuning, with peft's
+fields."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ _PROMPT_INIT_KEYS = frozenset(
 
 # Prefix and P-tuning start from the frozen model reading this text (not peft's random start, which left the
 # embedded model worse than untrained: docs/methods.md#starting-the-prompt-methods-at-the-base-model).
-PROMPT_INIT_TEXT = "Answer the user's question helpfully, briefly and correctly, in one or two clear, friendly sentences."
+PROMPT_INIT_TEXT = (
+    "Answer the user's question helpfully, briefly and correctly, in one or two clear, friendly sentences."
+)
 TEXT_START = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": PROMPT_INIT_TEXT}
 
 
@@ -131,7 +134,8 @@ class PromptTuningConfig(PromptLearningConfig):
 
 @dataclass
 class PromptEncoderConfig(PromptLearningConfig):
-    """P-tuning (Liu et al., 2021, arXiv:2103.10385): inputs_embeds = [f(E); E(x)], E [n, d] and the encoder f trainable.
+    """P-tuning (Liu et al., 2021, arXiv:2103.10385): inputs_embeds = [f(E); E(x)], E [n, d] and the encoder f
+    trainable.
 
     f is an MLP d -> h -> ... -> h -> d (ReLU) or a bidirectional LSTM (d -> 2h) followed by an MLP
     2h -> 2h -> d. Like peft, only the prompt f(E) [n, d] is saved: an adapter loaded from a file

@@ -299,12 +299,16 @@ class PromptLearningTuner(Tuner):
         getattr(model, ATTRIBUTE).detach(model)
         delattr(model, ATTRIBUTE)
 
-    def file_tensors(self, model: nn.Module, adapter_name: str, state: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    def file_tensors(
+        self, model: nn.Module, adapter_name: str, state: dict[str, nn.Parameter]
+    ) -> dict[str, torch.Tensor]:
         """``prompt_embeddings`` = the adapter's prompt P (a head's output, never the head), plus the
         other saved modules (e.g. a classifier head) under peft's prompt-learning keys."""
         return {PROMPT_KEY: getattr(model, ATTRIBUTE)[adapter_name].value(), **_other_tensors(state, adapter_name)}
 
-    def file_targets(self, model: nn.Module, adapter_name: str, state: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    def file_targets(
+        self, model: nn.Module, adapter_name: str, state: dict[str, nn.Parameter]
+    ) -> dict[str, nn.Parameter]:
         """Drops the adapter's head (a file holds P only), then maps ``prompt_embeddings`` to P's parameter."""
         encoder = getattr(model, ATTRIBUTE)[adapter_name]
         encoder.drop_head()

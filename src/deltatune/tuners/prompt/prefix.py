@@ -108,9 +108,11 @@ class PrefixLayer(PromptLayer):
         """Turn off, for this call, the checkpointing switches outside the layers (GPT-2 drops the cache there)."""
         self._resume()
         self._paused = [
-            module for module in model.modules()
-            if getattr(module, "gradient_checkpointing", False) is True and not isinstance(module, GradientCheckpointingLayer)
-        ]  # fmt: skip
+            module
+            for module in model.modules()
+            if getattr(module, "gradient_checkpointing", False) is True
+            and not isinstance(module, GradientCheckpointingLayer)
+        ]
         for module in self._paused:
             module.gradient_checkpointing = False
 
@@ -131,7 +133,8 @@ class PrefixTuner(PromptLearningTuner):
     layer_class = PrefixLayer
 
     def describe_model(self, config: PrefixTuningConfig, model: nn.Module) -> None:
-        """peft's fields with its grouped-query rule: token_dim = kv_heads * head_dim, num_attention_heads = kv_heads."""
+        """peft's fields with its grouped-query rule: token_dim = kv_heads * head_dim, num_attention_heads =
+        kv_heads."""
         shape = attention_shape(model)
         config.token_dim = config.token_dim or shape.kv_heads * shape.head_dim
         config.num_attention_heads = config.num_attention_heads or shape.kv_heads
@@ -162,7 +165,9 @@ class PrefixTuner(PromptLearningTuner):
         return PromptEncoder(embedding)
 
 
-def prefix_pairs(prompt: torch.Tensor, config: PrefixTuningConfig, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def prefix_pairs(
+    prompt: torch.Tensor, config: PrefixTuningConfig, batch: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(keys, values) per layer, each [batch, kv_heads, n, head_dim], from P [n, L * 2 * kv_dim]."""
     heads = config.num_attention_heads
     grid = prompt.view(prompt.shape[0], config.num_layers, 2, heads, config.token_dim // heads)
@@ -201,7 +206,9 @@ def _returns_cache(model: nn.Module, kwargs: dict[str, Any]) -> bool:
     use_cache = kwargs.get("use_cache")
     if use_cache is None:
         use_cache = getattr(model.config, "use_cache", False)
-    checkpointing = model.training and torch.is_grad_enabled() and any(
-        getattr(module, "gradient_checkpointing", False) for module in model.modules()
+    checkpointing = (
+        model.training
+        and torch.is_grad_enabled()
+        and any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
     )
     return bool(use_cache) and not checkpointing

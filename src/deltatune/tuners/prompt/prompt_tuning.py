@@ -82,7 +82,9 @@ class VirtualTokenLayer(PromptLayer):
             if isinstance(value, torch.Tensor) and value.ndim >= 3 and value.shape[1] == length:
                 output[key] = value[:, count:]
         if output.get("hidden_states") is not None:
-            output["hidden_states"] = tuple(h[:, count:] if h.shape[1] == length else h for h in output["hidden_states"])
+            output["hidden_states"] = tuple(
+                h[:, count:] if h.shape[1] == length else h for h in output["hidden_states"]
+            )
         return output
 
 
