@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of the fused LoRA path, prepared to run as ONE call on a lent GPU machine:
+# The GPU check of the fused LoRA path, prepared to run as ONE call on a GPU machine:
 # the kernels' formula tests on CUDA, then the GPU benchmark (1.1B and 8B shapes, bf16).
 #
 #   bash scripts/gpu_check.sh "$OUT"      # writes tests.log, bench.log, benchmarks-gpu.json there

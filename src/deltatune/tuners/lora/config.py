@@ -270,7 +270,7 @@ def _parameter_names(value: Any) -> list[str] | None:
     )
 
 
-# peft LoraConfig fields deltatune refuses when they are set, each with the reason (README's options table
+# peft LoraConfig fields deltatune refuses when they are set, each with the reason (docs/lora-options.md's table
 # is generated from this and ``LORA_INIT_REFUSALS``). A field at its neutral value (None, False, {}) is fine.
 LORA_REFUSALS: dict[str, str] = {
     "megatron_config": "Megatron-LM tensor-parallel layers are not supported; train with peft on Megatron, or "
