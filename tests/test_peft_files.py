@@ -150,7 +150,7 @@ def test_conv1d_config_records_fan_in_fan_out_like_peft(tmp_path):
 
 
 def vllm_problems(directory: Path) -> list[str]:
-    """Why vLLM would refuse this LoRA directory (vLLM's rules for a LoRA directory); empty when it loads it."""
+    """Why vLLM would refuse this LoRA directory; empty when it loads it."""
     config = json.loads((directory / "adapter_config.json").read_text())
     problems = [f"no {key}" for key in ("r", "lora_alpha", "target_modules") if config.get(key) in (None, "", [])]
     if config.get("modules_to_save"):
