@@ -211,3 +211,18 @@ def test_an_unrecognised_gated_mlp_says_so(caplog):
     with caplog.at_level("INFO", logger="deltatune.tuners.lora"):
         get_delta_model(torch.nn.Sequential(OddMlp()), LoraConfig(r=2, target_modules="all-linear"))
     assert any("the MLP OddMlp" in r.getMessage() for r in caplog.records)
+
+
+def test_the_command_line_shows_a_fallback_line_once(capsys):
+    from deltatune.cli.main import _show_library_log
+    from deltatune.tuners.lora import fallback
+
+    _show_library_log()
+    _show_library_log()  # one handler, however often commands run in one process
+    fallback._said.clear()
+    fallback.log_fallback("LoRA on Linear4bit", "its input is torch.float32 and its weight computes in torch.bfloat16")
+    err = capsys.readouterr().err
+    assert err == (
+        "deltatune: LoRA on Linear4bit trains on the plain (unfused) path: its input is torch.float32 and its "
+        "weight computes in torch.bfloat16\n"
+    )

@@ -10,6 +10,7 @@ spins briefly and watches the machine, every other command sleeps.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import sys
@@ -70,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    _show_library_log()
     try:
         return COMMANDS[args.command].run(args) or 0
     except (DeltaTuneError, FileNotFoundError, PermissionError) as exc:
@@ -81,6 +83,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         advice = _resume_advice(args) if args.command == "train" else ""
         print(f"deltatune {args.command}: interrupted{advice}", file=sys.stderr)
         return 130
+
+
+def _show_library_log() -> None:
+    """deltatune's own log lines (a layer training off the fused path, and why) on stderr, once per process."""
+    logger = logging.getLogger("deltatune")
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("deltatune: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is logged (a test's capture, a redirected stream)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 def _resume_advice(args: argparse.Namespace) -> str:
