@@ -2,9 +2,9 @@
 
 | format                | columns (+ optional)                                     | record         |
 |-----------------------|----------------------------------------------------------|----------------|
-| ``sharegpt_preference`` | ``conversations``, ``chosen``, ``rejected`` (+ system, tools) | PreferencePair |
-| ``alpaca_preference`` | ``instruction``, ``chosen``, ``rejected`` (+ input, system, history) | PreferencePair |
-| ``preference``        | ``chosen``, ``rejected`` (+ prompt, tools)               | PreferencePair |
+| ``sharegpt_preference`` | ``conversations``, ``chosen``, ``rejected`` (+ system, tools, margin) | PreferencePair |
+| ``alpaca_preference`` | ``instruction``, ``chosen``, ``rejected`` (+ input, system, history, margin) | PreferencePair
+| ``preference``        | ``chosen``, ``rejected`` (+ prompt, tools, margin)       | PreferencePair |
 | ``sharegpt_kto``      | ``conversations``, ``label`` or ``kto_tag`` (+ system, tools) | KTOExample |
 | ``messages_kto``      | ``messages``, ``label`` or ``kto_tag`` (+ tools)         | KTOExample     |
 | ``kto``               | ``prompt``, ``completion``, ``label`` or ``kto_tag`` (+ tools) | KTOExample |
@@ -19,7 +19,8 @@ Detection takes the first format, in this order, whose required columns the firs
 column the format does not read is an error (naming it and the likely intended stage or format)
 unless ``ignore_columns`` lists it. ``prompt``/``completion``/``chosen``/``rejected`` are strings
 (a user prompt, an assistant answer) or TRL message lists; sharegpt's ``chosen``/``rejected`` are
-one message object or a list. A KTO conversation's completion is its final assistant message(s).
+one message object or a list. A KTO conversation's completion is its final assistant message(s). A
+preference row's optional ``margin`` (a number) is how much better chosen is, for a reward model.
 
 Tool use: TRL assistant messages carry ``tool_calls`` (``[{"type": "function", "function": {"name",
 "arguments"}}]``) and results come as ``tool`` messages; in sharegpt a ``function_call`` turn holds
@@ -31,6 +32,7 @@ Every problem is a ``DataError`` naming the source, the 1-based row and the prob
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
@@ -266,26 +268,42 @@ def _alpaca_preference(row: Row) -> PreferencePair:
 
 
 def _distinct(row: Row, pair: PreferencePair, tools: set[str] | None = None) -> PreferencePair:
+    """``pair`` checked (well-formed turns, two different completions), with the row's ``margin``."""
     for side in ("chosen", "rejected"):
         check_turns(row, side, pair.prompt + getattr(pair, side), tools)
     if pair.chosen == pair.rejected:
         raise row.fail("chosen and rejected are the same completion; a pair must prefer one answer over another")
-    return pair
+    margin = row.get("margin", required=False)
+    return pair if margin is None else dataclasses.replace(pair, margin=_number(row, "margin", margin))
+
+
+def _number(row: Row, column: str, value: object) -> float:
+    """``value`` as a finite float (a number, or its text as a CSV gives it)."""
+    try:
+        number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+    except ValueError:
+        number = None
+    if number is None or not math.isfinite(number):
+        raise row.fail(f"column {column!r} must be a finite number, got {value!r}")
+    return number
 
 
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
         Format(
-            "sharegpt_preference", ("conversations", "chosen", "rejected"), ("system", "tools"), _sharegpt_preference
+            "sharegpt_preference",
+            ("conversations", "chosen", "rejected"),
+            ("system", "tools", "margin"),
+            _sharegpt_preference,
         ),
         Format(
             "alpaca_preference",
             ("instruction", "chosen", "rejected"),
-            ("input", "system", "history"),
+            ("input", "system", "history", "margin"),
             _alpaca_preference,
         ),
-        Format("preference", ("chosen", "rejected"), ("prompt", "tools"), _preference),
+        Format("preference", ("chosen", "rejected"), ("prompt", "tools", "margin"), _preference),
         Format(
             "sharegpt_kto", ("conversations", "label|kto_tag"), ("system", "tools"), _kto_conversation("conversations")
         ),

@@ -90,9 +90,10 @@ class TextExample:
 
 @dataclass(frozen=True)
 class PreferencePair:
-    """A DPO example: one prompt, a preferred (``chosen``) and a dispreferred (``rejected``) completion.
+    """A preference pair: one prompt, a preferred (``chosen``) and a dispreferred (``rejected``) completion.
 
-    ``prompt`` ends with a user message; ``chosen`` and ``rejected`` are assistant message(s).
+    ``prompt`` ends with a user message; ``chosen`` and ``rejected`` are assistant message(s). ``margin``:
+    how much better chosen is (a reward model's optional margin column), None when the data has none.
     """
 
     prompt: Messages
@@ -100,6 +101,7 @@ class PreferencePair:
     rejected: Messages
     tools: str | None = None
     origin: Origin | None = _origin()
+    margin: float | None = None
 
 
 @dataclass(frozen=True)

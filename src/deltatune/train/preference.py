@@ -1,4 +1,5 @@
-"""DPO on transformers' ``Trainer``, with the reference model for free: the same weights, adapter off.
+"""Preference trainers' shared machinery, and DPO on transformers' ``Trainer``, with the reference model
+for free: the same weights, adapter off.
 
 DPO compares the policy's log-probabilities with a frozen reference model's. With an adapter the
 reference is the base model, which is already in memory: ``with model.disable_adapter():`` under
@@ -31,7 +32,8 @@ from deltatune.train.trainer import DeltaTrainer
 
 
 class PreferenceTrainer(DeltaTrainer):
-    """What DPO and KTO share: the disabled-adapter reference, dropout off, and reward metrics in the logs.
+    """What the preference stages share: the disabled-adapter reference (for the stages that have one,
+    ``uses_reference``), dropout off, and reward metrics in the logs.
 
     Subclasses implement ``compute_loss`` with ``self.logps`` and ``self.reference_logps`` and
     report metrics with ``self.record``; each logging step writes the mean of what was recorded
@@ -40,11 +42,12 @@ class PreferenceTrainer(DeltaTrainer):
     """
 
     loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides it by the accumulation steps
+    uses_reference = True  # False: a reference-free loss, which never disables the adapter
 
     def __init__(
         self, model: nn.Module, args: TrainingArguments | None = None, *, disable_dropout: bool = True, **kwargs: Any
     ) -> None:
-        if not callable(getattr(model, "disable_adapter", None)):
+        if self.uses_reference and not callable(getattr(model, "disable_adapter", None)):
             raise ConfigError(
                 f"{type(self).__name__} needs a DeltaModel (its disabled adapter is the reference model), "
                 f"got {type(model).__name__}; wrap the model with deltatune.get_delta_model(model, config)"
@@ -104,13 +107,38 @@ class PreferenceTrainer(DeltaTrainer):
         return loss.detach(), None, None
 
 
-class DPOTrainer(PreferenceTrainer):
+class PairTrainer(PreferenceTrainer):
+    """A preference trainer on chosen/rejected pairs. Without ``data_collator`` it uses ``PreferenceCollator``
+    (the chosen rows over the rejected rows), padding with ``pad_token_id`` (default: the tokenizer's pad,
+    else eos token)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: TrainingArguments | None = None,
+        *,
+        pad_token_id: int | None = None,
+        data_collator: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if data_collator is None:
+            data_collator = PreferenceCollator(resolve_pad_token_id(pad_token_id, kwargs.get("processing_class")))
+        super().__init__(model, args, data_collator=data_collator, **kwargs)
+
+    def record_rewards(self, chosen: torch.Tensor, rejected: torch.Tensor, **more: torch.Tensor) -> None:
+        """Record the per-pair rewards, ``rewards/accuracies`` (chosen > rejected) and ``more`` metrics."""
+        accuracies = (chosen > rejected).float()
+        self.record(
+            **{"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/accuracies": accuracies}, **more
+        )
+
+
+class DPOTrainer(PairTrainer):
     """Direct Preference Optimization (sigmoid / cDPO, or IPO) of a ``DeltaModel``.
 
     Logs ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (their difference) and
     ``rewards/accuracies`` (share of pairs whose chosen reward is the higher), where a reward is
-    β·(logπ − logπ_ref) of a completion. Without ``data_collator`` it uses ``PreferenceCollator``,
-    padding with ``pad_token_id`` (default: the tokenizer's pad, else eos token).
+    β·(logπ − logπ_ref) of a completion.
     """
 
     def __init__(
@@ -121,15 +149,11 @@ class DPOTrainer(PreferenceTrainer):
         beta: float = 0.1,
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
-        pad_token_id: int | None = None,
-        data_collator: Any = None,
         **kwargs: Any,
     ) -> None:
         check_dpo_settings(beta, label_smoothing, loss_type)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
-        if data_collator is None:
-            data_collator = PreferenceCollator(resolve_pad_token_id(pad_token_id, kwargs.get("processing_class")))
-        super().__init__(model, args, data_collator=data_collator, **kwargs)
+        super().__init__(model, args, **kwargs)
 
     def compute_loss(
         self,
@@ -152,14 +176,10 @@ class DPOTrainer(PreferenceTrainer):
             chosen_lengths=chosen_lengths,
             rejected_lengths=rejected_lengths,
         )
-        self.record(
-            **{
-                "rewards/chosen": result.chosen_rewards,
-                "rewards/rejected": result.rejected_rewards,
-                "rewards/accuracies": (result.chosen_rewards > result.rejected_rewards).float(),
-                "logps/chosen": policy_chosen,
-                "logps/rejected": policy_rejected,
-            }
+        self.record_rewards(
+            result.chosen_rewards,
+            result.rejected_rewards,
+            **{"logps/chosen": policy_chosen, "logps/rejected": policy_rejected},
         )
         return (result.loss, None) if return_outputs else result.loss
 

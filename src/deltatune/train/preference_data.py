@@ -1,4 +1,5 @@
-"""Preference records -> tokenised examples -> batches, for the DPO and KTO trainers.
+"""Preference records -> tokenised examples -> batches, for the pair trainers (DPO, ORPO, SimPO, reward
+model) and KTO.
 
 Tokenised examples (lists of ids; labels are -100 on the prompt, so only the completion scores)::
 
@@ -44,7 +45,8 @@ def encode_preference_pairs(
     max_length: int,
     max_prompt_length: int | None = None,
 ) -> EncodedSet:
-    """Tokenise DPO pairs with the chat template; a pair longer than ``max_length`` is cut by ``fit``."""
+    """Tokenise pairs with the chat template (with the pair's ``margin``, when it has one); a pair longer than
+    ``max_length`` is cut by ``fit``."""
     examples, reasons, n_truncated = [], Counter(), 0
     for pair in pairs:
         sides = {
@@ -54,7 +56,8 @@ def encode_preference_pairs(
         n_truncated += max(len(side["input_ids"]) for side in sides.values()) > max_length
         sides = fit(sides, max_length, max_prompt_length, reasons)
         if sides is not None:
-            examples.append({f"{name}_{key}": ids for name, side in sides.items() for key, ids in side.items()})
+            example = {f"{name}_{key}": ids for name, side in sides.items() for key, ids in side.items()}
+            examples.append(example if pair.margin is None else {**example, "margin": pair.margin})
     return EncodedSet(examples, n_truncated, sum(n for r, n in reasons.items() if r.startswith("dropped")), reasons)
 
 
@@ -112,17 +115,24 @@ def _first_label(example: Example) -> int:
 
 @dataclass
 class PreferenceCollator:
-    """Right-pads tokenised DPO examples into one batch: the chosen rows, then the rejected rows."""
+    """Right-pads tokenised pairs into one batch: the chosen rows, then the rejected rows; plus ``margin``
+    [pairs] when the examples carry one (a reward model's margin column)."""
 
     pad_token_id: int
 
-    def __call__(self, examples: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         rows = [
             {"input_ids": example[f"{side}_input_ids"], "labels": example[f"{side}_labels"]}
             for side in ("chosen", "rejected")
             for example in examples
         ]
-        return collate_causal(rows, self.pad_token_id)
+        batch = collate_causal(rows, self.pad_token_id)
+        margins = [example.get("margin") for example in examples]
+        if any(margin is not None for margin in margins):
+            if None in margins:
+                raise DataError("some pairs have a margin and some do not; give every row a margin, or none")
+            batch["margin"] = torch.tensor(margins, dtype=torch.float32)
+        return batch
 
 
 def split_completion(example: Mapping[str, Sequence[int]]) -> tuple[list[int], Example]:
