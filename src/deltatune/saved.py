@@ -7,18 +7,16 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from safetensors import safe_open
 
 from deltatune.config import DeltaConfig
 from deltatune.errors import ConfigError
+from deltatune.io import WEIGHTS_NAME
 from deltatune.model import DeltaModel
-from deltatune.runtime.loading import load_pretrained, load_tokenizer, model_folder
+from deltatune.runtime.loading import TASK_CLASSES, load_pretrained, load_tokenizer, model_folder
+from deltatune.tuners.targeting import CLASSIFIER_HEADS
 
-_TASK_CLASSES = {
-    None: AutoModelForCausalLM,
-    "CAUSAL_LM": AutoModelForCausalLM,
-    "SEQ_CLS": AutoModelForSequenceClassification,
-}
+_TASK_CLASSES = {None: TASK_CLASSES["CAUSAL_LM"], **TASK_CLASSES}
 
 
 def adapter_base(adapter: str | os.PathLike, model: str | None) -> tuple[DeltaConfig, Path]:
@@ -37,8 +35,24 @@ def load_adapted(
         raise ConfigError(
             f"{adapter}: task_type={config.task_type} adapters are not supported here; use CAUSAL_LM or SEQ_CLS"
         )
-    base = load_pretrained(_TASK_CLASSES[config.task_type], base_path, dtype, allow_pickle)
+    outputs = head_outputs(adapter) if config.task_type == "SEQ_CLS" else None
+    options = {} if outputs is None else {"num_labels": outputs}
+    base = load_pretrained(_TASK_CLASSES[config.task_type], base_path, dtype, allow_pickle, **options)
     return DeltaModel.from_pretrained(base, adapter, allow_pickle=allow_pickle).eval(), base_path
+
+
+def head_outputs(adapter: str | os.PathLike) -> int | None:
+    """How many outputs the classifier head saved with ``adapter`` has (1: a reward model), read from its
+    safetensors header; None when it saved no head."""
+    path = Path(adapter) / WEIGHTS_NAME
+    if not path.is_file():
+        return None
+    with safe_open(path, "pt") as weights:
+        for key in weights.keys():
+            parts = key.split(".")
+            if parts[-1] == "weight" and len(parts) > 1 and parts[-2] in CLASSIFIER_HEADS:
+                return weights.get_slice(key).get_shape()[0]
+    return None
 
 
 def tokenizer_for(adapter: str | os.PathLike | None, base_path: Path):

@@ -1,18 +1,23 @@
-"""``deltatune eval``: held-out loss and perplexity of the base model and of the base + adapter."""
+"""``deltatune eval``: held-out loss and perplexity of the base model and of the base + adapter; for a
+reward model's adapter (``stage=rm``), its pairwise accuracy on held-out preference pairs."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from deltatune.errors import ConfigError, DataError
 
-HELP = "held-out loss / perplexity of the base model vs base + adapter"
+HELP = "held-out loss / perplexity of the base model vs base + adapter (a reward model: pairwise accuracy)"
 EXAMPLES = """\
 examples:
   deltatune eval --adapter outputs/quickstart/adapter               # chatterbot's held-out split
   deltatune eval --adapter outputs/run1/adapter --data dev.jsonl --max-length 512
   deltatune eval --model ./my-model --data dev.jsonl                # a model without adapter
+  deltatune eval --adapter outputs/rm-synthetic/adapter --data pairs.jsonl   # a reward model: pairwise accuracy
 """
+REWARD_DATA = "chatterbot-preference-synthetic"  # a reward model's default data (for --data chatterbot)
 
 
 def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
@@ -21,7 +26,8 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
         help=HELP,
         description="Score held-out data: mean cross-entropy per labelled (answer) token and its perplexity, for the "
         "base model and, with --adapter, for base + adapter. The built-in chatterbot data is scored on the held-out "
-        "split `deltatune train` uses (same --eval-fraction and --seed); a data file is scored in full.",
+        "split `deltatune train` uses (same --eval-fraction and --seed); a data file is scored in full. A reward "
+        "model's adapter (stage=rm) is scored on preference pairs instead: the share it scores chosen above rejected.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -56,7 +62,10 @@ def run(args: argparse.Namespace) -> int:
         split_records,
     )
 
-    data = load_records(args.data, args.data_format)
+    reward_model = bool(args.adapter) and _task_type(args.adapter) == "SEQ_CLS"
+    data = load_records(REWARD_DATA if reward_model and args.data == "chatterbot" else args.data, args.data_format)
+    if reward_model:
+        return _pairwise(args, data, split_records, BUILTIN)
     if data.kind != "sft":
         raise DataError(
             f"{data.source} is {data.kind} data; eval scores conversations or text (e.g. --data chatterbot)"
@@ -92,4 +101,29 @@ def run(args: argparse.Namespace) -> int:
         base = score("base")
     adapted = score("adapter")
     print(f"change:   {adapted - base:+.4f} loss ({(adapted - base) / base:+.1%})")
+    return 0
+
+
+def _task_type(adapter: str) -> str | None:
+    """The adapter's task_type from its adapter_config.json (read as a file: no torch); None when unreadable."""
+    try:
+        return json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8")).get("task_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # loading the adapter names the problem
+
+
+def _pairwise(args: argparse.Namespace, data, split_records, builtin) -> int:
+    """A reward model's pairwise accuracy and mean score gap on held-out pairs."""
+    if data.kind != "preference":
+        raise DataError(
+            f"{data.source} is {data.kind} data; a reward model is scored on preference pairs (chosen/rejected), "
+            f"e.g. --data {REWARD_DATA}"
+        )
+    records = split_records(data.records, args.eval_fraction, args.seed)[1] if data.source in builtin else data.records
+    from deltatune.train.reward_model import load_reward_model, pairwise_accuracy
+
+    scorer, tokenizer = load_reward_model(args.adapter, args.model)
+    result = pairwise_accuracy(scorer, tokenizer, records[: args.max_examples], args.max_length, args.batch_size)
+    print(f"data: {data.source}: {result.pairs} pairs")
+    print(f"reward model: pairwise accuracy {result.accuracy:.3f}, mean margin {result.mean_margin:+.3f}")
     return 0

@@ -15,11 +15,12 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from deltatune.errors import ConfigError
 from deltatune.runtime import assets
@@ -31,6 +32,8 @@ from deltatune.runtime.quantization import (
 
 EMBEDDED_MODELS: dict[str, Callable[[], Path]] = {"smollm2": assets.smollm2_path, "minilm": assets.minilm_path}
 HUB_IDS = {"smollm2": assets.SMOLLM2_HUB_ID, "minilm": assets.MINILM_HUB_ID}
+# The model class of each adapter task type deltatune trains or loads.
+TASK_CLASSES = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_CLS": AutoModelForSequenceClassification}
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -128,13 +131,26 @@ def load_causal_lm(
 ) -> torch.nn.Module:
     """A causal LM (mixed precision, when a run asks for it, runs under autocast over fp32 weights), its
     linear layers held as ``quantization`` asks (``deltatune.runtime.quantization``; "none": as saved)."""
+    return load_model(path, "CAUSAL_LM", dtype, allow_pickle, quantization)
+
+
+def load_model(
+    path: str | os.PathLike,
+    task_type: str = "CAUSAL_LM",
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+    quantization: str = "none",
+    **config_options: Any,
+) -> torch.nn.Module:
+    """``load_causal_lm`` for a ``task_type`` of ``TASK_CLASSES``; ``config_options`` set config fields
+    (a reward model: ``num_labels=1, pad_token_id=...``)."""
     device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     check_quantization(quantization, device)
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     options = loading_options(quantization, config, dtype)
     if options or saved_quantization(config) != "none":  # bitsandbytes layers are placed at load time
         options["device_map"] = {"": torch.cuda.current_device()} if device == "cuda" else device
-    return load_pretrained(AutoModelForCausalLM, path, dtype, allow_pickle, **options)
+    return load_pretrained(TASK_CLASSES[task_type], path, dtype, allow_pickle, **options, **config_options)
 
 
 def load_saved_class(path: str | os.PathLike, allow_pickle: bool = False) -> torch.nn.Module:

@@ -19,22 +19,21 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, get_type_hints
 
-import yaml
-
 from deltatune.data import ColumnMap, check_sources, parse_weights, split_sources
 from deltatune.data.encoding import TRUNCATION_SIDES
 from deltatune.errors import ConfigError, DataError
+from deltatune.train.config_values import coerce, override_value, read_yaml
 from deltatune.train.methods import (
     build_config,
     method_class,
     methods_taking,
     option_defaults,
 )
+from deltatune.train.stage_defaults import STAGE_DEFAULTS, STAGES
 from deltatune.tuners.prompt.config import PromptLearningConfig
 
 EMBEDDED_MODEL = "smollm2"
 EMBEDDED_DATA = "chatterbot"
-STAGES = ("sft", "dpo", "kto")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # transformers' SchedulerType values but reduce_lr_on_plateau (it needs an eval metric each step), written
 # out so that checking a config never imports transformers; tests/test_cli_speed.py keeps them in step.
@@ -71,8 +70,6 @@ REPORTERS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 # config.json fields that hold a model's context length (positions it has embeddings or a rope range for).
 _CONTEXT_FIELDS = ("max_position_embeddings", "n_positions")
-# How a wrong value's expected type is said: "max_steps=2.5 must be an integer".
-_KIND_WORDS = {int: "an integer", float: "a number", str: "text"}
 
 
 def _key(default: Any, help: str) -> Any:
@@ -112,7 +109,7 @@ class TrainConfig:
     eval_data: str = _key("", "held-out data file; empty: hold out eval_fraction of data")
     eval_fraction: float = _key(0.1, "share of distinct prompts held out when eval_data is empty")
     eval_examples: int = _key(96, "at most this many held-out examples are scored")
-    stage: str = _key("sft", "sft, dpo or kto")
+    stage: str = _key("sft", f"{', '.join(STAGES[:-1])} or {STAGES[-1]} (rm: a reward model)")
     method: str = _key("lora", "adapter method; its hyper-parameters are keys too (see below)")
     output_dir: str = _key("outputs/quickstart", "adapter, checkpoints, metrics.json and loss.png go here")
     max_steps: int = _key(60, "optimizer steps; 0 trains for `epochs` (setting epochs alone sets it to 0)")
@@ -163,7 +160,12 @@ class TrainConfig:
         "also log to these trackers (comma-separated; each needs its package): "
         f"{', '.join(REPORTERS)}; all: every installed one; none",
     )
-    beta: float = _key(0.1, "dpo/kto: strength of the pull towards the reference (base) model")
+    beta: float = _key(
+        0.1,
+        "dpo/kto: strength of the pull towards the reference (base) model; orpo: weight of the odds-ratio "
+        "term; simpo: scale of the length-normalised reward (default 2.5)",
+    )
+    gamma: float = _key(0.5, "simpo: the reward margin the chosen answer must win by (TRL's simpo_gamma)")
     loss_type: str = _key("sigmoid", "dpo: sigmoid (the DPO paper) or ipo")
     desirable_weight: float = _key(1.0, "kto: weight of desirable examples' loss")
     undesirable_weight: float = _key(1.0, "kto: weight of undesirable examples' loss")
@@ -193,10 +195,14 @@ class TrainConfig:
             "learning_rate",
             "weight_decay",
             "beta",
+            "gamma",
             "desirable_weight",
             "undesirable_weight",
         ):
             _check(name, getattr(self, name), math.isfinite(getattr(self, name)), "must be a finite number")
+        _check("gamma", self.gamma, self.gamma >= 0, "must be 0 or more")
+        if self.stage != "simpo" and self.gamma != TrainConfig.gamma:
+            raise ConfigError(f"gamma applies to stage=simpo only, not stage={self.stage}; leave it out")
         for name in ("learning_rate", "beta", "desirable_weight", "undesirable_weight"):
             _check(name, getattr(self, name), getattr(self, name) > 0, "must be positive")
         if (self.max_steps > 0) == (self.epochs > 0):
@@ -236,7 +242,7 @@ class TrainConfig:
             f"must be 0 or more and below max_length={self.max_length}",
         )
         if self.max_prompt_length and self.stage == "sft":
-            raise ConfigError("max_prompt_length applies to stage=dpo and kto; use truncation_side for sft")
+            raise ConfigError("max_prompt_length applies to the preference stages; use truncation_side for sft")
         try:
             ColumnMap.parse(self.columns)
             parse_weights(self.data_weights, len(split_sources(self.data)))
@@ -321,8 +327,10 @@ class TrainConfig:
             )
 
     def delta_config(self, base_model: str | None = None):
-        """The adapter config this run trains (a causal-LM task)."""
-        return build_config(self.method, self.method_options, "CAUSAL_LM", base_model)
+        """The adapter config this run trains: a causal-LM task, or a one-output classifier's for stage=rm."""
+        return build_config(
+            self.method, self.method_options, "SEQ_CLS" if self.stage == "rm" else "CAUSAL_LM", base_model
+        )
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -338,7 +346,7 @@ class TrainConfig:
         override of ``method`` drops the file's hyper-parameters of other methods, with a notice on
         stderr (``examples/sft.yaml method=bottleneck`` leaves LoRA's ``r`` behind).
         """
-        values: dict[str, Any] = _read_yaml(Path(config_file)) if config_file else {}
+        values: dict[str, Any] = read_yaml(Path(config_file)) if config_file else {}
         given: dict[str, Any] = {}
         hints = get_type_hints(cls)
         for item in overrides:
@@ -346,7 +354,7 @@ class TrainConfig:
             if not sep or not key:
                 raise ConfigError(f"override {item!r} is not key=value; e.g. max_steps=100")
             key = key.strip()
-            given[key] = _override_value(item, raw, text=hints.get(key) is str)
+            given[key] = override_value(item, raw, text=hints.get(key) is str)
         for key, other in (("epochs", "max_steps"), ("max_steps", "epochs")):
             if key in given and other not in given:
                 values.pop(other, None)
@@ -364,7 +372,7 @@ class TrainConfig:
         typed: dict[str, Any] = {"method_options": {}}
         for key, value in values.items():
             if key in own:
-                typed[key] = _coerce(key, value, hints[key])
+                typed[key] = coerce(key, value, hints[key])
             elif key in method_keys:
                 typed["method_options"][key] = value
             else:
@@ -372,7 +380,7 @@ class TrainConfig:
         if "epochs" in values and "max_steps" not in values:
             typed["max_steps"] = 0
         run_defaults = method_class(method).run_defaults
-        for key, value in run_defaults.items():
+        for key, value in {**STAGE_DEFAULTS.get(str(typed.get("stage", cls.stage)), {}), **run_defaults}.items():
             typed.setdefault(key, value)
         steps = typed.get("max_steps", cls.__dataclass_fields__["max_steps"].default)
         if "warmup_steps" in run_defaults and "warmup_steps" not in values and steps > 0:
@@ -446,49 +454,3 @@ def _model_config_file(model: str) -> Path | None:
 def _check(name: str, value: Any, ok: bool, problem: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r} {problem}")
-
-
-def _override_value(item: str, raw: str, text: bool) -> Any:
-    """The value of the override ``item``: ``raw`` parsed as a YAML scalar (safe loading: tags never run).
-    A ``text`` key keeps ``raw`` as written unless it parses to a string (``'a b'`` -> ``a b``)."""
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
-        if text:
-            return raw
-        raise ConfigError(f"override {item!r} is not a valid YAML value; quote it, e.g. key='text'") from None
-    return raw if text and not isinstance(value, str) else value
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path} is not valid YAML{where}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must be a mapping of key: value, got {type(data).__name__}")
-    return data
-
-
-def _coerce(key: str, value: Any, kind: type) -> Any:
-    if kind is str and isinstance(value, list):
-        return ",".join(str(item) for item in value)
-    if kind is str and isinstance(value, dict):  # a YAML mapping (columns)
-        return json.dumps(value)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}={value!r} must be true or false")
-    fractional = kind is int and isinstance(value, float) and not value.is_integer()
-    try:
-        if isinstance(value, bool) or fractional or value is None:
-            raise TypeError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r} must be {_KIND_WORDS.get(kind, kind.__name__)}") from None

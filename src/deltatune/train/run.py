@@ -43,7 +43,7 @@ from deltatune.model import DeltaModel, get_delta_model
 from deltatune.runtime.checkpoints import checkpoint_step, latest_complete_checkpoint
 from deltatune.runtime.loading import (
     base_model_id,
-    load_causal_lm,
+    load_model,
     load_tokenizer,
     model_folder,
 )
@@ -74,7 +74,7 @@ class RunResult:
     """What a run measured; also written to ``<output_dir>/metrics.json``."""
 
     stage: str
-    eval_before: dict[str, float]  # the base model (sft) / the untrained adapter (dpo, kto)
+    eval_before: dict[str, float]  # the base model (sft) / the untrained adapter (the preference stages)
     eval_after: dict[str, float]
     reloaded_max_logit_diff: float  # saved adapter, loaded back, vs the trained one
     merged_max_logit_diff: float | None  # merged weights vs the adapter; None: the method cannot merge
@@ -124,7 +124,8 @@ def run_training(config: TrainConfig, log=print, callbacks: Sequence[TrainerCall
         if not encoded.examples:
             raise DataError(f"no {name} example is left after truncation to max_length={config.max_length}")
 
-    model = load_causal_lm(model_path, quantization=config.quantization)
+    scorer = {"num_labels": 1, "pad_token_id": tokenizer.pad_token_id} if stage.task_type == "SEQ_CLS" else {}
+    model = load_model(model_path, stage.task_type, quantization=config.quantization, **scorer)
     if is_quantized_model(model):  # QLoRA: fp32 norms/head, input gradients, no CPU repacking of 4-bit weights
         prepare_for_kbit_training(model, config.gradient_checkpointing)
     model.config.use_cache = False  # training needs no KV cache (and packing needs none: see data.collate)
@@ -140,7 +141,10 @@ def run_training(config: TrainConfig, log=print, callbacks: Sequence[TrainerCall
 
     questions = _sample_questions(eval_records)
     prompt = questions[0][0] if questions else None
-    # SFT's "before" is the base model; DPO/KTO score the untrained adapter, which is its own reference.
+    if stage.task_type != "CAUSAL_LM":  # a scorer answers nothing: its prompt only probes the saved adapter
+        questions = []
+    # SFT's "before" is the base model; the preference stages score the untrained adapter (the base model,
+    # or for rm the base under a new head).
     with delta.disable_adapter() if stage.name == "sft" else contextlib.nullcontext():
         before = trainer.evaluate()
     with delta.disable_adapter():
@@ -169,7 +173,7 @@ def run_training(config: TrainConfig, log=print, callbacks: Sequence[TrainerCall
     trainer.accelerator.wait_for_everyone()  # every process reads back what the main process wrote
     probe = _probe_ids(tokenizer, prompt, eval_set, delta)
     reloaded_diff = _reloaded_diff(delta, adapter_dir, probe)
-    merged_diff, answer_merged = _merged_check(delta, tokenizer, prompt, probe)
+    merged_diff, answer_merged = _merged_check(delta, tokenizer, prompt if questions else None, probe)
 
     state = trainer.state
     result = RunResult(

@@ -3,6 +3,12 @@
 * ``sft``: causal-LM cross-entropy on the labelled (assistant) tokens of conversations or text.
 * ``dpo``: ``preference.DPOTrainer`` on ``PreferencePair`` records.
 * ``kto``: ``kto.KTOTrainer`` on ``KTOExample`` records (preference pairs are unpaired first).
+* ``orpo``, ``simpo``: ``reference_free.ORPOTrainer`` / ``SimPOTrainer`` on ``PreferencePair`` records.
+* ``rm``: ``reward.RewardTrainer`` on ``PreferencePair`` records (with their optional margin), over a
+  one-output sequence-classification model.
+
+Every pair stage encodes its pairs as DPO does (``encode_preference_pairs``: the same left-cut
+truncation and the same counts).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from deltatune.data import (
 )
 from deltatune.data.collate import collate_padding_free
 from deltatune.data.encoding import Example
+from deltatune.errors import DataError
 from deltatune.kernels.segment_attention import use_segment_attention
 from deltatune.train.config import TrainConfig
 from deltatune.train.evaluate import heldout_loss, perplexity
@@ -31,6 +38,8 @@ from deltatune.train.kto import KTOTrainer
 from deltatune.train.lm_loss import causal_lm_loss
 from deltatune.train.preference import DPOTrainer
 from deltatune.train.preference_data import encode_kto_examples, encode_preference_pairs
+from deltatune.train.reference_free import ORPOTrainer, SimPOTrainer
+from deltatune.train.reward import RewardTrainer
 from deltatune.train.trainer import DeltaTrainer
 from deltatune.tuners.prompt.config import PromptLearningConfig
 
@@ -74,6 +83,7 @@ class Stage:
     trainer: TrainerFactory
     data_hint: str  # the built-in data set to suggest when the kind is wrong
     loss_unit: str  # what one loss value averages over (loss.png's legend names it)
+    task_type: str = "CAUSAL_LM"  # the model it trains: a causal LM, or a scorer (SEQ_CLS, one output)
 
 
 def _sft_trainer(config, model, tokenizer, args, train: list[Example], evaluation: list[Example]) -> Trainer:
@@ -102,23 +112,46 @@ def _encode_sft(tokenizer, records, config) -> EncodedSet:
     return encode_records(tokenizer, records, config.max_length, config.train_on_prompt, config.truncation_side)
 
 
-def _encode_dpo(tokenizer, records, config) -> EncodedSet:
+def _encode_rm(tokenizer, records, config) -> EncodedSet:
     return encode_preference_pairs(tokenizer, records, config.max_length, config.max_prompt_length or None)
 
 
+def _encode_pairs(tokenizer, records, config) -> EncodedSet:
+    """DPO, ORPO and SimPO pairs."""
+    _refuse_margins(records, config.stage)
+    return _encode_rm(tokenizer, records, config)
+
+
+def _refuse_margins(records: Sequence[Record], stage: str) -> None:
+    """A DataError for a pair with a margin: only a reward model reads that column."""
+    with_margin = next((record for record in records if getattr(record, "margin", None) is not None), None)
+    if with_margin is not None:
+        where = f"{with_margin.origin.source} row {with_margin.origin.row}" if with_margin.origin else "a pair"
+        raise DataError(f"{where}: stage={stage} does not read the margin column (stage=rm does); drop the column")
+
+
 def _dpo_trainer(config, model, tokenizer, args, train, evaluation) -> Trainer:
-    return DPOTrainer(
-        model,
-        args,
-        beta=config.beta,
-        loss_type=config.loss_type,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-    )
+    return DPOTrainer(model, args, beta=config.beta, loss_type=config.loss_type, **_data(tokenizer, train, evaluation))
+
+
+def _orpo_trainer(config, model, tokenizer, args, train, evaluation) -> Trainer:
+    return ORPOTrainer(model, args, beta=config.beta, **_data(tokenizer, train, evaluation))
+
+
+def _simpo_trainer(config, model, tokenizer, args, train, evaluation) -> Trainer:
+    return SimPOTrainer(model, args, beta=config.beta, gamma=config.gamma, **_data(tokenizer, train, evaluation))
+
+
+def _rm_trainer(config, model, tokenizer, args, train, evaluation) -> Trainer:
+    return RewardTrainer(model, args, **_data(tokenizer, train, evaluation))
+
+
+def _data(tokenizer, train: list[Example], evaluation: list[Example]) -> dict[str, Any]:
+    return {"train_dataset": train, "eval_dataset": evaluation, "processing_class": tokenizer}
 
 
 def _encode_kto(tokenizer, records, config) -> EncodedSet:
+    _refuse_margins(records, config.stage)
     records = [kto for r in records for kto in (unpair([r]) if isinstance(r, PreferencePair) else [r])]
     return encode_kto_examples(tokenizer, records, config.max_length, config.max_prompt_length or None)
 
@@ -131,14 +164,15 @@ def _kto_trainer(config, model, tokenizer, args, train, evaluation) -> Trainer:
         desirable_weight=config.desirable_weight,
         undesirable_weight=config.undesirable_weight,
         max_length=config.max_length,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
+        **_data(tokenizer, train, evaluation),
     )
 
 
 STAGES: dict[str, Stage] = {
     "sft": Stage("sft", ("sft",), _encode_sft, _sft_trainer, "chatterbot", "answer tokens"),
-    "dpo": Stage("dpo", ("preference",), _encode_dpo, _dpo_trainer, "chatterbot-preference-synthetic", "pairs"),
+    "dpo": Stage("dpo", ("preference",), _encode_pairs, _dpo_trainer, "chatterbot-preference-synthetic", "pairs"),
     "kto": Stage("kto", ("kto", "preference"), _encode_kto, _kto_trainer, "chatterbot-kto-synthetic", "examples"),
+    "orpo": Stage("orpo", ("preference",), _encode_pairs, _orpo_trainer, "chatterbot-preference-synthetic", "pairs"),
+    "simpo": Stage("simpo", ("preference",), _encode_pairs, _simpo_trainer, "chatterbot-preference-synthetic", "pairs"),
+    "rm": Stage("rm", ("preference",), _encode_rm, _rm_trainer, "chatterbot-preference-synthetic", "pairs", "SEQ_CLS"),
 }
