@@ -138,7 +138,7 @@ def test_data_and_stage_problems_stop_the_run_before_the_model_loads(files, monk
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(run_module, "load_causal_lm", no_model)
+    monkeypatch.setattr(run_module, "load_model", no_model)
     bad = files["root"] / "bad.jsonl"
     bad.write_text('{"prompt": "q", "completion": "a"}\n{"prompt": "q", "completion": ""}\n', encoding="utf-8")
     with pytest.raises(DataError, match=f"^{bad}: row 2: column 'completion' is an empty completion$"):
