@@ -3,8 +3,7 @@
 the command line wins; a method's own ``run_defaults`` win too (a prompt method's learning rate).
 
 SimPO's reward is β times a per-token *mean* log-probability, some 1/|y| of DPO's summed one, so it
-needs a far larger β than DPO's 0.1 (the SimPO paper uses 2.0-2.5); docs/training.md has the runs
-behind each value.
+needs a far larger β than DPO's 0.1 (the SimPO paper uses 2.0-2.5; docs/training.md has the measured runs).
 """
 
 from __future__ import annotations
