@@ -54,13 +54,7 @@ class KTOTrainer(PreferenceTrainer):
             data_collator = KTOCollator(pad, max_length)
         super().__init__(model, args, data_collator=data_collator, **kwargs)
 
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, torch.Tensor],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor:
+    def batch_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         policy = self.logps(model, inputs)
         with torch.no_grad():  # the KL estimate is detached: no graph needed
             policy_kl = self.logps(model, inputs, prefix="kl_")
@@ -86,4 +80,4 @@ class KTOTrainer(PreferenceTrainer):
                 "kl": result.kl,
             }
         )
-        return (result.loss, None) if return_outputs else result.loss
+        return result.loss

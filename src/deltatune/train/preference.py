@@ -35,7 +35,7 @@ class PreferenceTrainer(DeltaTrainer):
     """What the preference stages share: the disabled-adapter reference (for the stages that have one,
     ``uses_reference``), dropout off, and reward metrics in the logs.
 
-    Subclasses implement ``compute_loss`` with ``self.logps`` and ``self.reference_logps`` and
+    Subclasses implement ``batch_loss`` with ``self.logps`` and ``self.reference_logps`` and
     report metrics with ``self.record``; each logging step writes the mean of what was recorded
     since the last one (``eval_``-prefixed during evaluation), and ``rewards/margins`` = mean
     chosen reward − mean rejected reward.
@@ -92,6 +92,21 @@ class PreferenceTrainer(DeltaTrainer):
         logs.update({prefix + name: value for name, value in means.items()})
         self._metrics[mode].clear()
         super().log(logs, start_time)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, None]:
+        """Trainer's entry point: the stage's ``batch_loss`` (a per-batch mean; there are no outputs to return)."""
+        loss = self.batch_loss(model, inputs)
+        return (loss, None) if return_outputs else loss
+
+    def batch_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The stage's loss on one batch, with its metrics recorded (``record``)."""
+        raise NotImplementedError
 
     def prediction_step(
         self,
@@ -155,13 +170,7 @@ class DPOTrainer(PairTrainer):
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         super().__init__(model, args, **kwargs)
 
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, torch.Tensor],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor:
+    def batch_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         policy_chosen, policy_rejected = self.logps(model, inputs).chunk(2)
         reference_chosen, reference_rejected = self.reference_logps(model, inputs).chunk(2)
         chosen_lengths, rejected_lengths = completion_lengths(inputs["labels"]).chunk(2)
@@ -181,7 +190,7 @@ class DPOTrainer(PairTrainer):
             result.rejected_rewards,
             **{"logps/chosen": policy_chosen, "logps/rejected": policy_rejected},
         )
-        return (result.loss, None) if return_outputs else result.loss
+        return result.loss
 
 
 def keep_columns(args: TrainingArguments | None) -> TrainingArguments:

@@ -57,13 +57,7 @@ class ORPOTrainer(ReferenceFreeTrainer):
         self.beta = beta
         super().__init__(model, args, **kwargs)
 
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, torch.Tensor],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor:
+    def batch_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         logits, chosen, rejected = self.mean_logps(model, inputs)
         pairs = len(chosen)
         tokens = inputs["input_ids"][:pairs].masked_fill(inputs["attention_mask"][:pairs] == 0, IGNORE_INDEX)
@@ -76,7 +70,7 @@ class ORPOTrainer(ReferenceFreeTrainer):
             log_odds_chosen=result.log_odds,
             log_odds_ratio=F.logsigmoid(result.log_odds),
         )
-        return (result.loss, None) if return_outputs else result.loss
+        return result.loss
 
 
 class SimPOTrainer(ReferenceFreeTrainer):
@@ -101,14 +95,8 @@ class SimPOTrainer(ReferenceFreeTrainer):
         self.beta, self.gamma, self.label_smoothing = beta, gamma, label_smoothing
         super().__init__(model, args, **kwargs)
 
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, torch.Tensor],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor:
+    def batch_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         _, chosen, rejected = self.mean_logps(model, inputs)
         result = simpo_loss(chosen, rejected, self.beta, self.gamma, self.label_smoothing)
         self.record_rewards(result.chosen_rewards, result.rejected_rewards)
-        return (result.loss, None) if return_outputs else result.loss
+        return result.loss

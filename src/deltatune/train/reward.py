@@ -40,15 +40,9 @@ class RewardTrainer(PairTrainer):
         self.center_rewards_coefficient = center_rewards_coefficient
         super().__init__(model, args, **kwargs)
 
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, torch.Tensor],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor:
+    def batch_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         scores = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
         chosen, rejected = scores.squeeze(-1).float().chunk(2)
         loss = bradley_terry_loss(chosen, rejected, inputs.get("margin"), self.center_rewards_coefficient)
         self.record_rewards(chosen.detach(), rejected.detach())
-        return (loss, None) if return_outputs else loss
+        return loss
