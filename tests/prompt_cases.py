@@ -27,7 +27,7 @@ from transformers import (
 )
 
 import deltatune
-from tiny_models import VOCAB, _seeded, tiny_bert, tiny_gpt2, tiny_llama
+from tiny_models import DECODER_SIZES, VOCAB, _seeded, tiny_bert, tiny_gpt2, tiny_llama
 
 N_VIRTUAL = 4
 INIT_TEXT = "classify the sentiment of this review"
@@ -35,16 +35,7 @@ INIT_TEXT = "classify the sentiment of this review"
 
 def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     """Qwen2: vocab 128, hidden 32, 2 layers, 4 heads over 2 key/value heads (GQA), q/k/v biases."""
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-    )
+    config = Qwen2Config(**DECODER_SIZES)
     return _seeded(lambda: Qwen2ForCausalLM(config), seed)
 
 

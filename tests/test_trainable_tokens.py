@@ -13,14 +13,14 @@ import peft
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import deltatune
 from deltatune import DeltaModel
 from deltatune.errors import ConfigError, TargetError
 from deltatune.io import to_file_key
 from deltatune.tuners.trainable_tokens import TrainableTokensLayer
-from tiny_models import VOCAB, _seeded, perturb_trainable
+from tiny_models import VOCAB, _seeded, perturb_trainable, tiny_llama
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
@@ -34,18 +34,7 @@ TIED = [False, True]
 
 
 def llama(tied: bool, seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        tie_word_embeddings=tied,
-        attn_implementation="eager",
-    )
-    return _seeded(lambda: LlamaForCausalLM(config), seed)
+    return tiny_llama(seed, tied=tied)
 
 
 def ids() -> torch.Tensor:

@@ -39,19 +39,22 @@ def _seeded(make, seed: int = SEED):
     return model.eval()
 
 
-def tiny_llama(seed: int = SEED) -> LlamaForCausalLM:
-    """Llama: vocab 128, hidden 32, 2 layers, 4 heads, 2 kv heads, intermediate 64 (untied head)."""
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
-    )
+# The tiny decoders' sizes (Llama, Qwen2): vocab 128, hidden 32, 2 layers, 4 heads over 2 kv heads, intermediate 64.
+DECODER_SIZES = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    attn_implementation="eager",
+)
+
+
+def tiny_llama(seed: int = SEED, tied: bool = False) -> LlamaForCausalLM:
+    """Llama at ``DECODER_SIZES``, its head untied from the embeddings unless ``tied``."""
+    config = LlamaConfig(**DECODER_SIZES, tie_word_embeddings=tied)
     return _seeded(lambda: LlamaForCausalLM(config), seed)
 
 
