@@ -51,14 +51,18 @@ def synchronize(device: str) -> None:
 
 
 def profiled_step(step: Callable[[], None], model: nn.Module, device: str) -> tuple[int, int]:
-    """One more step: (bytes autograd saves for backward, CPU: peak bytes allocated during the step)."""
+    """Two more steps: (bytes autograd saves for backward, CPU: peak bytes allocated during a step).
+
+    The saved bytes are counted in a step of their own, since counting keeps every saved storage
+    alive until the step ends (which would raise the peak).
+    """
+    with saved_storages(model) as saved:
+        step()
     if device == "cuda":
-        with saved_storages(model) as saved:
-            step()
         return sum(saved.values()), 0
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, saved_storages(model) as saved:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     current = peak = 0
@@ -74,19 +78,25 @@ def saved_storages(model: nn.Module) -> Iterator[dict[int, int]]:
 
     Each storage counts once (x shared by q/k/v counts once); the model's parameters are left
     out (a saved ``W.t()`` is a view of a weight, not new memory). Storages are told apart by
-    their C++ object, which also works on ``meta``, where every data pointer is 0.
+    their C++ object, which also works on ``meta``, where every data pointer is 0. Every counted
+    storage is kept alive until the block ends: a graph freed inside the block (peft's DoRA
+    detaches one per call) would otherwise free a storage whose address the next one reuses, and
+    the count would depend on the allocator.
     """
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
     saved: dict[int, int] = {}
+    alive: list[torch.UntypedStorage] = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage._cdata not in weights:
+        if storage._cdata not in weights and storage._cdata not in saved:
             saved[storage._cdata] = storage.nbytes()
+            alive.append(storage)
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         yield saved
+    alive.clear()
 
 
 def live_bytes(model: nn.Module, optimizer) -> int:
