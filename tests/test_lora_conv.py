@@ -55,15 +55,26 @@ class ConvNet(nn.Module):
         return torch.randn((2, 4) + (6,) * self.dims, generator=torch.Generator().manual_seed(1))
 
 
-def save_and_load(make: Callable[[], nn.Module], lora: dict, direction: str, root) -> tuple[nn.Module, DeltaModel]:
-    """(peft model, deltatune model) with one adapter: trained and saved by one side, loaded by the other; both
-    in eval mode (peft's ``from_pretrained(is_trainable=True)`` trains, which would turn lora_dropout on)."""
+def save_and_load(
+    make: Callable[[], nn.Module],
+    options: dict,
+    direction: str,
+    root,
+    method: str = "LoraConfig",
+    random_init: dict | None = None,
+) -> tuple[nn.Module, DeltaModel]:
+    """(peft model, deltatune model) with one adapter of ``method`` (a config class name both libraries
+    export): trained and saved by one side, loaded by the other; both in eval mode (peft's
+    ``from_pretrained(is_trainable=True)`` trains, which would turn dropout on). ``random_init`` is the
+    config field that starts the adapter away from the identity (LoRA's ``init_lora_weights=False``)."""
+    random_init = {"init_lora_weights": False} if random_init is None else random_init
     if direction == "peft_to_deltatune":
-        peft_side = _seeded(lambda: peft.get_peft_model(make(), peft.LoraConfig(**lora, init_lora_weights=False)))
+        config = getattr(peft, method)(**options, **random_init)
+        peft_side = _seeded(lambda: peft.get_peft_model(make(), config))
         perturb_trainable(peft_side)
         peft_side.save_pretrained(root)
         return peft_side.eval(), DeltaModel.from_pretrained(make(), root, is_trainable=True).eval()
-    config = deltatune.LoraConfig(**lora, init_lora_weights=False)
+    config = getattr(deltatune, method)(**options, **random_init)
     delta_side = _seeded(lambda: deltatune.get_delta_model(make(), config))
     perturb_trainable(delta_side)
     delta_side.save_pretrained(root)
