@@ -131,3 +131,28 @@ def test_cuda_request_without_cuda_is_a_one_line_error(capsys, monkeypatch):
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
     assert cli_main(["bench", "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_families_job_measures_both_libraries_and_reports_the_ratio(capsys):
+    from argparse import Namespace
+
+    from deltatune.bench.families import format_families, run_families
+
+    args = Namespace(
+        families=["lora"], shapes=["tiny"], device="cpu", repeats=1, steps=1, warmup=1, isolate=False, threads=None
+    )
+    report = run_families(args)
+    assert [(r["family"], r["library"]) for r in report["families"]] == [("lora", "deltatune"), ("lora", "peft")]
+    entry = report["family_summary"]["lora"]
+    assert entry["trainable"] > 0 and entry["speed_vs_peft"] > 0 and entry["memory_vs_peft"] > 0
+    assert "| lora | 8,192 |" in format_families(report)
+
+
+def test_families_refuses_an_unknown_family_by_name():
+    from argparse import Namespace
+
+    from deltatune.bench.families import run
+    from deltatune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--families boft: unknown"):
+        run(Namespace(families=["boft"], device="cpu"))

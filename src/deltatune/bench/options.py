@@ -70,6 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead: the quick start's SFT run through deltatune train and TRL + peft, end to end "
         "(deltatune.bench.e2e; needs trl and peft)",
     )
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        metavar="FAMILY",
+        help="instead: each adapter family's training step in deltatune and peft (deltatune.bench.families): "
+        "lora, dora, ia3, loha, lokr, oft, vera, adalora",
+    )
     parser.add_argument("--e2e-steps", type=int, default=30, help="--e2e: optimizer steps per run")
     parser.add_argument(
         "--e2e-default-steps",

@@ -271,11 +271,14 @@ def quant_job(shape: Shape, base: str, device: str, steps: int, warmup: int, ran
 
 
 # -- orchestration ----------------------------------------------------------------------------
-def run_job(job: dict, isolate: bool = True) -> dict:
-    """Run one job, in a fresh Python process unless ``isolate`` is False; return its result dict."""
+def run_job(
+    job: dict, isolate: bool = True, module: str = "deltatune.bench.step", dispatch: Callable[..., dict] | None = None
+) -> dict:
+    """Run one job, in a fresh Python process (``python -m module --job``) unless ``isolate`` is False (then
+    through ``dispatch``, this module's by default); return its result dict."""
     if not isolate:
-        return _dispatch(job)
-    command = [sys.executable, "-m", "deltatune.bench.step", "--job", json.dumps(job)]
+        return dispatch(**job) if dispatch else _dispatch(job)
+    command = [sys.executable, "-m", module, "--job", json.dumps(job)]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if done.returncode != 0 or not lines:

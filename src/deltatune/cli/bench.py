@@ -10,6 +10,7 @@ examples:
   deltatune bench                                   # CPU: cpu-small shape; CUDA: 1.1b and 8b (bf16)
   deltatune bench --repeats 3 --json docs/results/benchmarks.json
   deltatune bench --modes fused peft --lora-dropout 0.1 --sections train
+  deltatune bench --families lora ia3 loha lokr oft vera adalora --repeats 3
 """
 
 
@@ -29,6 +30,10 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.families:
+        from deltatune.bench.families import run as run_families
+
+        return run_families(args)
     from deltatune.bench.step import run as run_bench
 
     return run_bench(args)
