@@ -6,7 +6,10 @@
 
 Each method runs as its own `deltatune train` process with nothing set but the budget (same data,
 split, seed, steps and batch; held-out loss every `eval_steps`), so its peak resident memory (whole
-process: the fp32 base model is ~0.54 GB of it) is measured alone. Held-out loss is the mean per-token
+process: the fp32 base model is ~0.54 GB of it) is measured alone. DoRA is `method=lora use_dora=true`.
+Forgetting is the rise of the loss on text the task never shows (paragraphs of Python's own language
+reference, `pydoc_data.topics`, shipped with Python), base model against base + adapter, through
+`deltatune eval`. Held-out loss is the mean per-token
 loss on the same held-out chatterbot answers. Results are kept per budget (outputs/methods/results-N.json
 for max_steps=N); the script rewrites the first section of docs/methods.md (up to its first "## " heading)
 with a table per budget kept, and docs/methods-N.png for each: held-out loss against step, one line per
@@ -32,13 +35,29 @@ from matplotlib.figure import Figure
 from deltatune.train.methods import option_defaults
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ["lora", "bottleneck", "prefix_tuning", "p_tuning", "prompt_tuning"]
+METHODS = [
+    "lora",
+    "dora",
+    "bottleneck",
+    "prefix_tuning",
+    "p_tuning",
+    "prompt_tuning",
+    "ia3",
+    "loha",
+    "lokr",
+    "oft",
+    "vera",
+    "adalora",
+]
+METHOD_KEYS = {"dora": ["method=lora", "use_dora=true"]}  # a row that is a variant of a method
 BUDGET = ["max_steps=60", "eval_steps=10", "eval_examples=48"]
+UNSEEN_TEXT_ROWS = 64
 
 
 def run(method: str, common: list[str], out: Path) -> dict:
     """Run one training process; return its metrics.json plus its peak RSS and wall time."""
-    args = [sys.executable, "-m", "deltatune.cli.main", "train", f"method={method}", f"output_dir={out}", *common]
+    keys = METHOD_KEYS.get(method, [f"method={method}"])
+    args = [sys.executable, "-m", "deltatune.cli.main", "train", *keys, f"output_dir={out}", *common]
     started = time.perf_counter()
     process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(process.pid, 0)
@@ -47,13 +66,40 @@ def run(method: str, common: list[str], out: Path) -> dict:
         raise SystemExit(f"{method} failed:\n{stderr[-2000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     curve = sorted({e["step"]: e["eval_loss"] for e in metrics["log_history"] if "eval_loss" in e}.items())
+    wall_s = time.perf_counter() - started
     return {
         **metrics["result"],
         "config": metrics["config"],
         "curve": curve,
         "peak_rss_mib": usage.ru_maxrss / 1024,
-        "wall_s": time.perf_counter() - started,
+        "wall_s": wall_s,
+        "unseen_text": unseen_text_losses(out / "adapter", out.parent / "unseen-text.jsonl"),
     }
+
+
+def unseen_text_losses(adapter: Path, data: Path) -> dict[str, float]:
+    """{"base", "adapter"}: mean per-token loss on the unseen text, through ``deltatune eval``."""
+    if not data.exists():
+        import pydoc_data.topics
+
+        paragraphs = [
+            paragraph.strip()
+            for _, text in sorted(pydoc_data.topics.topics.items())
+            for paragraph in text.split("\n\n")
+            if len(paragraph) > 300 and "::=" not in paragraph
+        ]
+        rows = [json.dumps({"text": paragraph}) for paragraph in paragraphs[:UNSEEN_TEXT_ROWS]]
+        data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    args = ["eval", "--adapter", str(adapter), "--data", str(data), "--max-examples", str(UNSEEN_TEXT_ROWS)]
+    done = subprocess.run([sys.executable, "-m", "deltatune.cli.main", *args], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"deltatune eval {adapter} failed:\n{done.stderr[-2000:]}")
+    losses = dict(
+        line.split(":")[0:1] + [line.split()[2]]
+        for line in done.stdout.splitlines()
+        if line.startswith(("base:", "adapter:"))
+    )
+    return {name: float(value) for name, value in losses.items()}
 
 
 def main(argv: list[str]) -> None:
@@ -123,9 +169,11 @@ def plot(rows: list[tuple[str, dict]], path: Path, budget: str) -> None:
 
 def _defaults(method: str) -> str:
     """The method's command-line defaults that matter most, as the code has them now."""
-    defaults = option_defaults(method)
-    keys = ("r", "target_modules", "placement", "num_virtual_tokens", "prompt_tuning_init")
-    return ", ".join(f"{key}={defaults[key]}" for key in keys if defaults.get(key) is not None)
+    variant = dict(key.split("=", 1) for key in METHOD_KEYS.get(method, [f"method={method}"]))
+    defaults = {**option_defaults(variant.pop("method")), **variant}
+    keys = ("r", "init_r", "oft_block_size", "target_modules", "use_dora", "placement", "num_virtual_tokens")
+    keys += ("prompt_tuning_init",)
+    return ", ".join(f"{key}={defaults[key]}" for key in keys if defaults.get(key) not in (None, 0))
 
 
 def _settings(method: str, result: dict) -> str:
@@ -170,8 +218,8 @@ def _table(rows: list[tuple[str, dict]]) -> list[str]:
     lora_gain = base - rows[0][1]["eval_after"]["eval_loss"]
     lines = [
         "| method | defaults | trainable params | held-out loss: base -> step 10 -> end | share of LoRA's gain | "
-        "worst after step 10 | peak RSS MiB | train s | tokens/s | can merge |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "worst after step 10 | forgetting | peak RSS MiB | train s | tokens/s | can merge |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, result in rows:
         curve = dict(result["curve"])
@@ -180,11 +228,18 @@ def _table(rows: list[tuple[str, dict]]) -> list[str]:
         lines.append(
             f"| {method} | {_settings(method, result)} | {result['trainable_params']:,} | "
             f"{base:.3f} -> {curve.get(10, float('nan')):.3f} -> {after:.3f} | {(base - after) / lora_gain:.0%} | "
-            f"{worst:.3f}{' (above the base)' if worst > base else ''} | {result['peak_rss_mib']:.0f} | "
+            f"{worst:.3f}{' (above the base)' if worst > base else ''} | {_forgetting(result)} | "
+            f"{result['peak_rss_mib']:.0f} | "
             f"{result['train_seconds']:.0f} | {result['tokens_per_second']:.0f} | "
             f"{'yes' if result['merged_max_logit_diff'] is not None else 'no'} |"
         )
     return lines
+
+
+def _forgetting(result: dict) -> str:
+    """The rise of the unseen text's loss (base -> adapter); runs from before it was measured have none."""
+    losses = result.get("unseen_text")
+    return f"{losses['adapter'] - losses['base']:+.3f}" if losses else "not measured"
 
 
 if __name__ == "__main__":

@@ -226,3 +226,24 @@ def test_the_command_line_shows_a_fallback_line_once(capsys):
         "deltatune: LoRA on Linear4bit trains on the plain (unfused) path: its input is torch.float32 and its "
         "weight computes in torch.bfloat16\n"
     )
+
+
+def test_a_dynamic_cache_is_read_and_rebuilt_through_its_layers_and_the_model_takes_it_as_cache():
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    from deltatune.compat.transformers import CACHE, cache_from_tensors, cache_tensors
+    from tiny_models import tiny_llama
+
+    model = tiny_llama().eval()
+    assert CACHE in inspect.signature(LlamaForCausalLM.forward).parameters
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        whole = model(ids).logits[0, -1]
+        cache = getattr(model(ids[:, :3], use_cache=True), CACHE)
+        pairs = cache_tensors(cache)
+        assert len(pairs) == model.config.num_hidden_layers and pairs[0][0].shape[2] == 3
+        rebuilt = cache_from_tensors([(k.clone(), v.clone()) for k, v in pairs])
+        step = model(ids[:, 3:], position_ids=torch.tensor([[3]]), use_cache=True, **{CACHE: rebuilt}).logits[0, -1]
+    torch.testing.assert_close(step, whole, atol=1e-5, rtol=0)

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("config", "io", "tuners"),
     ("model",),
     ("runtime",),
-    ("saved", "data"),
+    ("saved", "data", "generation"),
     ("train", "export", "bench"),
     ("cli",),
 ]

@@ -5,6 +5,9 @@
   whose MLP is written another way, or a new activation class, runs layer by layer (a log line says so).
 - transformers' ``Trainer`` refuses to train a quantised model unless ``_hf_peft_config_loaded`` says
   adapters are attached (``validate_quantization_for_training``); ``allow_training_quantized`` sets it.
+- A ``DynamicCache`` keeps each layer's keys and values as ``cache.layers[i].keys`` / ``.values``
+  (``cache_tensors``), and ``DynamicCache(ddp_cache_data=...)`` builds one from such pairs. A model takes
+  and returns it as ``cache`` (``CACHE``; transformers 5's name, formerly ``past_key_values``).
 
 ``tests/test_compat.py`` checks each against the installed transformers: the MLPs of the common decoder
 families are recognised, ``ACT2FN``'s SiLU and GELUs are named, and the Trainer's check reads that flag.
@@ -17,6 +20,7 @@ import functools
 import inspect
 import textwrap
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import activations
@@ -81,3 +85,22 @@ def _is_docstring(statement: ast.stmt) -> bool:
         and isinstance(statement.value, ast.Constant)
         and isinstance(statement.value.value, str)
     )
+
+
+CACHE = "cache"
+
+
+def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (keys, values) [batch, kv_heads, length, head_dim] of a ``DynamicCache``.
+
+    transformers 5 keeps them as ``cache.layers[i].keys`` / ``.values`` (``DynamicLayer``); the generation
+    engine reads them to join and trim rows, and builds a new cache with ``DynamicCache(ddp_cache_data=...)``.
+    """
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def cache_from_tensors(tensors: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A ``DynamicCache`` holding ``tensors`` (one (keys, values) pair per layer)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=tensors)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
+from deltatune.compat.transformers import CACHE
 from deltatune.errors import ConfigError, InputError, TargetError
 from deltatune.io import file_key_map
 from deltatune.tuners.base import Tuner
@@ -43,7 +44,6 @@ from deltatune.tuners.prompt.config import PromptLearningConfig
 ATTRIBUTE = "prompt_encoder"
 PROMPT_KEY = "prompt_embeddings"
 FILE_PREFIX = "base_model."  # peft's prompt-learning wrapper holds the model itself, not a tuner around it
-CACHE = "cache"  # transformers 5's name for the key/value cache argument (formerly ``past_key_values``)
 
 
 def mlp(widths: Sequence[int], activation: type[nn.Module], dropout: float = 0.0) -> nn.Sequential:

@@ -34,11 +34,11 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from deltatune.compat.transformers import CACHE
 from deltatune.errors import ConfigError
 from deltatune.tuners.prompt.config import PrefixTuningConfig
 from deltatune.tuners.prompt.learning import (
     ATTRIBUTE,
-    CACHE,
     PromptEncoder,
     PromptLayer,
     PromptLearningTuner,

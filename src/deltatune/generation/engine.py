@@ -1,0 +1,207 @@
+"""One batched generator with a KV cache: rows that finish leave, rows that arrive join.
+
+The running batch is left-padded: every row's cache ends at the same column, pads are masked out, and
+each row keeps its own next position (so RoPE sees 0, 1, 2, ... whatever its padding)::
+
+    cache columns ->      . . a a a a a      row 0: prompt of 5, decoding
+                          b b b b b b b      row 1: prompt of 7
+    a new row c (3) is prefilled alone, left-padded to the batch's length and joined:
+                          . . . . c c c
+
+Each ``step()`` decodes one token for every running row in one forward, then prefills the waiting rows
+(up to ``max_batch``) in one forward and joins them. A row leaves when it emits a stop token or reaches
+``max_new_tokens``; the columns no remaining row needs are dropped. GRPO's rollouts, ``generate`` and the
+server all drive this one class (``generate()`` for a fixed set of prompts, ``add``/``step`` for streams).
+Prompt-learning adapters (which add virtual tokens to every row's cache) are not supported here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from deltatune.compat.transformers import CACHE, cache_from_tensors, cache_tensors
+from deltatune.errors import ConfigError
+from deltatune.generation.sampling import SamplingParams, choose
+
+
+@dataclasses.dataclass
+class Row:
+    """One request: its prompt, what it has generated so far and why it stopped (None while running)."""
+
+    request_id: object
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (a stop token) or "length" (max_new_tokens)
+
+
+@dataclasses.dataclass
+class Event:
+    """What one ``step()`` produced for a row: its new token, and its finish reason if it just ended."""
+
+    row: Row
+    token_id: int
+    finished: bool
+
+
+class GenerationEngine:
+    """Continuous batching over a causal LM (a transformers model, or a ``DeltaModel`` over one).
+
+    ``stop_token_ids`` (the model's end-of-sequence tokens) end every row; a request's own
+    ``SamplingParams.stop_token_ids`` add to them. ``seed`` seeds the generator shared by rows without a
+    seed of their own.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stop_token_ids: Iterable[int] = (),
+        max_batch: int = 64,
+        seed: int = 0,
+    ) -> None:
+        if max_batch < 1:
+            raise ConfigError(f"max_batch={max_batch} must be at least 1")
+        self.model = model
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self.max_batch = max_batch
+        self.device = next(model.parameters()).device
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.waiting: list[Row] = []
+        self.running: list[Row] = []
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [rows, columns]: 1 = a real token
+        self._positions = torch.zeros(0, dtype=torch.long, device=self.device)  # each row's next position
+        self._last = torch.zeros(0, dtype=torch.long, device=self.device)  # each row's last token, fed next
+        self._ids = itertools.count()
+
+    # -- requests -------------------------------------------------------------------------------
+    def add(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: object = None) -> Row:
+        """Queue a request; it joins the running batch at the next ``step()`` with room."""
+        if not prompt_ids:
+            raise ConfigError("a prompt needs at least one token")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(self.device).manual_seed(params.seed)
+        row = Row(next(self._ids) if request_id is None else request_id, list(prompt_ids), params, generator)
+        self.waiting.append(row)
+        return row
+
+    def cancel(self, row: Row) -> None:
+        """Drop ``row`` now, waiting or running (a client that went away); it ends with reason "cancelled"."""
+        if row in self.waiting:
+            self.waiting.remove(row)
+        elif row in self.running:
+            self._keep([i for i, other in enumerate(self.running) if other is not row])
+        row.finish_reason = row.finish_reason or "cancelled"
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Row]:
+        """Answer every prompt (one ``SamplingParams`` for all, or one each); rows in the prompts' order."""
+        each = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(each) != len(prompts):
+            raise ConfigError(f"{len(prompts)} prompts but {len(each)} sampling settings")
+        rows = [self.add(prompt, p) for prompt, p in zip(prompts, each)]
+        while self.has_work:
+            self.step()
+        return rows
+
+    # -- one step ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[Event]:
+        """Decode one token for every running row, then prefill and join waiting rows; returns the tokens."""
+        events = self._decode() if self.running else []
+        room = self.max_batch - len(self.running)
+        if self.waiting and room > 0:
+            joining, self.waiting = self.waiting[:room], self.waiting[room:]
+            events += self._prefill(joining)
+        return events
+
+    def _decode(self) -> list[Event]:
+        mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+        output = self.model(
+            input_ids=self._last[:, None],
+            attention_mask=mask,
+            position_ids=self._positions[:, None],
+            **{CACHE: cache_from_tensors(self._cache)},
+            use_cache=True,
+        )
+        self._cache, self._mask = cache_tensors(getattr(output, CACHE)), mask
+        self._positions = self._positions + 1
+        return self._sample(output.logits[:, -1], self.running)
+
+    def _prefill(self, rows: list[Row]) -> list[Event]:
+        length = max(len(row.prompt_ids) for row in rows)
+        ids = torch.zeros(len(rows), length, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, length - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, device=self.device)
+            mask[i, length - len(row.prompt_ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        self._join(cache_tensors(getattr(output, CACHE)), mask, positions[:, -1] + 1)
+        self.running += rows
+        self._last = torch.cat([self._last, torch.zeros(len(rows), dtype=torch.long, device=self.device)])
+        return self._sample(output.logits[:, -1], rows, offset=len(self.running) - len(rows))
+
+    def _sample(self, logits: torch.Tensor, rows: list[Row], offset: int = 0) -> list[Event]:
+        """Choose each row's next token, record it, and let finished rows leave."""
+        tokens, logprobs = choose(logits, [r.params for r in rows], [r.generator for r in rows], self.generator)
+        self._last[offset : offset + len(rows)] = tokens
+        events = []
+        for row, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
+            row.output_ids.append(token)
+            row.logprobs.append(logprob)
+            if token in self.stop_token_ids or token in row.params.stop_token_ids:
+                row.finish_reason = "stop"
+            elif len(row.output_ids) >= row.params.max_new_tokens:
+                row.finish_reason = "length"
+            events.append(Event(row, token, row.finish_reason is not None))
+        if any(event.finished for event in events):
+            self._keep([i for i, row in enumerate(self.running) if row.finish_reason is None])
+        return events
+
+    # -- the batch's cache ------------------------------------------------------------------------
+    def _join(self, cache: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, positions: torch.Tensor):
+        """Append rows (their cache, mask and next positions) to the batch, left-padding the shorter side."""
+        if not self.running:
+            self._cache, self._mask, self._positions = cache, mask, positions
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        old = [(_left_pad(k, width, 2), _left_pad(v, width, 2)) for k, v in self._cache]
+        new = [(_left_pad(k, width, 2), _left_pad(v, width, 2)) for k, v in cache]
+        self._cache = [(torch.cat([ok, nk]), torch.cat([ov, nv])) for (ok, ov), (nk, nv) in zip(old, new)]
+        self._mask = torch.cat([_left_pad(self._mask, width, 1), _left_pad(mask, width, 1)])
+        self._positions = torch.cat([self._positions, positions])
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only rows ``keep`` of the batch, and drop the leading columns that no kept row uses."""
+        self.running = [self.running[i] for i in keep]
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        mask = self._mask[index]
+        used = mask.any(0).nonzero()
+        start = int(used[0]) if len(used) else mask.shape[1]
+        self._mask = mask[:, start:]
+        self._cache = [(k[index, :, start:], v[index, :, start:]) for k, v in self._cache]
+        self._positions, self._last = self._positions[index], self._last[index]
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``tensor`` with zeros before its columns along ``dim`` up to ``width``."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

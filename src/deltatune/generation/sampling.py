@@ -1,0 +1,98 @@
+"""Choosing each row's next token from its logits: greedy, or sampled with temperature, top-k and top-p.
+
+Per row::
+
+    greedy (temperature 0):  token = argmax(logits)
+    sampled:                 p = softmax(logits / temperature), keep the k most likely (top_k > 0), then the
+                             smallest most-likely set whose mass reaches top_p; renormalise; draw one token
+
+The log-probability returned with each token is log softmax(logits / temperature) at that token (the raw
+logits for greedy rows): the policy's own log-probability at sampling temperature, before top-k/top-p, as
+TRL's GRPO computes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from deltatune.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request is answered.
+
+    ``seed`` gives the row its own random stream, so its tokens do not depend on which other rows share
+    its batch; without one the engine's generator draws. ``stop_token_ids`` end a row (the token is kept in
+    its output, as a model's end-of-sequence token is part of what it generated).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature={self.temperature} must be 0 (greedy) or more")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k={self.top_k} must be 0 (off) or more")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def filtered_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
+    """``logits`` [rows, vocab] / temperature with every token outside a row's top-k / top-p set at -inf.
+
+    ``temperature``, ``top_k`` (0: off) and ``top_p`` are [rows]; the most likely token always stays.
+    """
+    scaled = logits.float() / temperature[:, None]
+    ordered, order = scaled.sort(dim=-1, descending=True)
+    rank = torch.arange(scaled.shape[-1], device=scaled.device)[None, :]
+    outside = (top_k[:, None] > 0) & (rank >= top_k[:, None])
+    probs = ordered.masked_fill(outside, float("-inf")).softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # the mass of the tokens ranked above each one
+    outside |= mass_before >= top_p[:, None]
+    outside[:, 0] = False
+    return scaled.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
+
+
+def choose(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    shared: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next token [rows], its log-probability [rows]) for each row of ``logits`` [rows, vocab].
+
+    A row with its own generator draws from it; the other sampled rows draw together from ``shared``.
+    """
+    device = logits.device
+    temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+    tokens = logits.argmax(-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        index = torch.tensor(sampled, device=device)
+        top_k = torch.tensor([params[i].top_k for i in sampled], device=device)
+        top_p = torch.tensor([params[i].top_p for i in sampled], device=device)
+        probs = filtered_logits(logits[index], temperature[index], top_k, top_p).softmax(-1)
+        own = [row for row, i in enumerate(sampled) if generators[i] is not None]
+        common = [row for row, i in enumerate(sampled) if generators[i] is None]
+        draws = torch.empty(len(sampled), dtype=torch.long, device=device)
+        for row in own:
+            draws[row] = torch.multinomial(probs[row], 1, generator=generators[sampled[row]])[0]
+        if common:
+            draws[common] = torch.multinomial(probs[common], 1, generator=shared)[:, 0]
+        tokens[index] = draws
+    log_probs = (logits.float() / temperature[:, None]).log_softmax(-1)  # greedy rows: temperature 1
+    return tokens, log_probs.gather(-1, tokens[:, None])[:, 0]

@@ -1,0 +1,181 @@
+"""The generation engine: batched greedy answers equal transformers' one-prompt ``generate``; rows that finish
+leave and rows that arrive join without changing anyone's tokens; seeded rows draw from their own stream;
+top-k / top-p keep exactly the tokens the plain formula keeps; the returned log-probabilities are the model's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deltatune
+from deltatune.errors import ConfigError
+from deltatune.generation.engine import GenerationEngine
+from deltatune.generation.sampling import SamplingParams, filtered_logits
+from tiny_models import perturb_trainable, tiny_llama
+
+PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [3, 4, 5, 6, 7, 8, 9, 10, 11], [40]]
+GREEDY = SamplingParams(max_new_tokens=10, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama().eval()
+
+
+@pytest.fixture(scope="module")
+def adapted():
+    delta = deltatune.get_delta_model(tiny_llama(), deltatune.LoraConfig(r=4, target_modules="all-linear"))
+    perturb_trainable(delta)
+    return delta.eval()
+
+
+def alone(model, prompt: list[int], new_tokens: int = 10) -> list[int]:
+    """transformers' greedy answer to one prompt (no padding anywhere)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("which", ["base", "lora"])
+def test_batched_greedy_answers_equal_one_prompt_generate(model, adapted, which):
+    network = model if which == "base" else adapted
+    rows = GenerationEngine(network).generate(PROMPTS, GREEDY)
+    for prompt, row in zip(PROMPTS, rows):
+        assert row.output_ids == alone(network, prompt)
+        assert row.finish_reason == "length"
+
+
+def test_a_row_that_stops_leaves_and_the_others_are_unchanged(model):
+    stop = alone(model, PROMPTS[0])[3]  # prompt 0's fourth greedy token ends it
+    engine = GenerationEngine(model, stop_token_ids=[stop])
+    rows = [engine.add(prompt, GREEDY) for prompt in PROMPTS]
+    widths = []
+    while engine.has_work:
+        engine.step()
+        widths.append(len(engine.running))
+    assert rows[0].output_ids == alone(model, PROMPTS[0])[:4] and rows[0].finish_reason == "stop"
+    for prompt, row in zip(PROMPTS[1:], rows[1:]):
+        expected = alone(model, prompt)
+        cut = expected.index(stop) + 1 if stop in expected else len(expected)
+        assert row.output_ids == expected[:cut]
+    assert widths[0] == len(PROMPTS) and min(widths) < len(PROMPTS)
+
+
+def test_a_row_that_arrives_mid_way_joins_the_running_batch(model):
+    engine = GenerationEngine(model)
+    first = engine.add(PROMPTS[2], GREEDY)
+    for _ in range(3):
+        engine.step()
+    late = engine.add(PROMPTS[1], GREEDY)
+    events = engine.step()
+    assert {id(event.row) for event in events} == {id(first), id(late)}  # decoded together from here on
+    while engine.has_work:
+        engine.step()
+    assert first.output_ids == alone(model, PROMPTS[2]) and late.output_ids == alone(model, PROMPTS[1])
+
+
+def test_columns_no_row_needs_are_dropped_when_the_longest_row_leaves(model):
+    engine = GenerationEngine(model)
+    long = engine.add(list(range(3, 30)), SamplingParams(max_new_tokens=1, temperature=0))
+    short = engine.add([7, 8], SamplingParams(max_new_tokens=5, temperature=0))
+    engine.step()
+    assert long.finish_reason == "length" and engine.running == [short]
+    assert engine._mask.shape[1] == 2 and engine._cache[0][0].shape[2] == 2  # the long prompt's columns went
+    while engine.has_work:
+        engine.step()
+    assert short.output_ids == alone(model, [7, 8], 5)
+
+
+def test_max_batch_queues_the_rest(model):
+    engine = GenerationEngine(model, max_batch=2)
+    rows = [engine.add(prompt, GREEDY) for prompt in PROMPTS]
+    engine.step()
+    assert len(engine.running) == 2 and len(engine.waiting) == 2
+    while engine.has_work:
+        engine.step()
+        assert len(engine.running) <= 2
+    assert [row.output_ids for row in rows] == [alone(model, prompt) for prompt in PROMPTS]
+
+
+def test_a_seeded_row_draws_the_same_tokens_whatever_shares_its_batch(model):
+    seeded = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)
+    by_itself = GenerationEngine(model).generate([PROMPTS[0]], seeded)[0].output_ids
+    crowd = GenerationEngine(model, seed=9).generate(
+        PROMPTS, [seeded, SamplingParams(max_new_tokens=3), SamplingParams(max_new_tokens=8, seed=5), GREEDY]
+    )
+    assert crowd[0].output_ids == by_itself
+    other_seed = GenerationEngine(model).generate([PROMPTS[0]], SamplingParams(max_new_tokens=8, seed=4))
+    assert other_seed[0].output_ids != by_itself
+
+
+def test_unseeded_rows_follow_the_engine_seed(model):
+    params = SamplingParams(max_new_tokens=8)
+    first = [row.output_ids for row in GenerationEngine(model, seed=1).generate(PROMPTS, params)]
+    again = [row.output_ids for row in GenerationEngine(model, seed=1).generate(PROMPTS, params)]
+    other = [row.output_ids for row in GenerationEngine(model, seed=2).generate(PROMPTS, params)]
+    assert first == again and first != other
+
+
+def test_top_k_of_one_is_greedy(model):
+    rows = GenerationEngine(model).generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=2.0, top_k=1))
+    assert [row.output_ids for row in rows] == [alone(model, prompt) for prompt in PROMPTS]
+
+
+def test_logprobs_are_the_models_at_the_sampling_temperature(model):
+    temperature = 0.7
+    row = GenerationEngine(model).generate([PROMPTS[0]], SamplingParams(max_new_tokens=6, temperature=temperature))[0]
+    ids = torch.tensor([PROMPTS[0] + row.output_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(PROMPTS[0]) - 1 : -1]
+    expected = (logits / temperature).log_softmax(-1).gather(-1, torch.tensor(row.output_ids)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(row.logprobs), expected, atol=1e-5, rtol=0)
+
+
+def test_filtered_logits_keep_what_the_plain_formula_keeps():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    top_k = torch.tensor([0, 5, 0, 3, 1, 0])
+    top_p = torch.tensor([1.0, 1.0, 0.5, 0.9, 1.0, 0.05])
+    temperature = torch.tensor([1.0, 0.5, 2.0, 1.0, 1.0, 0.8])
+    kept = filtered_logits(logits, temperature, top_k, top_p).isfinite()
+    for row in range(6):
+        probs = (logits[row] / temperature[row]).softmax(-1)
+        order = probs.argsort(descending=True).tolist()
+        allowed = order[: int(top_k[row])] if top_k[row] > 0 else order
+        mass = probs[allowed] / probs[allowed].sum()
+        keep, total = [], 0.0
+        for token, p in zip(allowed, mass.tolist()):  # the smallest most-likely set reaching top_p
+            keep.append(token)
+            total += p
+            if total >= top_p[row]:
+                break
+        assert sorted(kept[row].nonzero()[:, 0].tolist()) == sorted(keep), row
+
+
+def test_cancel_frees_a_running_row_at_once(model):
+    engine = GenerationEngine(model)
+    rows = [engine.add(prompt, GREEDY) for prompt in PROMPTS[:2]]
+    engine.step()
+    engine.cancel(rows[0])
+    assert engine.running == [rows[1]] and rows[0].finish_reason == "cancelled"
+    while engine.has_work:
+        engine.step()
+    assert rows[1].output_ids == alone(model, PROMPTS[1])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_new_tokens", 0, "max_new_tokens=0 must be at least 1"),
+        ("temperature", -1.0, "temperature=-1.0 must be 0"),
+        ("top_p", 0.0, r"top_p=0.0 must be in \(0, 1\]"),
+        ("top_k", -2, "top_k=-2 must be 0"),
+    ],
+)
+def test_bad_sampling_settings_are_refused_in_one_line(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        SamplingParams(**{field: value})
+
+
+def test_an_empty_prompt_is_refused(model):
+    with pytest.raises(ConfigError, match="at least one token"):
+        GenerationEngine(model).add([], GREEDY)
