@@ -3,6 +3,7 @@
     .venv/bin/python scripts/compare_methods.py [max_steps=60] [key=value ...]
     .venv/bin/python scripts/compare_methods.py --only p_tuning [key=value ...]   # re-run some, keep the rest
     .venv/bin/python scripts/compare_methods.py --render                          # rewrite the docs only
+    .venv/bin/python scripts/compare_methods.py --parallel 2 max_steps=200        # two runs at once
 
 Each method runs as its own `deltatune train` process with nothing set but the budget (same data,
 split, seed, steps and batch; held-out loss every `eval_steps`), so its peak resident memory (whole
@@ -25,6 +26,7 @@ import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -54,12 +56,14 @@ BUDGET = ["max_steps=60", "eval_steps=10", "eval_examples=48"]
 UNSEEN_TEXT_ROWS = 64
 
 
-def run(method: str, common: list[str], out: Path) -> dict:
+def run(method: str, common: list[str], out: Path, environment: dict | None = None) -> dict:
     """Run one training process; return its metrics.json plus its peak RSS and wall time."""
     keys = METHOD_KEYS.get(method, [f"method={method}"])
     args = [sys.executable, "-m", "deltatune.cli.main", "train", *keys, f"output_dir={out}", *common]
     started = time.perf_counter()
-    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment
+    )
     _, status, usage = os.wait4(process.pid, 0)
     stderr = process.stderr.read()
     if os.waitstatus_to_exitcode(status) != 0:
@@ -73,25 +77,29 @@ def run(method: str, common: list[str], out: Path) -> dict:
         "curve": curve,
         "peak_rss_mib": usage.ru_maxrss / 1024,
         "wall_s": wall_s,
-        "unseen_text": unseen_text_losses(out / "adapter", out.parent / "unseen-text.jsonl"),
+        "unseen_text": unseen_text_losses(out / "adapter", out.parent / "unseen-text.jsonl", environment),
     }
 
 
-def unseen_text_losses(adapter: Path, data: Path) -> dict[str, float]:
-    """{"base", "adapter"}: mean per-token loss on the unseen text, through ``deltatune eval``."""
-    if not data.exists():
-        import pydoc_data.topics
+def unseen_text(path: Path) -> None:
+    """Write the unseen text: paragraphs of Python's language reference (``pydoc_data.topics``), one per row."""
+    import pydoc_data.topics
 
-        paragraphs = [
-            paragraph.strip()
-            for _, text in sorted(pydoc_data.topics.topics.items())
-            for paragraph in text.split("\n\n")
-            if len(paragraph) > 300 and "::=" not in paragraph
-        ]
-        rows = [json.dumps({"text": paragraph}) for paragraph in paragraphs[:UNSEEN_TEXT_ROWS]]
-        data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    paragraphs = [
+        paragraph.strip()
+        for _, text in sorted(pydoc_data.topics.topics.items())
+        for paragraph in text.split("\n\n")
+        if len(paragraph) > 300 and "::=" not in paragraph
+    ]
+    rows = [json.dumps({"text": paragraph}) for paragraph in paragraphs[:UNSEEN_TEXT_ROWS]]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+def unseen_text_losses(adapter: Path, data: Path, environment: dict | None = None) -> dict[str, float]:
+    """{"base", "adapter"}: mean per-token loss on the unseen text, through ``deltatune eval``."""
     args = ["eval", "--adapter", str(adapter), "--data", str(data), "--max-examples", str(UNSEEN_TEXT_ROWS)]
-    done = subprocess.run([sys.executable, "-m", "deltatune.cli.main", *args], cwd=ROOT, capture_output=True, text=True)
+    command = [sys.executable, "-m", "deltatune.cli.main", *args]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=environment)
     if done.returncode != 0:
         raise SystemExit(f"deltatune eval {adapter} failed:\n{done.stderr[-2000:]}")
     losses = dict(
@@ -104,29 +112,38 @@ def unseen_text_losses(adapter: Path, data: Path) -> dict[str, float]:
 
 def main(argv: list[str]) -> None:
     """``--only a,b`` re-runs those methods and keeps the others' results from the last run at that budget;
-    ``--render`` only rewrites the docs from the kept results."""
+    ``--render`` only rewrites the docs from the kept results; ``--parallel N`` runs N trainings at once, each
+    on one thread (their speed columns are then one thread's)."""
     folder = ROOT / "outputs" / "methods"
+    parallel = 1
+    if argv[:1] == ["--parallel"]:
+        parallel, argv = int(argv[1]), argv[2:]
     if argv[:1] != ["--render"]:
         only = argv[1].split(",") if argv[:1] == ["--only"] else METHODS
         common = _effective([*BUDGET, *(argv[2:] if only is not METHODS else argv)])
         saved = folder / f"results-{_steps(common)}.json"
         previous = dict(json.loads(saved.read_text())["rows"]) if only is not METHODS else {}
-        rows = []
-        for method in METHODS:
-            if method not in only:
-                rows.append((method, previous[method]))
-                continue
-            result = {**run(method, common, folder / method), "defaults": _defaults(method)}
+        folder.mkdir(parents=True, exist_ok=True)
+        unseen_text(folder / "unseen-text.jsonl")
+        environment = {**os.environ, "OMP_NUM_THREADS": "1"} if parallel > 1 else None
+
+        def one(method: str) -> dict:
+            result = {**run(method, common, folder / method, environment), "defaults": _defaults(method)}
             print(
                 f"{method:<14} loss {result['eval_before']['eval_loss']:.3f} -> "
                 f"{result['eval_after']['eval_loss']:.3f}  "
                 f"trainable {result['trainable_params']:,}  peak {result['peak_rss_mib']:.0f} MiB",
                 flush=True,
             )
-            rows.append((method, result))
+            return result
+
+        with ThreadPoolExecutor(parallel) as pool:
+            fresh = dict(zip([m for m in METHODS if m in only], pool.map(one, [m for m in METHODS if m in only])))
+        rows = [(method, fresh[method] if method in fresh else previous[method]) for method in METHODS]
+        threads = "; one thread per run, several runs at once" if parallel > 1 else ""
         machine = (
-            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
-            f"transformers {transformers.__version__}; {datetime.date.today().isoformat()}"
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores{threads}; "
+            f"torch {torch.__version__}, transformers {transformers.__version__}; {datetime.date.today().isoformat()}"
         )
         saved.write_text(json.dumps({"budget": common, "machine": machine, "rows": rows}, indent=1), encoding="utf-8")
     budgets = sorted(
