@@ -122,7 +122,7 @@ def main(argv: list[str]) -> None:
         only = argv[1].split(",") if argv[:1] == ["--only"] else METHODS
         common = _effective([*BUDGET, *(argv[2:] if only is not METHODS else argv)])
         saved = folder / f"results-{_steps(common)}.json"
-        previous = dict(json.loads(saved.read_text())["rows"]) if only is not METHODS else {}
+        previous = dict(json.loads(saved.read_text())["rows"]) if only is not METHODS and saved.exists() else {}
         folder.mkdir(parents=True, exist_ok=True)
         unseen_text(folder / "unseen-text.jsonl")
         environment = {**os.environ, "OMP_NUM_THREADS": "1"} if parallel > 1 else None
@@ -139,7 +139,7 @@ def main(argv: list[str]) -> None:
 
         with ThreadPoolExecutor(parallel) as pool:
             fresh = dict(zip([m for m in METHODS if m in only], pool.map(one, [m for m in METHODS if m in only])))
-        rows = [(method, fresh[method] if method in fresh else previous[method]) for method in METHODS]
+        rows = [(m, fresh[m] if m in fresh else previous[m]) for m in METHODS if m in fresh or m in previous]
         threads = "; one thread per run, several runs at once" if parallel > 1 else ""
         machine = (
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores{threads}; "
