@@ -7,6 +7,8 @@ away from the identity (IA3's ``init_ia3_weights=False``).
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -117,3 +119,24 @@ def lifecycle_keeps_the_base(model: DeltaModel, make: Callable[[], nn.Module], x
         plain = model.merge_and_unload()
         assert not any(getattr(m, "is_delta_layer", False) for m in plain.modules())
         torch.testing.assert_close(first(plain(x)), before, atol=MERGE_ATOL, rtol=0)
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+PEFT_BOOKKEEPING = {"peft_type", "auto_mapping", "peft_version"}  # written by peft itself, not options
+
+
+def config_and_doc_have_peft_s_fields(method: str, doc: str) -> None:
+    """deltatune's config class has exactly peft's fields (with peft's defaults), and ``docs/<doc>``'s
+    "Config fields" table has a row for each of the method's own."""
+    peft_fields = {f.name: f for f in dataclasses.fields(getattr(peft, method)) if f.init}
+    ours = {f.name: f for f in dataclasses.fields(getattr(deltatune, method))}
+    assert set(ours) == set(peft_fields) - PEFT_BOOKKEEPING
+    for name, field in ours.items():
+        if field.default is not dataclasses.MISSING:
+            assert field.default == peft_fields[name].default, name
+    section = (DOCS / doc).read_text(encoding="utf-8").split("## Config fields", 1)[1].split("\n## ", 1)[0]
+    rows = {
+        match for line in section.splitlines() if line.startswith("| `") for match in re.findall(r"^\| `(\w+)`", line)
+    }
+    own = set(ours) - {f.name for f in dataclasses.fields(deltatune.DeltaConfig)}
+    assert rows == own, sorted(rows ^ own)

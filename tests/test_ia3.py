@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import bitsandbytes as bnb
 import peft
 import pytest
 import torch
@@ -16,8 +17,13 @@ import deltatune
 from deltatune import DeltaModel, IA3Config, get_delta_model
 from deltatune.errors import ConfigError, MergeError
 from deltatune.tuners.ia3.layer import IA3Layer
-from family_checks import lifecycle_keeps_the_base, row_matches_peft_and_merges_alike, two_adapters_match_peft
-from peft_models import example, maker
+from family_checks import (
+    config_and_doc_have_peft_s_fields,
+    lifecycle_keeps_the_base,
+    row_matches_peft_and_merges_alike,
+    two_adapters_match_peft,
+)
+from peft_models import MLP, example, maker
 from test_lora_conv import DIRECTIONS
 from test_training import BATCH, logits, tiny, train
 from tiny_models import perturb_trainable, tiny_llama
@@ -69,6 +75,10 @@ TWO_ADAPTERS = {
     "IA3 Different": (ff(["lin0"], ["lin0"]) | RANDOM, ff(["lin1"], ["lin1"]) | RANDOM),
 }
 REFUSED: dict[str, str] = {}  # every peft IA3 row passes
+
+
+def test_the_config_has_peft_s_fields_and_docs_ia3_md_a_row_for_each():
+    config_and_doc_have_peft_s_fields("IA3Config", "ia3.md")
 
 
 def test_the_table_holds_all_of_peft_0_21_2_ia3_rows():
@@ -199,6 +209,12 @@ def test_unknown_architectures_need_feedforward_modules_as_in_peft():
         peft.get_peft_model(maker("MLP")(), peft.IA3Config(target_modules=["lin0"]))
     with pytest.raises(ConfigError, match="^IA3 has no default feedforward_modules for model_type=None"):
         get_delta_model(maker("MLP")(), IA3Config(target_modules=["lin0"]))
+
+
+def test_a_quantised_base_layer_is_refused_by_name():
+    model = MLP(lambda fan_in, fan_out: bnb.nn.Linear4bit(fan_in, fan_out, quant_type="nf4")).to("cpu")
+    with pytest.raises(ConfigError, match=r"^IA3 on the quantised layer lin0 \(Linear4bit\) is not supported"):
+        get_delta_model(model, IA3Config(target_modules=["lin0"], feedforward_modules=[]))
 
 
 # -- a real model -----------------------------------------------------------------------------------

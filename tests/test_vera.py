@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import bitsandbytes as bnb
 import peft
 import pytest
 import torch
@@ -17,8 +18,13 @@ import deltatune
 from deltatune import DeltaModel, VeraConfig, get_delta_model
 from deltatune.errors import AdapterLoadError, ConfigError
 from deltatune.tuners.vera.layer import VeraLayer
-from family_checks import lifecycle_keeps_the_base, row_matches_peft_and_merges_alike, two_adapters_match_peft
-from peft_models import example, maker
+from family_checks import (
+    config_and_doc_have_peft_s_fields,
+    lifecycle_keeps_the_base,
+    row_matches_peft_and_merges_alike,
+    two_adapters_match_peft,
+)
+from peft_models import MLP, example, maker
 from test_lora_conv import DIRECTIONS
 from test_training import BATCH, logits, tiny, train
 from tiny_models import perturb_trainable, tiny_llama
@@ -43,6 +49,10 @@ ROWS: dict[str, tuple[str, dict]] = {
 # lin0 and lin1 with two adapters, which it refuses (see test_a_second_adapter_wider_than_the_projections...)
 TWO_ADAPTERS = {"VeRA Same": ({"target_modules": ["lin0"]} | RANDOM, {"target_modules": ["lin0"]} | RANDOM)}
 REFUSED: dict[str, str] = {}  # every peft VeRA row passes
+
+
+def test_the_config_has_peft_s_fields_and_docs_vera_md_a_row_for_each():
+    config_and_doc_have_peft_s_fields("VeraConfig", "vera.md")
 
 
 def test_the_table_holds_all_of_peft_0_21_2_vera_rows():
@@ -185,6 +195,12 @@ def test_a_peft_saved_config_reads_back_with_the_same_fields(tmp_path):
     config = deltatune.DeltaConfig.from_pretrained(tmp_path)
     assert isinstance(config, VeraConfig)
     assert {key: getattr(config, key) for key in options} == options
+
+
+def test_a_quantised_base_layer_is_refused_by_name():
+    model = MLP(lambda fan_in, fan_out: bnb.nn.Linear4bit(fan_in, fan_out, quant_type="nf4")).to("cpu")
+    with pytest.raises(ConfigError, match=r"^VeRA on the quantised layer lin0 \(Linear4bit\) is not supported"):
+        get_delta_model(model, VeraConfig(target_modules=["lin0"], r=8))
 
 
 # -- a real model -----------------------------------------------------------------------------------

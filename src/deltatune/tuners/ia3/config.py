@@ -94,6 +94,8 @@ class IA3Config(DeltaConfig):
     """
 
     peft_type: ClassVar[str] = "IA3"
+    # ``deltatune train``: peft's per-architecture targets (target_modules=None), and a learning rate ten times
+    # LoRA's: each trained number scales a whole row or column of a weight, starting from one.
     run_defaults: ClassVar[dict[str, Any]] = {"learning_rate": 1e-2}
 
     target_modules: list[str] | str | None = None

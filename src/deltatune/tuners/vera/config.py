@@ -51,6 +51,9 @@ class VeraConfig(DeltaConfig):
     """
 
     peft_type: ClassVar[str] = "VERA"
+    # ``deltatune train``: every linear layer (peft's default, q_proj and v_proj, trains 38k numbers on SmolLM2-135M),
+    # and a learning rate for vectors that start at zero (λb) and move the model only through them.
+    train_defaults: ClassVar[dict[str, Any]] = {"target_modules": "all-linear"}
     run_defaults: ClassVar[dict[str, Any]] = {"learning_rate": 1e-2}
 
     r: int = 256
