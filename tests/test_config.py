@@ -199,7 +199,7 @@ def test_peft_file_with_an_unsupported_feature_is_refused(tmp_path: Path, key: s
 @pytest.mark.parametrize(
     ("data", "match"),
     [
-        ({"peft_type": "IA3", "target_modules": ["q"]}, "IA3"),
+        ({"peft_type": "FOURIERFT", "n_frequency": 1000}, "FOURIERFT"),
         ({"peft_type": "LORA", "r": 0}, "r=0"),
         ({"peft_type": "LORA", "init_lora_weights": "mica"}, "mica"),
         ({"peft_type": "LORA", "use_bdlora": {"target_modules_bd_a": ["q_proj"]}}, "use_bdlora"),

@@ -14,12 +14,14 @@ from deltatune.errors import (
     TargetError,
 )
 from deltatune.tuners.bottleneck.config import BottleneckConfig
+from deltatune.tuners.ia3.config import IA3Config
 from deltatune.tuners.lora.config import LoraConfig
 from deltatune.tuners.prompt.config import (
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
 )
+from deltatune.tuners.vera.config import VeraConfig
 
 _LAZY = {"DeltaModel": "model", "get_delta_model": "model"}  # these import torch: loaded on first use
 
@@ -33,6 +35,7 @@ __all__ = [
     "DeltaConfig",
     "DeltaModel",
     "DeltaTuneError",
+    "IA3Config",
     "LoraConfig",
     "MergeError",
     "PrefixTuningConfig",
@@ -40,6 +43,7 @@ __all__ = [
     "PromptTuningConfig",
     "SaveError",
     "TargetError",
+    "VeraConfig",
     "get_delta_model",
 ]
 

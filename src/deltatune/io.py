@@ -44,6 +44,9 @@ ADAPTER_CONTAINERS = frozenset(
         "adapter_down",
         "adapter_up",
         "trainable_tokens_delta",
+        "ia3_l",
+        "vera_lambda_b",
+        "vera_lambda_d",
     }
 )
 # Containers dropped together with the adapter name (the copy replaces the module itself).

@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING
 from deltatune.config import DeltaConfig
 from deltatune.errors import ConfigError
 from deltatune.tuners.bottleneck.config import BottleneckConfig
+from deltatune.tuners.ia3.config import IA3Config
 from deltatune.tuners.lora.config import LoraConfig
 from deltatune.tuners.prompt.config import (
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
 )
+from deltatune.tuners.vera.config import VeraConfig
 
 if TYPE_CHECKING:
     from deltatune.tuners.base import Tuner
@@ -29,6 +31,8 @@ _TUNERS: dict[type[DeltaConfig], str] = {  # config class -> "module.TunerClass"
     PromptTuningConfig: "prompt.prompt_tuning.PromptTuningTuner",
     PromptEncoderConfig: "prompt.prompt_tuning.PTuningTuner",
     PrefixTuningConfig: "prompt.prefix.PrefixTuner",
+    IA3Config: "ia3.tuner.IA3Tuner",
+    VeraConfig: "vera.tuner.VeraTuner",
 }
 
 

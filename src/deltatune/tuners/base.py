@@ -62,6 +62,23 @@ class Tuner:
         """Base-model parameters the adapter trains and saves too (LoRA's ``bias``); none by default."""
         return {}
 
+    def trained_biases(self, model: nn.Module, bias: str, adapter_name: str) -> dict[str, nn.Parameter]:
+        """peft's ``bias`` option: "all" trains every bias of the model (not the copies of ``modules_to_save``),
+        "<method>_only" (``lora_only``, ``vera_only``) the biases of the layers holding ``adapter_name``."""
+        if bias == "all":
+            return {
+                name: param
+                for name, param in model.named_parameters()
+                if name.endswith("bias") and ".original_module." not in name and ".modules_to_save." not in name
+            }
+        if bias.endswith("_only"):
+            return {
+                f"{name}.base_layer.bias": layer.base_layer.bias
+                for name, layer in self.layers(model)
+                if adapter_name in layer.adapter_names and getattr(layer.base_layer, "bias", None) is not None
+            }
+        return {}
+
     def optional_file_parameters(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
         """Base-model parameters a peft file may carry and that are loaded when present; none by default."""
         return {}

@@ -117,6 +117,13 @@ def shares_weight(model: nn.Module, name: str) -> bool:
     )
 
 
+def stores_fan_in_fan_out(model: nn.Module, targets: Iterable[str]) -> bool:
+    """Whether one of ``targets`` (wrapped already or not) is a GPT-2 ``Conv1D``, whose weight is stored [in, out]:
+    the ``fan_in_fan_out`` that peft records in the config of an adapter on these modules."""
+    wanted = set(targets)
+    return any(isinstance(module, Conv1D) for name, module in walk_modules(model) if name in wanted)
+
+
 def walk_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """``named_modules()`` as the user's model had it: an injected delta layer shows as its base module.
 
@@ -191,7 +198,8 @@ def find_targets(model: nn.Module, config: Any) -> list[str]:
     for name, module in walk_modules(model):
         if not name_matches(name, spec):
             continue
-        if config.exclude_modules and name_matches(name, config.exclude_modules):
+        excluded = getattr(config, "exclude_modules", None)  # a field some methods' configs lack (VeRA's)
+        if excluded and name_matches(name, excluded):
             continue
         if any(re.match(rf"(^|.*\.){entry}($|\..*)", name) for entry in saved):
             continue
@@ -214,8 +222,9 @@ def find_targets(model: nn.Module, config: Any) -> list[str]:
 
 
 def _in_layers(name: str, config: Any) -> bool:
-    """True when ``name`` is in one of ``layers_to_transform`` (None or [] means every layer, as in peft)."""
-    wanted = config.layers_to_transform
+    """True when ``name`` is in one of ``layers_to_transform`` (None or [] means every layer, as in peft; a config
+    without the field, such as IA3's, adapts every layer)."""
+    wanted = getattr(config, "layers_to_transform", None)
     if wanted is None or wanted == []:
         return True
     index = layer_index(name, config.layers_pattern)

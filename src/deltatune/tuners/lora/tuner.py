@@ -30,7 +30,7 @@ from deltatune.tuners.lora.param import (
     parameter_targets,
 )
 from deltatune.tuners.lora.quantized import LoraQuantLinear
-from deltatune.tuners.targeting import pattern_value, shares_weight
+from deltatune.tuners.targeting import pattern_value, shares_weight, stores_fan_in_fan_out
 
 
 def _layer_class(module: nn.Module) -> type[LoraLayer]:
@@ -93,19 +93,7 @@ class LoraTuner(Tuner):
         self, model: nn.Module, config: LoraConfig, adapter_name: str
     ) -> dict[str, nn.Parameter]:
         """``bias="all"``: every bias of the model; ``"lora_only"``: biases of the adapted layers."""
-        if config.bias == "all":
-            return {
-                name: param
-                for name, param in model.named_parameters()
-                if name.endswith("bias") and ".original_module." not in name and ".modules_to_save." not in name
-            }
-        if config.bias == "lora_only":
-            return {
-                f"{name}.base_layer.bias": layer.base_layer.bias
-                for name, layer in self.layers(model)
-                if adapter_name in layer.adapter_names and getattr(layer.base_layer, "bias", None) is not None
-            }
-        return {}
+        return self.trained_biases(model, config.bias, adapter_name)
 
     def optional_file_parameters(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
         """peft saves the full base weight of an adapted embedding (to carry resized vocabularies)."""
@@ -189,11 +177,7 @@ def _check_attention(name: str, base: nn.MultiheadAttention, config: LoraConfig)
 
 def _sync_fan_in_fan_out(model: nn.Module, config: LoraConfig, targets: list[str]) -> None:
     """Conv1D stores [in, out]; record ``fan_in_fan_out=True`` as peft does, so saved files agree."""
-    kinds = {isinstance(_base(model.get_submodule(name)), Conv1D) for name in targets}
-    if True in kinds:
-        config.fan_in_fan_out = True
-    elif config.fan_in_fan_out:
-        config.fan_in_fan_out = False
+    config.fan_in_fan_out = stores_fan_in_fan_out(model, targets)
 
 
 def _base(module: nn.Module) -> nn.Module:

@@ -1,0 +1,1 @@
+"""(IA)³ (Liu et al., 2022): learned vectors rescaling activations (peft's IA3)."""
