@@ -228,6 +228,35 @@ class DeltaModel(nn.Module):
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
 
+    # -- training hooks (a trainer calls them; methods with their own training terms implement them) ------
+    def start_training(self, total_steps: int) -> None:
+        """A training run of ``total_steps`` optimizer steps begins (AdaLoRA takes its ``total_step`` from it)."""
+        for tuner, adapters in self._training_adapters():
+            tuner.start_training(self.base_model, adapters, total_steps)
+
+    def regularization_loss(self) -> torch.Tensor | None:
+        """The term the adapters that train add to the loss, once per optimizer step (AdaLoRA's orthogonality
+        regulariser); None when no method has one."""
+        terms = [tuner.regularization_loss(self.base_model, adapters) for tuner, adapters in self._training_adapters()]
+        terms = [term for term in terms if term is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Call after optimizer step ``step`` (0 = the first) and before the gradients are zeroed (AdaLoRA's rank
+        allocation reads them)."""
+        for tuner, adapters in self._training_adapters():
+            tuner.after_optimizer_step(self.base_model, adapters, step)
+
+    def _training_adapters(self):
+        """(tuner, {name: config}) of the active adapters that train."""
+        grouped: dict[type, tuple] = {}
+        for name in self._active:
+            config = self.peft_config[name]
+            if not config.inference_mode:
+                tuner = tuner_for(config)
+                grouped.setdefault(type(tuner), (tuner, {}))[1][name] = config
+        return list(grouped.values())
+
     # -- files --------------------------------------------------------------------------------
     def save_pretrained(
         self,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from deltatune.config import DeltaConfig
 from deltatune.errors import ConfigError
+from deltatune.tuners.adalora.config import AdaLoraConfig
 from deltatune.tuners.bottleneck.config import BottleneckConfig
 from deltatune.tuners.lora.config import LoraConfig
 from deltatune.tuners.prompt.config import (
@@ -29,6 +30,7 @@ _TUNERS: dict[type[DeltaConfig], str] = {  # config class -> "module.TunerClass"
     PromptTuningConfig: "prompt.prompt_tuning.PromptTuningTuner",
     PromptEncoderConfig: "prompt.prompt_tuning.PTuningTuner",
     PrefixTuningConfig: "prompt.prefix.PrefixTuner",
+    AdaLoraConfig: "adalora.tuner.AdaLoraTuner",
 }
 
 
