@@ -17,6 +17,7 @@ from transformers import TrainingArguments
 import deltatune
 from deltatune import DeltaModel
 from deltatune.errors import ConfigError
+from deltatune.io import read_adapter_weights
 from deltatune.train.trainer import DeltaTrainer
 from deltatune.tuners.adalora.layer import AdaLoraLayer
 from tiny_models import _seeded, perturb_trainable, tiny_llama, token_inputs
@@ -129,3 +130,76 @@ def test_delta_trainer_runs_the_allocator_as_peft_does(tmp_path):
     assert config.rank_pattern == peft_pattern(peft_side.peft_config["default"].rank_pattern)
     delta_side.save_pretrained(tmp_path / "saved")
     assert deltatune.AdaLoraConfig.from_pretrained(tmp_path / "saved").total_step == steps
+
+
+def train_both(peft_side, delta_side, steps: int) -> None:
+    """``steps`` SGD steps on the same batch, each library with its own allocator."""
+    inputs = batch()
+    optimizers = [
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR) for model in (peft_side, delta_side)
+    ]
+    delta_side.start_training(SCHEDULE["total_step"])
+    for step in range(steps):
+        peft_side(**inputs).loss.backward()
+        (delta_side(**inputs).loss + delta_side.regularization_loss()).backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        peft_side.base_model.update_and_allocate(step)
+        delta_side.after_optimizer_step(step)
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("direction", ["peft_to_deltatune", "deltatune_to_peft"])
+def test_allocated_adapter_saves_pruned_ranks_and_loads_in_the_other_library(direction, tmp_path):
+    peft_side, delta_side = peft_and_delta(tmp_path / "start")
+    train_both(peft_side, delta_side, STEPS)
+    ranks = {key: sum(mask) for key, mask in delta_side.peft_config["default"].rank_pattern.items()}
+    saved = tmp_path / "allocated"
+    (peft_side if direction == "peft_to_deltatune" else delta_side).save_pretrained(saved)
+    shapes = {key: tuple(t.shape) for key, t in read_adapter_weights(saved).items()}
+    for key, rank in ranks.items():
+        module = f"base_model.model.{key.removesuffix('.lora_E')}"
+        assert shapes[f"{module}.lora_E"] == (rank, 1) and shapes[f"{module}.lora_A"] == (rank, 32)
+        assert shapes[f"{module}.lora_B"][1] == rank
+    assert deltatune.AdaLoraConfig.from_pretrained(saved).rank_pattern == delta_side.peft_config["default"].rank_pattern
+    inputs = token_inputs(batch=2, length=7)  # no labels: peft's AdaLoRA, loaded for inference, fails on a loss
+    with torch.no_grad():
+        expected = delta_side.eval()(**inputs).logits
+        torch.testing.assert_close(peft_side.eval()(**inputs).logits, expected, atol=1e-5, rtol=0)
+        loaded_here = DeltaModel.from_pretrained(tiny_llama(), saved).eval()
+        loaded_in_peft = peft.PeftModel.from_pretrained(tiny_llama(), saved).eval()
+        assert {name: layer.r["default"] for name, layer in delta_layers(loaded_here).items()} == {
+            key.removesuffix(".lora_E"): rank for key, rank in ranks.items()
+        }
+        torch.testing.assert_close(loaded_here(**inputs).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(loaded_in_peft(**inputs).logits, expected, atol=1e-5, rtol=0)
+        loaded_here.merge_adapter()
+        torch.testing.assert_close(loaded_here(**inputs).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_a_pruned_adapter_is_not_trained_again_and_two_trainable_adapters_are_refused(tmp_path):
+    peft_side, delta_side = peft_and_delta(tmp_path / "start")
+    train_both(peft_side, delta_side, STEPS)
+    delta_side.save_pretrained(tmp_path / "allocated")
+    loaded = DeltaModel.from_pretrained(tiny_llama(), tmp_path / "allocated", is_trainable=True)
+    with pytest.raises(ConfigError, match="was loaded with pruned ranks"):
+        loaded.start_training(8)
+    model = deltatune.get_delta_model(tiny_llama(), deltatune.AdaLoraConfig(**OPTIONS))
+    model.add_adapter("other", deltatune.AdaLoraConfig(**OPTIONS))
+    model.set_adapter(["default", "other"])
+    with pytest.raises(ConfigError, match="one adapter at a time"):
+        model.regularization_loss()
+
+
+def test_total_step_is_needed_and_the_schedule_must_fit(tmp_path):
+    model = deltatune.get_delta_model(tiny_llama(), deltatune.AdaLoraConfig(**{**OPTIONS, "total_step": None}))
+    (model(**batch()).loss + model.regularization_loss()).backward()
+    with pytest.raises(ConfigError, match="needs total_step"):
+        model.after_optimizer_step(0)
+    with pytest.raises(ConfigError, match="leave no budgeting phase"):
+        model.start_training(3)  # tinit 1 >= 3 - tfinal 2
+    model.start_training(12)
+    assert model.peft_config["default"].total_step == 12
+    with pytest.raises(ConfigError, match="leave no budgeting phase"):
+        deltatune.AdaLoraConfig(**{**OPTIONS, "total_step": 3})

@@ -101,9 +101,9 @@ class AdaLoraTuner(LoraTuner):
                 f"AdaLoRA adapter {name!r} was loaded with pruned ranks (rank_pattern, e.g. {pruned[0]}); its rank "
                 f"allocation is over, so it cannot be trained again as AdaLoRA; train a new adapter instead"
             )
+        config.check_schedule(total_steps if config.total_step is None else config.total_step)
         if config.total_step is None:
             config.total_step = total_steps
-        config.check_schedule(config.total_step)
 
     def regularization_loss(self, model: nn.Module, adapters: Mapping[str, DeltaConfig]) -> torch.Tensor | None:
         """orth_reg_weight · mean over every A and B of ||A Aᵀ − I||_F and ||Bᵀ B − I||_F (as peft: not squared)."""
