@@ -203,3 +203,28 @@ def test_total_step_is_needed_and_the_schedule_must_fit(tmp_path):
     assert model.peft_config["default"].total_step == 12
     with pytest.raises(ConfigError, match="leave no budgeting phase"):
         deltatune.AdaLoraConfig(**{**OPTIONS, "total_step": 3})
+
+
+def test_tiny_llama_trains_with_the_defaults_and_round_trips(tmp_path):
+    """From peft's start (E = 0: the base model), AdamW steps with the regulariser and allocator lower the loss;
+    the saved (pruned) adapter reloads to identical logits."""
+    config = deltatune.AdaLoraConfig(target_modules="all-linear", init_r=4, target_r=2, total_step=12, lora_alpha=8)
+    model = deltatune.get_delta_model(tiny_llama(), config).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    inputs = batch()
+    model.start_training(12)
+    losses = []
+    for step in range(12):
+        loss = model(**inputs).loss
+        losses.append(loss.item())
+        (loss + model.regularization_loss()).backward()
+        optimizer.step()
+        model.after_optimizer_step(step)
+        optimizer.zero_grad()
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert sum(sum(mask) for mask in config.rank_pattern.values()) == 2 * len(config.rank_pattern)
+    model.save_pretrained(tmp_path)
+    model.eval()
+    loaded = DeltaModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=1e-6, rtol=0)
