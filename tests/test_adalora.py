@@ -19,7 +19,8 @@ from deltatune import DeltaModel
 from deltatune.errors import ConfigError
 from peft_models import EmbConv1D, example, maker
 from test_lora_conv import DIRECTIONS, MERGE_ATOL, assert_same_model, save_and_load
-from tiny_models import _seeded, perturb_trainable
+from quantised_models import quantised
+from tiny_models import _seeded, perturb_trainable, tiny_llama
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning"),
@@ -203,3 +204,12 @@ def test_adapter_config_round_trips_with_peft_field_names(tmp_path):
         6,
     )
     assert saved.rank_pattern is None
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_a_quantised_base_is_refused_by_name(mode, tmp_path):
+    """peft has bitsandbytes AdaLoRA layers; deltatune does not build them and says so."""
+    tiny_llama().save_pretrained(tmp_path)
+    model = quantised(tmp_path, mode)
+    with pytest.raises(ConfigError, match="AdaLoRA over a quantised base .* is not built in deltatune"):
+        deltatune.get_delta_model(model, deltatune.AdaLoraConfig(target_modules=["q_proj"]))
