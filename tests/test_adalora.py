@@ -18,8 +18,8 @@ import deltatune
 from deltatune import DeltaModel
 from deltatune.errors import ConfigError
 from peft_models import EmbConv1D, example, maker
-from test_lora_conv import DIRECTIONS, MERGE_ATOL, assert_same_model, save_and_load
 from quantised_models import quantised
+from test_lora_conv import DIRECTIONS, MERGE_ATOL, assert_same_model, save_and_load
 from tiny_models import _seeded, perturb_trainable, tiny_llama
 
 pytestmark = [

@@ -228,3 +228,29 @@ def test_tiny_llama_trains_with_the_defaults_and_round_trips(tmp_path):
     loaded = DeltaModel.from_pretrained(tiny_llama(), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=1e-6, rtol=0)
+
+
+def test_a_pruned_checkpoint_loads_back_into_the_adapter_that_wrote_it(tmp_path):
+    """Resuming a run, or reloading its best checkpoint, puts a file pruned by its rank_pattern back into the
+    live adapter's full-rank layers: the kept triplets in place, the pruned ones zero and still masked."""
+    peft_side, delta_side = peft_and_delta(tmp_path / "start")
+    train_both(peft_side, delta_side, 4)  # masks from step 2 on
+    pattern = dict(delta_side.peft_config["default"].rank_pattern)
+    assert not all(all(mask) for mask in pattern.values())
+    delta_side.save_pretrained(tmp_path / "checkpoint")
+    inputs = token_inputs(batch=2, length=7)
+    with torch.no_grad():
+        expected = delta_side.eval()(**inputs).logits
+    perturb_trainable(delta_side)  # the run went on
+    delta_side.peft_config["default"].rank_pattern = None
+    delta_side.load_adapter_weights(tmp_path / "checkpoint")
+    assert delta_side.peft_config["default"].rank_pattern == pattern
+    for name, layer in delta_layers(delta_side).items():
+        assert layer.r["default"] == 4
+        pruned = ~torch.tensor(pattern[f"{name}.lora_E"])
+        assert not layer.lora_E["default"][pruned].any()
+    with torch.no_grad():
+        torch.testing.assert_close(delta_side(**inputs).logits, expected, atol=1e-6, rtol=0)
+    delta_side.save_pretrained(tmp_path / "again")
+    first, again = read_adapter_weights(tmp_path / "checkpoint"), read_adapter_weights(tmp_path / "again")
+    assert first.keys() == again.keys() and all(torch.equal(first[key], again[key]) for key in first)

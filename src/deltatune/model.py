@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from deltatune.config import DeltaConfig
+from deltatune.config import CONFIG_NAME, DeltaConfig
 from deltatune.errors import AdapterLoadError, ConfigError, MergeError
 from deltatune.io import (
     adapter_dir,
@@ -338,7 +339,12 @@ class DeltaModel(nn.Module):
         """Overwrite existing adapter ``adapter_name``'s tensors with those saved in ``model_id`` (e.g. a
         training checkpoint of it); its config, active state and trainability stay as they are."""
         self._check_exists(adapter_name)
-        self._load_tensors(adapter_name, read_adapter_weights(model_id), str(model_id))
+        tensors = read_adapter_weights(model_id)
+        if (Path(model_id) / CONFIG_NAME).is_file():  # the file's own form (AdaLoRA: pruned by its rank_pattern)
+            config = self.peft_config[adapter_name]
+            saved = type(config).from_pretrained(model_id)
+            tensors = tuner_for(config).fit_file_tensors(self.base_model, adapter_name, config, tensors, saved)
+        self._load_tensors(adapter_name, tensors, str(model_id))
 
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
         tuner = tuner_for(self.peft_config[adapter_name])

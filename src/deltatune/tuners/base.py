@@ -84,6 +84,18 @@ class Tuner:
         """File key -> tensor that ``save_pretrained`` writes; by default the parameters themselves."""
         return self.file_targets(model, adapter_name, state)
 
+    def fit_file_tensors(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        config: DeltaConfig,
+        tensors: dict[str, torch.Tensor],
+        saved: DeltaConfig,
+    ) -> dict[str, torch.Tensor]:
+        """A saved adapter's tensors (written with config ``saved``) in the form of live adapter ``adapter_name``
+        (config ``config``), for loading a checkpoint into it; unchanged by default."""
+        return tensors
+
     def set_active(self, model: nn.Module, adapter_names: list[str]) -> None:
         for _, layer in self.layers(model):
             layer.active_adapters = [name for name in adapter_names if name in layer.adapter_names]

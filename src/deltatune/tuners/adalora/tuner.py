@@ -16,10 +16,10 @@ from transformers.pytorch_utils import Conv1D
 
 from deltatune.config import DeltaConfig
 from deltatune.errors import ConfigError
-from deltatune.io import file_key_map
+from deltatune.io import file_key_map, to_file_key
 from deltatune.kernels.base_weight import is_quantized
 from deltatune.tuners.adalora.allocator import allocate
-from deltatune.tuners.adalora.config import AdaLoraConfig
+from deltatune.tuners.adalora.config import RANK_PATTERN_SUFFIX, AdaLoraConfig
 from deltatune.tuners.adalora.layer import AdaLoraLayer, SVDConv2d, SVDLinear
 from deltatune.tuners.base import Tuner, replace_module
 from deltatune.tuners.lora.tuner import LoraTuner, sync_fan_in_fan_out
@@ -87,6 +87,38 @@ class AdaLoraTuner(LoraTuner):
                 key = key_of[f"{layer_name}.lora_{factor}.{adapter_name}"]
                 tensors[key] = tensors[key][:, kept] if factor == "B" else tensors[key][kept]
         return tensors
+
+    def fit_file_tensors(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        config: DeltaConfig,
+        tensors: dict[str, torch.Tensor],
+        saved: DeltaConfig,
+    ) -> dict[str, torch.Tensor]:
+        """A checkpoint pruned by its ``rank_pattern``, for a live adapter that still has every triplet (the
+        run that wrote it, resumed or reloading its best checkpoint): the kept triplets go back to their places,
+        the pruned ones are zero and stay masked, and the adapter takes the checkpoint's ``rank_pattern``."""
+        pattern = getattr(saved, "rank_pattern", None) or {}
+        fitted = dict(tensors)
+        for layer_name, layer in self._layers_of(model, adapter_name):
+            mask = pattern.get(layer_name + RANK_PATTERN_SUFFIX)
+            if mask is None or len(mask) != layer.r[adapter_name] or all(mask):
+                continue
+            kept = torch.tensor(mask, dtype=torch.bool)
+            keys = {factor: to_file_key(f"{layer_name}.lora_{factor}.{adapter_name}", adapter_name) for factor in "AEB"}
+            if any(key not in fitted or fitted[key].shape[factor == "B"] != sum(mask) for factor, key in keys.items()):
+                continue  # not this checkpoint's form: loading names the mismatch
+            for factor, key in keys.items():
+                full = torch.zeros(getattr(layer, f"lora_{factor}")[adapter_name].shape, dtype=fitted[key].dtype)
+                if factor == "B":
+                    full[:, kept] = fitted[key]
+                else:
+                    full[kept] = fitted[key]
+                fitted[key] = full
+            layer.kept[adapter_name] = kept.to(layer.lora_E[adapter_name].device)
+            config.rank_pattern = dict(pattern)
+        return fitted
 
     # -- training ---------------------------------------------------------------------------------------
     def start_training(self, model: nn.Module, adapters: Mapping[str, DeltaConfig], total_steps: int) -> None:
