@@ -213,3 +213,14 @@ def test_a_quantised_base_is_refused_by_name(mode, tmp_path):
     model = quantised(tmp_path, mode)
     with pytest.raises(ConfigError, match="AdaLoRA over a quantised base .* is not built in deltatune"):
         deltatune.get_delta_model(model, deltatune.AdaLoraConfig(target_modules=["q_proj"]))
+
+
+def test_deltatune_train_defaults_leave_total_step_to_the_run():
+    from deltatune.train.config import TrainConfig
+    from deltatune.train.methods import build_config
+
+    config = build_config("adalora", {"tinit": 3}, "CAUSAL_LM", None)
+    assert isinstance(config, deltatune.AdaLoraConfig)
+    assert (config.init_r, config.target_r, config.lora_alpha, config.target_modules) == (12, 8, 32, "all-linear")
+    assert config.total_step is None and config.tinit == 3
+    assert TrainConfig.from_dict({"method": "adalora"}).learning_rate == 1e-2
