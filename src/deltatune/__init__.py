@@ -13,6 +13,7 @@ from deltatune.errors import (
     SaveError,
     TargetError,
 )
+from deltatune.tuners.adalora.config import AdaLoraConfig
 from deltatune.tuners.bottleneck.config import BottleneckConfig
 from deltatune.tuners.ia3.config import IA3Config
 from deltatune.tuners.lora.config import LoraConfig
@@ -28,6 +29,7 @@ _LAZY = {"DeltaModel": "model", "get_delta_model": "model"}  # these import torc
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
     "AdapterLoadError",
     "BottleneckConfig",
     "ConfigError",

@@ -41,6 +41,7 @@ ADAPTER_CONTAINERS = frozenset(
         "lora_embedding_A",
         "lora_embedding_B",
         "lora_magnitude_vector",
+        "lora_E",
         "adapter_down",
         "adapter_up",
         "trainable_tokens_delta",

@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from deltatune.config import DeltaConfig
+from deltatune.config import CONFIG_NAME, DeltaConfig
 from deltatune.errors import AdapterLoadError, ConfigError, MergeError
 from deltatune.io import (
     adapter_dir,
@@ -228,6 +229,35 @@ class DeltaModel(nn.Module):
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
 
+    # -- training hooks (a trainer calls them; methods with their own training terms implement them) ------
+    def start_training(self, total_steps: int) -> None:
+        """A training run of ``total_steps`` optimizer steps begins (AdaLoRA takes its ``total_step`` from it)."""
+        for tuner, adapters in self._training_adapters():
+            tuner.start_training(self.base_model, adapters, total_steps)
+
+    def regularization_loss(self) -> torch.Tensor | None:
+        """The term the adapters that train add to the loss, once per optimizer step (AdaLoRA's orthogonality
+        regulariser); None when no method has one."""
+        terms = [tuner.regularization_loss(self.base_model, adapters) for tuner, adapters in self._training_adapters()]
+        terms = [term for term in terms if term is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Call after optimizer step ``step`` (0 = the first) and before the gradients are zeroed (AdaLoRA's rank
+        allocation reads them)."""
+        for tuner, adapters in self._training_adapters():
+            tuner.after_optimizer_step(self.base_model, adapters, step)
+
+    def _training_adapters(self):
+        """(tuner, {name: config}) of the active adapters that train."""
+        grouped: dict[type, tuple] = {}
+        for name in self._active:
+            config = self.peft_config[name]
+            if not config.inference_mode:
+                tuner = tuner_for(config)
+                grouped.setdefault(type(tuner), (tuner, {}))[1][name] = config
+        return list(grouped.values())
+
     # -- files --------------------------------------------------------------------------------
     def save_pretrained(
         self,
@@ -309,7 +339,12 @@ class DeltaModel(nn.Module):
         """Overwrite existing adapter ``adapter_name``'s tensors with those saved in ``model_id`` (e.g. a
         training checkpoint of it); its config, active state and trainability stay as they are."""
         self._check_exists(adapter_name)
-        self._load_tensors(adapter_name, read_adapter_weights(model_id), str(model_id))
+        tensors = read_adapter_weights(model_id)
+        if (Path(model_id) / CONFIG_NAME).is_file():  # the file's own form (AdaLoRA: pruned by its rank_pattern)
+            config = self.peft_config[adapter_name]
+            saved = type(config).from_pretrained(model_id)
+            tensors = tuner_for(config).fit_file_tensors(self.base_model, adapter_name, config, tensors, saved)
+        self._load_tensors(adapter_name, tensors, str(model_id))
 
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
         tuner = tuner_for(self.peft_config[adapter_name])

@@ -28,7 +28,7 @@ _FACTOR_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embeddi
 
 def check_exportable(config, source: str) -> LoraConfig:
     """Refuse, in one line, an adapter that a llama.cpp LoRA file cannot carry."""
-    if not isinstance(config, LoraConfig):
+    if not isinstance(config, LoraConfig) or config.peft_type != LoraConfig.peft_type:  # AdaLoraConfig subclasses it
         raise ConfigError(
             f"{source} is a {config.peft_type} adapter; only LoRA adapters become GGUF adapters "
             f"(export the merged model instead: drop --lora)"

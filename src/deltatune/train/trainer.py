@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import Trainer
+import torch
+from transformers import Trainer, TrainerCallback
 
 from deltatune.errors import ConfigError
 from deltatune.io import adapter_dir
@@ -16,11 +17,29 @@ class DeltaTrainer(Trainer):
     """A ``Trainer`` for a ``DeltaModel``: checkpoints hold peft-format adapter files (kilobytes to
     megabytes) next to the Trainer's optimizer, scheduler, RNG and data-position state, never a copy
     of the frozen base weights; resuming and ``load_best_model_at_end`` read the adapters back.
-    Each finished checkpoint gets a completeness marker (``checkpoints.MarkCompleteCallback``)."""
+    Each finished checkpoint gets a completeness marker (``checkpoints.MarkCompleteCallback``).
+
+    The model's training hooks run inside the loop, whatever the method: ``start_training`` with the run's
+    number of optimizer steps, ``regularization_loss`` added to the loss of every optimizer step, and
+    ``after_optimizer_step`` after each step, before the gradients are zeroed (``DeltaModel``'s hooks;
+    AdaLoRA's regulariser and rank allocator are the ones that do something)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.add_callback(MarkCompleteCallback())
+        self.add_callback(_TrainingHooks(self))
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """The stage's step (forward, loss, backward), then the adapters' regulariser, a 1/accumulation share
+        of it per micro-batch (so once per optimizer step), backpropagated into the same gradients."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        with self.compute_loss_context_manager():
+            regularizer = self._delta_model().regularization_loss()
+        if regularizer is None:
+            return loss
+        regularizer = regularizer / self.current_gradient_accumulation_steps
+        self.accelerator.backward(regularizer)
+        return loss + regularizer.detach().to(loss.device)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the adapters (under FSDP from ``state_dict``, the full tensors transformers gathered)."""
@@ -51,3 +70,16 @@ class DeltaTrainer(Trainer):
         if not isinstance(model, DeltaModel):
             raise TypeError(f"DeltaTrainer trains a DeltaModel, got {type(model).__name__}")
         return model
+
+
+class _TrainingHooks(TrainerCallback):
+    """Calls the model's hooks at the run's start and after each optimizer step (before ``zero_grad``)."""
+
+    def __init__(self, trainer: DeltaTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._delta_model().start_training(state.max_steps)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._delta_model().after_optimizer_step(state.global_step)

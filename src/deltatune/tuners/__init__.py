@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from deltatune.config import DeltaConfig
 from deltatune.errors import ConfigError
+from deltatune.tuners.adalora.config import AdaLoraConfig
 from deltatune.tuners.bottleneck.config import BottleneckConfig
 from deltatune.tuners.ia3.config import IA3Config
 from deltatune.tuners.lora.config import LoraConfig
@@ -33,6 +34,7 @@ _TUNERS: dict[type[DeltaConfig], str] = {  # config class -> "module.TunerClass"
     PrefixTuningConfig: "prompt.prefix.PrefixTuner",
     IA3Config: "ia3.tuner.IA3Tuner",
     VeraConfig: "vera.tuner.VeraTuner",
+    AdaLoraConfig: "adalora.tuner.AdaLoraTuner",
 }
 
 

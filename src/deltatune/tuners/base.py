@@ -1,6 +1,8 @@
 """What every method's tuner shares: finding its layers, switching, deleting and removing adapters.
 
-A tuner knows how its method injects itself into a model; it knows nothing about training or files.
+A tuner knows how its method injects itself into a model; it knows nothing about training or files, except
+through three training hooks (no-ops by default) that a method with its own training terms implements: a loss
+term, and work before the run and after each optimizer step (AdaLoRA's regulariser and rank allocator).
 Its layers follow one small contract (``is_delta_layer``, ``base_layer``, ``adapter_names``,
 ``active_adapters``, ``disabled``, ``delete(name)``, ``adapter_parameters(name)``), so everything
 below works for any method.
@@ -8,7 +10,7 @@ below works for any method.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -99,6 +101,18 @@ class Tuner:
         """File key -> tensor that ``save_pretrained`` writes; by default the parameters themselves."""
         return self.file_targets(model, adapter_name, state)
 
+    def fit_file_tensors(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        config: DeltaConfig,
+        tensors: dict[str, torch.Tensor],
+        saved: DeltaConfig,
+    ) -> dict[str, torch.Tensor]:
+        """A saved adapter's tensors (written with config ``saved``) in the form of live adapter ``adapter_name``
+        (config ``config``), for loading a checkpoint into it; unchanged by default."""
+        return tensors
+
     def set_active(self, model: nn.Module, adapter_names: list[str]) -> None:
         for _, layer in self.layers(model):
             layer.active_adapters = [name for name in adapter_names if name in layer.adapter_names]
@@ -131,6 +145,17 @@ class Tuner:
 
     def refresh(self, model: nn.Module) -> None:
         """Re-derive what depends on which modules are wrapped; the model calls it after every add and delete."""
+
+    # -- training hooks: training calls them through DeltaModel with the adapters that train (name -> config) --
+    def start_training(self, model: nn.Module, adapters: Mapping[str, DeltaConfig], total_steps: int) -> None:
+        """A training run of ``total_steps`` optimizer steps is about to start; nothing by default."""
+
+    def regularization_loss(self, model: nn.Module, adapters: Mapping[str, DeltaConfig]) -> torch.Tensor | None:
+        """A term training adds to its loss (once per optimizer step); None by default."""
+        return None
+
+    def after_optimizer_step(self, model: nn.Module, adapters: Mapping[str, DeltaConfig], step: int) -> None:
+        """Optimizer step ``step`` (0 = the first) was taken and its gradients are still there; nothing by default."""
 
     def unload(self, model: nn.Module) -> None:
         """Remove every layer of this method, putting the base modules back as they are now.

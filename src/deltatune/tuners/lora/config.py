@@ -157,6 +157,10 @@ class LoraConfig(DeltaConfig):
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern is only used with layers_to_transform; set both or neither")
+        self.check_patterns()
+
+    def check_patterns(self) -> None:
+        """``rank_pattern`` / ``alpha_pattern``: module regex -> rank / alpha (AdaLoRA's rank_pattern differs)."""
         self.rank_pattern = pattern_dict("rank_pattern", self.rank_pattern)
         self.alpha_pattern = pattern_dict("alpha_pattern", self.alpha_pattern)
         for key, value in self.rank_pattern.items():

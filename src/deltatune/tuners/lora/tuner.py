@@ -55,7 +55,7 @@ class LoraTuner(Tuner):
 
     def inject(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
         targets = module_targets(model, config)
-        _sync_fan_in_fan_out(model, config, targets)
+        sync_fan_in_fan_out(model, config, targets)
         plan = []
         for name in targets:  # validate everything before the model is touched
             module = model.get_submodule(name)
@@ -175,7 +175,7 @@ def _check_attention(name: str, base: nn.MultiheadAttention, config: LoraConfig)
             )
 
 
-def _sync_fan_in_fan_out(model: nn.Module, config: LoraConfig, targets: list[str]) -> None:
+def sync_fan_in_fan_out(model: nn.Module, config: LoraConfig, targets: list[str]) -> None:
     """Conv1D stores [in, out]; record ``fan_in_fan_out=True`` as peft does, so saved files agree."""
     config.fan_in_fan_out = stores_fan_in_fan_out(model, targets)
 

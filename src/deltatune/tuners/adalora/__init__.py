@@ -1,0 +1,1 @@
+"""AdaLoRA: LoRA in SVD form whose ranks a budget allocator prunes while training (config, layers, allocator, tuner)."""
