@@ -15,6 +15,7 @@ from deltatune.errors import (
 )
 from deltatune.tuners.bottleneck.config import BottleneckConfig
 from deltatune.tuners.lora.config import LoraConfig
+from deltatune.tuners.oft.config import OFTConfig
 from deltatune.tuners.prompt.config import (
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -35,6 +36,7 @@ __all__ = [
     "DeltaTuneError",
     "LoraConfig",
     "MergeError",
+    "OFTConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptTuningConfig",

@@ -44,6 +44,8 @@ ADAPTER_CONTAINERS = frozenset(
         "adapter_down",
         "adapter_up",
         "trainable_tokens_delta",
+        "oft_R",
+        "oft_embedding_R",
     }
 )
 # Containers dropped together with the adapter name (the copy replaces the module itself).

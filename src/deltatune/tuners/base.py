@@ -59,12 +59,32 @@ class Tuner:
     def trained_base_parameters(
         self, model: nn.Module, config: DeltaConfig, adapter_name: str
     ) -> dict[str, nn.Parameter]:
-        """Base-model parameters the adapter trains and saves too (LoRA's ``bias``); none by default."""
+        """Base-model parameters the adapter trains and saves too, by peft's ``bias`` field where the method has
+        one: "all": every bias of the model; "<method>_only" ("lora_only", "oft_only"): the biases of the layers
+        holding the adapter; "none" (or no such field): nothing."""
+        bias = getattr(config, "bias", "none")
+        if bias == "all":
+            return {
+                name: param
+                for name, param in model.named_parameters()
+                if name.endswith("bias") and ".original_module." not in name and ".modules_to_save." not in name
+            }
+        if bias.endswith("_only"):
+            return {
+                f"{name}.base_layer.bias": layer.base_layer.bias
+                for name, layer in self.layers(model)
+                if adapter_name in layer.adapter_names and getattr(layer.base_layer, "bias", None) is not None
+            }
         return {}
 
     def optional_file_parameters(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
-        """Base-model parameters a peft file may carry and that are loaded when present; none by default."""
-        return {}
+        """Base-model parameters a peft file may carry, loaded when present: the full weight of an adapted
+        embedding (peft saves it to carry a resized vocabulary)."""
+        return {
+            f"{name}.base_layer.weight": layer.base_layer.weight
+            for name, layer in self.layers(model)
+            if isinstance(getattr(layer, "base_layer", None), nn.Embedding) and adapter_name in layer.adapter_names
+        }
 
     def file_targets(
         self, model: nn.Module, adapter_name: str, state: dict[str, nn.Parameter]
