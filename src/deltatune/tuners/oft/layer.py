@@ -2,9 +2,9 @@
 
 Where each layer type rotates, and what merging writes into its weight::
 
-    Linear     y = W0 (x R)ᵀ…  the input x [..., in] is rotated           merge: W [out, in] ← W Rᵀ
-    Conv2d     each input patch [in · k · k] is rotated                   merge: W [out, in·k·k] ← W Rᵀ
-    Embedding  the looked-up rows E[x] [..., dim] are rotated             merge: E [vocab, dim] ← E R
+    Linear     y = (x R) W0ᵀ: the input x [..., in] is rotated         merge: W [out, in] ← W Rᵀ
+    Conv2d     each input patch [in · k · k] is rotated                merge: W [out, in·k·k] ← W Rᵀ
+    Embedding  y = E[x] R: the looked-up rows [..., dim] are rotated    merge: E [vocab, dim] ← E R
 
 Several active adapters rotate in turn (x R_1 R_2 …); merging them together folds them in the order that
 computes the same. Unmerging solves with each R (``rotation.unrotate``) rather than taking Rᵀ, since the
@@ -27,6 +27,7 @@ from torch.func import functional_call
 
 from deltatune.errors import MergeError
 from deltatune.tuners.base import master_dtype
+from deltatune.tuners.oft.config import OFTConfig
 from deltatune.tuners.oft.rotation import OFTRotation, rotate, unrotate
 
 
@@ -50,7 +51,7 @@ class OFTLayer(nn.Module):
     def rotations(self) -> nn.ModuleDict:
         return getattr(self, self.container)
 
-    def add(self, name: str, block_size: int, config) -> None:  # config: OFTConfig
+    def add(self, name: str, block_size: int, config: OFTConfig) -> None:
         """Create adapter ``name``: a rotation of ``features`` in blocks of ``block_size``, initialised per
         ``config`` (R = I, or a random rotation with ``init_weights=False``)."""
         weight = self.base_layer.weight

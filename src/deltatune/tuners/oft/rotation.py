@@ -19,6 +19,8 @@ import math
 import torch
 from torch import nn
 
+from deltatune.tuners.oft.config import OFTConfig
+
 
 def skew_symmetric(packed: torch.Tensor, block_size: int) -> torch.Tensor:
     """[D, b(b-1)/2] upper-triangle entries (row by row) -> [D, b, b] S = U - Uᵀ."""
@@ -91,8 +93,8 @@ class OFTRotation(nn.Module):
     """One adapter's rotation of a layer's ``features`` (= blocks x block_size); peft's ``oft_R.<name>``."""
 
     def __init__(
-        self, features: int, block_size: int, config, device: torch.device, dtype: torch.dtype
-    ) -> None:  # config: OFTConfig (kept torch-free, so not imported here)
+        self, features: int, block_size: int, config: OFTConfig, device: torch.device, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.block_size = block_size
         self.blocks = features // block_size
