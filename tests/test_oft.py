@@ -244,6 +244,31 @@ def test_two_adapters_switch_combine_delete_and_disable_as_in_peft(row, tmp_path
     assert delta.active_adapters == ["default"] and "other" not in delta.peft_config
 
 
+@pytest.mark.parametrize("model_id, target", [("MLP", "lin0"), ("Conv2d", "conv2d"), ("EmbConv1D", "emb")])
+def test_two_active_adapters_on_one_layer_rotate_in_turn_and_merge_to_the_same(model_id, target):
+    """Blocks of 5 (rotations of 5 dimensions do not commute, unlike peft's rows' blocks of 2): x R_1 R_2 as in
+    peft's forward, and merging both folds them in the order that computes it."""
+    make, x = maker(model_id), example(model_id)
+    options = {"r": 1, "oft_block_size": 0, "target_modules": [target], "use_cayley_neumann": False, **RANDOM}
+    peft_model = _seeded(lambda: peft.get_peft_model(make(), peft.OFTConfig(**options)))
+    peft_model.add_adapter("other", peft.OFTConfig(**options))
+    delta = deltatune.get_delta_model(make(), OFTConfig(**options))
+    delta.add_adapter("other", OFTConfig(**options))
+    state = {k.removeprefix("base_model.model."): v for k, v in peft_model.state_dict().items() if "oft_" in k}
+    assert len(state) == 2
+    delta.base_model.load_state_dict(state, strict=False)  # the same two rotations in both
+    peft_model.base_model.set_adapter(["default", "other"])
+    delta.set_adapter(["default", "other"])
+    with torch.no_grad():
+        combined = delta(x)
+        torch.testing.assert_close(combined, peft_model(x), atol=1e-5, rtol=0)
+        delta.set_adapter(["other", "default"])
+        assert (delta(x) - combined).abs().max() > 1e-3  # the order matters
+        delta.set_adapter(["default", "other"])
+        delta.merge_adapter()
+        torch.testing.assert_close(delta(x), combined, atol=MERGE_ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("neumann", [False, True])
 @pytest.mark.parametrize("model_id, target", [("MLP", "lin0"), ("Conv2d", "conv2d"), ("EmbConv1D", "emb")])
 def test_merge_then_unmerge_restores_the_base_weights(model_id, target, neumann):
