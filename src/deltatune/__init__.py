@@ -17,6 +17,7 @@ from deltatune.tuners.adalora.config import AdaLoraConfig
 from deltatune.tuners.bottleneck.config import BottleneckConfig
 from deltatune.tuners.ia3.config import IA3Config
 from deltatune.tuners.lora.config import LoraConfig
+from deltatune.tuners.oft.config import OFTConfig
 from deltatune.tuners.prompt.config import (
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -40,6 +41,7 @@ __all__ = [
     "IA3Config",
     "LoraConfig",
     "MergeError",
+    "OFTConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptTuningConfig",

@@ -81,10 +81,11 @@ class DeltaConfig:
         """
         data = dict(data)
         peft_type = data.pop("peft_type", cls.peft_type)
-        config_cls = config_class_for(peft_type) if cls is DeltaConfig else cls
-        if peft_type != config_cls.peft_type:
-            raise ConfigError(f"adapter config has peft_type={peft_type!r}, expected {config_cls.peft_type!r}")
-        known = {f.name for f in dataclasses.fields(config_cls)}
+        if cls is DeltaConfig:  # the method's own class reads it (it may check the file's own keys first)
+            return config_class_for(peft_type).from_dict({**data, "peft_type": peft_type})
+        if peft_type != cls.peft_type:
+            raise ConfigError(f"adapter config has peft_type={peft_type!r}, expected {cls.peft_type!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {key: value for key, value in data.items() if key in known}
         for key, value in data.items():
             if key in known or key in _INFORMATIONAL_KEYS or value in (None, False, {}, [], ""):
@@ -93,7 +94,7 @@ class DeltaConfig:
                 f"adapter config sets {key}={value!r}, a peft feature deltatune does not support; "
                 f"remove the key or use peft for this adapter"
             )
-        return config_cls(**kwargs)
+        return cls(**kwargs)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> DeltaConfig:

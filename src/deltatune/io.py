@@ -48,6 +48,8 @@ ADAPTER_CONTAINERS = frozenset(
         "ia3_l",
         "vera_lambda_b",
         "vera_lambda_d",
+        "oft_R",
+        "oft_embedding_R",
     }
 )
 # Containers dropped together with the adapter name (the copy replaces the module itself).

@@ -16,6 +16,7 @@ from deltatune.tuners.adalora.config import AdaLoraConfig
 from deltatune.tuners.bottleneck.config import BottleneckConfig
 from deltatune.tuners.ia3.config import IA3Config
 from deltatune.tuners.lora.config import LoraConfig
+from deltatune.tuners.oft.config import OFTConfig
 from deltatune.tuners.prompt.config import (
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -35,6 +36,7 @@ _TUNERS: dict[type[DeltaConfig], str] = {  # config class -> "module.TunerClass"
     IA3Config: "ia3.tuner.IA3Tuner",
     VeraConfig: "vera.tuner.VeraTuner",
     AdaLoraConfig: "adalora.tuner.AdaLoraTuner",
+    OFTConfig: "oft.tuner.OFTTuner",
 }
 
 

@@ -61,12 +61,10 @@ class Tuner:
     def trained_base_parameters(
         self, model: nn.Module, config: DeltaConfig, adapter_name: str
     ) -> dict[str, nn.Parameter]:
-        """Base-model parameters the adapter trains and saves too (LoRA's ``bias``); none by default."""
-        return {}
-
-    def trained_biases(self, model: nn.Module, bias: str, adapter_name: str) -> dict[str, nn.Parameter]:
-        """peft's ``bias`` option: "all" trains every bias of the model (not the copies of ``modules_to_save``),
-        "<method>_only" (``lora_only``, ``vera_only``) the biases of the layers holding ``adapter_name``."""
+        """Base-model parameters the adapter trains and saves too, by peft's ``bias`` field where the method has
+        one: "all": every bias of the model; "<method>_only" ("lora_only", "oft_only"): the biases of the layers
+        holding the adapter; "none" (or no such field): nothing."""
+        bias = getattr(config, "bias", "none")
         if bias == "all":
             return {
                 name: param
@@ -82,8 +80,13 @@ class Tuner:
         return {}
 
     def optional_file_parameters(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
-        """Base-model parameters a peft file may carry and that are loaded when present; none by default."""
-        return {}
+        """Base-model parameters a peft file may carry, loaded when present: the full weight of an adapted
+        embedding (peft saves it to carry a resized vocabulary)."""
+        return {
+            f"{name}.base_layer.weight": layer.base_layer.weight
+            for name, layer in self.layers(model)
+            if isinstance(getattr(layer, "base_layer", None), nn.Embedding) and adapter_name in layer.adapter_names
+        }
 
     def file_targets(
         self, model: nn.Module, adapter_name: str, state: dict[str, nn.Parameter]

@@ -89,20 +89,6 @@ class LoraTuner(Tuner):
         super().unload(model)
         sync_fused_mlps(model)
 
-    def trained_base_parameters(
-        self, model: nn.Module, config: LoraConfig, adapter_name: str
-    ) -> dict[str, nn.Parameter]:
-        """``bias="all"``: every bias of the model; ``"lora_only"``: biases of the adapted layers."""
-        return self.trained_biases(model, config.bias, adapter_name)
-
-    def optional_file_parameters(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
-        """peft saves the full base weight of an adapted embedding (to carry resized vocabularies)."""
-        return {
-            f"{name}.base_layer.weight": layer.base_layer.weight
-            for name, layer in self.layers(model)
-            if isinstance(layer, LoraEmbedding) and adapter_name in layer.adapter_names
-        }
-
     def merge(self, model: nn.Module, adapter_names: list[str], safe_merge: bool = False) -> None:
         layers = list(self.layers(model))
         for _, layer in layers:  # a layer that cannot merge refuses before any other has merged

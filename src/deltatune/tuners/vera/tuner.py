@@ -69,12 +69,6 @@ class VeraTuner(VectorTuner):
         """The pair the model's VeRA layers share; None while it has none."""
         return next((layer.vera_projections for _, layer in self.layers(model)), None)
 
-    def trained_base_parameters(
-        self, model: nn.Module, config: VeraConfig, adapter_name: str
-    ) -> dict[str, nn.Parameter]:
-        """``bias="all"``: every bias of the model; ``"vera_only"``: biases of the adapted layers."""
-        return self.trained_biases(model, config.bias, adapter_name)
-
     def file_targets(
         self, model: nn.Module, adapter_name: str, state: dict[str, nn.Parameter]
     ) -> dict[str, torch.Tensor]:
