@@ -9,6 +9,8 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM, TrainingArguments
 
 import deltatune
+from deltatune.data.formats import normalise
+from deltatune.data.readers import Table
 from deltatune.errors import ConfigError
 from deltatune.train.grpo import GRPOTrainer, RepeatBatchSampler, encode_prompts
 from deltatune.train.grpo_settings import GRPOSettings
@@ -35,6 +37,11 @@ def adapted(folder) -> deltatune.DeltaModel:
     return deltatune.get_delta_model(base, deltatune.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
 
 
+def prompt_records(rows: list[dict]) -> list:
+    """``rows`` read as the data layer reads a file (the prompt-only format)."""
+    return normalise(Table("prompts.jsonl", list(enumerate(rows, 1))))[1]
+
+
 def liked_tokens(model, share: float = 0.2) -> set[int]:
     """The tokens whose embeddings point most along one token's: a reward the tiny model can learn."""
     embeddings = model.get_input_embeddings().weight.detach()
@@ -43,7 +50,9 @@ def liked_tokens(model, share: float = 0.2) -> set[int]:
 
 
 def trainer_for(model, tokenizer, tmp_path, reward, steps=1, batch=8, **settings) -> GRPOTrainer:
-    rows, _ = encode_prompts(tokenizer, [{"prompt": f"Count {i}:", "n": i} for i in range(16)], 32)
+    rows = encode_prompts(
+        tokenizer, prompt_records([{"prompt": f"Count {i}:", "n": i} for i in range(16)]), 32
+    ).examples
     args = TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=batch,
@@ -152,25 +161,30 @@ def test_chat_prompts_give_reward_functions_messages_and_every_column(chat_model
         seen.update(prompts=prompts, completions=completions, topic=topic)
         return [None if i % 2 else 1.0 for i in range(len(completions))]
 
-    rows, cut = encode_prompts(
-        tokenizer, [{"prompt": [{"role": "user", "content": f"Hi {i}"}], "topic": f"t{i}"} for i in range(4)], 64
-    )
-    assert cut == 0 and rows[0].prompt_ids[-3:] == tokenizer("<|im_start|>assistant\n")["input_ids"][-3:]
+    data = [{"prompt": [{"role": "user", "content": f"Hi {i}"}], "topic": f"t{i}"} for i in range(4)]
+    encoded = encode_prompts(tokenizer, prompt_records(data), 64)
+    rows = encoded.examples
+    assert encoded.n_truncated == 0
+    assert rows[0]["prompt_input_ids"][-3:] == tokenizer("<|im_start|>assistant\n")["input_ids"][-3:]
     model = adapted(chat_model_dir)
     trainer = trainer_for(model, tokenizer, tmp_path, reward)
     trainer.train_dataset = rows
     model.train()
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     assert seen["completions"][0][0]["role"] == "assistant" and isinstance(seen["completions"][0][0]["content"], str)
-    first = next(row for row in rows if row.prompt == seen["prompts"][0])  # prompts come shuffled
-    assert seen["prompts"][:4] == [first.prompt] * 4 and seen["topic"][:4] == [first.columns["topic"]] * 4
+    first = next(row for row in rows if row["prompt"] == seen["prompts"][0])  # prompts come shuffled
+    assert seen["prompts"][:4] == [first["prompt"]] * 4 and seen["topic"][:4] == [first["columns"]["topic"]] * 4
     assert batch["advantages"].abs().sum() == 0  # every scored completion got the same reward
 
 
 def test_long_prompts_are_cut_from_the_left_and_counted(tokenizer):
-    rows, cut = encode_prompts(tokenizer, [{"prompt": "one two three four five six"}, {"prompt": "hi"}], 3)
+    encoded = encode_prompts(
+        tokenizer, prompt_records([{"prompt": "one two three four five six"}, {"prompt": "hi"}]), 3
+    )
     full = tokenizer("one two three four five six", add_special_tokens=False)["input_ids"]
-    assert cut == 1 and rows[0].prompt_ids == full[-3:] and len(rows[1].prompt_ids) <= 3
+    rows = encoded.examples
+    assert encoded.n_truncated == 1 and encoded.reasons == {"prompt cut from the left": 1}
+    assert rows[0]["prompt_input_ids"] == full[-3:] and len(rows[1]["prompt_input_ids"]) <= 3
 
 
 def test_repeat_sampler_yields_each_batch_for_every_step_it_serves_and_reshuffles_each_epoch():

@@ -30,6 +30,7 @@ The layer has three steps, each usable on its own:
    - ``PreferencePair(prompt, chosen, rejected)``: DPO (kind "preference").
    - ``KTOExample(prompt, completion, label)``: KTO, ``label`` True = desirable (kind "kto").
    - ``LabelledText(text, label)``: sequence classification (kind "classification").
+   - ``PromptOnly(prompt, text, columns)``: GRPO's prompts, with every other column of the row (kind "prompt").
 
    A ``Message(role, content, tool_calls)`` has role "system", "user", "assistant" or "tool";
    ``prompt`` fields end with a non-assistant message and completions are assistant messages. ``unpair(pairs)`` turns
@@ -80,6 +81,7 @@ from deltatune.data.records import (
     LabelledText,
     Message,
     PreferencePair,
+    PromptOnly,
     Record,
     TextExample,
     ToolCall,
@@ -108,6 +110,7 @@ __all__ = [
     "Message",
     "Mixed",
     "PreferencePair",
+    "PromptOnly",
     "Record",
     "RecordSet",
     "TextExample",

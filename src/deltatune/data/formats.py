@@ -14,13 +14,15 @@
 | ``prompt_completion`` | ``prompt``, ``completion`` (+ tools)                     | Conversation   |
 | ``classification``    | ``text``, ``label``                                      | LabelledText   |
 | ``text``              | ``text``                                                 | TextExample    |
+| ``prompt``            | ``prompt`` (+ any other columns, kept for reward functions) | PromptOnly  |
 
 Detection takes the first format, in this order, whose required columns the first row has. A
 column the format does not read is an error (naming it and the likely intended stage or format)
 unless ``ignore_columns`` lists it. ``prompt``/``completion``/``chosen``/``rejected`` are strings
 (a user prompt, an assistant answer) or TRL message lists; sharegpt's ``chosen``/``rejected`` are
 one message object or a list. A KTO conversation's completion is its final assistant message(s). A
-preference row's optional ``margin`` (a number) is how much better chosen is, for a reward model.
+preference row's optional ``margin`` (a number) is how much better chosen is, for a reward model. A
+``prompt`` row (GRPO's prompt-only data) keeps every other column as it is, for the reward functions.
 
 Tool use: TRL assistant messages carry ``tool_calls`` (``[{"type": "function", "function": {"name",
 "arguments"}}]``) and results come as ``tool`` messages; in sharegpt a ``function_call`` turn holds
@@ -58,6 +60,7 @@ from deltatune.data.records import (
     Messages,
     Origin,
     PreferencePair,
+    PromptOnly,
     Record,
     TextExample,
 )
@@ -80,12 +83,14 @@ _HINTS = {
 
 @dataclass(frozen=True)
 class Format:
-    """A data format: the columns that identify it ("a|b": either), those it may read, and its row normaliser."""
+    """A data format: the columns that identify it ("a|b": either), those it may read, and its row normaliser;
+    an ``open`` format keeps every other column too."""
 
     name: str
     required: tuple[str, ...]
     optional: tuple[str, ...]
     normalise: Callable[[Row], Record]
+    open: bool = False
 
     def matches(self, columns: Collection[str]) -> bool:
         return all(any(c in columns for c in names.split("|")) for names in self.required)
@@ -169,6 +174,14 @@ def _prompt_completion(row: Row) -> Conversation:
     messages = _prompt(row) + _completion(row, "completion")
     check_turns(row, "prompt", messages, names)
     return Conversation(messages, tools)
+
+
+def _prompt_only(row: Row) -> PromptOnly:
+    value = row.get("prompt")
+    if isinstance(value, str) and not value.strip():
+        raise row.fail("column 'prompt' is empty")
+    columns = tuple((name, value) for name, value in row.data.items() if name != "prompt")
+    return PromptOnly(_prompt(row), value if isinstance(value, str) else None, columns)
 
 
 def _text(row: Row) -> TextExample:
@@ -315,6 +328,7 @@ FORMATS: dict[str, Format] = {
         Format("prompt_completion", ("prompt", "completion"), ("tools",), _prompt_completion),
         Format("classification", ("text", "label"), (), _classification),
         Format("text", ("text",), (), _text),
+        Format("prompt", ("prompt",), (), _prompt_only, open=True),
     )
 }
 COLUMNS = sorted(set().union(*(f.columns for f in FORMATS.values())))
@@ -350,7 +364,7 @@ def normalise(
     records = []
     for number, data in table.rows:
         row = Row(table.name, number, data, mapping)
-        extra = [column for column in data if column not in allowed]
+        extra = [column for column in data if column not in allowed and not fmt.open]
         if extra:
             hint = _HINTS.get(extra[0], f"the {name} format reads {', '.join(sorted(fmt.columns))}")
             raise row.fail(

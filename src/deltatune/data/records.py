@@ -124,7 +124,19 @@ class LabelledText:
     origin: Origin | None = _origin()
 
 
-Record = Conversation | TextExample | PreferencePair | KTOExample | LabelledText
+@dataclass(frozen=True)
+class PromptOnly:
+    """A prompt with no answer (GRPO samples its own): ``prompt`` as messages; ``text`` the prompt as the data gave
+    it when that was a plain string (TRL's standard format: tokenized as it is, no chat template), else None;
+    ``columns`` every other column of the row, in order (the reward functions read them by name)."""
+
+    prompt: Messages
+    text: str | None = None
+    columns: tuple[tuple[str, Any], ...] = ()
+    origin: Origin | None = _origin()
+
+
+Record = Conversation | TextExample | PreferencePair | KTOExample | LabelledText | PromptOnly
 
 # The kind of training each record type feeds (``Dataset.kind``).
 KINDS: dict[type, str] = {
@@ -133,6 +145,7 @@ KINDS: dict[type, str] = {
     PreferencePair: "preference",
     KTOExample: "kto",
     LabelledText: "classification",
+    PromptOnly: "prompt",
 }
 
 

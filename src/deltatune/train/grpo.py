@@ -13,8 +13,8 @@ generation boundary samples what the uninterrupted run sampled.
 
 from __future__ import annotations
 
-import dataclasses
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -23,9 +23,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase, TrainingArguments
 
-from deltatune.data import Message
+from deltatune.data import EncodedSet, PromptOnly
 from deltatune.data.encoding import prompt_ids as chat_prompt_ids
-from deltatune.errors import ConfigError
+from deltatune.errors import ConfigError, DataError
 from deltatune.generation.engine import GenerationEngine
 from deltatune.generation.sampling import SamplingParams
 from deltatune.train.grpo_settings import GRPOSettings
@@ -34,34 +34,27 @@ from deltatune.train.preference import PreferenceTrainer
 from deltatune.train.rewards import NamedReward, score
 
 
-@dataclasses.dataclass(frozen=True)
-class PromptRow:
-    """One prompt: its token ids (cut from the left to ``max_prompt_length``), the prompt as reward functions
-    see it (a string, or chat messages as ``{"role", "content"}`` dicts) and the row's other columns."""
-
-    prompt_ids: list[int]
-    prompt: Any
-    columns: dict[str, Any]
-
-
 def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, Any]], max_prompt_length: int | None
-) -> tuple[list[PromptRow], int]:
-    """(PromptRow per row, how many were cut). A string prompt is tokenized as it is; chat messages go through the
-    model's chat template with the assistant's turn opened."""
-    encoded, cut = [], 0
-    for row in rows:
-        prompt = row["prompt"]
-        if isinstance(prompt, str):
-            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[PromptOnly], max_prompt_length: int | None
+) -> EncodedSet:
+    """One example per prompt: ``prompt_input_ids`` (cut from the left to ``max_prompt_length``, counted), the prompt
+    as reward functions see it (the data's string, or chat messages as ``{"role", "content"}`` dicts) and the
+    row's other ``columns``. A string prompt is tokenized as it is (TRL's standard format); messages go through
+    the model's chat template with the assistant's turn opened."""
+    examples, cut = [], 0
+    for record in records:
+        if record.text is not None:
+            ids = tokenizer(record.text, add_special_tokens=False)["input_ids"]
         else:
-            ids = chat_prompt_ids(tokenizer, [Message(m["role"], m["content"]) for m in prompt])
+            ids = chat_prompt_ids(tokenizer, record.prompt)
         if max_prompt_length is not None and len(ids) > max_prompt_length:
             ids, cut = ids[-max_prompt_length:], cut + 1
         if not ids:
-            raise ConfigError(f"prompt {prompt!r} has no tokens; every GRPO row needs a non-empty prompt")
-        encoded.append(PromptRow(ids, prompt, {k: v for k, v in row.items() if k != "prompt"}))
-    return encoded, cut
+            raise DataError(f"prompt {record.prompt!r} has no tokens; every GRPO row needs a non-empty prompt")
+        shown = record.text if record.text is not None else [m.as_dict() for m in record.prompt]
+        examples.append({"prompt_input_ids": ids, "prompt": shown, "columns": dict(record.columns)})
+    reasons = Counter({"prompt cut from the left": cut} if cut else {})
+    return EncodedSet(examples, n_truncated=cut, n_dropped=0, reasons=reasons)
 
 
 class RepeatBatchSampler(Sampler[list[int]]):
@@ -86,8 +79,9 @@ class RepeatBatchSampler(Sampler[list[int]]):
 class GRPOTrainer(PreferenceTrainer):
     """GRPO with deltatune's generation engine, reward functions with TRL's signature and TRL's loss types.
 
-    ``per_device_train_batch_size`` counts completions per micro-step, as in TRL; ``train_dataset`` is a list of
-    ``PromptRow``. ``eval_prompts`` are answered greedily by ``evaluate``, which reports their mean reward.
+    ``per_device_train_batch_size`` counts completions per micro-step, as in TRL; ``train_dataset`` holds
+    ``encode_prompts``'s examples. ``eval_prompts`` are answered greedily by ``evaluate``, which reports their
+    mean reward.
     """
 
     loss_is_scaled_for_ga = True  # batch_loss scales for accumulation itself (dapo counts the whole generation)
@@ -97,11 +91,11 @@ class GRPOTrainer(PreferenceTrainer):
         model: nn.Module,
         args: TrainingArguments,
         *,
-        train_dataset: list[PromptRow],
+        train_dataset: list[dict[str, Any]],
         rewards: Sequence[NamedReward],
         settings: GRPOSettings,
         processing_class: PreTrainedTokenizerBase,
-        eval_prompts: list[PromptRow] | None = None,
+        eval_prompts: list[dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         self.settings, self.rewards, self.eval_prompts = settings, list(rewards), eval_prompts or []
@@ -168,19 +162,19 @@ class GRPOTrainer(PreferenceTrainer):
 
     # -- sampling and scoring ---------------------------------------------------------------------
     @torch.no_grad()
-    def _generate_and_score(self, rows: list[PromptRow]) -> dict[str, torch.Tensor]:
+    def _generate_and_score(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """G completions per prompt, their rewards and advantages, and the log-probs the loss compares with."""
         settings, groups = self.settings, self.settings.num_generations
         prompts = [row for row in rows for _ in range(groups)]
-        completions = self.sample([row.prompt_ids for row in prompts], seed=self._generation_seed())
+        completions = self.sample([row["prompt_input_ids"] for row in prompts], seed=self._generation_seed())
         texts = self.processing_class.batch_decode([c.output_ids for c in completions], skip_special_tokens=True)
         shown = [
-            text if isinstance(p.prompt, str) else [{"role": "assistant", "content": text}]
+            text if isinstance(p["prompt"], str) else [{"role": "assistant", "content": text}]
             for p, text in zip(prompts, texts)
         ]
-        columns = {name: [p.columns[name] for p in prompts] for name in prompts[0].columns}
+        columns = {name: [p["columns"][name] for p in prompts] for name in prompts[0]["columns"]}
         ids = [c.output_ids for c in completions]
-        per_function = torch.tensor(score(self.rewards, [p.prompt for p in prompts], shown, ids, columns))
+        per_function = torch.tensor(score(self.rewards, [p["prompt"] for p in prompts], shown, ids, columns))
         rewards = combine_rewards(per_function, self.reward_weights)
         advantages = group_advantages(rewards, groups, settings.scale_rewards)
         batch = self._tensors(prompts, completions)
@@ -208,18 +202,18 @@ class GRPOTrainer(PreferenceTrainer):
         engine = GenerationEngine(model, self.stop_token_ids, max_batch=len(prompt_ids), seed=seed)
         return engine.generate(prompt_ids, params)
 
-    def _tensors(self, prompts: list[PromptRow], completions: list) -> dict[str, torch.Tensor]:
+    def _tensors(self, prompts: list[dict[str, Any]], completions: list) -> dict[str, torch.Tensor]:
         """Prompts left-padded and completions right-padded, with their masks, on the model's device."""
         device = self.accelerator.device
-        width = max(len(p.prompt_ids) for p in prompts)
+        width = max(len(p["prompt_input_ids"]) for p in prompts)
         length = max(len(c.output_ids) for c in completions)
         prompt_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         prompt_mask = torch.zeros_like(prompt_ids)
         completion_ids = torch.full((len(prompts), length), self.pad_token_id, dtype=torch.long)
         completion_mask = torch.zeros_like(completion_ids)
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            prompt_ids[i, width - len(prompt.prompt_ids) :] = torch.tensor(prompt.prompt_ids)
-            prompt_mask[i, width - len(prompt.prompt_ids) :] = 1
+            prompt_ids[i, width - len(prompt["prompt_input_ids"]) :] = torch.tensor(prompt["prompt_input_ids"])
+            prompt_mask[i, width - len(prompt["prompt_input_ids"]) :] = 1
             completion_ids[i, : len(completion.output_ids)] = torch.tensor(completion.output_ids)
             completion_mask[i, : len(completion.output_ids)] = 1
         tensors = dict(
@@ -301,16 +295,18 @@ class GRPOTrainer(PreferenceTrainer):
         return metrics
 
 
-def held_out_reward(trainer: GRPOTrainer, prompts: list[PromptRow], prefix: str = "eval") -> dict[str, float]:
+def held_out_reward(trainer: GRPOTrainer, prompts: list[dict[str, Any]], prefix: str = "eval") -> dict[str, float]:
     """``{prefix}_reward`` (weighted, as trained) and ``{prefix}_rewards/<function>`` over greedy answers."""
     if not prompts:
         return {}
-    completions = trainer.sample([p.prompt_ids for p in prompts], seed=0, greedy=True)
+    completions = trainer.sample([p["prompt_input_ids"] for p in prompts], seed=0, greedy=True)
     texts = trainer.processing_class.batch_decode([c.output_ids for c in completions], skip_special_tokens=True)
-    shown = [t if isinstance(p.prompt, str) else [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
-    columns = {name: [p.columns[name] for p in prompts] for name in prompts[0].columns}
+    shown = [
+        t if isinstance(p["prompt"], str) else [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)
+    ]
+    columns = {name: [p["columns"][name] for p in prompts] for name in prompts[0]["columns"]}
     table = torch.tensor(
-        score(trainer.rewards, [p.prompt for p in prompts], shown, [c.output_ids for c in completions], columns)
+        score(trainer.rewards, [p["prompt"] for p in prompts], shown, [c.output_ids for c in completions], columns)
     )
     rewards = combine_rewards(table, trainer.reward_weights)
     metrics = {f"{prefix}_reward": float(rewards.nanmean())}
