@@ -15,6 +15,7 @@ from deltatune.errors import (
 )
 from deltatune.tuners.bottleneck.config import BottleneckConfig
 from deltatune.tuners.lora.config import LoraConfig
+from deltatune.tuners.lycoris.config import LoHaConfig, LoKrConfig
 from deltatune.tuners.prompt.config import (
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -33,6 +34,8 @@ __all__ = [
     "DeltaConfig",
     "DeltaModel",
     "DeltaTuneError",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "MergeError",
     "PrefixTuningConfig",

@@ -44,6 +44,20 @@ ADAPTER_CONTAINERS = frozenset(
         "adapter_down",
         "adapter_up",
         "trainable_tokens_delta",
+        # LyCORIS (LoHa, LoKr): one ParameterDict per factor
+        "hada_w1_a",
+        "hada_w1_b",
+        "hada_w2_a",
+        "hada_w2_b",
+        "hada_t1",
+        "hada_t2",
+        "lokr_w1",
+        "lokr_w1_a",
+        "lokr_w1_b",
+        "lokr_w2",
+        "lokr_w2_a",
+        "lokr_w2_b",
+        "lokr_t2",
     }
 )
 # Containers dropped together with the adapter name (the copy replaces the module itself).

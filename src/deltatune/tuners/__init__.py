@@ -14,6 +14,7 @@ from deltatune.config import DeltaConfig
 from deltatune.errors import ConfigError
 from deltatune.tuners.bottleneck.config import BottleneckConfig
 from deltatune.tuners.lora.config import LoraConfig
+from deltatune.tuners.lycoris.config import LoHaConfig, LoKrConfig
 from deltatune.tuners.prompt.config import (
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -29,6 +30,8 @@ _TUNERS: dict[type[DeltaConfig], str] = {  # config class -> "module.TunerClass"
     PromptTuningConfig: "prompt.prompt_tuning.PromptTuningTuner",
     PromptEncoderConfig: "prompt.prompt_tuning.PTuningTuner",
     PrefixTuningConfig: "prompt.prefix.PrefixTuner",
+    LoHaConfig: "lycoris.tuner.LoHaTuner",
+    LoKrConfig: "lycoris.tuner.LoKrTuner",
 }
 
 
