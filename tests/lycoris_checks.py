@@ -19,10 +19,12 @@ import torch
 import deltatune
 from deltatune import DeltaModel
 from deltatune.errors import ConfigError
+from deltatune.train.config import TrainConfig
+from deltatune.train.methods import build_config
 from peft_models import example, maker
 from test_lora_conv import MERGE_ATOL, assert_same_model, save_and_load
 from test_peft_parity import delta_trainable, peft_trainable
-from tiny_models import _seeded, perturb_trainable, tiny_llama, token_inputs
+from tiny_models import LLAMA_LINEAR, _seeded, perturb_trainable, tiny_llama, token_inputs
 
 RANDOM = {"init_weights": False}
 
@@ -202,3 +204,15 @@ def check_tiny_llama_trains_and_round_trips(method: str, root, lr: float) -> Non
         assert torch.equal(loaded(input_ids=batch).logits, model(input_ids=batch).logits)
         with model.disable_adapter():
             assert torch.equal(model(input_ids=batch).logits, tiny_llama()(input_ids=batch).logits)
+
+
+def check_train_defaults(method: str) -> None:
+    """``deltatune train method=<name>``: every linear layer but the head, at a learning rate of 1e-2."""
+    name = getattr(deltatune, method).peft_type.lower()
+    config = build_config(name, {}, "CAUSAL_LM", None)
+    assert type(config) is getattr(deltatune, method) and config.target_modules == "all-linear"
+    assert TrainConfig.from_dict({"method": name}).learning_rate == 1e-2
+    assert TrainConfig.from_dict({"method": name, "learning_rate": 3e-3}).learning_rate == 3e-3
+    model = deltatune.get_delta_model(tiny_llama(), config)
+    adapted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if getattr(m, "is_delta_layer", False)}
+    assert adapted == set(LLAMA_LINEAR)

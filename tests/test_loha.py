@@ -21,6 +21,7 @@ from lycoris_checks import (
     check_refuses_layers_peft_cannot_adapt,
     check_row_both_ways_and_merged,
     check_tiny_llama_trains_and_round_trips,
+    check_train_defaults,
     check_training_dropout_matches_peft,
     tucker_by_autograd,
 )
@@ -158,3 +159,7 @@ def test_peft_s_tucker_backward_differs_from_autograd_for_the_output_factors():
     torch.testing.assert_close(forward, weight.detach())
     for name, peft_grad, torch_grad in zip(("t1", "w1a", "w1b", "t2", "w2a", "w2b"), *grads):
         assert torch.allclose(peft_grad, torch_grad) == (name not in ("w1a", "w2a")), name
+
+
+def test_train_defaults_adapt_every_linear_layer_at_a_larger_learning_rate():
+    check_train_defaults(METHOD)

@@ -23,6 +23,7 @@ from lycoris_checks import (
     check_refuses_layers_peft_cannot_adapt,
     check_row_both_ways_and_merged,
     check_tiny_llama_trains_and_round_trips,
+    check_train_defaults,
     check_training_dropout_matches_peft,
 )
 from peft_models import maker
@@ -176,3 +177,7 @@ def test_bad_values_are_refused_by_name(options, message):
 
 def test_tiny_llama_trains_and_round_trips(tmp_path):
     check_tiny_llama_trains_and_round_trips(METHOD, tmp_path, lr=3e-2)
+
+
+def test_train_defaults_adapt_every_linear_layer_at_a_larger_learning_rate():
+    check_train_defaults(METHOD)
