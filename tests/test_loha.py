@@ -25,8 +25,9 @@ from lycoris_checks import (
     check_training_dropout_matches_peft,
     tucker_by_autograd,
 )
-from peft_models import maker
+from peft_models import example, maker
 from test_lora_conv import DIRECTIONS
+from tiny_models import _seeded
 
 METHOD = "LoHaConfig"
 
@@ -163,3 +164,28 @@ def test_peft_s_tucker_backward_differs_from_autograd_for_the_output_factors():
 
 def test_train_defaults_adapt_every_linear_layer_at_a_larger_learning_rate():
     check_train_defaults(METHOD)
+
+
+def test_a_padding_mode_other_than_zeros_pads_the_update_as_the_base_does():
+    """Unlike peft (which zero-pads the update's input), the forward is the merged convolution's."""
+    for conv in (
+        torch.nn.Conv1d(3, 4, 3, padding=1, padding_mode="reflect"),
+        torch.nn.Conv2d(3, 4, (3, 2), padding=(1, 2), padding_mode="circular"),
+    ):
+        model = _seeded(
+            lambda conv=conv: deltatune.get_delta_model(
+                torch.nn.Sequential(conv), deltatune.LoHaConfig(target_modules=["0"], r=2, init_weights=False)
+            )
+        )
+        x = torch.randn((2, 3) + (5,) * (conv.weight.dim() - 2), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            unmerged = model(x)
+            assert (unmerged - model.base_model[0].base_layer(x)).abs().max() > 1e-3
+            model.merge_adapter()
+            torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=0)
+
+
+def test_a_half_precision_base_keeps_fp32_factors_and_its_own_output_dtype():
+    model = deltatune.get_delta_model(maker("MLP")().to(torch.bfloat16), deltatune.LoHaConfig(target_modules=["lin0"]))
+    assert all(p.dtype == torch.float32 for p in model.adapter_state("default").values())
+    assert model(example("MLP").to(torch.bfloat16)).dtype == torch.bfloat16

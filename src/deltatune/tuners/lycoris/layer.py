@@ -63,7 +63,7 @@ class LycorisLayer(nn.Module):
         self.alpha[name] = alpha
         self.scaling[name] = alpha / rank
         self.rank_dropout[name] = config.rank_dropout
-        self.rank_dropout_scale[name] = getattr(config, "rank_dropout_scale", True)
+        self.rank_dropout_scale[name] = getattr(config, "rank_dropout_scale", True)  # LoHa always rescales
         self.module_dropout[name] = config.module_dropout
         self.create(name, rank, config)
 
@@ -84,9 +84,9 @@ class LycorisLayer(nn.Module):
             factors = getattr(self, container)
             if name in factors:  # ParameterDict.pop takes no default
                 del factors[name]
-        for table in (self.r, self.alpha, self.scaling, self.rank_dropout, self.rank_dropout_scale):
+        tables = (self.r, self.alpha, self.scaling, self.rank_dropout, self.rank_dropout_scale, self.module_dropout)
+        for table in tables:
             table.pop(name, None)
-        self.module_dropout.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     @property
