@@ -127,3 +127,22 @@ def example(model_id: str) -> torch.Tensor:
     """peft's input ``arange(90)`` as [9, 10]: token ids for the embedding model, else divided by 10."""
     tokens = torch.arange(90).view(9, 10)
     return tokens if model_id == "EmbConv1D" else tokens / 10
+
+
+# -- LyCORIS rows: the models LoHa's and LoKr's rows add -----------------------------------------
+
+
+class RepeatedChannelsHead(ConvHead):
+    """The [9, 10] input as 9 one-channel rows of 10, that channel repeated to ``shape``'s channels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, 1, 10).expand(-1, self.shape[1], -1))
+
+
+MODELS.update(
+    {
+        "Conv1dBigger": lambda: RepeatedChannelsHead("conv1d", nn.Conv1d(64, 16, 2), (-1, 64, 10), 144),
+        "Conv1dGroups": lambda: RepeatedChannelsHead("conv1d", nn.Conv1d(8, 8, 3, groups=2), (-1, 8, 10), 64),
+        "Conv2d1x1": lambda: ConvHead("conv2d", nn.Conv2d(1, 10, 1), (-1, 1, 3, 3), 90),
+    }
+)

@@ -17,6 +17,7 @@ from deltatune.tuners.adalora.config import AdaLoraConfig
 from deltatune.tuners.bottleneck.config import BottleneckConfig
 from deltatune.tuners.ia3.config import IA3Config
 from deltatune.tuners.lora.config import LoraConfig
+from deltatune.tuners.lycoris.config import LoHaConfig, LoKrConfig
 from deltatune.tuners.oft.config import OFTConfig
 from deltatune.tuners.prompt.config import (
     PrefixTuningConfig,
@@ -39,6 +40,8 @@ __all__ = [
     "DeltaModel",
     "DeltaTuneError",
     "IA3Config",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "MergeError",
     "OFTConfig",

@@ -50,6 +50,20 @@ ADAPTER_CONTAINERS = frozenset(
         "vera_lambda_d",
         "oft_R",
         "oft_embedding_R",
+        # LyCORIS (LoHa, LoKr): one ParameterDict per factor
+        "hada_w1_a",
+        "hada_w1_b",
+        "hada_w2_a",
+        "hada_w2_b",
+        "hada_t1",
+        "hada_t2",
+        "lokr_w1",
+        "lokr_w1_a",
+        "lokr_w1_b",
+        "lokr_w2",
+        "lokr_w2_a",
+        "lokr_w2_b",
+        "lokr_t2",
     }
 )
 # Containers dropped together with the adapter name (the copy replaces the module itself).

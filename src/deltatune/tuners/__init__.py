@@ -16,6 +16,7 @@ from deltatune.tuners.adalora.config import AdaLoraConfig
 from deltatune.tuners.bottleneck.config import BottleneckConfig
 from deltatune.tuners.ia3.config import IA3Config
 from deltatune.tuners.lora.config import LoraConfig
+from deltatune.tuners.lycoris.config import LoHaConfig, LoKrConfig
 from deltatune.tuners.oft.config import OFTConfig
 from deltatune.tuners.prompt.config import (
     PrefixTuningConfig,
@@ -37,6 +38,8 @@ _TUNERS: dict[type[DeltaConfig], str] = {  # config class -> "module.TunerClass"
     VeraConfig: "vera.tuner.VeraTuner",
     AdaLoraConfig: "adalora.tuner.AdaLoraTuner",
     OFTConfig: "oft.tuner.OFTTuner",
+    LoHaConfig: "lycoris.tuner.LoHaTuner",
+    LoKrConfig: "lycoris.tuner.LoKrTuner",
 }
 
 

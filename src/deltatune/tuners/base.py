@@ -34,6 +34,18 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return new
 
 
+def check_merges_finite(layers: list[tuple[str, nn.Module]], adapter_names: list[str]) -> None:
+    """``safe_merge``: raise ``MergeError`` if merging any of ``adapter_names`` into any of ``layers`` (name, layer
+    with ``unmerged`` and ``merged_weight``) would put NaN/Inf into its weights; checked before anything merges."""
+    for layer_name, layer in layers:
+        for name in layer.unmerged(adapter_names):
+            if not torch.isfinite(layer.merged_weight(name)).all():
+                raise MergeError(
+                    f"merging adapter {name!r} would put NaN/Inf into the weights of {layer_name}; "
+                    f"nothing was changed (check the adapter's weights)"
+                )
+
+
 class Tuner:
     """Base class: subclasses set ``config_class`` and ``layer_class`` and implement ``inject``."""
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 import math
 import warnings
 
-import torch
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from transformers.pytorch_utils import Conv1D
 
-from deltatune.errors import ConfigError, MergeError
+from deltatune.errors import ConfigError
 from deltatune.kernels.base_weight import is_quantized, logical_shape
-from deltatune.tuners.base import Tuner, replace_module
+from deltatune.tuners.base import Tuner, check_merges_finite, replace_module
 from deltatune.tuners.lora.config import LoraConfig
 from deltatune.tuners.lora.conv import CONV_TYPES, LoraConvNd
 from deltatune.tuners.lora.embedding import LoraEmbedding
@@ -95,13 +94,7 @@ class LoraTuner(Tuner):
             if layer.unmerged(adapter_names):
                 layer.check_mergeable()
         if safe_merge:  # check every layer before touching any, so a refusal changes nothing
-            for layer_name, layer in layers:
-                for name in layer.unmerged(adapter_names):
-                    if not torch.isfinite(layer.merged_weight(name)).all():
-                        raise MergeError(
-                            f"merging adapter {name!r} would put NaN/Inf into the weights of {layer_name}; "
-                            f"nothing was changed (check the adapter's weights)"
-                        )
+            check_merges_finite(layers, adapter_names)
         for _, layer in layers:
             layer.merge(adapter_names)
 

@@ -1,0 +1,190 @@
+"""What LoHa and LoKr layers share: a base layer plus named updates that are built as a whole weight.
+
+Unlike LoRA, a LyCORIS update is not applied factor by factor: each forward pass builds ΔW from the
+adapter's factors (the family's ``delta_weight``) and runs the base layer's own operation with it::
+
+    x ──► base layer (W0, bias) ─────────────────────────────┐
+    │                                                       (+) ──► y = W0 x + b + ΔW x
+    └──► the same op (linear / conv, no bias) with ΔW ──────┘
+
+so one wrapper serves ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (peft's three layer types), and
+merging adds ΔW into W0 exactly. While training, ``module_dropout`` skips an adapter's whole update and
+``rank_dropout`` zeroes output rows of ΔW; the random draws come in peft's order (module, then rows), so
+a seeded forward in training mode matches peft's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune.errors import MergeError
+from deltatune.tuners.base import master_dtype
+from deltatune.tuners.lycoris.config import LycorisConfig
+
+# The base layer types a LyCORIS update can wrap (as in peft 0.21.2).
+LYCORIS_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+class LycorisLayer(nn.Module):
+    """A base layer plus named updates ΔW; subclasses (``LoHaLayer``, ``LoKrLayer``) hold the factors.
+
+    A subclass names its parameter containers (``containers``: one ``nn.ParameterDict`` per peft file key,
+    keyed by adapter name), creates and initialises an adapter's factors (``create``) and builds ΔW from
+    them (``factor_weight``, laid out like the base weight, without the scale).
+    """
+
+    is_delta_layer = True
+    containers: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Linear | nn.Conv1d | nn.Conv2d) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        for container in self.containers:
+            setattr(self, container, nn.ParameterDict())
+        self.r: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.rank_dropout: dict[str, float] = {}
+        self.rank_dropout_scale: dict[str, bool] = {}
+        self.module_dropout: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # -- adapter bookkeeping -------------------------------------------------------------
+    def add(self, name: str, rank: int, alpha: float, config: LycorisConfig) -> None:
+        """Create adapter ``name`` of rank ``rank`` (scale ``alpha / rank``), initialised per ``config``."""
+        self.r[name] = rank
+        self.alpha[name] = alpha
+        self.scaling[name] = alpha / rank
+        self.rank_dropout[name] = config.rank_dropout
+        self.rank_dropout_scale[name] = getattr(config, "rank_dropout_scale", True)  # LoHa always rescales
+        self.module_dropout[name] = config.module_dropout
+        self.create(name, rank, config)
+
+    def create(self, name: str, rank: int, config: LycorisConfig) -> None:
+        """Make adapter ``name``'s factors (``new_factor``) and initialise them per ``config.init_weights``."""
+        raise NotImplementedError
+
+    def new_factor(self, container: str, name: str, shape: tuple[int, ...]) -> None:
+        """An uninitialised factor of ``shape`` at ``container[name]``, on the base weight's device."""
+        weight = self.base_layer.weight
+        dtype = master_dtype(weight.dtype)
+        getattr(self, container)[name] = nn.Parameter(torch.empty(shape, device=weight.device, dtype=dtype))
+
+    def delete(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise MergeError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting it")
+        for container in self.containers:
+            factors = getattr(self, container)
+            if name in factors:  # ParameterDict.pop takes no default
+                del factors[name]
+        tables = (self.r, self.alpha, self.scaling, self.rank_dropout, self.rank_dropout_scale, self.module_dropout)
+        for table in tables:
+            table.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name relative to this layer, parameter) of adapter ``name``: ``hada_w1_a.<name>``, ..."""
+        for container in self.containers:
+            factors = getattr(self, container)
+            if name in factors:
+                yield f"{container}.{name}", factors[name]
+
+    def factors(self, name: str) -> dict[str, nn.Parameter]:
+        """Container name -> adapter ``name``'s factor, for the containers that hold one."""
+        return {c: getattr(self, c)[name] for c in self.containers if name in getattr(self, c)}
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's ``weight``, for code that reads it through the wrapper, as peft's layers show it."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's ``bias``, as peft's layers show it."""
+        return self.base_layer.bias
+
+    # -- the update ---------------------------------------------------------------------
+    def factor_weight(self, name: str) -> torch.Tensor:
+        """ΔW / scale of adapter ``name`` from its factors, shaped like the base weight."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str, rank_dropout: bool = False) -> torch.Tensor:
+        """ΔW = scale · ``factor_weight``; with ``rank_dropout``, each output row kept with probability 1 − p
+        (and, where the family rescales, the kept rows divided by the share kept)."""
+        delta = self.factor_weight(name) * self.scaling[name]
+        if rank_dropout:
+            p = self.rank_dropout[name]
+            keep = (torch.rand(delta.shape[0]) > p).to(delta.dtype)
+            if self.rank_dropout_scale[name]:
+                keep = keep / keep.mean()
+            delta = delta * keep.view(-1, *[1] * (delta.dim() - 1)).to(delta.device)
+        return delta
+
+    def apply_delta(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The base layer's operation with weight ``delta`` and no bias."""
+        base = self.base_layer
+        if isinstance(base, nn.Linear):
+            return F.linear(x, delta)
+        conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
+        padding = base.padding
+        if base.padding_mode != "zeros":  # padded as the base pads, so the forward is the merged layer's
+            x = F.pad(x, [p for p in reversed(base.padding) for _ in range(2)], mode=base.padding_mode)
+            padding = 0
+        return conv(x, delta, None, base.stride, padding, base.dilation, base.groups)
+
+    # -- merging ------------------------------------------------------------------------
+    def unmerged(self, names: list[str]) -> list[str]:
+        """The adapters of ``names`` this layer holds and has not merged yet."""
+        return [name for name in names if name in self.r and name not in self.merged_adapters]
+
+    def merged_weight(self, name: str) -> torch.Tensor:
+        """W + ΔW of adapter ``name``, as a new tensor in the base weight's dtype."""
+        weight = self.base_layer.weight
+        return weight.data + self.delta_weight(name).detach().to(weight.dtype)
+
+    def merge(self, names: list[str]) -> None:
+        """W ← W + ΔW for each adapter of ``names`` not merged yet, in order."""
+        for name in self.unmerged(names):
+            self.base_layer.weight.data.copy_(self.merged_weight(name))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """W ← W − ΔW for every merged adapter, newest first."""
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight.data -= self.delta_weight(name).detach().to(weight.dtype)
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        for name in self.active_adapters:
+            if name not in self.r or name in self.merged_adapters:
+                continue
+            if self.training and not torch.rand(1) > self.module_dropout[name]:
+                continue  # this adapter's update is dropped for this step
+            rows = self.training and self.rank_dropout[name] > 0
+            delta = self.delta_weight(name, rank_dropout=rows)
+            result = result + self.apply_delta(x.to(delta.dtype), delta).to(result.dtype)
+        return result
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}: r={self.r[name]}, scaling={self.scaling[name]:g}" for name in self.r)
+
+
+def kaiming(param: nn.Parameter) -> None:
+    """``nn.Linear``'s default init (Kaiming-uniform, a = √5), as peft starts LyCORIS factors."""
+    nn.init.kaiming_uniform_(param, a=math.sqrt(5))
