@@ -105,8 +105,11 @@ def run(args: argparse.Namespace) -> int:
     checks = f"reloaded adapter max logit diff {result.reloaded_max_logit_diff:.2e}"
     if result.merged_max_logit_diff is not None:
         checks += f"; merged model max logit diff {result.merged_max_logit_diff:.2e}"
-    label = "held-out loss" if result.stage == "sft" else f"held-out {result.stage} loss"
-    line = f"{label}: {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}"
+    if "eval_reward" in result.eval_before:  # GRPO: the mean reward of greedy answers to the held-out prompts
+        line = f"held-out reward: {result.eval_before['eval_reward']:.4f} -> {result.eval_after['eval_reward']:.4f}"
+    else:
+        label = "held-out loss" if result.stage == "sft" else f"held-out {result.stage} loss"
+        line = f"{label}: {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}"
     accuracy = "eval_rewards/accuracies"
     if accuracy in result.eval_before and accuracy in result.eval_after:
         line += f", reward accuracy {result.eval_before[accuracy]:.3f} -> {result.eval_after[accuracy]:.3f}"
@@ -122,8 +125,13 @@ def run(args: argparse.Namespace) -> int:
     if result.diverged:
         print(result.diverged)
     steps = f"{result.steps} step" + ("" if result.steps == 1 else "s")
+    speed = (
+        f"{result.tokens_per_second:,.0f} tokens/s"
+        if result.tokens_per_second
+        else f"{result.train_seconds / max(result.steps, 1):.1f} s/step"
+    )
     print(
-        f"trained {steps} in {result.train_seconds:.0f} s ({result.tokens_per_second:,.0f} tokens/s); "
+        f"trained {steps} in {result.train_seconds:.0f} s ({speed}); "
         f"adapter in {result.adapter_dir}, metrics.json and loss.png in {config.output_dir}"
     )
     return 0

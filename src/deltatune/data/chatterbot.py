@@ -1,4 +1,4 @@
-"""The embedded chatterbot corpus as built-in data sources (nothing is downloaded).
+"""The built-in data sources (nothing is downloaded): the embedded chatterbot corpus, and one generated task.
 
 * ``chatterbot``: real question/answer pairs as one-turn conversations (SFT).
 * ``chatterbot-topics``: each question labelled with its corpus topic (sequence classification).
@@ -7,6 +7,7 @@
   with the corpus; these pairs only teach "answer the question that was asked".
 * ``chatterbot-kto-synthetic``: the same SYNTHETIC pairs unpaired: (question, chosen) desirable,
   (question, rejected) undesirable.
+* ``units-synthetic``: SYNTHETIC unit-conversion prompts with exact answers, for GRPO (``units``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from deltatune.data.records import (
     PreferencePair,
     Record,
 )
+from deltatune.data.units import unit_conversion_prompts
 
 if TYPE_CHECKING:
     from deltatune.runtime import assets
@@ -76,6 +78,7 @@ BUILTIN: dict[str, Callable[[], list[Record]]] = {
     "chatterbot-topics": chatterbot_topics,
     "chatterbot-preference-synthetic": chatterbot_preference_pairs,
     "chatterbot-kto-synthetic": chatterbot_kto_examples,
+    "units-synthetic": unit_conversion_prompts,
 }
 
 

@@ -15,14 +15,15 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from deltatune.data import ColumnMap, check_sources, parse_weights, split_sources
 from deltatune.data.encoding import TRUNCATION_SIDES
 from deltatune.errors import ConfigError, DataError
+from deltatune.train.config_choices import LR_SCHEDULERS, PRECISIONS, REPORTERS, installed
 from deltatune.train.config_values import coerce, override_value, read_yaml
+from deltatune.train.grpo_settings import GRPOSettings
 from deltatune.train.methods import (
     build_config,
     method_class,
@@ -34,40 +35,6 @@ from deltatune.tuners.prompt.config import PromptLearningConfig
 
 EMBEDDED_MODEL = "smollm2"
 EMBEDDED_DATA = "chatterbot"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# transformers' SchedulerType values but reduce_lr_on_plateau (it needs an eval metric each step), written
-# out so that checking a config never imports transformers; tests/test_cli_speed.py keeps them in step.
-LR_SCHEDULERS = (
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "inverse_sqrt",
-    "cosine_with_min_lr",
-    "cosine_warmup_with_min_lr",
-    "warmup_stable_decay",
-    "greedy",
-)
-# transformers' report_to integrations (INTEGRATION_TO_CALLBACK) but kubeflow (set up by its platform, not a
-# package): the modules each needs, and their pip packages. Written out so that checking a config never
-# imports transformers; tests/test_first_hour.py keeps them in step.
-REPORTERS: dict[str, tuple[tuple[str, ...], str]] = {
-    "tensorboard": (("tensorboard",), "tensorboard"),
-    "wandb": (("wandb",), "wandb"),
-    "mlflow": (("mlflow",), "mlflow"),
-    "trackio": (("trackio",), "trackio"),
-    "comet_ml": (("comet_ml",), "comet_ml"),
-    "clearml": (("clearml",), "clearml"),
-    "neptune": (("neptune",), "neptune"),
-    "dagshub": (("dagshub", "mlflow"), "dagshub mlflow"),
-    "dvclive": (("dvclive",), "dvclive"),
-    "swanlab": (("swanlab",), "swanlab"),
-    "codecarbon": (("codecarbon",), "codecarbon"),
-    "azure_ml": (("azureml.core.run",), "azureml-core"),
-    "flyte": (("flytekit", "flytekitplugins.deck"), "flytekit flytekitplugins-deck-standard"),
-}
 # config.json fields that hold a model's context length (positions it has embeddings or a rope range for).
 _CONTEXT_FIELDS = ("max_position_embeddings", "n_positions")
 
@@ -166,10 +133,29 @@ class TrainConfig:
         "term; simpo: scale of the length-normalised reward (default 2.5)",
     )
     gamma: float = _key(0.5, "simpo: the reward margin the chosen answer must win by (TRL's simpo_gamma)")
-    loss_type: str = _key("sigmoid", "dpo: sigmoid (the DPO paper) or ipo")
+    loss_type: str = _key(
+        "sigmoid", "dpo: sigmoid (the DPO paper) or ipo; grpo: dapo (default), grpo, dr_grpo or bnpo (TRL's)"
+    )
     desirable_weight: float = _key(1.0, "kto: weight of desirable examples' loss")
     undesirable_weight: float = _key(1.0, "kto: weight of undesirable examples' loss")
-    seed: int = _key(0, "seed for the split, the adapter init and the data order")
+    reward_funcs: str = _key(
+        "",
+        "grpo: reward functions, comma-separated: FILE.py:FUNCTION, MODULE:FUNCTION (TRL's signature), "
+        "accuracy (math-verify against a solution column), regex:PATTERN, length:N, rm:FOLDER (a reward model)",
+    )
+    reward_weights: str = _key("", "grpo: one weight per reward function (e.g. 1,0.5); empty: 1 each")
+    num_generations: int = _key(8, "grpo: completions sampled per prompt (a group); batch_size counts completions")
+    max_completion_length: int = _key(256, "grpo: tokens a sampled completion may have")
+    temperature: float = _key(1.0, "grpo: sampling temperature (log-probabilities are taken at it too)")
+    top_p: float = _key(1.0, "grpo: sample from the smallest set of tokens holding this much probability")
+    top_k: int = _key(0, "grpo: sample from the k most likely tokens; 0: all")
+    epsilon: float = _key(0.2, "grpo: the probability ratio is clipped below at 1 - epsilon")
+    epsilon_high: float = _key(0.0, "grpo: ... and above at 1 + epsilon_high; 0: epsilon (DAPO raises it)")
+    scale_rewards: str = _key("group", "grpo: advantages divided by the reward std of the group, the batch, or none")
+    num_iterations: int = _key(1, "grpo: optimizer passes over each generation")
+    steps_per_generation: int = _key(0, "grpo: micro-steps one generation serves; 0: gradient_accumulation_steps")
+    mask_truncated_completions: bool = _key(False, "grpo: no loss on completions cut at max_completion_length")
+    seed: int = _key(0, "seed for the split, the adapter init, the data order and GRPO's sampling")
     threads: int = _key(0, "CPU threads (torch.set_num_threads); 0: auto, the CPUs other processes leave free")
     method_options: dict[str, Any] = field(default_factory=dict, metadata={"help": ""})
 
@@ -203,8 +189,16 @@ class TrainConfig:
         _check("gamma", self.gamma, self.gamma >= 0, "must be 0 or more")
         if self.stage != "simpo" and self.gamma != TrainConfig.gamma:
             raise ConfigError(f"gamma applies to stage=simpo only, not stage={self.stage}; leave it out")
-        for name in ("learning_rate", "beta", "desirable_weight", "undesirable_weight"):
+        for name in ("learning_rate", "desirable_weight", "undesirable_weight"):
             _check(name, getattr(self, name), getattr(self, name) > 0, "must be positive")
+        if self.stage == "grpo":
+            self.grpo_settings()  # checks GRPO's keys
+            _check("beta", self.beta, self.beta >= 0, "must be 0 (no KL term) or more")
+        else:
+            _check("beta", self.beta, self.beta > 0, "must be positive")
+            changed = [key for key in GRPO_KEYS if getattr(self, key) != getattr(TrainConfig, key)]
+            if changed:
+                raise ConfigError(f"{changed[0]} applies to stage=grpo only, not stage={self.stage}; leave it out")
         if (self.max_steps > 0) == (self.epochs > 0):
             raise ConfigError(
                 f"set max_steps or epochs (exactly one above 0); got max_steps={self.max_steps}, epochs={self.epochs}"
@@ -277,6 +271,32 @@ class TrainConfig:
             )
         self.delta_config()  # validates the method and its hyper-parameters
 
+    def grpo_settings(self) -> GRPOSettings:
+        """GRPO's settings from this run's keys (a ConfigError names a bad one)."""
+        if not self.reward_funcs.strip():
+            raise ConfigError("stage=grpo needs reward_funcs=..., e.g. reward_funcs=accuracy or rewards.py:correct")
+        try:
+            weights = tuple(float(w) for w in self.reward_weights.split(",")) if self.reward_weights else None
+        except ValueError:
+            raise ConfigError(f"reward_weights={self.reward_weights!r} must be numbers, e.g. 1,0.5") from None
+        return GRPOSettings(
+            num_generations=self.num_generations,
+            max_prompt_length=self.max_prompt_length or self.max_length,
+            max_completion_length=self.max_completion_length,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            beta=self.beta,
+            epsilon=self.epsilon,
+            epsilon_high=self.epsilon_high or None,
+            loss_type=self.loss_type,
+            scale_rewards=self.scale_rewards,
+            num_iterations=self.num_iterations,
+            steps_per_generation=self.steps_per_generation or None,
+            mask_truncated_completions=self.mask_truncated_completions,
+            reward_weights=weights,
+        )
+
     def reporters(self) -> list[str]:
         """The report_to integrations this run logs to ("all": the installed ones; tensorboard=true adds
         tensorboard); a ConfigError when one is unknown or its package is not installed."""
@@ -284,7 +304,7 @@ class TrainConfig:
         if len(names) > 1 and {"all", "none"} & set(names):
             raise ConfigError(f"report_to={self.report_to!r} mixes all/none with names; give one of them")
         if names in (["all"], ["none"]):
-            names = [name for name in REPORTERS if _installed(REPORTERS[name][0])] if names == ["all"] else []
+            names = [name for name in REPORTERS if installed(REPORTERS[name][0])] if names == ["all"] else []
         for name in names:
             if name not in REPORTERS:
                 guess = difflib.get_close_matches(name, REPORTERS, n=1)
@@ -292,10 +312,10 @@ class TrainConfig:
                 raise ConfigError(
                     f"report_to: {name!r} is unknown; {hint}use none, all or some of {', '.join(REPORTERS)}"
                 )
-            if not _installed(REPORTERS[name][0]):
+            if not installed(REPORTERS[name][0]):
                 raise ConfigError(f"report_to={name} needs the {name} package: pip install {REPORTERS[name][1]}")
         if self.tensorboard and "tensorboard" not in names:
-            if not _installed(REPORTERS["tensorboard"][0]):
+            if not installed(REPORTERS["tensorboard"][0]):
                 raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard")
             names.append("tensorboard")
         return names
@@ -389,6 +409,23 @@ class TrainConfig:
         return cls(**typed)
 
 
+GRPO_KEYS = (
+    "reward_funcs",
+    "reward_weights",
+    "num_generations",
+    "max_completion_length",
+    "temperature",
+    "top_p",
+    "top_k",
+    "epsilon",
+    "epsilon_high",
+    "scale_rewards",
+    "num_iterations",
+    "steps_per_generation",
+    "mask_truncated_completions",
+)
+
+
 def _unknown_key_hint(key: str, own: list[str], method: str, method_keys: list[str]) -> str:
     """Whose hyper-parameter ``key`` is when another method has it, else the nearest key (in any case
     and with - for _), else where the keys are listed."""
@@ -418,17 +455,6 @@ def _drop_other_methods_keys(values: dict[str, Any], method: str, source: str) -
             f"of method={'/'.join(owners)}",
             file=sys.stderr,
         )
-
-
-def _installed(modules: tuple[str, ...]) -> bool:
-    """Whether every module of ``modules`` can be imported (found, not imported)."""
-    for module in modules:
-        try:
-            if find_spec(module) is None:
-                return False
-        except (ImportError, ValueError):  # a missing parent package of a dotted name
-            return False
-    return True
 
 
 def _model_config_file(model: str) -> Path | None:

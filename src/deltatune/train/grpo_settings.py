@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 from deltatune.errors import ConfigError
-from deltatune.train.policy_loss import LOSS_TYPES, SCALE_REWARDS
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")  # how the per-token loss is averaged (train/policy_loss.py)
+SCALE_REWARDS = ("group", "batch", "none")  # which standard deviation divides the advantages
 
 
 @dataclasses.dataclass(frozen=True)

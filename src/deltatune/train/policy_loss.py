@@ -28,9 +28,7 @@ from typing import NamedTuple
 import torch
 
 from deltatune.errors import ConfigError
-
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
-SCALE_REWARDS = ("group", "batch", "none")
+from deltatune.train.grpo_settings import LOSS_TYPES, SCALE_REWARDS
 
 
 def combine_rewards(per_function: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

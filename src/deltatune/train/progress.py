@@ -7,10 +7,21 @@ import time
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+# logged value -> its label in the bar (GRPO logs its reward, the reward's spread in a group and the KL)
+LOGGED = (
+    ("loss", "loss"),
+    ("reward", "reward"),
+    ("reward_std", "reward_std"),
+    ("kl", "kl"),
+    ("learning_rate", "lr"),
+    ("eval_loss", "eval_loss"),
+    ("eval_reward", "eval_reward"),
+)
+
 
 class ProgressBar(TrainerCallback):
     """Replaces transformers' ``ProgressCallback``: one bar over the optimizer steps, whose postfix
-    holds the last logged loss and learning rate and the tokens per second since the bar started
+    holds the last logged loss (GRPO: reward) and learning rate and the tokens per second since the bar started
     (``num_input_tokens_seen``, so the Trainer must count tokens). Log lines are not printed.
     ``tokens_per_second`` keeps the last rate after training."""
 
@@ -37,7 +48,7 @@ class ProgressBar(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.bar is not None and logs:
-            for key, label in (("loss", "loss"), ("learning_rate", "lr"), ("eval_loss", "eval_loss")):
+            for key, label in LOGGED:
                 if key in logs:
                     self.postfix[label] = f"{logs[key]:.4g}"
             self.bar.set_postfix(self.postfix)

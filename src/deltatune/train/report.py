@@ -39,20 +39,22 @@ def loss_figure(
     the held-out loss at each evaluation (step 0: before training) with the start as a dashed line, and below, each
     sample question with the data's answer and the model's before and after (``run.SampleAnswer``).
     ``unit``: what one loss value averages over (a batch's, or the held-out set's), named in the legend."""
-    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
-    evaluation = sorted({entry["step"]: entry["eval_loss"] for entry in log_history if "eval_loss" in entry}.items())
+    metric = "reward" if any("reward" in entry for entry in log_history) else "loss"  # GRPO draws its reward
+    train = [(entry["step"], entry[metric]) for entry in log_history if metric in entry]
+    evaluation = sorted({e["step"]: e[f"eval_{metric}"] for e in log_history if f"eval_{metric}" in e}.items())
     figure = Figure(figsize=(8, 4.5 + 0.5 * len(samples)), dpi=100)
     FigureCanvasAgg(figure)
     grid = figure.add_gridspec(2, 1, height_ratios=[4.5, max(0.5 * len(samples), 1e-3)])
     axes = figure.add_subplot(grid[0])
     if train:
-        _plot_training(axes, *zip(*train), unit)
+        _plot_training(axes, *zip(*train), unit, metric)
     if evaluation:
-        label = f"held-out loss (all held-out {unit})"
+        label = f"held-out {metric} (all held-out {unit})"
         axes.plot(*zip(*evaluation), "o-", color="tab:orange", linewidth=2, label=label)
-        axes.axhline(evaluation[0][1], color="gray", linestyle="--", linewidth=1, label="held-out loss before training")
+        before = f"held-out {metric} before training"
+        axes.axhline(evaluation[0][1], color="gray", linestyle="--", linewidth=1, label=before)
     axes.set_xlabel("optimizer step")
-    axes.set_ylabel("loss")
+    axes.set_ylabel(metric)
     axes.set_title(title)
     axes.grid(alpha=0.3)
     # Below the axes: the labels are long, and inside they would hide the noisy per-step losses.
@@ -72,14 +74,14 @@ def loss_figure(
     return figure
 
 
-def _plot_training(axes: Axes, steps: Sequence[int], losses: Sequence[float], unit: str) -> None:
-    """Each logged training loss (faint), and over a quarter of the logs their moving average, drawn from the
-    step where its window first fills; each label says how many optimizer steps a point averages."""
+def _plot_training(axes: Axes, steps: Sequence[int], losses: Sequence[float], unit: str, metric: str = "loss") -> None:
+    """Each logged training loss (GRPO: reward) (faint), and over a quarter of the logs their moving average,
+    drawn from the step where its window first fills; each label says how many optimizer steps a point averages."""
     window = max(1, len(losses) // 4)
     per_log = _logged_steps(steps, 1)
     each = "of each step" if per_log == 1 else f"of each log (mean of its {per_log} steps)"
-    averaged = f"training loss, mean of the last {_logged_steps(steps, window)} steps ({unit} of each batch)"
-    axes.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=1, label=f"training loss {each}")
+    averaged = f"training {metric}, mean of the last {_logged_steps(steps, window)} steps ({unit} of each batch)"
+    axes.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=1, label=f"training {metric} {each}")
     axes.plot(steps[window - 1 :], moving_average(losses, window), color="tab:blue", linewidth=2, label=averaged)
 
 

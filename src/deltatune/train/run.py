@@ -37,7 +37,7 @@ from deltatune.data import (
     split_records,
 )
 from deltatune.data.chat_defaults import write_chat_defaults
-from deltatune.data.records import Conversation, Messages, PreferencePair
+from deltatune.data.records import Conversation, Messages, PreferencePair, PromptOnly
 from deltatune.errors import ConfigError, DataError, MergeError
 from deltatune.model import DeltaModel, get_delta_model
 from deltatune.runtime.checkpoints import checkpoint_step, latest_complete_checkpoint
@@ -133,7 +133,7 @@ def run_training(config: TrainConfig, log=print, callbacks: Sequence[TrainerCall
     allow_training_quantized(delta)  # transformers' Trainer trains a quantised base only under adapters
     trainable, total = delta.get_nb_trainable_parameters()
     log(f"{config.method}: {trainable:,} trainable of {total:,} parameters")
-    arguments = _arguments(config, train_set, mixed_precision)
+    arguments = _arguments(config, train_set, mixed_precision, stage)
     trainer = stage.trainer(config, delta, tokenizer, arguments, train_set.examples, eval_set.examples)
     trainer.remove_callback(ProgressCallback)
     for callback in callbacks:
@@ -145,11 +145,11 @@ def run_training(config: TrainConfig, log=print, callbacks: Sequence[TrainerCall
         questions = []
     # SFT's "before" is the base model; the preference stages score the untrained adapter (the base model,
     # or for rm the base under a new head).
-    with delta.disable_adapter() if stage.name == "sft" else contextlib.nullcontext():
+    with delta.disable_adapter() if stage.name in ("sft", "grpo") else contextlib.nullcontext():
         before = trainer.evaluate()
     with delta.disable_adapter():
         answers_before = [answer(delta, tokenizer, question) for question, _ in questions]
-    log(f"held-out loss before: {_describe(before)}")
+    log(f"held-out {stage.metric} before: {_describe(before)}")
 
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -161,7 +161,7 @@ def run_training(config: TrainConfig, log=print, callbacks: Sequence[TrainerCall
         SampleAnswer(question[-1].content, reference, before_text, after_text)
         for (question, reference), before_text, after_text in zip(questions, answers_before, answers_after)
     ]
-    log(f"held-out loss after:  {_describe(after)}")
+    log(f"held-out {stage.metric} after:  {_describe(after)}")
 
     adapter_dir = Path(config.output_dir) / "adapter"
     if trainer.args.should_save:  # under torchrun only the main process writes
@@ -278,7 +278,9 @@ def _checked(data: RecordSet, stage: Stage) -> RecordSet:
     return data
 
 
-def _arguments(config: TrainConfig, train_set: EncodedSet, mixed_precision: dict[str, bool]) -> TrainingArguments:
+def _arguments(
+    config: TrainConfig, train_set: EncodedSet, mixed_precision: dict[str, bool], stage: Stage
+) -> TrainingArguments:
     steps = config.max_steps
     if not steps:
         rows = len(train_set.examples)  # an upper bound when packing
@@ -305,8 +307,8 @@ def _arguments(config: TrainConfig, train_set: EncodedSet, mixed_precision: dict
         save_steps=config.save_steps or config.eval_steps or 500,
         save_total_limit=config.save_total_limit or None,
         load_best_model_at_end=bool(config.early_stopping_patience),
-        metric_for_best_model="eval_loss" if config.early_stopping_patience else None,
-        greater_is_better=False if config.early_stopping_patience else None,
+        metric_for_best_model=f"eval_{stage.metric}" if config.early_stopping_patience else None,
+        greater_is_better=(stage.metric == "reward") if config.early_stopping_patience else None,
         activation_checkpointing=config.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         **mixed_precision,
@@ -316,7 +318,7 @@ def _arguments(config: TrainConfig, train_set: EncodedSet, mixed_precision: dict
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="non_padding" if stage.metric == "loss" else "no",  # GRPO samples its own
     )
 
 
@@ -365,6 +367,9 @@ def _reference(record: Record) -> str | None:
         return record.messages[len(record.prompt)].content
     if isinstance(record, PreferencePair):
         return record.chosen[0].content
+    if isinstance(record, PromptOnly):  # GRPO's data: its solution, when the rows carry one
+        solution = dict(record.columns).get("solution")
+        return None if solution is None else str(solution)
     return record.completion[0].content if record.label else None
 
 
@@ -434,7 +439,11 @@ def _data_stats(train_records, eval_records, train_set: EncodedSet, eval_set: En
 
 
 def _describe(metrics: dict[str, float]) -> str:
-    """ "2.7132 (perplexity 15.08)", plus the reward accuracy when the stage logs one."""
+    """ "2.7132 (perplexity 15.08)", plus the reward accuracy when the stage logs one; GRPO: the mean reward
+    and each reward function's."""
+    if "eval_reward" in metrics:
+        parts = [f"{key.removeprefix('eval_rewards/')} {value:.3f}" for key, value in metrics.items() if "/" in key]
+        return f"{metrics['eval_reward']:.4f}" + (f" ({', '.join(parts)})" if parts else "")
     text = f"{metrics['eval_loss']:.4f}"
     if "eval_perplexity" in metrics:
         text += f" (perplexity {metrics['eval_perplexity']:.2f})"

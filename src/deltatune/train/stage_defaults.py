@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-STAGES = ("sft", "dpo", "kto", "orpo", "simpo", "rm")
+STAGES = ("sft", "dpo", "kto", "orpo", "simpo", "rm", "grpo")
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "simpo": {"beta": 2.5},
+    "grpo": {"beta": 0.0, "loss_type": "dapo"},  # TRL's GRPOConfig defaults: no KL term, DAPO's token average
 }

@@ -6,6 +6,7 @@
 * ``orpo``, ``simpo``: ``reference_free.ORPOTrainer`` / ``SimPOTrainer`` on ``PreferencePair`` records.
 * ``rm``: ``reward.RewardTrainer`` on ``PreferencePair`` records (with their optional margin), over a
   one-output sequence-classification model.
+* ``grpo``: ``grpo.GRPOTrainer`` on ``PromptOnly`` records, scored by ``reward_funcs``.
 
 Every pair stage encodes its pairs as DPO does (``encode_preference_pairs``: the same left-cut
 truncation and the same counts).
@@ -34,12 +35,14 @@ from deltatune.errors import DataError
 from deltatune.kernels.segment_attention import use_segment_attention
 from deltatune.train.config import TrainConfig
 from deltatune.train.evaluate import heldout_loss, perplexity
+from deltatune.train.grpo import GRPOTrainer, encode_prompts
 from deltatune.train.kto import KTOTrainer
 from deltatune.train.lm_loss import causal_lm_loss
 from deltatune.train.preference import DPOTrainer
 from deltatune.train.preference_data import encode_kto_examples, encode_preference_pairs
 from deltatune.train.reference_free import ORPOTrainer, SimPOTrainer
 from deltatune.train.reward import RewardTrainer
+from deltatune.train.rewards import load_reward_functions
 from deltatune.train.trainer import DeltaTrainer
 from deltatune.tuners.prompt.config import PromptLearningConfig
 
@@ -84,6 +87,7 @@ class Stage:
     data_hint: str  # the built-in data set to suggest when the kind is wrong
     loss_unit: str  # what one loss value averages over (loss.png's legend names it)
     task_type: str = "CAUSAL_LM"  # the model it trains: a causal LM, or a scorer (SEQ_CLS, one output)
+    metric: str = "loss"  # what its evaluation reports and the logs call it: "loss", or GRPO's "reward"
 
 
 def _sft_trainer(config, model, tokenizer, args, train: list[Example], evaluation: list[Example]) -> Trainer:
@@ -168,6 +172,22 @@ def _kto_trainer(config, model, tokenizer, args, train, evaluation) -> Trainer:
     )
 
 
+def _encode_grpo(tokenizer, records, config) -> EncodedSet:
+    return encode_prompts(tokenizer, records, config.max_prompt_length or config.max_length)
+
+
+def _grpo_trainer(config, model, tokenizer, args, train, evaluation) -> Trainer:
+    return GRPOTrainer(
+        model,
+        args,
+        train_dataset=train,
+        rewards=load_reward_functions(config.reward_funcs),
+        settings=config.grpo_settings(),
+        processing_class=tokenizer,
+        eval_prompts=evaluation,
+    )
+
+
 STAGES: dict[str, Stage] = {
     "sft": Stage("sft", ("sft",), _encode_sft, _sft_trainer, "chatterbot", "answer tokens"),
     "dpo": Stage("dpo", ("preference",), _encode_pairs, _dpo_trainer, "chatterbot-preference-synthetic", "pairs"),
@@ -175,4 +195,5 @@ STAGES: dict[str, Stage] = {
     "orpo": Stage("orpo", ("preference",), _encode_pairs, _orpo_trainer, "chatterbot-preference-synthetic", "pairs"),
     "simpo": Stage("simpo", ("preference",), _encode_pairs, _simpo_trainer, "chatterbot-preference-synthetic", "pairs"),
     "rm": Stage("rm", ("preference",), _encode_rm, _rm_trainer, "chatterbot-preference-synthetic", "pairs", "SEQ_CLS"),
+    "grpo": Stage("grpo", ("prompt",), _encode_grpo, _grpo_trainer, "units-synthetic", "completions", metric="reward"),
 }
