@@ -37,6 +37,19 @@ def check_unquantized(method: str, name: str, base: nn.Module) -> None:
         )
 
 
+def checked_base(method: str, name: str, module: nn.Module, layer_class: type, types: tuple, adapts: str) -> nn.Module:
+    """The base layer of target ``name`` (``module`` itself, or the base of the ``layer_class`` already wrapping
+    it), refused by name unless it is one of ``types`` (``adapts`` says which, for the message) and unquantised."""
+    base = module.base_layer if isinstance(module, layer_class) else module
+    if not isinstance(base, types):
+        raise ConfigError(
+            f"{method} cannot wrap {name} ({type(base).__name__}); as in peft it adapts {adapts}: "
+            f"leave {name} out of target_modules"
+        )
+    check_unquantized(method, name, base)
+    return base
+
+
 class VectorLayer(DeltaLayer):
     """A base layer plus named adapters held in the ParameterDicts ``vector_names``."""
 
