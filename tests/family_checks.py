@@ -1,5 +1,6 @@
-"""Checks every adapter family's tests share (IA3, VeRA): a peft row both ways and merged, two adapters both
-ways, and the adapter lifecycle (add, switch, disable, merge/unmerge, delete) on one model.
+"""Checks the adapter families' tests share: merging as peft does (every family), and for IA3 and VeRA a peft row
+both ways and merged, two adapters both ways, and the adapter lifecycle (add, switch, disable, merge/unmerge,
+delete) on one model.
 
 ``method`` is the config class name both libraries export; ``random_init`` the field that starts an adapter
 away from the identity (IA3's ``init_ia3_weights=False``).
@@ -35,14 +36,22 @@ def row_matches_peft_and_merges_alike(
     merged outputs agree with each other and with the unmerged one (1e-4). Returns (peft, deltatune) merged."""
     peft_side, delta_side = save_and_load(make, options, direction, root, method=method, random_init=random_init)
     assert_same_model(peft_side, delta_side, make, (x,))
+    merges_as_peft_does(peft_side, delta_side, x)
+    return peft_side, delta_side
+
+
+def merges_as_peft_does(
+    peft_side: nn.Module, delta_side: DeltaModel, x: torch.Tensor, atol: float = MERGE_ATOL, rtol: float = 0.0
+) -> None:
+    """Both sides merge their adapters; deltatune's merged output is peft's merged one and its own unmerged one
+    (within ``atol`` / ``rtol``)."""
     with torch.no_grad():
         unmerged = first(delta_side(x))
         peft_side.merge_adapter()
         delta_side.merge_adapter()
         merged = first(delta_side(x))
-        torch.testing.assert_close(merged, first(peft_side(x)), atol=MERGE_ATOL, rtol=0)
-        torch.testing.assert_close(merged, unmerged, atol=MERGE_ATOL, rtol=0)
-    return peft_side, delta_side
+        torch.testing.assert_close(merged, first(peft_side(x)), atol=atol, rtol=rtol)
+        torch.testing.assert_close(merged, unmerged, atol=atol, rtol=rtol)
 
 
 def two_adapters_match_peft(

@@ -21,6 +21,7 @@ from deltatune import DeltaModel
 from deltatune.errors import ConfigError
 from deltatune.train.config import TrainConfig
 from deltatune.train.methods import build_config
+from family_checks import merges_as_peft_does
 from peft_models import example, maker
 from test_lora_conv import MERGE_ATOL, assert_same_model, save_and_load
 from test_peft_parity import delta_trainable, peft_trainable
@@ -55,13 +56,7 @@ def check_row_both_ways_and_merged(method: str, model_id: str, options: dict, di
     tucker = method == "LoHaConfig" and options.get("use_effective_conv2d", False)
     with peft_loha_tucker_by_autograd() if tucker else contextlib.nullcontext():
         assert_same_model(peft_side, delta_side, make, (x,))
-    with torch.no_grad():
-        unmerged = delta_side(x)
-        peft_side.merge_adapter()
-        delta_side.merge_adapter()
-        merged = delta_side(x)
-        torch.testing.assert_close(merged, peft_side(x), atol=MERGE_ATOL, rtol=0)
-        torch.testing.assert_close(merged, unmerged, atol=MERGE_ATOL, rtol=0)
+    merges_as_peft_does(peft_side, delta_side, x)
 
 
 def check_training_dropout_matches_peft(method: str, model_id: str, options: dict, root) -> None:

@@ -17,6 +17,7 @@ import torch
 import deltatune
 from deltatune import DeltaModel
 from deltatune.errors import ConfigError
+from family_checks import merges_as_peft_does
 from peft_models import EmbConv1D, example, maker
 from quantised_models import quantised
 from test_lora_conv import DIRECTIONS, MERGE_ATOL, assert_same_model, save_and_load
@@ -60,13 +61,7 @@ def test_row_matches_peft_both_ways_and_merges_as_peft_does(row, direction, tmp_
     make, x = maker(model_id), example(model_id)
     peft_side, delta_side = save_and_load(make, options, direction, tmp_path, method="AdaLoraConfig")
     assert_same_model(peft_side, delta_side, make, (x,))
-    with torch.no_grad():
-        unmerged = delta_side(x)
-        peft_side.merge_adapter()
-        delta_side.merge_adapter()
-        merged = delta_side(x)
-        torch.testing.assert_close(merged, peft_side(x), atol=MERGE_ATOL, rtol=MERGE_RTOL)
-        torch.testing.assert_close(merged, unmerged, atol=MERGE_ATOL, rtol=MERGE_RTOL)
+    merges_as_peft_does(peft_side, delta_side, x, atol=MERGE_ATOL, rtol=MERGE_RTOL)
 
 
 def random_model(model_id: str = "MLP", **options) -> DeltaModel:

@@ -32,6 +32,7 @@ from deltatune.tuners.oft.rotation import (
     unrotate,
 )
 from deltatune.tuners.oft.tuner import nearest_divisor
+from family_checks import merges_as_peft_does
 from peft_models import example, maker
 from test_lora_conv import DIRECTIONS, MERGE_ATOL, assert_same_model, save_and_load
 from test_peft_parity import delta_trainable, peft_trainable
@@ -139,13 +140,7 @@ def test_row_matches_peft_both_ways_and_merges_as_peft_does(row, direction, tmp_
     else:
         assert_same_model(peft_side, delta_side, make, (x,))
         atol = MERGE_ATOL
-    with torch.no_grad():
-        unmerged = delta_side(x)
-        peft_side.merge_adapter()
-        delta_side.merge_adapter()
-        merged = delta_side(x)
-        torch.testing.assert_close(merged, peft_side(x), atol=atol, rtol=0)
-        torch.testing.assert_close(merged, unmerged, atol=atol, rtol=0)
+    merges_as_peft_does(peft_side, delta_side, x, atol=atol)
 
 
 # -- the rotation's pieces against peft's own functions ----------------------------------------------

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -213,6 +214,31 @@ def layer_indices(value: Any) -> list[int] | int | None:
     ):
         return list(value)
     raise ConfigError(f"layers_to_transform={value!r} must be a non-negative int or a list of them")
+
+
+def check_layer_choice(config: Any, refuse_regex_targets: bool = True) -> None:
+    """Normalise ``config.layers_to_transform`` and check it with ``layers_pattern`` (after ``target_modules`` is
+    normalised): ``layers_pattern`` only with ``layers_to_transform`` (as peft), and, with
+    ``refuse_regex_targets``, no ``layers_to_transform`` with a regex ``target_modules`` (deltatune's rule:
+    the layers belong in the regex)."""
+    config.layers_to_transform = layer_indices(config.layers_to_transform)
+    if refuse_regex_targets and config.layers_to_transform is not None and isinstance(config.target_modules, str):
+        raise ConfigError("layers_to_transform cannot be used with a regex target_modules; put the layers in the regex")
+    if config.layers_pattern and config.layers_to_transform is None:
+        raise ConfigError("layers_pattern is only used with layers_to_transform; set both or neither")
+
+
+def check_rank_alpha_patterns(config: Any, check_alpha: Callable[[str, Any], None] = check_positive_number) -> None:
+    """Normalise and check ``config.rank_pattern`` (module regex -> positive int rank) and
+    ``config.alpha_pattern`` (module regex -> an alpha that ``check_alpha`` accepts)."""
+    config.rank_pattern = pattern_dict("rank_pattern", config.rank_pattern)
+    config.alpha_pattern = pattern_dict("alpha_pattern", config.alpha_pattern)
+    for key, value in config.rank_pattern.items():
+        check_regex("rank_pattern key", key)
+        check_positive_int(f"rank_pattern[{key!r}]", value)
+    for key, value in config.alpha_pattern.items():
+        check_regex("alpha_pattern key", key)
+        check_alpha(f"alpha_pattern[{key!r}]", value)
 
 
 def without_defaults(config: DeltaConfig, data: dict[str, Any], names: frozenset[str]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from deltatune.bench.machine import environment
 from deltatune.bench.options import DEFAULT_SHAPES, shape_of
+from deltatune.bench.report import publish
 from deltatune.bench.step import LLAMA_PROJECTIONS, RESULT_PREFIX, build_model, measure_training, run_job
 
 MLP_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
@@ -132,12 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     report = run_families(args)
-    print(format_families(report))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
-            handle.write("\n")
-    return 0
+    return publish(report, format_families(report), args.json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 
 from deltatune.bench.options import REFERENCES, shape_of
+
+
+def publish(report: dict, table: str, json_path: str | None) -> int:
+    """A benchmark command's ending: print ``table`` (``report`` formatted) and, with ``json_path``, write
+    ``report`` there as indented JSON; returns the exit status, 0."""
+    print(table)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+            handle.write("\n")
+    return 0
 
 
 def summarize(report: dict) -> dict:

@@ -55,7 +55,7 @@ from torch import nn
 from deltatune.bench.machine import environment
 from deltatune.bench.measure import live_bytes, profiled_step, saved_storages, synchronize, timed, weight_bytes
 from deltatune.bench.options import DEFAULT_SHAPES, Shape, add_arguments, shape_of
-from deltatune.bench.report import format_report, summarize, summarize_quant
+from deltatune.bench.report import format_report, publish, summarize, summarize_quant
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESULT_PREFIX = "BENCH_RESULT "
@@ -405,15 +405,9 @@ def run(args: argparse.Namespace) -> int:
 
         runs = [run for run in bench_e2e.RUNS if run != "trl-defaults" or args.e2e_default_steps]
         report = bench_e2e.run_e2e(Path(args.e2e_dir), args.e2e_steps, args.repeats, args.e2e_default_steps, runs)
-        print(bench_e2e.format_report(report))
-    else:
-        report = run_benchmark(args)
-        print(format_report(report))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
-            handle.write("\n")
-    return 0
+        return publish(report, bench_e2e.format_report(report), args.json)
+    report = run_benchmark(args)
+    return publish(report, format_report(report), args.json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

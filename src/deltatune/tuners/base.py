@@ -46,6 +46,55 @@ def check_merges_finite(layers: list[tuple[str, nn.Module]], adapter_names: list
                 )
 
 
+class DeltaLayer(nn.Module):
+    """What the layers of the families that wrap one base module share: the layer contract's state and
+    peft's view of the base (``weight``, ``bias``), and the bookkeeping of which adapters are merged.
+
+    A subclass holds its adapters as it likes and says which it holds (``adapter_names``); it deletes an
+    adapter's own state after ``forget`` and merges in its own way, appending to ``merged_adapters``.
+    """
+
+    is_delta_layer = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    @property
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's ``weight``, for code that reads it through the wrapper (a model's forward asking
+        ``self.conv.weight.device``), as peft's layers show it; an AttributeError where the base has none."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's ``bias``, as peft's layers show it."""
+        return self.base_layer.bias
+
+    def forget(self, name: str) -> None:
+        """The start of ``delete(name)``: refuse a merged adapter (its update is in the base weights), and take
+        ``name`` out of the active adapters."""
+        if name in self.merged_adapters:
+            raise MergeError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting it")
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def unmerged(self, names: list[str]) -> list[str]:
+        """The adapters of ``names`` this layer holds and has not merged yet."""
+        held = self.adapter_names
+        return [name for name in names if name in held and name not in self.merged_adapters]
+
+    def unmerged_active(self) -> list[str]:
+        """The adapters the forward pass applies: active, held here, not merged, layer not disabled."""
+        return [] if self.disabled else self.unmerged(self.active_adapters)
+
+
 class Tuner:
     """Base class: subclasses set ``config_class`` and ``layer_class`` and implement ``inject``."""
 

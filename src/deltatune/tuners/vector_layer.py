@@ -1,7 +1,7 @@
 """Layers whose adapters are a few tensors per wrapped module, kept in ``nn.ParameterDict``s keyed by adapter
 name (IA3's ``ia3_l``, VeRA's ``vera_lambda_b`` / ``vera_lambda_d``), and the tuner that merges them.
 
-The layer contract of ``base.py`` (names, activation, deletion, merge bookkeeping) is written here once;
+The layer contract (``base.DeltaLayer``: activation, deletion, merge bookkeeping) is shared with the other families;
 a family says which dicts it keeps (``vector_names``), what its forward adds, and what merging writes
 into the base layer (``merged_tensors``: the new values of the base's ``weight`` and maybe ``bias``)::
 
@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from deltatune.errors import ConfigError, MergeError
 from deltatune.kernels.base_weight import is_quantized
-from deltatune.tuners.base import Tuner
+from deltatune.tuners.base import DeltaLayer, Tuner
 
 
 def linear_features(base: nn.Linear | Conv1D) -> tuple[int, int]:
@@ -37,34 +37,32 @@ def check_unquantized(method: str, name: str, base: nn.Module) -> None:
         )
 
 
-class VectorLayer(nn.Module):
+def checked_base(method: str, name: str, module: nn.Module, layer_class: type, types: tuple, adapts: str) -> nn.Module:
+    """The base layer of target ``name`` (``module`` itself, or the base of the ``layer_class`` already wrapping
+    it), refused by name unless it is one of ``types`` (``adapts`` says which, for the message) and unquantised."""
+    base = module.base_layer if isinstance(module, layer_class) else module
+    if not isinstance(base, types):
+        raise ConfigError(
+            f"{method} cannot wrap {name} ({type(base).__name__}); as in peft it adapts {adapts}: "
+            f"leave {name} out of target_modules"
+        )
+    check_unquantized(method, name, base)
+    return base
+
+
+class VectorLayer(DeltaLayer):
     """A base layer plus named adapters held in the ParameterDicts ``vector_names``."""
 
-    is_delta_layer = True
     vector_names: tuple[str, ...] = ()
 
     def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         for attribute in self.vector_names:
             setattr(self, attribute, nn.ParameterDict())
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disabled = False
 
     @property
     def adapter_names(self) -> list[str]:
         return list(getattr(self, self.vector_names[0]))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's ``weight``, as peft's layers show it."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        """The base layer's ``bias``, as peft's layers show it."""
-        return self.base_layer.bias
 
     def adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
         """(name relative to this layer, parameter) of adapter ``name``: ``<dict>.<adapter>``."""
@@ -74,25 +72,11 @@ class VectorLayer(nn.Module):
                 yield f"{attribute}.{name}", vectors[name]
 
     def delete(self, name: str) -> None:
-        if name in self.merged_adapters:
-            raise MergeError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting it")
+        self.forget(name)
         for attribute in self.vector_names:
             vectors = getattr(self, attribute)
             if name in vectors:  # ParameterDict.pop takes no default
                 del vectors[name]
-        self.active_adapters = [a for a in self.active_adapters if a != name]
-
-    def unmerged_active(self) -> list[str]:
-        """The adapters the forward pass applies: active, held here, not merged, layer not disabled."""
-        if self.disabled:
-            return []
-        held = self.adapter_names
-        return [name for name in self.active_adapters if name in held and name not in self.merged_adapters]
-
-    def unmerged(self, names: list[str]) -> list[str]:
-        """The adapters of ``names`` this layer holds and has not merged yet."""
-        held = self.adapter_names
-        return [name for name in names if name in held and name not in self.merged_adapters]
 
     def merged_tensors(self, name: str, undo: bool = False) -> dict[str, torch.Tensor]:
         """Base parameter name ("weight", "bias") -> its value with adapter ``name`` merged in (taken out

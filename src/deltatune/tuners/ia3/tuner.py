@@ -11,7 +11,7 @@ from deltatune.tuners.base import replace_module
 from deltatune.tuners.ia3.config import IA3Config, resolved
 from deltatune.tuners.ia3.layer import IA3_TYPES, IA3Layer
 from deltatune.tuners.targeting import find_targets, stores_fan_in_fan_out
-from deltatune.tuners.vector_layer import VectorTuner, check_unquantized
+from deltatune.tuners.vector_layer import VectorTuner, checked_base
 
 
 def is_feedforward(name: str, feedforward_modules: list[str] | str) -> bool:
@@ -34,13 +34,7 @@ class IA3Tuner(VectorTuner):
         plan = []
         for name in targets:  # validate everything before the model is touched
             module = model.get_submodule(name)
-            base = module.base_layer if isinstance(module, IA3Layer) else module
-            if not isinstance(base, IA3_TYPES):
-                raise ConfigError(
-                    f"IA3 cannot wrap {name} ({type(base).__name__}); as in peft it adapts nn.Linear, Conv1D, "
-                    f"nn.Conv2d and nn.Conv3d: leave {name} out of target_modules"
-                )
-            check_unquantized("IA3", name, base)
+            checked_base("IA3", name, module, IA3Layer, IA3_TYPES, "nn.Linear, Conv1D, nn.Conv2d and nn.Conv3d")
             feedforward = is_feedforward(name, config.feedforward_modules)
             if isinstance(module, IA3Layer) and module.is_feedforward != feedforward:
                 held = "input" if module.is_feedforward else "output"

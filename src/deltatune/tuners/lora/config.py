@@ -11,15 +11,14 @@ from typing import Any, ClassVar
 from deltatune.config import (
     DeltaConfig,
     check_bool,
+    check_layer_choice,
     check_positive_int,
     check_positive_number,
     check_probability,
-    check_regex,
+    check_rank_alpha_patterns,
     jsonable,
-    layer_indices,
     module_names,
     modules_to_save_names,
-    pattern_dict,
 )
 from deltatune.errors import ConfigError
 
@@ -150,25 +149,12 @@ class LoraConfig(DeltaConfig):
         self.modules_to_save = modules_to_save_names(self.modules_to_save)
         self.trainable_token_indices = _token_indices(self.trainable_token_indices)
         self.target_parameters = _parameter_names(self.target_parameters)
-        self.layers_to_transform = layer_indices(self.layers_to_transform)
-        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
-            raise ConfigError(
-                "layers_to_transform cannot be used with a regex target_modules; put the layers in the regex"
-            )
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError("layers_pattern is only used with layers_to_transform; set both or neither")
+        check_layer_choice(self)
         self.check_patterns()
 
     def check_patterns(self) -> None:
         """``rank_pattern`` / ``alpha_pattern``: module regex -> rank / alpha (AdaLoRA's rank_pattern differs)."""
-        self.rank_pattern = pattern_dict("rank_pattern", self.rank_pattern)
-        self.alpha_pattern = pattern_dict("alpha_pattern", self.alpha_pattern)
-        for key, value in self.rank_pattern.items():
-            check_regex("rank_pattern key", key)
-            check_positive_int(f"rank_pattern[{key!r}]", value)
-        for key, value in self.alpha_pattern.items():
-            check_regex("alpha_pattern key", key)
-            check_positive_number(f"alpha_pattern[{key!r}]", value)
+        check_rank_alpha_patterns(self)
 
     def to_dict(self) -> dict[str, Any]:
         """peft's keys; the ones after ``alpha_pattern`` only when they differ from their default."""

@@ -36,34 +36,27 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from deltatune.compat.torch import has_hooks
-from deltatune.errors import MergeError
 from deltatune.kernels import LoraFactors, fused_lora_linear
 from deltatune.kernels.base_weight import QUANTIZED_LINEARS, dense, logical_shape
 from deltatune.kernels.dora_linear import fused_dora_linear
 from deltatune.kernels.dora_linear import weight_norm as dora_weight_norm
 from deltatune.kernels.lora_linear import autocast_dtype
-from deltatune.tuners.base import master_dtype
+from deltatune.tuners.base import DeltaLayer, master_dtype
 from deltatune.tuners.lora.config import LoraConfig
 from deltatune.tuners.lora.dora import DoraVariant
 from deltatune.tuners.lora.fallback import linear_fallback_reason, log_fallback
 from deltatune.tuners.lora.init import check_initialisable, initial_factors
 
 
-class LoraLayer(DoraVariant, nn.Module):
+class LoraLayer(DoraVariant, DeltaLayer):
     """A base layer plus named low-rank updates; subclasses define the update's shape and math."""
 
-    is_delta_layer = True
-
     def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disabled = False
         self.init_dora()
 
     # -- adapter bookkeeping -------------------------------------------------------------
@@ -81,14 +74,12 @@ class LoraLayer(DoraVariant, nn.Module):
             self.add_magnitude(name, dtype)
 
     def delete(self, name: str) -> None:
-        if name in self.merged_adapters:
-            raise MergeError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting it")
+        self.forget(name)
         for container in [*self._containers(), self.lora_dropout, self.lora_magnitude_vector]:
             if name in container:  # ModuleDict/ParameterDict.pop takes no default
                 del container[name]
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(name, None)
-        self.active_adapters = [a for a in self.active_adapters if a != name]
 
     @property
     def adapter_names(self) -> list[str]:
@@ -99,17 +90,6 @@ class LoraLayer(DoraVariant, nn.Module):
         """The frozen weight the updates add to (``base_layer.weight``; a layer whose base keeps it
         elsewhere, such as an attention's ``in_proj_weight``, says so here)."""
         return self.base_layer.weight
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's ``weight``, for code that reads it through the wrapper (a model's forward asking
-        ``self.conv.weight.device``), as peft's layers show it; an AttributeError where the base has none."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        """The base layer's ``bias``, as peft's layers show it."""
-        return self.base_layer.bias
 
     def adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
         """(name relative to this layer, parameter) of adapter ``name``."""
@@ -132,10 +112,6 @@ class LoraLayer(DoraVariant, nn.Module):
         """The dtype updates are merged in: the base weight's, or fp32 where it is stored quantised (as integers)."""
         dtype = self.base_weight.dtype
         return dtype if dtype.is_floating_point else torch.float32
-
-    def unmerged(self, names: list[str]) -> list[str]:
-        """The adapters of ``names`` this layer holds and has not merged yet."""
-        return [name for name in names if name in self.r and name not in self.merged_adapters]
 
     def merged_weight(self, name: str, dora_scale: torch.Tensor | None = None) -> torch.Tensor:
         """The base weight with adapter ``name`` merged in, as a new tensor: W + s·BA, or for DoRA
@@ -194,12 +170,6 @@ class LoraLayer(DoraVariant, nn.Module):
             lora = self.lora_output(x, name).to(result.dtype)
             result = self.dora_output(result, lora, name) if name in self.lora_magnitude_vector else result + lora
         return result
-
-    def unmerged_active(self) -> list[str]:
-        """The adapters whose update the forward pass adds: active, not merged, layer not disabled."""
-        if self.disabled:
-            return []
-        return [name for name in self.active_adapters if name in self.r and name not in self.merged_adapters]
 
     def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """s · B A dropout(x) for adapter ``name``."""

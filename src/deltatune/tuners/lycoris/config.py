@@ -15,13 +15,12 @@ from typing import Any, ClassVar
 from deltatune.config import (
     DeltaConfig,
     check_bool,
+    check_layer_choice,
     check_positive_int,
     check_probability,
-    check_regex,
-    layer_indices,
+    check_rank_alpha_patterns,
     module_names,
     modules_to_save_names,
-    pattern_dict,
 )
 from deltatune.errors import ConfigError
 
@@ -77,17 +76,9 @@ class LycorisConfig(DeltaConfig):
         self.target_modules = module_names("target_modules", self.target_modules)
         self.exclude_modules = module_names("exclude_modules", self.exclude_modules)
         self.modules_to_save = modules_to_save_names(self.modules_to_save)
-        self.layers_to_transform = layer_indices(self.layers_to_transform)
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError("layers_pattern is only used with layers_to_transform; set both or neither")
-        self.rank_pattern = pattern_dict("rank_pattern", self.rank_pattern)
-        self.alpha_pattern = pattern_dict("alpha_pattern", self.alpha_pattern)
-        for key, value in self.rank_pattern.items():
-            check_regex("rank_pattern key", key)
-            check_positive_int(f"rank_pattern[{key!r}]", value)
-        for key, value in self.alpha_pattern.items():
-            check_regex("alpha_pattern key", key)
-            _check_finite(f"alpha_pattern[{key!r}]", value)
+        # unlike LoRA, OFT and VeRA, LoHa/LoKr have never refused layers_to_transform with a regex target_modules
+        check_layer_choice(self, refuse_regex_targets=False)
+        check_rank_alpha_patterns(self, check_alpha=_check_finite)  # any finite alpha, as LyCORIS allows
 
     def _init(self, value: Any) -> bool | str:
         if isinstance(value, bool):

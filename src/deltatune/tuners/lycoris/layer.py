@@ -22,15 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.errors import MergeError
-from deltatune.tuners.base import master_dtype
+from deltatune.tuners.base import DeltaLayer, master_dtype
 from deltatune.tuners.lycoris.config import LycorisConfig
 
 # The base layer types a LyCORIS update can wrap (as in peft 0.21.2).
 LYCORIS_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
-class LycorisLayer(nn.Module):
+class LycorisLayer(DeltaLayer):
     """A base layer plus named updates ΔW; subclasses (``LoHaLayer``, ``LoKrLayer``) hold the factors.
 
     A subclass names its parameter containers (``containers``: one ``nn.ParameterDict`` per peft file key,
@@ -38,12 +37,10 @@ class LycorisLayer(nn.Module):
     them (``factor_weight``, laid out like the base weight, without the scale).
     """
 
-    is_delta_layer = True
     containers: tuple[str, ...] = ()
 
     def __init__(self, base_layer: nn.Linear | nn.Conv1d | nn.Conv2d) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         for container in self.containers:
             setattr(self, container, nn.ParameterDict())
         self.r: dict[str, int] = {}
@@ -52,9 +49,6 @@ class LycorisLayer(nn.Module):
         self.rank_dropout: dict[str, float] = {}
         self.rank_dropout_scale: dict[str, bool] = {}
         self.module_dropout: dict[str, float] = {}
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disabled = False
 
     # -- adapter bookkeeping -------------------------------------------------------------
     def add(self, name: str, rank: int, alpha: float, config: LycorisConfig) -> None:
@@ -78,8 +72,7 @@ class LycorisLayer(nn.Module):
         getattr(self, container)[name] = nn.Parameter(torch.empty(shape, device=weight.device, dtype=dtype))
 
     def delete(self, name: str) -> None:
-        if name in self.merged_adapters:
-            raise MergeError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting it")
+        self.forget(name)
         for container in self.containers:
             factors = getattr(self, container)
             if name in factors:  # ParameterDict.pop takes no default
@@ -87,7 +80,6 @@ class LycorisLayer(nn.Module):
         tables = (self.r, self.alpha, self.scaling, self.rank_dropout, self.rank_dropout_scale, self.module_dropout)
         for table in tables:
             table.pop(name, None)
-        self.active_adapters = [a for a in self.active_adapters if a != name]
 
     @property
     def adapter_names(self) -> list[str]:
@@ -103,16 +95,6 @@ class LycorisLayer(nn.Module):
     def factors(self, name: str) -> dict[str, nn.Parameter]:
         """Container name -> adapter ``name``'s factor, for the containers that hold one."""
         return {c: getattr(self, c)[name] for c in self.containers if name in getattr(self, c)}
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's ``weight``, for code that reads it through the wrapper, as peft's layers show it."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        """The base layer's ``bias``, as peft's layers show it."""
-        return self.base_layer.bias
 
     # -- the update ---------------------------------------------------------------------
     def factor_weight(self, name: str) -> torch.Tensor:
@@ -144,10 +126,6 @@ class LycorisLayer(nn.Module):
         return conv(x, delta, None, base.stride, padding, base.dilation, base.groups)
 
     # -- merging ------------------------------------------------------------------------
-    def unmerged(self, names: list[str]) -> list[str]:
-        """The adapters of ``names`` this layer holds and has not merged yet."""
-        return [name for name in names if name in self.r and name not in self.merged_adapters]
-
     def merged_weight(self, name: str) -> torch.Tensor:
         """W + ΔW of adapter ``name``, as a new tensor in the base weight's dtype."""
         weight = self.base_layer.weight
@@ -169,11 +147,7 @@ class LycorisLayer(nn.Module):
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
-            return result
-        for name in self.active_adapters:
-            if name not in self.r or name in self.merged_adapters:
-                continue
+        for name in self.unmerged_active():
             if self.training and not torch.rand(1) > self.module_dropout[name]:
                 continue  # this adapter's update is dropped for this step
             rows = self.training and self.rank_dropout[name] > 0

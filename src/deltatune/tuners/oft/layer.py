@@ -25,27 +25,21 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from deltatune.errors import MergeError
-from deltatune.tuners.base import master_dtype
+from deltatune.tuners.base import DeltaLayer, master_dtype
 from deltatune.tuners.oft.config import OFTConfig
 from deltatune.tuners.oft.rotation import OFTRotation, rotate, unrotate
 
 
-class OFTLayer(nn.Module):
+class OFTLayer(DeltaLayer):
     """A base layer plus named rotations of ``features`` wide vectors; subclasses say which vectors."""
 
-    is_delta_layer = True
     container = "oft_R"  # peft's attribute for the rotations, hence the file key
     input_side = True  # the rotation acts on the input (merged as W Rᵀ); False: on the output rows (E R)
 
     def __init__(self, base_layer: nn.Module, features: int) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.features = features
         setattr(self, self.container, nn.ModuleDict())
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disabled = False
 
     @property
     def rotations(self) -> nn.ModuleDict:
@@ -58,11 +52,9 @@ class OFTLayer(nn.Module):
         self.rotations[name] = OFTRotation(self.features, block_size, config, weight.device, master_dtype(weight.dtype))
 
     def delete(self, name: str) -> None:
-        if name in self.merged_adapters:
-            raise MergeError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting it")
+        self.forget(name)
         if name in self.rotations:
             del self.rotations[name]
-        self.active_adapters = [a for a in self.active_adapters if a != name]
 
     @property
     def adapter_names(self) -> list[str]:
@@ -72,22 +64,6 @@ class OFTLayer(nn.Module):
         """(name relative to this layer, parameter) of adapter ``name``: peft's ``oft_R.<name>.weight``."""
         if name in self.rotations:
             yield f"{self.container}.{name}.weight", self.rotations[name].weight
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's ``weight``, as peft's layers show it."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        """The base layer's ``bias``, as peft's layers show it."""
-        return self.base_layer.bias
-
-    def unmerged_active(self) -> list[str]:
-        """The adapters the forward pass applies: active, not merged, layer not disabled."""
-        if self.disabled:
-            return []
-        return [name for name in self.active_adapters if name in self.rotations and name not in self.merged_adapters]
 
     # -- merging ------------------------------------------------------------------------
     def fold_order(self, names: list[str]) -> list[str]:
@@ -102,10 +78,6 @@ class OFTLayer(nn.Module):
             blocks = rotation.matrices(dropout=dropout and rotation.training)
             matrix = rotate(matrix.to(blocks.dtype), blocks, transpose=self.input_side)
         return matrix.view(weight.shape)
-
-    def unmerged(self, names: list[str]) -> list[str]:
-        """The adapters of ``names`` this layer holds and has not merged yet."""
-        return [name for name in names if name in self.rotations and name not in self.merged_adapters]
 
     def merged_weight(self, names: list[str]) -> torch.Tensor:
         """The base weight with the unmerged adapters of ``names`` folded in, as a new tensor."""

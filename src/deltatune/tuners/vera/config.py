@@ -8,10 +8,10 @@ from typing import Any, ClassVar
 from deltatune.config import (
     DeltaConfig,
     check_bool,
+    check_layer_choice,
     check_positive_int,
     check_probability,
     choice,
-    layer_indices,
     module_names,
     modules_to_save_names,
 )
@@ -82,10 +82,4 @@ class VeraConfig(DeltaConfig):
         self.bias = choice("bias", self.bias, VERA_BIASES)
         self.target_modules = module_names("target_modules", self.target_modules)
         self.modules_to_save = modules_to_save_names(self.modules_to_save)
-        self.layers_to_transform = layer_indices(self.layers_to_transform)
-        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
-            raise ConfigError(
-                "layers_to_transform cannot be used with a regex target_modules; put the layers in the regex"
-            )
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError("layers_pattern is only used with layers_to_transform; set both or neither")
+        check_layer_choice(self)

@@ -16,7 +16,7 @@ from torch import nn
 from deltatune.errors import ConfigError
 from deltatune.tuners.base import replace_module
 from deltatune.tuners.targeting import find_targets, stores_fan_in_fan_out
-from deltatune.tuners.vector_layer import VectorTuner, check_unquantized, linear_features
+from deltatune.tuners.vector_layer import VectorTuner, checked_base, linear_features
 from deltatune.tuners.vera.config import VeraConfig
 from deltatune.tuners.vera.layer import VERA_TYPES, VeraLayer, VeraProjections
 
@@ -43,13 +43,7 @@ class VeraTuner(VectorTuner):
         features = {}  # name -> (in, out); validated before the model is touched
         for name in targets:
             module = model.get_submodule(name)
-            base = module.base_layer if isinstance(module, VeraLayer) else module
-            if not isinstance(base, VERA_TYPES):
-                raise ConfigError(
-                    f"VeRA cannot wrap {name} ({type(base).__name__}); as in peft it adapts nn.Linear and Conv1D: "
-                    f"leave {name} out of target_modules"
-                )
-            check_unquantized("VeRA", name, base)
+            base = checked_base("VeRA", name, module, VeraLayer, VERA_TYPES, "nn.Linear and Conv1D")
             features[name] = linear_features(base)
         projections = self.projections(model)
         if projections is None:
