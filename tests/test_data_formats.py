@@ -14,6 +14,7 @@ from deltatune.data import (
     DataError,
     KTOExample,
     LabelledText,
+    PromptOnly,
     Message,
     PreferencePair,
     TextExample,
@@ -78,6 +79,16 @@ CASES = [
     ("text", {"text": "Once upon a time."}, TextExample("Once upon a time.")),
     ("classification", {"text": "What is AI?", "label": "ai"}, LabelledText("What is AI?", "ai")),
     ("classification", {"text": "What is AI?", "label": 3}, LabelledText("What is AI?", "3")),
+    (
+        "prompt",
+        {"prompt": "What is 2+2?", "solution": "4", "level": 1},
+        PromptOnly((Message("user", "What is 2+2?"),), "What is 2+2?", (("solution", "4"), ("level", 1))),
+    ),
+    (
+        "prompt",
+        {"prompt": msgs((S, "Be brief."), (U, "Hi")), "solution": "Hello"},
+        PromptOnly((Message("system", "Be brief."), Message("user", "Hi")), None, (("solution", "Hello"),)),
+    ),
     (
         "preference",
         {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
@@ -162,6 +173,7 @@ def test_kinds_follow_the_records(tmp_path: Path) -> None:
         "alpaca_preference": "preference",
         "messages_kto": "kto",
         "sharegpt_kto": "kto",
+        "prompt": "prompt",
     }
 
 

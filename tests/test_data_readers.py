@@ -136,6 +136,14 @@ def test_builtin_sources_and_their_formats() -> None:
         "chatterbot-topics": ("classification", "classification"),
         "chatterbot-preference-synthetic": ("preference", "preference"),
         "chatterbot-kto-synthetic": ("kto", "kto"),
+        "units-synthetic": ("prompt", "prompt"),
     }
     with pytest.raises(DataError, match="data='chatterbot' is built in, in the messages format"):
         load_records("chatterbot", data_format="text")
+
+
+def test_the_generated_unit_task_has_exact_answers_and_distinct_prompts() -> None:
+    data = load_records("units-synthetic")
+    assert len(data) == 190 and len({record.prompt[-1].content for record in data.records}) == 190
+    record = next(r for r in data.records if r.prompt[-1].content.startswith("How many minutes are in 7 hours?"))
+    assert dict(record.columns) == {"solution": "420"} and record.text is None

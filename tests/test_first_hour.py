@@ -136,14 +136,15 @@ def test_a_method_override_drops_the_files_keys_of_other_methods_with_a_notice(c
     assert config.method == "bottleneck" and config.method_options == {}
     notice = capsys.readouterr().err
     assert notice.count("\n") == 1
-    assert "drops r, lora_alpha, lora_dropout, target_modules from" in notice and "method=lora" in notice
+    assert "drops r, lora_alpha, lora_dropout, target_modules from" in notice and "/lora/" in notice
     kept = TrainConfig.from_sources(str(EXAMPLES / "sft.yaml"), ["method=bottleneck", "reduction_factor=8"])
     assert kept.method_options == {"reduction_factor": 8}
 
 
 def test_another_methods_key_says_whose_it_is() -> None:
     message = _config_error("method=bottleneck", "r=4")
-    assert message.startswith("unknown config key 'r'; it is a hyper-parameter of method=lora, not method=bottleneck")
+    owners = "method=lora/vera/adalora/oft/loha/lokr"  # every method with a rank r, in registration order
+    assert message.startswith(f"unknown config key 'r'; it is a hyper-parameter of {owners}, not method=bottleneck")
     assert "reduction_factor" in message
     shared = _config_error("num_virtual_tokens=4")  # lora is the default method
     assert "method=prompt_tuning/p_tuning/prefix_tuning, not method=lora" in shared
@@ -241,13 +242,14 @@ def test_the_reporters_match_transformers_integrations() -> None:
 def test_report_to_reaches_the_training_arguments(tmp_path: Path, monkeypatch) -> None:
     from deltatune.data.encoding import EncodedSet
     from deltatune.train.run import _arguments, _optional_callbacks
+    from deltatune.train.stages import STAGES
 
     (tmp_path / "trackio").mkdir()
     (tmp_path / "trackio" / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))  # an installed tracker, as far as the check can tell
     config = TrainConfig(report_to="trackio,tensorboard", output_dir=str(tmp_path / "out"), warmup_steps=0)
     assert config.reporters() == ["trackio", "tensorboard"]
-    arguments = _arguments(config, EncodedSet([], 0, 0), {"bf16": False, "fp16": False})
+    arguments = _arguments(config, EncodedSet([], 0, 0), {"bf16": False, "fp16": False}, STAGES["sft"])
     assert arguments.report_to == ["trackio"]  # TensorBoard comes as our callback, into output_dir/tensorboard
     board = [c for c in _optional_callbacks(config) if type(c).__name__ == "TensorBoardCallback"]
     assert len(board) == 1 and Path(board[0].tb_writer.log_dir) == tmp_path / "out" / "tensorboard"
