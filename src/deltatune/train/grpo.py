@@ -200,7 +200,12 @@ class GRPOTrainer(PreferenceTrainer):
         )
         model = self.accelerator.unwrap_model(self.model)
         engine = GenerationEngine(model, self.stop_token_ids, max_batch=len(prompt_ids), seed=seed)
-        return engine.generate(prompt_ids, params)
+        training = model.training
+        model.eval()  # gradient checkpointing turns the KV cache off in training mode
+        try:
+            return engine.generate(prompt_ids, params)
+        finally:
+            model.train(training)
 
     def _tensors(self, prompts: list[dict[str, Any]], completions: list) -> dict[str, torch.Tensor]:
         """Prompts left-padded and completions right-padded, with their masks, on the model's device."""
