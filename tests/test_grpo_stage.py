@@ -1,0 +1,109 @@
+"""``deltatune train stage=grpo`` end to end on a tiny chat model: prompt-only data with extra columns, reward
+functions from a file and from a reward model trained with ``stage=rm`` (``rm:FOLDER``), the held-out reward
+before and after in metrics.json, the reward in the logs and the plot; and the keys' one-line refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from deltatune.errors import ConfigError
+from deltatune.train.config import TrainConfig
+from deltatune.train.run import run_training
+from sft_helpers import TINY_RUN, save_tiny_chat_model
+from test_preference_stages import write
+
+GRPO_RUN = {
+    **TINY_RUN,
+    "stage": "grpo",
+    "max_steps": 2,
+    "batch_size": 4,
+    "num_generations": 2,
+    "max_completion_length": 6,
+    "eval_examples": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_chat_model(tmp_path_factory.mktemp("model"))
+
+
+def prompts(path: Path) -> str:
+    rows = [
+        {"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}], "solution": str(2 * i)} for i in range(20)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+def train(tmp_path: Path, model: Path, name: str, **keys) -> dict:
+    config = TrainConfig.from_dict({**GRPO_RUN, "model": str(model), "output_dir": str(tmp_path / name), **keys})
+    run_training(config, log=lambda *_: None)
+    return json.loads((tmp_path / name / "metrics.json").read_text())
+
+
+def test_a_grpo_run_reports_its_reward_before_and_after(tmp_path, tiny_model) -> None:
+    (tmp_path / "rewards.py").write_text(
+        "def has_digit(prompts, completions, completion_ids, solution, **kwargs):\n"
+        "    assert len(solution) == len(completions)\n"
+        "    return [float(any(ch.isdigit() for ch in c[0]['content'])) for c in completions]\n"
+    )
+    data = prompts(tmp_path / "prompts.jsonl")
+    metrics = train(tmp_path, tiny_model, "grpo", data=data, reward_funcs=f"{tmp_path / 'rewards.py'}:has_digit")
+    result = metrics["result"]
+    name = f"{tmp_path / 'rewards.py'}:has_digit"
+    for when in ("eval_before", "eval_after"):
+        assert set(result[when]) == {"eval_reward", f"eval_rewards/{name}"}
+    logged = [entry for entry in metrics["log_history"] if "reward" in entry]
+    assert len(logged) == 2 and {"reward_std", f"rewards/{name}/mean", "completions/mean_length"} <= set(logged[0])
+    assert result["samples"][0]["reference"] is not None  # the solution column is shown as the data's answer
+    assert result["reloaded_max_logit_diff"] < 1e-4 and (tmp_path / "grpo" / "loss.png").is_file()
+
+
+def test_a_reward_model_trained_here_is_a_grpo_reward(tmp_path, tiny_model) -> None:
+    pairs = write(tmp_path / "pairs", "preference")
+    rm = TrainConfig.from_dict(
+        {**TINY_RUN, "model": str(tiny_model), "data": pairs, "stage": "rm", "output_dir": str(tmp_path / "rm")}
+    )
+    run_training(rm, log=lambda *_: None)
+    adapter = tmp_path / "rm" / "adapter"
+    metrics = train(tmp_path, tiny_model, "grpo-rm", data=prompts(tmp_path / "p.jsonl"), reward_funcs=f"rm:{adapter}")
+    logged = [entry for entry in metrics["log_history"] if "reward" in entry]
+    assert logged and f"rewards/rm:{adapter}/mean" in logged[0]
+    assert metrics["result"]["eval_after"]["eval_reward"] == pytest.approx(
+        metrics["result"]["eval_after"][f"eval_rewards/rm:{adapter}"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"stage": "grpo"}, "stage=grpo needs reward_funcs="),
+        (
+            {"stage": "grpo", "reward_funcs": "accuracy", "reward_weights": "1,x"},
+            "reward_weights='1,x' must be numbers",
+        ),
+        ({"stage": "grpo", "reward_funcs": "accuracy", "num_generations": 1}, "at least 2 completions"),
+        ({"stage": "grpo", "reward_funcs": "accuracy", "loss_type": "sigmoid"}, "loss_type='sigmoid' is unknown"),
+        ({"stage": "sft", "num_generations": 4}, "num_generations applies to stage=grpo only"),
+        ({"stage": "dpo", "reward_funcs": "accuracy"}, "reward_funcs applies to stage=grpo only"),
+    ],
+)
+def test_grpo_keys_are_checked_before_anything_loads(keys, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict(keys)
+
+
+def test_grpo_defaults_are_trls() -> None:
+    config = TrainConfig.from_dict({"stage": "grpo", "reward_funcs": "accuracy"})
+    settings = config.grpo_settings()
+    assert (config.beta, settings.loss_type, settings.num_generations, settings.scale_rewards) == (
+        0.0,
+        "dapo",
+        8,
+        "group",
+    )
+    assert settings.clip_high == settings.epsilon == 0.2 and settings.max_prompt_length == config.max_length
