@@ -14,9 +14,9 @@ from deltatune.data import (
     DataError,
     KTOExample,
     LabelledText,
-    PromptOnly,
     Message,
     PreferencePair,
+    PromptOnly,
     TextExample,
     load_records,
 )

@@ -36,9 +36,17 @@ def alone(model, prompt: list[int], new_tokens: int = 10) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("which", ["base", "lora"])
-def test_batched_greedy_answers_equal_one_prompt_generate(model, adapted, which):
-    network = model if which == "base" else adapted
+@pytest.fixture(scope="module")
+def dora():
+    config = deltatune.LoraConfig(r=4, target_modules="all-linear", use_dora=True)
+    delta = deltatune.get_delta_model(tiny_llama(), config)
+    perturb_trainable(delta)
+    return delta.eval()
+
+
+@pytest.mark.parametrize("which", ["base", "lora", "dora"])
+def test_batched_greedy_answers_equal_one_prompt_generate(model, adapted, dora, which):
+    network = {"base": model, "lora": adapted, "dora": dora}[which]
     rows = GenerationEngine(network).generate(PROMPTS, GREEDY)
     for prompt, row in zip(PROMPTS, rows):
         assert row.output_ids == alone(network, prompt)

@@ -154,6 +154,17 @@ def test_a_generation_serves_its_micro_steps_and_iterations(chat_model_dir, toke
     assert calls == [2, 2]
 
 
+def test_sampling_under_gradient_checkpointing_keeps_the_cache_and_training_mode(chat_model_dir, tokenizer, tmp_path):
+    model = adapted(chat_model_dir)
+    model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer = trainer_for(model, tokenizer, tmp_path, share_reward(liked_tokens(model)))
+    model.train()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert model.training and batch["completion_ids"].shape[1] == 6
+    trainer.batch_loss(model, batch).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
 def test_chat_prompts_give_reward_functions_messages_and_every_column(chat_model_dir, tokenizer, tmp_path):
     seen = {}
 
