@@ -210,11 +210,23 @@ def test_dpo_and_kto_stages_run_from_the_command_line(trained, capsys) -> None:
         assert "eval_rewards/accuracies" in after and "eval_rewards/margins" in after
 
 
-@pytest.mark.parametrize("name", ["sft", "dpo", "kto"])
-def test_example_configs_are_valid_and_label_synthetic_data(name: str) -> None:
+@pytest.mark.parametrize("name", ["sft", "dpo", "kto", "orpo", "simpo", "rm", "grpo"])
+def test_example_configs_are_valid_and_label_synthetic_data(name: str, monkeypatch) -> None:
     path = Path(__file__).parents[1] / "examples" / f"{name}.yaml"
     config = TrainConfig.from_sources(str(path), [])
     assert config.stage == name and config.model == "smollm2"
+    if name == "grpo":  # the reward functions it names load, and score as the docstring says
+        from deltatune.train.rewards import load_reward_functions, score
+
+        monkeypatch.chdir(path.parents[1])
+        table = score(
+            load_reward_functions(config.reward_funcs),
+            ["q"] * 2,
+            ["It is 420.", "420"],
+            [[1], [1]],
+            {"solution": ["420", "420"]},
+        )
+        assert table == [[1.0, 0.0], [1.0, 1.0]]
     if name != "sft":
         assert config.data.endswith("-synthetic") and "SYNTHETIC" in path.read_text()
 
