@@ -67,6 +67,10 @@ class RepeatBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return (self.count // self.size) * self.repeat
 
+    def set_epoch(self, epoch: int) -> None:
+        """The Trainer's start of an epoch (a resumed run gets the order it had)."""
+        self.epoch = epoch
+
     def __iter__(self) -> Iterator[list[int]]:
         order = list(range(self.count))
         random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
@@ -134,7 +138,8 @@ class GRPOTrainer(PreferenceTrainer):
             self.steps_per_generation * self.settings.num_iterations,
             self.args.seed,
         )
-        return DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=list)
+        # prepared by accelerate, as Trainer's own loader is: under torchrun each process gets its own prompts
+        return self.accelerator.prepare(DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=list))
 
     def _prepare_inputs(self, inputs):
         """In training, the micro-batch of completions for this micro-step (generating when a new one is due)."""
