@@ -156,3 +156,25 @@ def test_families_refuses_an_unknown_family_by_name():
 
     with pytest.raises(ConfigError, match="--families boft: unknown"):
         run(Namespace(families=["boft"], device="cpu"))
+
+
+@pytest.mark.subprocess
+def test_grpo_bench_runs_both_libraries_on_a_tiny_model(tmp_path):
+    from deltatune.bench.grpo import format_grpo, run_grpo_bench
+    from sft_helpers import save_tiny_chat_model
+
+    folder = save_tiny_chat_model(tmp_path / "model")
+    report = run_grpo_bench(str(folder), steps=2, generations=2, batch=4, completion=4, repeats=1)
+    for library in ("deltatune", "trl"):
+        entry = report["summary"][library]
+        assert entry["step"] > 0 and entry["generation"] > 0 and entry["peak_rss_mib"] > 0
+        assert entry["step"] >= entry["generation"] + entry["scoring"]
+    assert "| deltatune |" in format_grpo(report) and "x TRL's steps per second" in format_grpo(report)
+
+
+def test_the_grpo_rewards_of_the_bench_score_answers():
+    from deltatune.bench.grpo import correct, number_only
+
+    answers = [[{"role": "assistant", "content": "It is 420."}], [{"role": "assistant", "content": " 420 "}]]
+    assert correct(["q", "q"], answers, None, ["420", "421"]) == [1.0, 0.0]
+    assert number_only(answers) == [0.0, 1.0]

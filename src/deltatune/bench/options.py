@@ -77,6 +77,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead: each adapter family's training step in deltatune and peft (deltatune.bench.families): "
         "lora, dora, ia3, loha, lokr, oft, vera, adalora",
     )
+    parser.add_argument(
+        "--grpo",
+        action="store_true",
+        help="instead: GRPO steps of deltatune against TRL's GRPOTrainer + peft (deltatune.bench.grpo; needs trl)",
+    )
+    parser.add_argument("--grpo-model", default="smollm2", help="--grpo: the model (default: the embedded SmolLM2)")
+    parser.add_argument("--grpo-steps", type=int, default=10, help="--grpo: optimizer steps per run")
+    parser.add_argument("--grpo-generations", type=int, default=8, help="--grpo: completions per prompt")
+    parser.add_argument("--grpo-batch", type=int, default=16, help="--grpo: completions per step")
+    parser.add_argument("--grpo-completion", type=int, default=32, help="--grpo: tokens per completion at most")
     parser.add_argument("--e2e-steps", type=int, default=30, help="--e2e: optimizer steps per run")
     parser.add_argument(
         "--e2e-default-steps",

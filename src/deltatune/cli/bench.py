@@ -11,6 +11,7 @@ examples:
   deltatune bench --repeats 3 --json docs/results/benchmarks.json
   deltatune bench --modes fused peft --lora-dropout 0.1 --sections train
   deltatune bench --families lora ia3 loha lokr oft vera adalora --repeats 3
+  deltatune bench --grpo --grpo-steps 10                             # GRPO: deltatune against TRL + peft
 """
 
 
@@ -30,6 +31,14 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.grpo:
+        from deltatune.bench.grpo import format_grpo, run_grpo_bench
+        from deltatune.bench.report import publish
+
+        report = run_grpo_bench(
+            args.grpo_model, args.grpo_steps, args.grpo_generations, args.grpo_batch, args.grpo_completion, args.repeats
+        )
+        return publish(report, format_grpo(report), args.json)
     if args.families:
         from deltatune.bench.families import run as run_families
 
