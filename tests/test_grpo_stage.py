@@ -5,6 +5,7 @@ before and after in metrics.json, the reward in the logs and the plot; and the k
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,48 @@ def test_grpo_defaults_are_trls() -> None:
         "group",
     )
     assert settings.clip_high == settings.epsilon == 0.2 and settings.max_prompt_length == config.max_length
+
+
+def test_a_resumed_grpo_run_samples_and_ends_as_the_whole_run(tmp_path, tiny_model) -> None:
+    """Each generation's seed comes from the run's seed and the step, and the prompts from the data position the
+    checkpoint keeps: a run stopped after step 2 and resumed ends with the whole run's adapter, bit for bit."""
+    from safetensors.torch import load_file
+
+    data = prompts(tmp_path / "prompts.jsonl")
+    (tmp_path / "r.py").write_text(
+        "def r(completion_ids, **kw):\n    return [float(sum(i) % 7) for i in completion_ids]\n"
+    )
+    # a constant learning rate: the first part's 2-step schedule is then the whole run's first two steps
+    keys = dict(data=data, reward_funcs=f"{tmp_path / 'r.py'}:r", max_steps=4, save_steps=2, learning_rate=5e-2)
+    keys.update(lr_scheduler="constant")
+    whole = train(tmp_path, tiny_model, "whole", **keys)
+    config = {**GRPO_RUN, **keys, "model": str(tiny_model), "output_dir": str(tmp_path / "parts")}
+    run_training(TrainConfig.from_dict({**config, "max_steps": 2}), log=lambda *_: None)
+    resumed = {**config, "resume_from_checkpoint": str(tmp_path / "parts" / "checkpoints" / "checkpoint-2")}
+    run_training(TrainConfig.from_dict(resumed), log=lambda *_: None)
+    first = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    again = load_file(tmp_path / "parts" / "adapter" / "adapter_model.safetensors")
+    assert first.keys() == again.keys() and all((first[k] == again[k]).all() for k in first)
+    halfway = load_file(tmp_path / "parts" / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors")
+    assert any((halfway[k] != first[k]).any() for k in first)  # steps 3 and 4 did move the adapter
+    rewards = [e["reward"] for e in whole["log_history"] if "reward" in e]
+    assert len(rewards) == 4
+
+
+@pytest.mark.parametrize("options", [{"quantization": "nf4"}, {"use_dora": True, "gradient_checkpointing": True}])
+def test_grpo_trains_over_a_4bit_base_and_with_dora_under_checkpointing(tmp_path, tiny_model, options) -> None:
+    (tmp_path / "r.py").write_text(
+        "def r(completion_ids, **kw):\n    return [float(sum(i) % 7) for i in completion_ids]\n"
+    )
+    metrics = train(
+        tmp_path,
+        tiny_model,
+        "run",
+        data=prompts(tmp_path / "p.jsonl"),
+        reward_funcs=f"{tmp_path / 'r.py'}:r",
+        learning_rate=5e-2,
+        **options,
+    )
+    logged = [entry for entry in metrics["log_history"] if "reward" in entry]
+    assert len(logged) == 2 and all(math.isfinite(entry["loss"]) for entry in logged)
+    assert metrics["result"]["reloaded_max_logit_diff"] < 1e-4
