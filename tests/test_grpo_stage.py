@@ -153,3 +153,44 @@ def test_grpo_trains_over_a_4bit_base_and_with_dora_under_checkpointing(tmp_path
     logged = [entry for entry in metrics["log_history"] if "reward" in entry]
     assert len(logged) == 2 and all(math.isfinite(entry["loss"]) for entry in logged)
     assert metrics["result"]["reloaded_max_logit_diff"] < 1e-4
+
+
+@pytest.mark.multiprocess
+def test_under_torchrun_each_process_samples_its_own_prompts(tmp_path, tiny_model) -> None:
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "r.py").write_text(
+        "import json, os\n"
+        "def r(prompts, completion_ids, **kw):\n"
+        "    with open(os.path.join(os.path.dirname(__file__), f\"seen{os.environ['RANK']}.jsonl\"), 'a') as f:\n"
+        "        f.write(json.dumps(sorted({p[-1]['content'] for p in prompts})) + '\\n')\n"
+        "    return [float(sum(i) % 7) for i in completion_ids]\n"
+    )
+    keys = {
+        **GRPO_RUN,
+        "model": str(tiny_model),
+        "data": prompts(tmp_path / "p.jsonl"),
+        "output_dir": str(tmp_path / "run"),
+        "reward_funcs": f"{tmp_path / 'r.py'}:r",
+        "eval_examples": 1,
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "deltatune.cli.main",
+        "train",
+        *(f"{k}={v}" for k, v in keys.items()),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    seen = [[json.loads(line) for line in (tmp_path / f"seen{rank}.jsonl").read_text().splitlines()] for rank in (0, 1)]
+    training = [calls[1:3] for calls in seen]  # each process's call 0 is the held-out evaluation before training
+    assert all(not set(a) & set(b) for a, b in zip(*training))  # the same step, different prompts
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["result"]["steps"] == 2
