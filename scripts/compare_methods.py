@@ -211,7 +211,9 @@ def write_doc(budgets: list[dict]) -> None:
         "with nothing else set but the budget. Held-out loss is the mean per-token loss on the same held-out",
         "answers. Peak memory is the whole process's peak resident set (the frozen fp32 base model alone is",
         "~540 MB of it). Train seconds are wall time on a 2-core CPU (they include the evaluations every 10",
-        "steps), tokens/s counts real tokens.",
+        "steps), tokens/s counts real tokens. DoRA is `method=lora use_dora=true`. Forgetting is the rise of the",
+        "loss on text the task never shows (64 paragraphs of Python's language reference, `pydoc_data.topics`)",
+        "from the base model to base + adapter (`deltatune eval`); lower is better.",
     ]
     for budget in budgets:
         steps = _steps(budget["budget"])
