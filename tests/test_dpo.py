@@ -114,7 +114,10 @@ def test_the_reference_is_the_base_model_with_the_adapter_disabled(tmp_path) -> 
 def test_every_method_trains_against_its_own_disabled_adapter(tmp_path, config_class) -> None:
     fields = {field.name for field in dataclasses.fields(config_class)}
     torch.manual_seed(0)
-    config = config_class(**({"num_virtual_tokens": 4} if "num_virtual_tokens" in fields else {}))
+    options = {"num_virtual_tokens": 4} if "num_virtual_tokens" in fields else {}
+    if config_class.peft_type == "ADALORA":  # its singular values start at 0: three steps barely move it
+        options["init_lora_weights"] = False
+    config = config_class(**options)
     model = get_delta_model(tiny_llama(), config)
     trainer = trainer_for(model, tmp_path, train=dpo_examples(16, seed=2), args={"max_steps": 3}, beta=0.5)
     trainer.train()
