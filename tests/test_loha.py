@@ -189,3 +189,22 @@ def test_a_half_precision_base_keeps_fp32_factors_and_its_own_output_dtype():
     model = deltatune.get_delta_model(maker("MLP")().to(torch.bfloat16), deltatune.LoHaConfig(target_modules=["lin0"]))
     assert all(p.dtype == torch.float32 for p in model.adapter_state("default").values())
     assert model(example("MLP").to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_the_hadamard_kernel_keeps_only_the_factors_and_gives_autograds_gradients():
+    from deltatune.kernels.loha_weight import hadamard_of_products
+
+    g = torch.Generator().manual_seed(0)
+    factors = [torch.randn(shape, generator=g, dtype=torch.float64) for shape in ((7, 3), (3, 5), (7, 3), (3, 5))]
+    ours = [f.clone().requires_grad_() for f in factors]
+    plain = [f.clone().requires_grad_() for f in factors]
+    weights = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        result = hadamard_of_products(*ours)
+    assert sorted(saved) == sorted(f.shape for f in factors)  # no [out, in] product is kept
+    torch.testing.assert_close(result, (plain[0] @ plain[1]) * (plain[2] @ plain[3]))
+    (result * weights).sum().backward()
+    ((plain[0] @ plain[1]) * (plain[2] @ plain[3]) * weights).sum().backward()
+    for mine, reference in zip(ours, plain):
+        torch.testing.assert_close(mine.grad, reference.grad)

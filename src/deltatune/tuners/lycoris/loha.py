@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from deltatune.kernels.loha_weight import hadamard_of_products
 from deltatune.tuners.lycoris.config import LycorisConfig
 from deltatune.tuners.lycoris.layer import LycorisLayer, kaiming
 
@@ -79,7 +80,7 @@ class LoHaLayer(LycorisLayer):
         if name in self.hada_t1:
             first = tucker_kernel(self.hada_t1[name], self.hada_w1_a[name], self.hada_w1_b[name])
             second = tucker_kernel(self.hada_t2[name], self.hada_w2_a[name], self.hada_w2_b[name])
-        else:
-            first = self.hada_w1_a[name] @ self.hada_w1_b[name]
-            second = self.hada_w2_a[name] @ self.hada_w2_b[name]
+        else:  # the [out, in] products are recomputed in backward instead of kept (kernels/loha_weight.py)
+            factors = (self.hada_w1_a[name], self.hada_w1_b[name], self.hada_w2_a[name], self.hada_w2_b[name])
+            return hadamard_of_products(*factors).reshape(shape)
         return (first * second).reshape(shape)
