@@ -190,7 +190,8 @@ def _defaults(method: str) -> str:
     defaults = {**option_defaults(variant.pop("method")), **variant}
     keys = ("r", "init_r", "oft_block_size", "target_modules", "use_dora", "placement", "num_virtual_tokens")
     keys += ("prompt_tuning_init",)
-    return ", ".join(f"{key}={defaults[key]}" for key in keys if defaults.get(key) not in (None, 0))
+    shown = ", ".join(f"{key}={defaults[key]}" for key in keys if defaults.get(key) not in (None, 0))
+    return shown or "peft's targets for the architecture"
 
 
 def _settings(method: str, result: dict) -> str:
