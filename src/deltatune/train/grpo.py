@@ -172,14 +172,7 @@ class GRPOTrainer(PreferenceTrainer):
         settings, groups = self.settings, self.settings.num_generations
         prompts = [row for row in rows for _ in range(groups)]
         completions = self.sample([row["prompt_input_ids"] for row in prompts], seed=self._generation_seed())
-        texts = self.processing_class.batch_decode([c.output_ids for c in completions], skip_special_tokens=True)
-        shown = [
-            text if isinstance(p["prompt"], str) else [{"role": "assistant", "content": text}]
-            for p, text in zip(prompts, texts)
-        ]
-        columns = {name: [p["columns"][name] for p in prompts] for name in prompts[0]["columns"]}
-        ids = [c.output_ids for c in completions]
-        per_function = torch.tensor(score(self.rewards, [p["prompt"] for p in prompts], shown, ids, columns))
+        per_function = self.score_completions(prompts, completions)
         rewards = combine_rewards(per_function, self.reward_weights)
         advantages = group_advantages(rewards, groups, settings.scale_rewards)
         batch = self._tensors(prompts, completions)
@@ -193,6 +186,18 @@ class GRPOTrainer(PreferenceTrainer):
             batch["old_logps"] = self._chunked_logps(batch)
         self._record_generation(per_function, rewards, completions, truncated)
         return batch
+
+    def score_completions(self, prompts: list[dict[str, Any]], completions: list) -> torch.Tensor:
+        """[completion, reward function] rewards (NaN: no opinion), the functions called with TRL's arguments:
+        completions as text for string prompts and as one assistant message for chat prompts, every column."""
+        texts = self.processing_class.batch_decode([c.output_ids for c in completions], skip_special_tokens=True)
+        shown = [
+            text if isinstance(p["prompt"], str) else [{"role": "assistant", "content": text}]
+            for p, text in zip(prompts, texts)
+        ]
+        columns = {name: [p["columns"][name] for p in prompts] for name in prompts[0]["columns"]}
+        ids = [c.output_ids for c in completions]
+        return torch.tensor(score(self.rewards, [p["prompt"] for p in prompts], shown, ids, columns))
 
     def sample(self, prompt_ids: list[list[int]], seed: int, greedy: bool = False) -> list:
         """The engine's completions of ``prompt_ids`` (sampled with the settings, or greedy)."""
@@ -310,14 +315,7 @@ def held_out_reward(trainer: GRPOTrainer, prompts: list[dict[str, Any]], prefix:
     if not prompts:
         return {}
     completions = trainer.sample([p["prompt_input_ids"] for p in prompts], seed=0, greedy=True)
-    texts = trainer.processing_class.batch_decode([c.output_ids for c in completions], skip_special_tokens=True)
-    shown = [
-        t if isinstance(p["prompt"], str) else [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)
-    ]
-    columns = {name: [p["columns"][name] for p in prompts] for name in prompts[0]["columns"]}
-    table = torch.tensor(
-        score(trainer.rewards, [p["prompt"] for p in prompts], shown, [c.output_ids for c in completions], columns)
-    )
+    table = trainer.score_completions(prompts, completions)
     rewards = combine_rewards(table, trainer.reward_weights)
     metrics = {f"{prefix}_reward": float(rewards.nanmean())}
     for column, named in enumerate(trainer.rewards):
