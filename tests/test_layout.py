@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("model",),
     ("runtime",),
     ("saved", "data", "generation"),
-    ("train", "export", "bench"),
+    ("train", "export", "bench", "serve"),
     ("cli",),
 ]
 MAX_LINES = 500
