@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from deltatune.io import (
 from deltatune.tuners import tuner_for
 from deltatune.tuners.lora.init import plain_lora
 from deltatune.tuners.modules_to_save import ModulesToSaveTuner
+from deltatune.tuners.rows import RowGroups
 from deltatune.tuners.targeting import CLASSIFIER_HEADS, CLASSIFIER_TASKS
 from deltatune.tuners.trainable_tokens import TrainableTokensTuner
 
@@ -171,6 +172,36 @@ class DeltaModel(nn.Module):
             self._set_disabled(False)
             if merged:
                 self.merge_adapter(merged)
+
+    @contextlib.contextmanager
+    def adapter_rows(self, adapter_names: Sequence[str | None]) -> Iterator[None]:
+        """Inside the block, row i of every batch runs with adapter ``adapter_names[i]`` (None: the base model
+        alone), all rows in one forward pass; LoRA and DoRA adapters of any ranks mix (``tuners/rows.py``)::
+
+            with model.adapter_rows(["support", "legal", None]):
+                logits = model(input_ids=three_rows).logits
+        """
+        for name in dict.fromkeys(n for n in adapter_names if n is not None):
+            self.check_mixable(name)
+        if self.merged_adapters:
+            raise MergeError("adapters are merged into the base weights, so rows cannot differ; call unmerge_adapter()")
+        groups = RowGroups.of(adapter_names, next(self.base_model.parameters()).device)
+        for tuner in self._tuners():
+            tuner.set_row_groups(self.base_model, groups)
+        try:
+            yield
+        finally:
+            for tuner in self._tuners():
+                tuner.set_row_groups(self.base_model, None)
+
+    def check_mixable(self, adapter_name: str) -> None:
+        """Raise ``ConfigError`` (one line) unless adapter ``adapter_name`` can run on some rows of a batch while
+        other rows run other adapters (see ``adapter_rows``)."""
+        self._check_exists(adapter_name)
+        config = self.peft_config[adapter_name]
+        reason = tuner_for(config).row_mixing_refusal(self.base_model, config, adapter_name)
+        if reason:
+            raise ConfigError(f"adapter {adapter_name!r} cannot share a batch with other adapters: {reason}")
 
     # -- merging ----------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

@@ -12,7 +12,9 @@ Each ``step()`` decodes one token for every running row in one forward, then pre
 (up to ``max_batch``) in one forward and joins them. A row leaves when it emits a stop token or reaches
 ``max_new_tokens``; the columns no remaining row needs are dropped. GRPO's rollouts, ``generate`` and the
 server all drive this one class (``generate()`` for a fixed set of prompts, ``add``/``step`` for streams).
-Prompt-learning adapters (which add virtual tokens to every row's cache) are not supported here.
+A row may name its own adapter (``add(..., adapter="support")``, None for the bare base model): rows of
+different LoRA/DoRA adapters then share every forward (``DeltaModel.adapter_rows``). Prompt-learning adapters
+(which add virtual tokens to every row's cache) are not supported here.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from deltatune.compat.transformers import CACHE, cache_from_tensors, cache_tenso
 from deltatune.errors import ConfigError
 from deltatune.generation.sampling import SamplingParams, choose
 
+AS_SET = object()  # a row that runs with the model's adapters as they are set (the default)
+
 
 @dataclasses.dataclass
 class Row:
@@ -40,6 +44,7 @@ class Row:
     output_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None  # "stop" (a stop token) or "length" (max_new_tokens)
+    adapter: str | None | object = None  # the row's adapter, None for the base alone, or AS_SET
 
 
 @dataclasses.dataclass
@@ -82,14 +87,27 @@ class GenerationEngine:
         self._ids = itertools.count()
 
     # -- requests -------------------------------------------------------------------------------
-    def add(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: object = None) -> Row:
-        """Queue a request; it joins the running batch at the next ``step()`` with room."""
+    def add(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: object = None,
+        adapter: str | None | object = AS_SET,
+    ) -> Row:
+        """Queue a request; it joins the running batch at the next ``step()`` with room. ``adapter``: the adapter
+        this row runs with (None: the base model alone); left out, the model's adapters as they are set."""
         if not prompt_ids:
             raise ConfigError("a prompt needs at least one token")
+        if adapter is not AS_SET and adapter is not None:
+            check_mixable = getattr(self.model, "check_mixable", None)
+            if check_mixable is None:
+                raise ConfigError(f"adapter={adapter!r} needs a DeltaModel holding it; this model has no adapters")
+            check_mixable(adapter)  # refused now, not in the middle of a batch it would stop
         generator = None
         if params.seed is not None:
             generator = torch.Generator(self.device).manual_seed(params.seed)
         row = Row(next(self._ids) if request_id is None else request_id, list(prompt_ids), params, generator)
+        row.adapter = adapter
         self.waiting.append(row)
         return row
 
@@ -130,7 +148,8 @@ class GenerationEngine:
 
     def _decode(self) -> list[Event]:
         mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
-        output = self.model(
+        output = self._forward(
+            self.running,
             input_ids=self._last[:, None],
             attention_mask=mask,
             position_ids=self._positions[:, None],
@@ -149,11 +168,30 @@ class GenerationEngine:
             ids[i, length - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, device=self.device)
             mask[i, length - len(row.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        output = self._forward(rows, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         self._join(cache_tensors(getattr(output, CACHE)), mask, positions[:, -1] + 1)
         self.running += rows
         self._last = torch.cat([self._last, torch.zeros(len(rows), dtype=torch.long, device=self.device)])
         return self._sample(output.logits[:, -1], rows, offset=len(self.running) - len(rows))
+
+    def _forward(self, rows: list[Row], **inputs):
+        """The model on ``inputs``, each row with its own adapter when any row names one."""
+        if all(row.adapter is AS_SET for row in rows):
+            return self.model(**inputs)
+        names = [self._adapter_of(row) for row in rows]
+        with self.model.adapter_rows(names):
+            return self.model(**inputs)
+
+    def _adapter_of(self, row: Row) -> str | None:
+        """The adapter a row runs with in a mixed batch: its own, or the model's one active adapter."""
+        if row.adapter is not AS_SET:
+            return row.adapter
+        active = self.model.active_adapters
+        if len(active) > 1:
+            raise ConfigError(
+                f"a row without an adapter of its own shares a batch with others, but {active} are active"
+            )
+        return active[0] if active else None
 
     def _sample(self, logits: torch.Tensor, rows: list[Row], offset: int = 0) -> list[Event]:
         """Choose each row's next token, record it, and let finished rows leave."""

@@ -18,6 +18,7 @@ from torch import nn
 from deltatune.config import DeltaConfig
 from deltatune.errors import MergeError
 from deltatune.io import file_key_map
+from deltatune.tuners.rows import RowGroups
 
 
 def master_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -62,6 +63,7 @@ class DeltaLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.row_groups: RowGroups | None = None  # set: each row of the batch gets its own adapter (``rows.py``)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -184,6 +186,16 @@ class Tuner:
     def set_disabled(self, model: nn.Module, disabled: bool) -> None:
         for _, layer in self.layers(model):
             layer.disabled = disabled
+
+    def row_mixing_refusal(self, model: nn.Module, config: DeltaConfig, adapter_name: str) -> str | None:
+        """Why adapter ``adapter_name`` cannot run on some rows of a batch while other rows run others (``rows.py``),
+        or None when it can; a method that mixes per row says so by overriding this."""
+        return f"its method is {config.peft_type}, and only LoRA and DoRA adapters mix in one batch"
+
+    def set_row_groups(self, model: nn.Module, groups: RowGroups | None) -> None:
+        """Give each row of the coming forward passes its own adapter (None: the adapters as set)."""
+        for _, layer in self.layers(model):
+            layer.row_groups = groups
 
     def delete(self, model: nn.Module, adapter_name: str) -> None:
         """Remove one adapter; a layer left with no adapter is replaced by its base module (inner layers first)."""

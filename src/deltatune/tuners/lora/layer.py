@@ -46,6 +46,7 @@ from deltatune.tuners.lora.config import LoraConfig
 from deltatune.tuners.lora.dora import DoraVariant
 from deltatune.tuners.lora.fallback import linear_fallback_reason, log_fallback
 from deltatune.tuners.lora.init import check_initialisable, initial_factors
+from deltatune.tuners.rows import add_per_row
 
 
 class LoraLayer(DoraVariant, DeltaLayer):
@@ -166,6 +167,8 @@ class LoraLayer(DoraVariant, DeltaLayer):
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.row_groups is not None and not self.disabled:
+            return add_per_row(self, x, result, self.row_groups)
         for name in self.unmerged_active():
             lora = self.lora_output(x, name).to(result.dtype)
             result = self.dora_output(result, lora, name) if name in self.lora_magnitude_vector else result + lora
@@ -294,7 +297,7 @@ class LoraLinear(LoraBias, LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         names = self.unmerged_active()
-        if not names or args or kwargs or x.shape[-1] != self.in_features:
+        if not names or args or kwargs or x.shape[-1] != self.in_features or self.row_groups is not None:
             return super().forward(x, *args, **kwargs)
         if not self.fusable(x, names):
             if self.fused and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -339,6 +342,7 @@ class LoraLinear(LoraBias, LoraLayer):
         """The fused function reproduces the base layer exactly: a plain, hook-free, frozen Linear/Conv1D."""
         return (
             self.fused
+            and self.row_groups is None
             and is_frozen_plain_linear(self.base_layer, x)
             and not (torch.compiler.is_compiling() and any(self._dropout_p(name) > 0 for name in names))
             and not any(self.lora_B[name].bias is not None for name in names)  # the fused function has no B bias

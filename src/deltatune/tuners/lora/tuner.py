@@ -46,11 +46,26 @@ def _layer_class(module: nn.Module) -> type[LoraLayer]:
     raise ConfigError(f"LoRA cannot wrap {type(module).__name__}")
 
 
+ROW_MIXING_LAYERS = (LoraLinear, LoraEmbedding, LoraConvNd)  # their input's first dimension is the batch
+
+
 class LoraTuner(Tuner):
     """Injects, switches, merges and removes LoRA adapters."""
 
     config_class = LoraConfig
     layer_class = LoraLayer
+
+    def row_mixing_refusal(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> str | None:
+        """LoRA and DoRA terms mix per row on linear, Conv1D, embedding and convolution layers; whole-module copies
+        (``modules_to_save``), trainable token rows and attention or parameter targets apply to the whole batch."""
+        if config.modules_to_save:
+            return f"it trains whole modules ({', '.join(config.modules_to_save)}), which cannot differ per row"
+        if config.trainable_token_indices:
+            return "it trains embedding rows (trainable_token_indices), which cannot differ per row"
+        for name, layer in self.layers(model):
+            if adapter_name in layer.adapter_names and not isinstance(layer, ROW_MIXING_LAYERS):
+                return f"it adapts {name} ({type(layer.base_layer).__name__}), a layer type not mixed per row"
+        return None
 
     def inject(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
         targets = module_targets(model, config)

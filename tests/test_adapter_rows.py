@@ -1,0 +1,211 @@
+"""Several adapters in one batch (``DeltaModel.adapter_rows``): every row's logits and gradients equal that row run
+alone with its adapter set (the base alone for None), for LoRA and DoRA of different ranks and targets, Conv1D and
+embedding layers, in eval and training mode; equal peft's own mixed batch (``adapter_names=``); the generation
+engine's mixed-adapter rows equal transformers' ``generate`` per adapter; what cannot mix is refused by name."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+
+import deltatune
+from deltatune import DeltaModel, LoraConfig
+from deltatune.errors import ConfigError, MergeError
+from deltatune.generation.engine import GenerationEngine
+from deltatune.generation.sampling import SamplingParams
+from tiny_models import perturb_trainable, tiny_gpt2, tiny_llama, token_inputs
+
+ADAPTERS = {  # different ranks, targets and kinds; "emb" adapts the input embedding too
+    "a": LoraConfig(r=4, target_modules="all-linear"),
+    "b": LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "dora": LoraConfig(r=2, target_modules=["k_proj", "o_proj", "up_proj"], use_dora=True),
+    "emb": LoraConfig(r=3, target_modules=["embed_tokens", "gate_proj"]),
+}
+ROWS = ["a", None, "b", "dora", "a", "emb", "b", None]
+
+
+def mixed_model(make=tiny_llama, adapters=ADAPTERS) -> DeltaModel:
+    """A model holding every adapter of ``adapters``, each perturbed (B starts at zero) so each changes the output."""
+    model = None
+    for seed, (name, config) in enumerate(adapters.items()):
+        if model is None:
+            model = deltatune.get_delta_model(make(), config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+        model.set_adapter(name)
+        perturb_trainable(model, seed=seed + 1)
+    return model
+
+
+def alone(model: DeltaModel, name: str | None, **inputs) -> torch.Tensor:
+    """The logits with only adapter ``name`` applied (None: the base model)."""
+    if name is None:
+        with model.disable_adapter():
+            return model(**inputs).logits
+    model.set_adapter(name)
+    return model(**inputs).logits
+
+
+@pytest.fixture(scope="module")
+def model():
+    return mixed_model().eval()
+
+
+def test_each_row_equals_its_adapter_alone(model):
+    inputs = token_inputs(batch=len(ROWS), length=6)
+    with torch.no_grad(), model.adapter_rows(ROWS):
+        mixed = model(**inputs).logits
+    for row, name in enumerate(ROWS):
+        with torch.no_grad():
+            expected = alone(model, name, input_ids=inputs["input_ids"][row : row + 1])
+        torch.testing.assert_close(mixed[row : row + 1], expected, atol=1e-5, rtol=1e-5)
+    # the adapters really differ, so the comparison above could fail
+    first = inputs["input_ids"][:1]
+    with torch.no_grad():
+        outputs = [alone(model, name, input_ids=first) for name in [None, *ADAPTERS]]
+    assert all((x - y).abs().max() > 1e-3 for i, x in enumerate(outputs) for y in outputs[i + 1 :])
+
+
+def test_one_adapter_on_every_row_and_the_block_restores_the_model(model):
+    inputs = token_inputs(batch=3, length=5)
+    with torch.no_grad():
+        expected = alone(model, "b", **inputs)
+        model.set_adapter("a")
+        with model.adapter_rows(["b"] * 3):
+            mixed = model(**inputs).logits
+        after = model(**inputs).logits
+        torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(after, alone(model, "a", **inputs))  # "a" active again outside the block
+
+
+def test_training_mode_gradients_equal_the_rows_run_apart():
+    """Under autograd in training mode (the fused LoRA and gated-MLP paths step aside for mixed rows), the summed
+    loss's gradient for each adapter equals the sum of its rows' gradients run apart."""
+    model = mixed_model().train()
+    for config in model.peft_config.values():
+        assert config.lora_dropout == 0
+    inputs = token_inputs(batch=len(ROWS), length=6)
+    params = {name: p for name, p in model.named_parameters() if ".lora_" in name}
+    for p in params.values():
+        p.requires_grad_(True)
+    with model.adapter_rows(ROWS):
+        model(**inputs).logits.square().mean(-1).sum().backward()
+    mixed = {name: p.grad.clone() for name, p in params.items() if p.grad is not None}
+    model.zero_grad()
+    for row, name in enumerate(ROWS):
+        if name is not None:
+            model.set_adapter(name)
+            for p in params.values():
+                p.requires_grad_(True)
+            model(input_ids=inputs["input_ids"][row : row + 1]).logits.square().mean(-1).sum().backward()
+    apart = {name: p.grad for name, p in params.items() if p.grad is not None}
+    assert mixed.keys() == apart.keys() and len(mixed) > 20
+    for name in mixed:
+        torch.testing.assert_close(mixed[name], apart[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_gpt2_conv1d_rows():
+    adapters = {
+        "x": LoraConfig(r=4, target_modules=["c_attn", "c_fc"]),
+        "y": LoraConfig(r=2, target_modules=["c_proj"], use_dora=True),
+    }
+    model = mixed_model(tiny_gpt2, adapters).eval()
+    rows = ["y", "x", None, "x"]
+    inputs = token_inputs(batch=4, length=5)
+    with torch.no_grad(), model.adapter_rows(rows):
+        mixed = model(**inputs).logits
+    for row, name in enumerate(rows):
+        with torch.no_grad():
+            expected = alone(model, name, input_ids=inputs["input_ids"][row : row + 1])
+        torch.testing.assert_close(mixed[row : row + 1], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_equals_peft_mixed_batch(tmp_path):
+    """peft's ``adapter_names=`` forward on the same adapters (LoRA only: peft refuses DoRA in a mixed batch)."""
+    lora_only = {name: config for name, config in ADAPTERS.items() if not config.use_dora}
+    model = mixed_model(adapters=lora_only).eval()
+    for name in lora_only:
+        model.save_pretrained(tmp_path, selected_adapters=[name])
+    reference = None
+    for name in lora_only:
+        folder = tmp_path / name
+        if reference is None:
+            reference = peft.PeftModel.from_pretrained(tiny_llama(), folder, adapter_name=name)
+        else:
+            reference.load_adapter(folder, adapter_name=name)
+    reference.eval()
+    rows = [name for name in ROWS if name != "dora"]
+    inputs = token_inputs(batch=len(rows), length=6)
+    with torch.no_grad():
+        theirs = reference(**inputs, adapter_names=[name or "__base__" for name in rows]).logits
+        with model.adapter_rows(rows):
+            ours = model(**inputs).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_engine_rows_with_different_adapters_equal_generate_per_adapter(model):
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [3, 4, 5, 6, 7, 8, 9, 10, 11], [40], [7, 7, 7]]
+    names = ["dora", "a", None, "b", "emb"]
+    greedy = SamplingParams(max_new_tokens=8, temperature=0)
+    engine = GenerationEngine(model, max_batch=3)  # rows join as others leave
+    rows = [engine.add(prompt, greedy, adapter=name) for prompt, name in zip(prompts, names)]
+    while engine.has_work:
+        engine.step()
+    answers = set()
+    for prompt, name, row in zip(prompts, names, rows):
+        with torch.no_grad():
+            if name is None:
+                with model.disable_adapter():
+                    out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+            else:
+                model.set_adapter(name)
+                out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert row.output_ids == out[0, len(prompt) :].tolist(), name
+        answers.add((tuple(prompt[:1]), tuple(row.output_ids)))
+    assert len(answers) == len(prompts)
+
+
+def test_what_cannot_mix_is_refused_by_name(tmp_path):
+    model = mixed_model(adapters={"a": ADAPTERS["a"]})
+    model.add_adapter("head", LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    model.add_adapter("tokens", LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 2]))
+    with pytest.raises(ConfigError, match=r"adapter 'head' cannot share a batch .*whole modules \(lm_head\)"):
+        model.check_mixable("head")
+    with pytest.raises(ConfigError, match="'tokens' cannot share a batch .*trainable_token_indices"):
+        with model.adapter_rows(["a", "tokens"]):
+            pass
+    with pytest.raises(ConfigError, match="no adapter named 'nope'"):
+        GenerationEngine(model).add([1, 2], SamplingParams(), adapter="nope")
+    ia3_config = deltatune.IA3Config(target_modules=["k_proj"], feedforward_modules=[])
+    ia3 = deltatune.get_delta_model(tiny_llama(), ia3_config)
+    with pytest.raises(ConfigError, match="its method is IA3, and only LoRA and DoRA adapters mix"):
+        ia3.check_mixable("default")
+    with pytest.raises(ConfigError, match="needs a DeltaModel"):
+        GenerationEngine(tiny_llama()).add([1, 2], SamplingParams(), adapter="a")
+    model.merge_adapter(["a"])
+    with pytest.raises(MergeError, match="unmerge_adapter"):
+        with model.adapter_rows(["a"]):
+            pass
+
+
+def test_rows_must_match_the_batch(model):
+    with pytest.raises(ConfigError, match="the batch has 2 rows but 3 adapter names"), torch.no_grad():
+        with model.adapter_rows(["a", "b", None]):
+            model(**token_inputs(batch=2, length=4))
+
+
+def test_saved_adapters_load_side_by_side_and_mix(tmp_path, model):
+    """The serving path: adapters saved apart, loaded into one base with ``load_adapter``, mixed per row."""
+    for name in ("a", "dora"):
+        model.save_pretrained(tmp_path, selected_adapters=[name])
+    served = DeltaModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="a")
+    served.load_adapter(tmp_path / "dora", adapter_name="dora")
+    served.eval()
+    inputs = token_inputs(batch=3, length=5)
+    with torch.no_grad(), served.adapter_rows(["dora", None, "a"]):
+        mixed = served(**inputs).logits
+    for row, name in enumerate(["dora", None, "a"]):
+        with torch.no_grad():
+            expected = alone(model, name, input_ids=inputs["input_ids"][row : row + 1])
+        torch.testing.assert_close(mixed[row : row + 1], expected, atol=1e-5, rtol=1e-5)
