@@ -27,6 +27,7 @@ from deltatune.cli import (
     generate,
     inspect_model,
     merge,
+    serve,
     train,
 )
 from deltatune.errors import DeltaTuneError
@@ -42,6 +43,7 @@ COMMANDS = {
     "inspect": inspect_model,
     "classify": classify,
     "bench": bench,
+    "serve": serve,
 }
 
 
