@@ -8,9 +8,10 @@ through an inbox, and get their tokens back on their own asyncio queue::
     stream.queue  <--call_soon_threadsafe--  engine.step(): one token per running row
 
 The thread steps while any row is waiting or running and sleeps otherwise. A step that raises fails only the
-rows it can blame (the ones joining in that step, when the running rows' decode went through); when the
-decode itself fails, every running row fails and a fresh engine takes the waiting ones. The thread itself
-survives, and says why in the server log.
+rows it can blame: when the running rows decoded and the prefill of the rows joining failed, those rows are
+tried again one per step, alone, so only a row whose own prefill fails gets the error; when the shared decode
+itself fails, every running row fails and a fresh engine takes the waiting ones. The thread survives either
+way, and says why in the server log.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stopping = False
         self._retiring: set[str] = set()  # adapters unloaded while rows still used them
+        self._suspects: list[Row] = []  # rows whose joint prefill failed: each joins alone next
         self._thread = threading.Thread(target=self._run, name="deltatune-engine", daemon=True)
 
     # -- the HTTP side (any thread) -------------------------------------------------------------------
@@ -131,14 +133,16 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not (self._inbox or self.engine.has_work or self._stopping):
+                while not (self._inbox or self.engine.has_work or self._suspects or self._stopping):
                     self._wake.wait()
                 if self._stopping:
                     break
                 inbox, self._inbox = self._inbox, []
             for kind, payload in inbox:
                 self._handle(kind, payload)
-            if self.engine.has_work:
+            if self._suspects:
+                self._step_alone(self._suspects.pop(0))
+            elif self.engine.has_work:
                 self._step()
             if self._retiring:
                 self._delete_retired()
@@ -195,7 +199,8 @@ class Scheduler:
         self._delete_retired()
 
     def _delete_retired(self) -> None:
-        used = {row.request_id[0].adapter for row in [*self.engine.waiting, *self.engine.running]}
+        rows = [*self.engine.waiting, *self.engine.running, *self._suspects]
+        used = {row.request_id[0].adapter for row in rows if row.finish_reason is None}
         for internal in self._retiring - used:
             self.model.delete_adapter(internal)
             self._retiring.discard(internal)
@@ -214,6 +219,16 @@ class Scheduler:
             stream, index = event.row.request_id
             stream.deliver(Delivery(index, event.token_id, event.row.finish_reason if event.finished else None))
 
+    def _step_alone(self, row: Row) -> None:
+        """A step in which ``row`` is the only one joining (so a failed prefill is its own)."""
+        if row.finish_reason is not None:  # cancelled meanwhile
+            return
+        held, self.engine.waiting = self.engine.waiting, [row]
+        try:
+            self._step()
+        finally:
+            self.engine.waiting = [*self.engine.waiting, *held]
+
     def _recover(self, exc: Exception, waiting: list[Row], running: list[tuple[Row, int]]) -> None:
         """After a failed step: fail the rows to blame, deliver what the others made, keep the engine usable."""
         engine = self.engine
@@ -224,8 +239,13 @@ class Scheduler:
             fresh = GenerationEngine(self.model, engine.stop_token_ids, engine.max_batch)
             fresh.generator, fresh.waiting, self.engine = engine.generator, engine.waiting, fresh
         else:  # the joining rows' prefill failed; the running rows decoded their token
-            blamed = joining
-            for row in joining:
+            pristine = [row for row in joining if not row.output_ids and row not in engine.running]
+            if len(joining) > 1 and len(pristine) == len(joining):  # try each alone to find the culprit
+                self._suspects += joining
+                blamed = []
+            else:
+                blamed = joining
+            for row in blamed:
                 if row.finish_reason is None:
                     engine.cancel(row)
             for row in decoded:
@@ -243,7 +263,7 @@ class Scheduler:
         stream.closed = True
 
     def _shut_down(self) -> None:
-        streams = {row.request_id[0] for row in [*self.engine.waiting, *self.engine.running]}
+        streams = {row.request_id[0] for row in [*self.engine.waiting, *self.engine.running, *self._suspects]}
         streams |= {payload for kind, payload in self._inbox if kind == "add"}
         for stream in streams:
             stream.deliver(Delivery(-1, None, error="the server is shutting down"))
