@@ -145,8 +145,15 @@ def _add_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
         loc = [str(part) for part in first.get("loc", ())[1:]]
         if first.get("type") == "json_invalid":
-            return error(f"the request body is not valid JSON: {first.get('msg')}", "BadRequestError", 400)
-        field = ".".join(loc) or "body"
+            detail = (first.get("ctx") or {}).get("error") or first.get("msg")
+            return error(f"the request body is not valid JSON ({detail}); send a JSON object", "BadRequestError", 400)
+        if not loc:
+            return error(
+                "the request body must be a JSON object, sent with Content-Type: application/json",
+                "BadRequestError",
+                400,
+            )
+        field = ".".join(loc)
         return error(f"{field}: {first.get('msg')}", "BadRequestError", 400, field)
 
     @app.exception_handler(HTTPException)
