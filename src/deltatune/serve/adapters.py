@@ -86,8 +86,8 @@ def check_servable(config: dict, folder: str | os.PathLike) -> None:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise RequestError(
-            f"{folder} is a {peft_type} adapter; deltatune serve serves LoRA adapters only (they mix per row in "
-            f"one batch); merge it into the base with `deltatune merge` and serve that model",
+            f"{folder}: its method is {peft_type}, and deltatune serve serves LoRA adapters only (they mix per row "
+            f"in one batch); merge it into the base with `deltatune merge` and serve that model",
             "path",
         )
     if config.get("task_type") not in TASK_TYPES:
