@@ -5,10 +5,19 @@ mixed in one batch), streaming, ``n``, ``stop``, ``seed`` and the stored system 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
+import tempfile
+from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-from serve_helpers import TERSE, Reference, client, serving, tiny_setup
+import deltatune
+from deltatune.generation.engine import GenerationEngine
+from deltatune.generation.sampling import SamplingParams
+from deltatune.runtime.loading import DTYPES, load_causal_lm
+from serve_helpers import TERSE, Reference, client, save_adapter, serving, tiny_setup
 
 HI = [{"role": "user", "content": "Hi there, who are you?"}]
 
@@ -189,3 +198,43 @@ def test_health_answers(server):
 
     url = str(server[0].base_url).removesuffix("/v1/")
     assert httpx.get(f"{url}/health").status_code == 200
+
+
+@functools.cache
+def wide_model() -> tuple[Path, Path]:
+    """The tiny chat model at hidden 64 (bitsandbytes' CPU 4-bit kernel wants 64-value blocks) and one adapter."""
+    folder = Path(tempfile.mkdtemp(prefix="deltatune-serve-wide-"))
+    config = AutoConfig.from_pretrained(tiny_setup()[0])
+    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(folder / "model")
+    AutoTokenizer.from_pretrained(tiny_setup()[0]).save_pretrained(folder / "model")
+    return folder / "model", save_adapter(folder / "model", folder / "adapter", seed=4)
+
+
+@pytest.mark.parametrize(("option", "value"), [("dtype", "bfloat16"), ("quantization", "nf4")])
+def test_a_half_precision_or_4bit_base_serves_as_loaded_in_process(option, value):
+    """The server loads the base as ``deltatune train`` would; its greedy answers equal in-process generation over
+    the same base (the engine's per-row adapter path, for the adapter in bf16, where rounding differs from
+    transformers' unbatched path after a few tokens)."""
+    model_dir, adapter = wide_model()
+    base = load_causal_lm(model_dir, **{option: DTYPES[value] if option == "dtype" else value}).eval()
+    model = deltatune.DeltaModel.from_pretrained(base, adapter, adapter_name="adapter").eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt = list(tokenizer.apply_chat_template(HI, add_generation_prompt=True, tokenize=True)["input_ids"])
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    expected = {}
+    for name, adapter_name in [("adapter", "adapter"), (str(model_dir), None)]:
+        engine = GenerationEngine(model, [tokenizer.eos_token_id])
+        row = engine.add(prompt, params, adapter=adapter_name)
+        while engine.has_work:
+            engine.step()
+        expected[name] = tokenizer.decode(row.output_ids, skip_special_tokens=True)
+    with torch.no_grad(), model.disable_adapter():
+        plain = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert expected[str(model_dir)] == tokenizer.decode(plain[0, len(prompt) :], skip_special_tokens=True)
+    with serving(model_dir, {"adapter": adapter}, **{option: value}) as (url, _service):
+        for name, text in expected.items():
+            reply = client(url).chat.completions.create(model=name, messages=HI, max_tokens=12, temperature=0)
+            assert reply.choices[0].message.content == text
