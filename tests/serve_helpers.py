@@ -9,6 +9,7 @@ import json
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from openai import OpenAI
@@ -20,12 +21,13 @@ from deltatune.serve.server import Background, Service, load_service
 
 
 def save_adapter(
-    model_dir: Path, folder: Path, seed: int, r: int = 4, use_dora: bool = False, system: str | None = None
+    model_dir: Path, folder: Path, seed: int, r: int = 4, system: str | None = None, **options: Any
 ) -> Path:
-    """A LoRA adapter on every linear layer of the model in ``model_dir``, its factors random (lora_B too, so it
-    changes the answers), saved to ``folder`` (with a stored system prompt when ``system``)."""
+    """A LoRA adapter (on every linear layer unless ``options`` say otherwise) of the model in ``model_dir``, its
+    factors random (lora_B too, so it changes the answers), saved to ``folder`` (with a stored system prompt when
+    ``system``)."""
     base = LlamaForCausalLM.from_pretrained(model_dir)
-    config = deltatune.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", use_dora=use_dora)
+    config = deltatune.LoraConfig(**{"r": r, "lora_alpha": 2 * r, "target_modules": "all-linear", **options})
     model = deltatune.get_delta_model(base, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

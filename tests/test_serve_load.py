@@ -1,7 +1,7 @@
-"""A bounded load test on loopback: 64 chat requests over 8 adapters (ranks 2 to 16, two of them DoRA) from 32
-client threads. Every request is answered, each answer equals its in-process greedy answer (the adapter alone,
-transformers' ``generate``), the server's memory stays flat from the first quarter of the answers to the last,
-and the latency percentiles are printed."""
+"""A bounded load test on loopback: 64 chat requests over 8 adapters (ranks 2 to 16, two of them DoRA, one
+rsLoRA, one on the attention's q/v projections only) from 32 client threads. Every request is answered, each
+answer equals its in-process greedy answer (the adapter alone, transformers' ``generate``), the server's memory
+stays flat from the first quarter of the answers to the last, and the latency percentiles are printed."""
 
 from __future__ import annotations
 
@@ -32,8 +32,14 @@ def rss_mib() -> float:
 def test_64_requests_over_8_adapters_from_32_clients():
     model_dir, _ = tiny_setup()
     root = Path(tempfile.mkdtemp(prefix="deltatune-load-"))
+    options = {
+        3: {"use_dora": True},
+        6: {"use_dora": True},
+        5: {"use_rslora": True},
+        7: {"target_modules": ["q_proj", "v_proj"]},
+    }
     adapters = {
-        f"a{i}": save_adapter(model_dir, root / f"a{i}", seed=100 + i, r=[2, 4, 8, 16][i % 4], use_dora=i in (3, 6))
+        f"a{i}": save_adapter(model_dir, root / f"a{i}", seed=100 + i, r=[2, 4, 8, 16][i % 4], **options.get(i, {}))
         for i in range(ADAPTERS)
     }
     jobs = [
