@@ -53,8 +53,10 @@ def model():
     return mixed_model().eval()
 
 
-def test_each_row_equals_its_adapter_alone(model):
-    inputs = token_inputs(batch=len(ROWS), length=6)
+@pytest.mark.parametrize("length", [6, 1], ids=["prompt (grouped)", "one token (stacked)"])
+def test_each_row_equals_its_adapter_alone(model, length):
+    """A prompt's rows take the grouped way, one token per row (decoding) the stacked one (tuners/lora/rows.py)."""
+    inputs = token_inputs(batch=len(ROWS), length=length)
     with torch.no_grad(), model.adapter_rows(ROWS):
         mixed = model(**inputs).logits
     for row, name in enumerate(ROWS):
@@ -194,6 +196,24 @@ def test_rows_must_match_the_batch(model):
     with pytest.raises(ConfigError, match="the batch has 2 rows but 3 adapter names"), torch.no_grad():
         with model.adapter_rows(["a", "b", None]):
             model(**token_inputs(batch=2, length=4))
+
+
+def test_the_stack_follows_changed_weights(model):
+    """The stacked factors are rebuilt when an adapter's weights change in place (a training step, a load)."""
+    inputs = token_inputs(batch=4, length=1)
+    rows = ["a", "b", "dora", None]
+    with torch.no_grad():
+        with model.adapter_rows(rows):
+            before = model(**inputs).logits
+        factor = model.base_model.model.layers[0].mlp.down_proj.lora_B["a"].weight
+        factor.add_(0.5)
+        with model.adapter_rows(rows):
+            after = model(**inputs).logits
+        expected = alone(model, "a", input_ids=inputs["input_ids"][:1])
+        factor.sub_(0.5)
+    assert (after[0] - before[0]).abs().max() > 1e-3
+    torch.testing.assert_close(after[:1], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after[1:], before[1:])
 
 
 def test_saved_adapters_load_side_by_side_and_mix(tmp_path, model):
