@@ -28,6 +28,7 @@ ROWS = ["a", None, "b", "dora", "a", "emb", "b", None]
 def mixed_model(make=tiny_llama, adapters=ADAPTERS) -> DeltaModel:
     """A model holding every adapter of ``adapters``, each perturbed (B starts at zero) so each changes the output."""
     model = None
+    torch.manual_seed(0)  # A's initialisation
     for seed, (name, config) in enumerate(adapters.items()):
         if model is None:
             model = deltatune.get_delta_model(make(), config, adapter_name=name)
@@ -52,8 +53,10 @@ def model():
     return mixed_model().eval()
 
 
-def test_each_row_equals_its_adapter_alone(model):
-    inputs = token_inputs(batch=len(ROWS), length=6)
+@pytest.mark.parametrize("length", [6, 1], ids=["prompt (grouped)", "one token (stacked)"])
+def test_each_row_equals_its_adapter_alone(model, length):
+    """A prompt's rows take the grouped way, one token per row (decoding) the stacked one (tuners/lora/rows.py)."""
+    inputs = token_inputs(batch=len(ROWS), length=length)
     with torch.no_grad(), model.adapter_rows(ROWS):
         mixed = model(**inputs).logits
     for row, name in enumerate(ROWS):
@@ -148,7 +151,7 @@ def test_engine_rows_with_different_adapters_equal_generate_per_adapter(model):
     prompts = [[5, 6, 7, 8, 9], [11, 12], [3, 4, 5, 6, 7, 8, 9, 10, 11], [40], [7, 7, 7]]
     names = ["dora", "a", None, "b", "emb"]
     greedy = SamplingParams(max_new_tokens=8, temperature=0)
-    engine = GenerationEngine(model, max_batch=3)  # rows join as others leave
+    engine = GenerationEngine(model, stop_token_ids=[model.config.eos_token_id], max_batch=3)  # rows join, leave
     rows = [engine.add(prompt, greedy, adapter=name) for prompt, name in zip(prompts, names)]
     while engine.has_work:
         engine.step()
@@ -193,6 +196,24 @@ def test_rows_must_match_the_batch(model):
     with pytest.raises(ConfigError, match="the batch has 2 rows but 3 adapter names"), torch.no_grad():
         with model.adapter_rows(["a", "b", None]):
             model(**token_inputs(batch=2, length=4))
+
+
+def test_the_stack_follows_changed_weights(model):
+    """The stacked factors are rebuilt when an adapter's weights change in place (a training step, a load)."""
+    inputs = token_inputs(batch=4, length=1)
+    rows = ["a", "b", "dora", None]
+    with torch.no_grad():
+        with model.adapter_rows(rows):
+            before = model(**inputs).logits
+        factor = model.base_model.model.layers[0].mlp.down_proj.lora_B["a"].weight
+        factor.add_(0.5)
+        with model.adapter_rows(rows):
+            after = model(**inputs).logits
+        expected = alone(model, "a", input_ids=inputs["input_ids"][:1])
+        factor.sub_(0.5)
+    assert (after[0] - before[0]).abs().max() > 1e-3
+    torch.testing.assert_close(after[:1], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after[1:], before[1:])
 
 
 def test_saved_adapters_load_side_by_side_and_mix(tmp_path, model):

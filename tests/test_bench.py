@@ -178,3 +178,21 @@ def test_the_grpo_rewards_of_the_bench_score_answers():
     answers = [[{"role": "assistant", "content": "It is 420."}], [{"role": "assistant", "content": " 420 "}]]
     assert correct(["q", "q"], answers, None, ["420", "421"]) == [1.0, 0.0]
     assert number_only(answers) == [0.0, 1.0]
+
+
+def test_serve_bench_answers_every_request_rightly_on_a_tiny_model(tmp_path):
+    """The mixed-adapter bench on a tiny chat model: every side answers every request, each answer equal to the
+    request answered alone (so the throughput it prints is of right answers), with the ratios it reports."""
+    from deltatune.bench.serve import format_serve, run_serve_bench
+    from sft_helpers import save_tiny_chat_model
+
+    folder = save_tiny_chat_model(tmp_path / "model")
+    report = run_serve_bench(str(folder), 4, requests=6, tokens=5, distinct=[1, 4], repeats=1, folder=str(tmp_path))
+    for k in ("1", "4"):
+        entry = report["summary"][k]
+        for side in ("deltatune", "peft", "one_by_one"):
+            assert entry[side]["tokens"] > 6 and entry[side]["wrong_answers"] == 0, (k, side)
+        assert entry["deltatune"]["ttft_p50"] > 0 and entry["deltatune"]["itl_p99"] >= entry["deltatune"]["itl_p50"]
+        assert entry["ratios"]["vs_peft"] > 0
+    assert report["summary"]["1"]["ratios"]["vs_one_adapter"] == 1.0
+    assert "| 4 |" in format_serve(report)

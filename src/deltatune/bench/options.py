@@ -87,6 +87,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpo-generations", type=int, default=8, help="--grpo: completions per prompt")
     parser.add_argument("--grpo-batch", type=int, default=16, help="--grpo: completions per step")
     parser.add_argument("--grpo-completion", type=int, default=32, help="--grpo: tokens per completion at most")
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="instead: concurrent requests for many adapters on one base: the engine's mixed batch against peft's "
+        "(adapter_names=) and one request at a time (deltatune.bench.serve; needs peft)",
+    )
+    parser.add_argument("--serve-model", default="smollm2", help="--serve: the base model (default: SmolLM2)")
+    parser.add_argument("--serve-requests", type=int, default=16, help="--serve: concurrent requests")
+    parser.add_argument("--serve-tokens", type=int, default=32, help="--serve: tokens per answer at most")
+    parser.add_argument(
+        "--serve-distinct",
+        type=int,
+        nargs="+",
+        default=[1, 4, 16],
+        help="--serve: numbers of distinct adapters in the batch (default: 1 4 16)",
+    )
     parser.add_argument("--e2e-steps", type=int, default=30, help="--e2e: optimizer steps per run")
     parser.add_argument(
         "--e2e-default-steps",

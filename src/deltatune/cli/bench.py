@@ -12,6 +12,7 @@ examples:
   deltatune bench --modes fused peft --lora-dropout 0.1 --sections train
   deltatune bench --families lora ia3 loha lokr oft vera adalora --repeats 3
   deltatune bench --grpo --grpo-steps 10                             # GRPO: deltatune against TRL + peft
+  deltatune bench --serve --repeats 3                                # many adapters in one batch against peft
 """
 
 
@@ -39,6 +40,23 @@ def run(args: argparse.Namespace) -> int:
             args.grpo_model, args.grpo_steps, args.grpo_generations, args.grpo_batch, args.grpo_completion, args.repeats
         )
         return publish(report, format_grpo(report), args.json)
+    if args.serve:
+        import tempfile
+
+        from deltatune.bench.report import publish
+        from deltatune.bench.serve import format_serve, run_serve_bench
+
+        with tempfile.TemporaryDirectory() as folder:
+            report = run_serve_bench(
+                args.serve_model,
+                max(args.serve_distinct),
+                args.serve_requests,
+                args.serve_tokens,
+                args.serve_distinct,
+                args.repeats,
+                folder,
+            )
+        return publish(report, format_serve(report), args.json)
     if args.families:
         from deltatune.bench.families import run as run_families
 

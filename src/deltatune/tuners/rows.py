@@ -11,7 +11,8 @@ output for the whole batch and, per group, its adapter's rank-r term on that gro
 so the cost grows with the number of distinct adapters in the batch, not with the number of rows (the idea
 of Punica's segmented GEMM, on torch operations). Adapters of different ranks, and DoRA adapters (whose
 per-unit scale m/||W0 + s·BA|| applies to their own rows), mix freely. Serving drives this to answer
-requests for different adapters in one batch; ``DeltaModel.adapter_rows`` is the entry point.
+requests for different adapters in one batch; ``DeltaModel.adapter_rows`` is the entry point, and a method's
+layers do the adding (LoRA's: ``tuners/lora/rows.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from deltatune.errors import ConfigError
 
@@ -32,7 +32,9 @@ class RowGroups:
 
     groups: tuple[tuple[str, torch.Tensor], ...]
     rows: int
+    names: tuple[str | None, ...] = ()
     whole: str | None = None
+    _slots: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, names: Sequence[str | None], device: torch.device | str = "cpu") -> RowGroups:
@@ -43,26 +45,18 @@ class RowGroups:
                 members.setdefault(name, []).append(row)
         groups = tuple((name, torch.tensor(rows, dtype=torch.long, device=device)) for name, rows in members.items())
         whole = next(iter(members)) if len(members) == 1 and len(members[next(iter(members))]) == len(names) else None
-        return cls(groups, len(names), whole)
+        return cls(groups, len(names), tuple(names), whole)
 
+    def slots(self, order: dict[str, int], device: torch.device) -> torch.Tensor:
+        """Each row's slot in a stack of adapters (``order``: adapter -> slot; every other row, the slot after
+        the last: no adapter), as a [rows] tensor; made once per order and forward."""
+        key = (tuple(order), device)
+        if key not in self._slots:
+            empty = len(order)
+            self._slots[key] = torch.tensor([order.get(name, empty) for name in self.names], device=device)
+        return self._slots[key]
 
-def add_per_row(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, groups: RowGroups) -> torch.Tensor:
-    """``result`` (the base output for every row of ``x``) with each group's adapter added on its own rows.
-
-    ``layer`` is a LoRA layer (``lora_output``, ``dora_output``, ``lora_magnitude_vector``); an adapter it does
-    not hold adds nothing (another adapter may target other modules).
-    """
-    if x.shape[0] != groups.rows:
-        raise ConfigError(f"the batch has {x.shape[0]} rows but {groups.rows} adapter names were given")
-    for name, index in groups.groups:
-        if name not in layer.adapter_names:
-            continue
-        whole = groups.whole == name
-        rows = x if whole else x.index_select(0, index)
-        lora = layer.lora_output(rows, name).to(result.dtype)
-        if name in layer.lora_magnitude_vector:
-            part = layer.dora_output(result if whole else result.index_select(0, index), lora, name)
-            result = part if whole else result.index_copy(0, index, part)
-        else:
-            result = result + lora if whole else result.index_add(0, index, lora)
-    return result
+    def check(self, x: torch.Tensor) -> None:
+        """Refuse a batch whose row count is not the number of names given."""
+        if x.shape[0] != self.rows:
+            raise ConfigError(f"the batch has {x.shape[0]} rows but {self.rows} adapter names were given")

@@ -46,7 +46,7 @@ from deltatune.tuners.lora.config import LoraConfig
 from deltatune.tuners.lora.dora import DoraVariant
 from deltatune.tuners.lora.fallback import linear_fallback_reason, log_fallback
 from deltatune.tuners.lora.init import check_initialisable, initial_factors
-from deltatune.tuners.rows import add_per_row
+from deltatune.tuners.lora.rows import add_per_row
 
 
 class LoraLayer(DoraVariant, DeltaLayer):

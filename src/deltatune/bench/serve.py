@@ -1,0 +1,220 @@
+"""``deltatune bench --serve``: answering concurrent requests for many adapters on one base, against peft.
+
+The same base (the embedded SmolLM2 by default, fp32), the same ``adapters`` random LoRA adapters (r=8 on every
+linear layer, B perturbed so each answers differently), the same ``requests`` chat prompts, greedy answers of at
+most ``tokens`` tokens; request i runs adapter i mod k for k distinct adapters in the batch (1, 4 and 16).
+
+    deltatune   the generation engine, every request added at once: one running batch, each row with its
+                own adapter (``DeltaModel.adapter_rows``), rows leaving as they finish
+    peft        one ``generate(..., adapter_names=[...])`` over the left-padded batch (peft's mixed batch)
+    one by one  the engine answering the requests one after another (what serving without batching does)
+
+Reported per k: generated tokens per second (real tokens: up to and including a row's end-of-sequence token),
+and for deltatune the time to first token and the inter-token latency at p50/p99. Every answer of every side
+is checked against the one-by-one answer of the same request, so a fast wrong answer cannot pass. Each side runs
+``repeats`` times, interleaved, in one process (the model is loaded once per library); medians are reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+SIDES = ("deltatune", "peft", "one_by_one")
+PROMPTS = [
+    "What is AI?",
+    "Tell me a joke.",
+    "How do I boil an egg?",
+    "What is the capital of France?",
+    "Name three colours.",
+    "Why is the sky blue?",
+    "What does a compiler do?",
+    "Give me a synonym for happy.",
+]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
+
+
+def build(model: str, adapters: int, folder: str):
+    """(deltatune model holding ``adapters`` LoRA adapters, peft model holding the same, tokenizer)."""
+    import peft
+    import torch
+
+    from deltatune import DeltaModel, LoraConfig, get_delta_model
+    from deltatune.runtime.loading import load_causal_lm, load_tokenizer, model_folder
+
+    path = model_folder(model)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+    maker = get_delta_model(load_causal_lm(path), config, adapter_name="a0")
+    names = [f"a{i}" for i in range(adapters)]
+    generator = torch.Generator().manual_seed(0)
+    for name in names:
+        if name not in maker.peft_config:
+            maker.add_adapter(name, config)
+        with torch.no_grad():
+            for _, param in maker.adapter_state(name).items():
+                if param.ndim == 2 and param.shape[1] == config.r:  # B starts at zero
+                    param.normal_(0, 0.02, generator=generator)
+        maker.save_pretrained(folder, selected_adapters=[name])
+    del maker
+    ours = DeltaModel.from_pretrained(load_causal_lm(path), f"{folder}/a0", adapter_name="a0")
+    theirs = peft.PeftModel.from_pretrained(load_causal_lm(path), f"{folder}/a0", adapter_name="a0")
+    for name in names[1:]:
+        ours.load_adapter(f"{folder}/{name}", adapter_name=name)
+        theirs.load_adapter(f"{folder}/{name}", adapter_name=name)
+    return ours.eval(), theirs.eval(), load_tokenizer(path)
+
+
+def prompt_ids(tokenizer, requests: int) -> list[list[int]]:
+    """The chat-templated prompts of ``requests`` requests (the PROMPTS in turn)."""
+    ids = []
+    for i in range(requests):
+        messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        ids.append(list(encoded["input_ids"]))
+    return ids
+
+
+def run_engine(model, prompts: list[list[int]], names: list[str], tokens: int, stop: int, batch: bool) -> dict:
+    """The engine answering every prompt (all at once when ``batch``, else one after another)."""
+    from deltatune.generation.engine import GenerationEngine
+    from deltatune.generation.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=tokens, temperature=0)
+    engine = GenerationEngine(model, stop_token_ids=[stop], max_batch=len(prompts))
+    started = time.perf_counter()
+    firsts, gaps, answers = [], [], []
+    groups = [list(range(len(prompts)))] if batch else [[i] for i in range(len(prompts))]
+    for group in groups:
+        added = time.perf_counter()
+        rows = [engine.add(prompts[i], params, adapter=names[i]) for i in group]
+        last = {id(row): added for row in rows}
+        while engine.has_work:
+            for event in engine.step():
+                now = time.perf_counter()
+                (gaps if event.row.output_ids[1:] else firsts).append(now - last[id(event.row)])
+                last[id(event.row)] = now
+        answers += [row.output_ids for row in rows]
+    seconds = time.perf_counter() - started
+    generated = sum(len(answer) for answer in answers)
+    return {
+        "seconds": seconds,
+        "tokens": generated,
+        "tokens_per_s": generated / seconds,
+        "ttft_p50": _percentile(firsts, 0.5),
+        "ttft_p99": _percentile(firsts, 0.99),
+        "itl_p50": _percentile(gaps, 0.5),
+        "itl_p99": _percentile(gaps, 0.99),
+        "answers": answers,
+    }
+
+
+def run_peft(model, prompts: list[list[int]], names: list[str], tokens: int, stop: int) -> dict:
+    """peft's mixed batch: one ``generate`` over the left-padded prompts with ``adapter_names``."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), stop, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = torch.tensor(prompt)
+        mask[i, width - len(prompt) :] = 1
+    started = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_names=names,
+            max_new_tokens=tokens,
+            do_sample=False,
+            eos_token_id=stop,
+            pad_token_id=stop,
+        )
+    seconds = time.perf_counter() - started
+    answers = []
+    for row in out[:, width:].tolist():
+        answers.append(row[: row.index(stop) + 1] if stop in row else row)
+    generated = sum(len(answer) for answer in answers)
+    return {"seconds": seconds, "tokens": generated, "tokens_per_s": generated / seconds, "answers": answers}
+
+
+def run_serve_bench(
+    model: str, adapters: int, requests: int, tokens: int, distinct: list[int], repeats: int, folder: str
+) -> dict:
+    """Every side for every number of distinct adapters, ``repeats`` times interleaved."""
+    import torch
+
+    ours, theirs, tokenizer = build(model, adapters, folder)
+    stop = tokenizer.eos_token_id
+    prompts = prompt_ids(tokenizer, requests)
+    records: list[dict[str, Any]] = []
+    for k in distinct:
+        names = [f"a{i % k}" for i in range(requests)]
+        reference = None
+        for repeat in range(repeats + 1):  # the first round warms up
+            for side in SIDES:
+                torch.manual_seed(0)
+                if side == "peft":
+                    result = run_peft(theirs, prompts, names, tokens, stop)
+                else:
+                    result = run_engine(ours, prompts, names, tokens, stop, batch=side == "deltatune")
+                if side == "one_by_one" and reference is None:
+                    reference = result["answers"]
+                result["wrong_answers"] = (
+                    sum(a != b for a, b in zip(result.pop("answers"), reference)) if reference else None
+                )
+                if repeat:
+                    records.append({"side": side, "distinct": k, "repeat": repeat, **result})
+                    print(
+                        f"  {k:>2} adapters  {side:<10} repeat {repeat}: {result['tokens_per_s']:.1f} tok/s, "
+                        f"wrong answers {result['wrong_answers']}",
+                        flush=True,
+                    )
+    summary: dict[str, dict] = {}
+    for k in distinct:
+        entry = summary[str(k)] = {}
+        for side in SIDES:
+            rows = [r for r in records if r["side"] == side and r["distinct"] == k]
+            entry[side] = {
+                key: statistics.median(r[key] for r in rows)
+                for key in rows[0]
+                if key not in ("side", "distinct", "repeat") and rows[0][key] is not None
+            }
+            entry[side]["wrong_answers"] = max(r["wrong_answers"] or 0 for r in rows)
+    one = summary[str(distinct[0])]["deltatune"]["tokens_per_s"]
+    for k in distinct:
+        entry = summary[str(k)]
+        ours_speed = entry["deltatune"]["tokens_per_s"]
+        entry["ratios"] = {
+            "vs_peft": ours_speed / entry["peft"]["tokens_per_s"],
+            "vs_one_by_one": ours_speed / entry["one_by_one"]["tokens_per_s"],
+            "vs_one_adapter": ours_speed / one,
+        }
+    settings = dict(model=model, adapters=adapters, requests=requests, tokens=tokens, repeats=repeats)
+    return {"settings": settings, "records": records, "summary": summary}
+
+
+def format_serve(report: dict) -> str:
+    settings, summary = report["settings"], report["summary"]
+    lines = [
+        f"{settings['requests']} concurrent greedy requests of at most {settings['tokens']} tokens, "
+        f"{settings['model']}, LoRA r=8 on every linear layer",
+        "",
+        "| distinct adapters | deltatune tok/s | peft mixed batch tok/s | one by one tok/s | vs peft | vs one by one "
+        "| vs 1 adapter | TTFT p50 / p99 s | inter-token p50 / p99 ms | wrong answers |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k, entry in summary.items():
+        ours, ratios = entry["deltatune"], entry["ratios"]
+        wrong = sum(entry[side]["wrong_answers"] for side in SIDES)
+        lines.append(
+            f"| {k} | {ours['tokens_per_s']:.1f} | {entry['peft']['tokens_per_s']:.1f} | "
+            f"{entry['one_by_one']['tokens_per_s']:.1f} | {ratios['vs_peft']:.2f}x | {ratios['vs_one_by_one']:.2f}x | "
+            f"{ratios['vs_one_adapter']:.2f}x | {ours['ttft_p50']:.2f} / {ours['ttft_p99']:.2f} | "
+            f"{1000 * ours['itl_p50']:.0f} / {1000 * ours['itl_p99']:.0f} | {wrong} |"
+        )
+    return "\n".join(lines)
