@@ -58,6 +58,7 @@ def test_an_unknown_model_is_a_404_naming_it_and_the_served_ones(server):
         ({"model": "tiny", "messages": HI, "stop": [""]}, "stop"),
         ({"model": "tiny", "messages": HI, "max_tokens": 500}, "max_tokens"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 150}]}, "messages"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
     ],
 )
 def test_bad_fields_are_a_400_naming_the_field(server, body, param):
@@ -154,6 +155,22 @@ def test_a_prefill_that_fails_fails_only_its_own_request(server):
     assert service.scheduler.alive and service.scheduler.rows_in_flight == 0
 
 
+def test_a_failure_while_streaming_arrives_as_an_error_event(server):
+    api, service = server
+
+    def explode(_module, args):
+        if args[0].shape[1] > 1:
+            raise RuntimeError("broken prefill")
+
+    hook = service.scheduler.model.get_input_embeddings().register_forward_pre_hook(explode)
+    try:
+        with pytest.raises(openai.APIError, match="broken prefill"):
+            list(api.chat.completions.create(model="plain", messages=HI, max_tokens=5, stream=True))
+    finally:
+        hook.remove()
+    assert service.scheduler.alive and service.scheduler.rows_in_flight == 0
+
+
 def test_a_failed_decode_fails_the_running_rows_and_the_engine_goes_on(server):
     api, service = server
     embeddings = service.scheduler.model.get_input_embeddings()
@@ -206,3 +223,12 @@ def test_a_client_that_gives_up_on_a_whole_answer_frees_its_row(server, slow_ste
     with pytest.raises(httpx.TimeoutException):
         raw(api, "chat/completions", json=body, timeout=0.5)
     assert wait_until_idle(service) < 1
+
+
+def test_a_stopped_engine_answers_503_at_once_instead_of_hanging():
+    model_dir, _ = tiny_setup()
+    with serving(model_dir, {}) as (url, service):
+        service.scheduler.stop()
+        response = httpx.post(f"{url}/completions", json={"model": str(model_dir), "prompt": "Hi"}, timeout=10)
+        check_shape(response, 503, "ServiceUnavailableError")
+        assert httpx.get(url.removesuffix("/v1") + "/health").status_code == 503

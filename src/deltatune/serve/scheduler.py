@@ -29,6 +29,7 @@ from torch import nn
 
 from deltatune.generation.engine import GenerationEngine, Row
 from deltatune.generation.sampling import SamplingParams
+from deltatune.serve.errors import Unavailable
 
 log = logging.getLogger("deltatune.serve")
 
@@ -126,6 +127,10 @@ class Scheduler:
 
     def _send(self, kind: str, payload: Any) -> None:
         with self._wake:
+            if self._stopping or not self._thread.is_alive():
+                if kind == "cancel":
+                    return
+                raise Unavailable("the server is shutting down; retry on another server or after its restart")
             self._inbox.append((kind, payload))
             self._wake.notify()
 
