@@ -140,12 +140,13 @@ def test_folders_outside_the_root_are_refused(server, root, tmp_path):
         ("missing", "is not a folder"),
     ],
 )
-def test_adapters_that_cannot_mix_per_row_are_refused_in_one_line(server, root, folder, message):
+def test_adapters_that_cannot_mix_per_row_are_refused_in_one_line(server, root, reference, folder, message):
     api, service = server
     text = error(load(api, "bad", root / folder), 400, "BadRequestError")
     assert message in text and "\n" not in text
     assert "bad" not in [m.id for m in api.models.list().data]
     assert list(getattr(service.scheduler.model, "peft_config", {})) == []  # the model is as it was
+    assert ask(api, "tiny").choices[0].message.content == reference.chat(None, HI, 10)
 
 
 def test_names_already_served_and_unknown_names(server, root):

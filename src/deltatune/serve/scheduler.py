@@ -97,7 +97,7 @@ class Scheduler:
     @property
     def rows_in_flight(self) -> int:
         """Rows waiting or decoding now (read without a lock: for health checks and tests)."""
-        return len(self.engine.waiting) + len(self.engine.running)
+        return len(self.engine.waiting) + len(self.engine.running) + len(self._suspects)
 
     def submit(self, prompts: list[list[int]], params: list[SamplingParams], adapter: str | None) -> Stream:
         """Queue one row per prompt (call from the event loop whose queue gets the tokens)."""
