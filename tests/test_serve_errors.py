@@ -51,6 +51,7 @@ def test_an_unknown_model_is_a_404_naming_it_and_the_served_ones(server):
     [
         ({"model": "tiny", "messages": HI, "temperature": -1}, "temperature"),
         ({"model": "tiny", "messages": HI, "n": 0}, "n"),
+        ({"model": "tiny", "messages": HI, "seed": 2**70}, "seed"),
         ({"model": "tiny", "messages": []}, "messages"),
         ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
         ({"messages": HI}, "model"),

@@ -60,7 +60,7 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # vLLM's extra field; 0 = off
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # an int64, as vLLM takes it
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
