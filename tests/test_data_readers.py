@@ -137,6 +137,7 @@ def test_builtin_sources_and_their_formats() -> None:
         "chatterbot-preference-synthetic": ("preference", "preference"),
         "chatterbot-kto-synthetic": ("kto", "kto"),
         "units-synthetic": ("prompt", "prompt"),
+        "units-preference-synthetic": ("preference", "preference"),
     }
     with pytest.raises(DataError, match="data='chatterbot' is built in, in the messages format"):
         load_records("chatterbot", data_format="text")
@@ -147,3 +148,11 @@ def test_the_generated_unit_task_has_exact_answers_and_distinct_prompts() -> Non
     assert len(data) == 190 and len({record.prompt[-1].content for record in data.records}) == 190
     record = next(r for r in data.records if r.prompt[-1].content.startswith("How many minutes are in 7 hours?"))
     assert dict(record.columns) == {"solution": "420"} and record.text is None
+
+
+def test_the_unit_preference_pairs_prefer_the_number_alone_as_asked() -> None:
+    pairs = load_records("units-preference-synthetic").records
+    prompts = [record.prompt[-1].content for record in load_records("units-synthetic").records]
+    assert [pair.prompt[-1].content for pair in pairs] == prompts
+    pair = next(p for p in pairs if p.prompt[-1].content.startswith("How many minutes are in 7 hours?"))
+    assert (pair.chosen[0].content, pair.rejected[0].content) == ("420", "There are 420 minutes in 7 hours.")

@@ -8,6 +8,8 @@
 * ``chatterbot-kto-synthetic``: the same SYNTHETIC pairs unpaired: (question, chosen) desirable,
   (question, rejected) undesirable.
 * ``units-synthetic``: SYNTHETIC unit-conversion prompts with exact answers, for GRPO (``units``).
+* ``units-preference-synthetic``: the same prompts as SYNTHETIC preference pairs: the number alone (as asked)
+  over the number in a sentence.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from deltatune.data.records import (
     PreferencePair,
     Record,
 )
-from deltatune.data.units import unit_conversion_prompts
+from deltatune.data.units import unit_conversion_preferences, unit_conversion_prompts
 
 if TYPE_CHECKING:
     from deltatune.runtime import assets
@@ -79,6 +81,7 @@ BUILTIN: dict[str, Callable[[], list[Record]]] = {
     "chatterbot-preference-synthetic": chatterbot_preference_pairs,
     "chatterbot-kto-synthetic": chatterbot_kto_examples,
     "units-synthetic": unit_conversion_prompts,
+    "units-preference-synthetic": unit_conversion_preferences,
 }
 
 

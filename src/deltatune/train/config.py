@@ -52,7 +52,8 @@ class TrainConfig:
     data: str = _key(
         EMBEDDED_DATA,
         "a .jsonl/.json/.csv/.tsv/.parquet file, a datasets folder, dataset_info.json#name, "
-        "or built-in: chatterbot, chatterbot-preference-synthetic, chatterbot-kto-synthetic; "
+        "or built-in: chatterbot, chatterbot-preference-synthetic, chatterbot-kto-synthetic, units-synthetic, "
+        "units-preference-synthetic; "
         "several: a.jsonl,b.jsonl",
     )
     data_format: str = _key(
