@@ -55,12 +55,17 @@ class Service:
 
 def load_service(options: ServeOptions, api_key: str | None = None) -> Service:
     """Load the base model and the startup adapters, start the engine thread, build the app."""
+    import torch
+
     from deltatune.runtime.loading import DTYPES, load_causal_lm, load_tokenizer, model_folder
+    from deltatune.runtime.quantization import is_quantized_model
     from deltatune.serve.app import create_app
 
     entries = check_options(options)
     path = model_folder(base_model(options, entries))
     model = load_causal_lm(path, DTYPES[options.dtype], quantization=options.quantization).eval()
+    if torch.cuda.is_available() and not is_quantized_model(model):  # 4-/8-bit layers were placed as they loaded
+        model.to("cuda")
     tokenizer = load_tokenizer(path)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
     max_prompt = options.max_prompt_tokens or context
