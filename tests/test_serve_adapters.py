@@ -14,8 +14,11 @@ import pytest
 from transformers import LlamaForCausalLM
 
 import deltatune
+from deltatune.errors import ConfigError
 from deltatune.serve.adapters import Registry, under_root
 from deltatune.serve.errors import Forbidden
+from deltatune.serve.options import ServeOptions
+from deltatune.serve.server import load_service
 from serve_helpers import Reference, client, save_adapter, serving, tiny_setup
 
 HI = [{"role": "user", "content": "What is new?"}]
@@ -136,14 +139,14 @@ def test_folders_outside_the_root_are_refused(server, root, tmp_path):
     ("folder", "message"),
     [
         ("ia3", "its method is IA3, and deltatune serve serves LoRA adapters only"),
-        ("whole", "cannot share a batch with other adapters: it trains whole modules (lm_head)"),
+        ("whole", "adapter 'bad' ({root}/whole) cannot share a batch with other adapters: it trains whole modules"),
         ("missing", "is not a folder"),
     ],
 )
 def test_adapters_that_cannot_mix_per_row_are_refused_in_one_line(server, root, reference, folder, message):
     api, service = server
     text = error(load(api, "bad", root / folder), 400, "BadRequestError")
-    assert message in text and "\n" not in text
+    assert message.format(root=root.resolve()) in text and "\n" not in text
     assert "bad" not in [m.id for m in api.models.list().data]
     assert list(getattr(service.scheduler.model, "peft_config", {})) == []  # the model is as it was
     assert ask(api, "tiny").choices[0].message.content == reference.chat(None, HI, 10)
@@ -181,3 +184,9 @@ def test_an_adapter_saved_with_other_ranks_loads_too(server, root, reference, tm
     assert load(api, "rank16", folder).status_code == 200
     assert ask(api, "rank16").choices[0].message.content == reference.chat(folder, HI, 10)
     assert unload(api, "rank16").status_code == 200
+
+
+def test_an_adapter_that_cannot_mix_is_refused_at_start_in_one_line(root):
+    options = ServeOptions(model=str(tiny_setup()[0]), adapters=[f"whole={root / 'whole'}"])
+    with pytest.raises(ConfigError, match=r"^adapter 'whole' \(.*whole\) cannot share a batch .*modules \(lm_head\)"):
+        load_service(options)

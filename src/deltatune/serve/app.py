@@ -83,7 +83,7 @@ def create_app(completer: Completer, api_key: str | None = None, on_shutdown: Ca
         folder = under_root(body.lora_path, registry.adapter_root)
         async with adapter_lock:
             adapter = registry.describe(body.lora_name, folder)
-            await asyncio.wrap_future(scheduler.load_adapter(adapter.folder, adapter.internal))
+            await asyncio.wrap_future(scheduler.load_adapter(adapter.folder, adapter.internal, adapter.name))
             registry.add(adapter)
         log.info("deltatune serve: loaded adapter %r from %s", adapter.name, adapter.folder)
         return PlainTextResponse(f"Success: LoRA adapter '{adapter.name}' added successfully.")

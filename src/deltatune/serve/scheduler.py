@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from deltatune.errors import ConfigError
 from deltatune.generation.engine import GenerationEngine, Row
 from deltatune.generation.sampling import SamplingParams
 from deltatune.serve.errors import Unavailable
@@ -111,9 +112,10 @@ class Scheduler:
             stream.closed = True  # a client that went away: nothing more to deliver
         self._send("cancel", (stream, index))
 
-    def load_adapter(self, folder: str | os.PathLike, internal: str) -> concurrent.futures.Future:
-        """Load the adapter in ``folder`` as ``internal`` between two steps (wrapping a plain model first)."""
-        return self.call(lambda: self._load(folder, internal))
+    def load_adapter(self, folder: str | os.PathLike, internal: str, name: str) -> concurrent.futures.Future:
+        """Load the adapter in ``folder`` as ``internal`` between two steps (wrapping a plain model first);
+        ``name`` (its served name) is what an error calls it."""
+        return self.call(lambda: self._load(folder, internal, name))
 
     def unload_adapter(self, internal: str) -> concurrent.futures.Future:
         """Delete adapter ``internal`` from the model once no row uses it (rows already running finish)."""
@@ -182,7 +184,7 @@ class Scheduler:
         for index, (prompt, params) in enumerate(zip(stream.prompts, stream.params)):
             stream.rows.append(self.engine.add(prompt, params, request_id=(stream, index), **adapter))
 
-    def _load(self, folder: str | os.PathLike, internal: str) -> None:
+    def _load(self, folder: str | os.PathLike, internal: str, name: str) -> None:
         """Load an adapter; refuse it (and leave the model as it was) unless it can share a batch with others."""
         from deltatune.model import DeltaModel
 
@@ -193,9 +195,9 @@ class Scheduler:
             self.engine.model = self.model
         try:
             self.model.check_mixable(internal)
-        except Exception:
+        except ConfigError as exc:
             self.model.delete_adapter(internal)
-            raise
+            raise ConfigError(str(exc).replace(repr(internal), f"{name!r} ({folder})")) from None
         finally:
             self.model.set_adapter([])  # no adapter is "the" active one: every row names its own
 

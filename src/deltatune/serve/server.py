@@ -81,7 +81,7 @@ def load_service(options: ServeOptions, api_key: str | None = None) -> Service:
     try:
         for name, folder, _ in entries:
             adapter: Adapter = registry.describe(name, folder)
-            scheduler.load_adapter(adapter.folder, adapter.internal).result()
+            scheduler.load_adapter(adapter.folder, adapter.internal, adapter.name).result()
             registry.add(adapter)
     except BaseException:
         scheduler.stop()
