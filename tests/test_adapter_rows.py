@@ -184,8 +184,13 @@ def test_what_cannot_mix_is_refused_by_name(tmp_path):
     ia3 = deltatune.get_delta_model(tiny_llama(), ia3_config)
     with pytest.raises(ConfigError, match="its method is IA3, and only LoRA and DoRA adapters mix"):
         ia3.check_mixable("default")
+    plain = GenerationEngine(tiny_llama())
     with pytest.raises(ConfigError, match="needs a DeltaModel"):
-        GenerationEngine(tiny_llama()).add([1, 2], SamplingParams(), adapter="a")
+        plain.add([1, 2], SamplingParams(), adapter="a")
+    base_row = plain.add([1, 2], SamplingParams(max_new_tokens=2, temperature=0), adapter=None)  # the model as is
+    while plain.has_work:
+        plain.step()
+    assert len(base_row.output_ids) == 2
     model.merge_adapter(["a"])
     with pytest.raises(MergeError, match="unmerge_adapter"):
         with model.adapter_rows(["a"]):

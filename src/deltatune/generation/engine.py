@@ -175,8 +175,9 @@ class GenerationEngine:
         return self._sample(output.logits[:, -1], rows, offset=len(self.running) - len(rows))
 
     def _forward(self, rows: list[Row], **inputs):
-        """The model on ``inputs``, each row with its own adapter when any row names one."""
-        if all(row.adapter is AS_SET for row in rows):
+        """The model on ``inputs``, each row with its own adapter when any row names one (a model without
+        adapters runs as it is: every row is the base)."""
+        if all(row.adapter is AS_SET for row in rows) or not hasattr(self.model, "adapter_rows"):
             return self.model(**inputs)
         names = [self._adapter_of(row) for row in rows]
         with self.model.adapter_rows(names):

@@ -179,10 +179,8 @@ class Scheduler:
     def _add(self, stream: Stream) -> None:
         if stream.closed:  # cancelled before it reached the engine
             return
-        # A plain model (no adapter loaded yet) has no rows to tell apart: its rows run on it as it is.
-        adapter = {"adapter": stream.adapter} if hasattr(self.model, "adapter_rows") else {}
         for index, (prompt, params) in enumerate(zip(stream.prompts, stream.params)):
-            stream.rows.append(self.engine.add(prompt, params, request_id=(stream, index), **adapter))
+            stream.rows.append(self.engine.add(prompt, params, request_id=(stream, index), adapter=stream.adapter))
 
     def _load(self, folder: str | os.PathLike, internal: str, name: str) -> None:
         """Load an adapter; refuse it (and leave the model as it was) unless it can share a batch with others."""
