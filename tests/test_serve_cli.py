@@ -103,3 +103,12 @@ def test_the_command_answers_and_exits_on_a_signal(stop):
         assert process.returncode == 0 and "deltatune serve: stopped" in rest, rest
     else:  # uvicorn shuts down gracefully, then re-raises SIGTERM's default: exit by that signal
         assert process.returncode in (0, -signal.SIGTERM), rest
+
+
+def test_a_missing_web_stack_names_the_extra(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    assert main(["serve"]) == 2
+    assert "deltatune serve needs uvicorn: pip install 'deltatune[serve]'" in capsys.readouterr().err

@@ -4,6 +4,7 @@ answers at once, before the model loads)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 from deltatune.errors import ConfigError
@@ -31,6 +32,9 @@ class ServeOptions:
 
 def check_options(options: ServeOptions) -> list[tuple[str, str, dict]]:
     """The startup adapters as (name, folder, config), after every check that needs no torch."""
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"deltatune serve needs {' and '.join(missing)}: pip install 'deltatune[serve]'")
     if options.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent={options.max_concurrent} must be at least 1")
     if options.max_prompt_tokens is not None and options.max_prompt_tokens < 1:
