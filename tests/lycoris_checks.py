@@ -80,12 +80,13 @@ def check_training_dropout_matches_peft(method: str, model_id: str, options: dic
 
 
 def check_one_op_forward(method: str, root) -> None:
-    """The forward is one op with W0 + ΔW: the output and gradients of peft's two ops, W0 x + b + ΔW x, within
-    float rounding (a Conv2d and a Linear, both with a bias). The one op is taken only where the sum keeps the
-    arithmetic: not under autocast (a bf16 W0 + ΔW would round the update at W0's scale), not for an input in
-    another dtype than the factors', not for a call with more than the input."""
+    """The forward is one op with W0 + ΔW, the scale (here 3/7, not a power of two) on a small factor: the
+    output and gradients of peft's two ops, W0 x + b + s·ΔW x, within float rounding (a Conv2d and a Linear,
+    both with a bias). The one op is taken only where the sum keeps the arithmetic: not under autocast (a bf16
+    W0 + ΔW would round the update at W0's scale), not for an input in another dtype than the factors', not
+    for a call with more than the input."""
     make, x = maker("Conv2d"), example("Conv2d")
-    options = {"target_modules": ["conv2d", "lin0"]}
+    options = {"target_modules": ["conv2d", "lin0"], "r": 7, "alpha": 3}
     peft_side, delta_side = save_and_load(make, options, "peft_to_deltatune", root, method=method, random_init=RANDOM)
     outputs = [model(x) for model in (peft_side, delta_side)]
     assert (outputs[0] - make()(x)).abs().max() > 1e-3

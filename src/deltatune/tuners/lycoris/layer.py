@@ -42,7 +42,7 @@ class LycorisLayer(DeltaLayer):
 
     A subclass names its parameter containers (``containers``: one ``nn.ParameterDict`` per peft file key,
     keyed by adapter name), creates and initialises an adapter's factors (``create``) and builds ΔW from
-    them (``factor_weight``, laid out like the base weight, without the scale).
+    them (``factor_weight``, laid out like the base weight).
     """
 
     containers: tuple[str, ...] = ()
@@ -105,14 +105,15 @@ class LycorisLayer(DeltaLayer):
         return {c: getattr(self, c)[name] for c in self.containers if name in getattr(self, c)}
 
     # -- the update ---------------------------------------------------------------------
-    def factor_weight(self, name: str) -> torch.Tensor:
-        """ΔW / scale of adapter ``name`` from its factors, shaped like the base weight."""
+    def factor_weight(self, name: str, scale: float) -> torch.Tensor:
+        """ΔW of adapter ``name`` from its factors, shaped like the base weight: ``scale`` times the family's
+        product, the scale applied to one small factor (not as a pass over the [out, in] product)."""
         raise NotImplementedError
 
     def delta_weight(self, name: str, rank_dropout: bool = False) -> torch.Tensor:
-        """ΔW = scale · ``factor_weight``; with ``rank_dropout``, each output row kept with probability 1 − p
-        (and, where the family rescales, the kept rows divided by the share kept)."""
-        delta = self.factor_weight(name) * self.scaling[name]
+        """ΔW = ``factor_weight`` at scale alpha / r; with ``rank_dropout``, each output row kept with probability
+        1 − p (and, where the family rescales, the kept rows divided by the share kept)."""
+        delta = self.factor_weight(name, self.scaling[name])
         if rank_dropout:
             p = self.rank_dropout[name]
             keep = (torch.rand(delta.shape[0]) > p).to(delta.dtype)
