@@ -79,6 +79,32 @@ def check_training_dropout_matches_peft(method: str, model_id: str, options: dic
         assert any(not torch.allclose(step, evaluated, atol=1e-4) for step in outputs[1]), "dropout changed nothing"
 
 
+def check_one_op_forward(method: str, root) -> None:
+    """The forward is one op with W0 + ΔW, the scale (here 3/7, not a power of two) on a small factor: the
+    output and gradients of peft's two ops, W0 x + b + s·ΔW x, within float rounding (a Conv2d and a Linear,
+    both with a bias). The one op is taken only where the sum keeps the arithmetic: not under autocast (a bf16
+    W0 + ΔW would round the update at W0's scale), not for an input in another dtype than the factors', not
+    for a call with more than the input."""
+    make, x = maker("Conv2d"), example("Conv2d")
+    options = {"target_modules": ["conv2d", "lin0"], "r": 7, "alpha": 3}
+    peft_side, delta_side = save_and_load(make, options, "peft_to_deltatune", root, method=method, random_init=RANDOM)
+    outputs = [model(x) for model in (peft_side, delta_side)]
+    assert (outputs[0] - make()(x)).abs().max() > 1e-3
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-6, rtol=0)
+    for output in outputs:
+        output.square().sum().backward()
+    p_params, d_params = peft_trainable(peft_side, "default"), delta_trainable(delta_side, "default")
+    for key, param in p_params.items():
+        torch.testing.assert_close(d_params[key].grad, param.grad, atol=1e-5, rtol=1e-5, msg=f"gradient of {key}")
+    layer = delta_side.base_model.lin0
+    deltas, features = layer.step_deltas(), torch.ones(2, layer.base_layer.in_features)
+    assert layer.folds(features, deltas, (), {})
+    assert not layer.folds(features.bfloat16(), deltas, (), {})
+    assert not layer.folds(features, deltas, (features,), {})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer.folds(features, deltas, (), {})
+
+
 def check_module_dropout_one_gives_the_base_in_training(method: str, target: str) -> None:
     make, x = maker("MLP"), example("MLP")
     config = getattr(deltatune, method)(target_modules=[target], module_dropout=1.0, **RANDOM)

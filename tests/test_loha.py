@@ -17,6 +17,7 @@ from lycoris_checks import (
     check_adapters_switch_delete_disable_and_unmerge,
     check_config_matches_peft,
     check_module_dropout_one_gives_the_base_in_training,
+    check_one_op_forward,
     check_rank_dropout_drops_rows_while_training,
     check_refuses_layers_peft_cannot_adapt,
     check_row_both_ways_and_merged,
@@ -73,6 +74,10 @@ def test_row_matches_peft_both_ways_and_merges_as_peft_does(row, direction, tmp_
 def test_training_mode_dropout_draws_as_peft_does(row, tmp_path):
     model_id, options = ROWS[row]
     check_training_dropout_matches_peft(METHOD, model_id, options, tmp_path)
+
+
+def test_the_forward_is_one_op_with_the_summed_weight_where_that_keeps_the_arithmetic(tmp_path):
+    check_one_op_forward(METHOD, tmp_path)
 
 
 def test_module_dropout_one_gives_the_base_output_in_training():

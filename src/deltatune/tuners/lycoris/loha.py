@@ -75,12 +75,12 @@ class LoHaLayer(LycorisLayer):
                 kaiming(self.hada_t1[name])
                 kaiming(self.hada_t2[name])
 
-    def factor_weight(self, name: str) -> torch.Tensor:
+    def factor_weight(self, name: str, scale: float) -> torch.Tensor:
         shape = self.base_layer.weight.shape
-        if name in self.hada_t1:
-            first = tucker_kernel(self.hada_t1[name], self.hada_w1_a[name], self.hada_w1_b[name])
+        if name in self.hada_t1:  # the scale on the first core [r, r, k0, k1]
+            first = tucker_kernel(self.hada_t1[name] * scale, self.hada_w1_a[name], self.hada_w1_b[name])
             second = tucker_kernel(self.hada_t2[name], self.hada_w2_a[name], self.hada_w2_b[name])
-        else:  # the [out, in] products are recomputed in backward instead of kept (kernels/loha_weight.py)
-            factors = (self.hada_w1_a[name], self.hada_w1_b[name], self.hada_w2_a[name], self.hada_w2_b[name])
-            return hadamard_of_products(*factors).reshape(shape)
-        return (first * second).reshape(shape)
+            return (first * second).reshape(shape)
+        # the scale on w1_a [out, r]; the [out, in] products are recomputed in backward (kernels/loha_weight.py)
+        factors = (self.hada_w1_a[name] * scale, self.hada_w1_b[name], self.hada_w2_a[name], self.hada_w2_b[name])
+        return hadamard_of_products(*factors).reshape(shape)

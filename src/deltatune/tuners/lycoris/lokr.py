@@ -83,9 +83,10 @@ class LoKrLayer(LycorisLayer):
                     else:
                         kaiming(factors[name])
 
-    def factor_weight(self, name: str) -> torch.Tensor:
+    def factor_weight(self, name: str, scale: float) -> torch.Tensor:
         factors = self.factors(name)
         w1 = factors["lokr_w1"] if "lokr_w1" in factors else factors["lokr_w1_a"] @ factors["lokr_w1_b"]
+        w1 = w1 * scale  # on the small factor [a, c], not on the [out, in] product
         if "lokr_w2" in factors:
             w2 = factors["lokr_w2"]
         elif "lokr_t2" in factors:

@@ -42,16 +42,17 @@ def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
     terms = 1: I; 2: I + 2S; n >= 3: I + 2S + 2S² + … + 2S^(m-1) + S^m with m = max(n - 1, 3)
     (so 3 and 4 terms give the same matrix, as in peft); nearly orthogonal while ||S|| is small.
     """
-    result = torch.eye(skew.shape[-1], device=skew.device, dtype=skew.dtype).repeat(skew.shape[0], 1, 1)
-    if terms > 1:
-        result = result + 2 * skew
+    eye = torch.eye(skew.shape[-1], device=skew.device, dtype=skew.dtype)
+    if terms == 1:
+        return eye.repeat(skew.shape[0], 1, 1)
+    result = torch.add(eye, skew, alpha=2)  # then summed in place: one autograd node per term, as peft's
     if terms > 2:
-        power = skew @ skew
-        result = result + 2 * power
+        power = torch.bmm(skew, skew)
+        result.add_(power, alpha=2)
         for _ in range(3, terms - 1):
-            power = power @ skew
-            result = result + 2 * power
-        result = result + power @ skew
+            power = torch.bmm(power, skew)
+            result.add_(power, alpha=2)
+        result.add_(torch.bmm(power, skew))
     return result
 
 
