@@ -48,6 +48,17 @@ def alone(model: DeltaModel, name: str | None, **inputs) -> torch.Tensor:
     return model(**inputs).logits
 
 
+def assert_rows_run_alone(model: DeltaModel, rows: list[str | None], inputs: dict, reference=None) -> None:
+    """``model``'s mixed-batch logits, row by row, equal ``reference`` (default: ``model``) with that row's adapter
+    alone."""
+    with torch.no_grad(), model.adapter_rows(rows):
+        mixed = model(**inputs).logits
+    for row, name in enumerate(rows):
+        with torch.no_grad():
+            expected = alone(reference or model, name, input_ids=inputs["input_ids"][row : row + 1])
+        torch.testing.assert_close(mixed[row : row + 1], expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def model():
     return mixed_model().eval()
@@ -57,12 +68,7 @@ def model():
 def test_each_row_equals_its_adapter_alone(model, length):
     """A prompt's rows take the grouped way, one token per row (decoding) the stacked one (tuners/lora/rows.py)."""
     inputs = token_inputs(batch=len(ROWS), length=length)
-    with torch.no_grad(), model.adapter_rows(ROWS):
-        mixed = model(**inputs).logits
-    for row, name in enumerate(ROWS):
-        with torch.no_grad():
-            expected = alone(model, name, input_ids=inputs["input_ids"][row : row + 1])
-        torch.testing.assert_close(mixed[row : row + 1], expected, atol=1e-5, rtol=1e-5)
+    assert_rows_run_alone(model, ROWS, inputs)
     # the adapters really differ, so the comparison above could fail
     first = inputs["input_ids"][:1]
     with torch.no_grad():
@@ -114,14 +120,7 @@ def test_gpt2_conv1d_rows():
         "y": LoraConfig(r=2, target_modules=["c_proj"], use_dora=True),
     }
     model = mixed_model(tiny_gpt2, adapters).eval()
-    rows = ["y", "x", None, "x"]
-    inputs = token_inputs(batch=4, length=5)
-    with torch.no_grad(), model.adapter_rows(rows):
-        mixed = model(**inputs).logits
-    for row, name in enumerate(rows):
-        with torch.no_grad():
-            expected = alone(model, name, input_ids=inputs["input_ids"][row : row + 1])
-        torch.testing.assert_close(mixed[row : row + 1], expected, atol=1e-5, rtol=1e-5)
+    assert_rows_run_alone(model, ["y", "x", None, "x"], token_inputs(batch=4, length=5))
 
 
 def test_equals_peft_mixed_batch(tmp_path):
@@ -228,10 +227,4 @@ def test_saved_adapters_load_side_by_side_and_mix(tmp_path, model):
     served = DeltaModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="a")
     served.load_adapter(tmp_path / "dora", adapter_name="dora")
     served.eval()
-    inputs = token_inputs(batch=3, length=5)
-    with torch.no_grad(), served.adapter_rows(["dora", None, "a"]):
-        mixed = served(**inputs).logits
-    for row, name in enumerate(["dora", None, "a"]):
-        with torch.no_grad():
-            expected = alone(model, name, input_ids=inputs["input_ids"][row : row + 1])
-        torch.testing.assert_close(mixed[row : row + 1], expected, atol=1e-5, rtol=1e-5)
+    assert_rows_run_alone(served, ["dora", None, "a"], token_inputs(batch=3, length=5), reference=model)
