@@ -24,6 +24,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def adapted():
+    torch.manual_seed(0)  # A's initialisation: the answers (and whether one reaches the model's EOS) are fixed
     delta = deltatune.get_delta_model(tiny_llama(), deltatune.LoraConfig(r=4, target_modules="all-linear"))
     perturb_trainable(delta)
     return delta.eval()
@@ -39,6 +40,7 @@ def alone(model, prompt: list[int], new_tokens: int = 10) -> list[int]:
 @pytest.fixture(scope="module")
 def dora():
     config = deltatune.LoraConfig(r=4, target_modules="all-linear", use_dora=True)
+    torch.manual_seed(0)
     delta = deltatune.get_delta_model(tiny_llama(), config)
     perturb_trainable(delta)
     return delta.eval()
@@ -187,3 +189,33 @@ def test_bad_sampling_settings_are_refused_in_one_line(field, value, message):
 def test_an_empty_prompt_is_refused(model):
     with pytest.raises(ConfigError, match="at least one token"):
         GenerationEngine(model).add([], GREEDY)
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+def test_answer_is_generates_greedy_answer_and_a_seeded_sample_repeats(tmp_path, method):
+    """``answer`` (generate, chat, a run's sample answers) runs on the engine, or on transformers' ``generate``
+    for an adapter with virtual tokens; either way its greedy answer is ``generate``'s, and a seed repeats."""
+    from deltatune.data.encoding import prompt_ids
+    from deltatune.data.records import Message
+    from deltatune.runtime.loading import load_causal_lm, load_tokenizer
+    from deltatune.train.evaluate import answer, has_virtual_tokens
+    from sft_helpers import save_tiny_chat_model
+
+    folder = save_tiny_chat_model(tmp_path)
+    tokenizer = load_tokenizer(folder)
+    config = {
+        "lora": deltatune.LoraConfig(r=4, target_modules="all-linear"),
+        "prompt_tuning": deltatune.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    }[method]
+    model = deltatune.get_delta_model(load_causal_lm(folder), config)
+    perturb_trainable(model)
+    model.eval()
+    assert has_virtual_tokens(model) == (method == "prompt_tuning")
+    messages = [Message("user", "What is AI?")]
+    ids = torch.tensor([prompt_ids(tokenizer, messages)])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    assert answer(model, tokenizer, messages, 12) == expected and expected
+    sampled = [answer(model, tokenizer, messages, 12, temperature=1.5, seed=seed) for seed in (3, 3, 4)]
+    assert sampled[0] == sampled[1] != sampled[2]

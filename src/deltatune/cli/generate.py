@@ -62,17 +62,14 @@ def load_model(args: argparse.Namespace):
 
 
 def sampling(args: argparse.Namespace) -> dict:
-    """``generate()`` keyword arguments for the sampling flags, after range checks."""
+    """``answer()`` keyword arguments for the sampling flags, after range checks."""
     if args.max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens={args.max_new_tokens} must be positive")
     if args.temperature < 0:
         raise ConfigError(f"--temperature={args.temperature} must be 0 (greedy) or more")
     if not 0 < args.top_p <= 1:
         raise ConfigError(f"--top-p={args.top_p} must be in (0, 1]")
-    import torch
-
-    torch.manual_seed(args.seed)
-    return {"temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}
+    return {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
 
 
 def system_prompt(args: argparse.Namespace) -> str | None:

@@ -12,7 +12,10 @@ from transformers import PreTrainedTokenizerBase
 
 from deltatune.data.encoding import prompt_ids
 from deltatune.data.records import Message
+from deltatune.generation.engine import GenerationEngine
+from deltatune.generation.sampling import SamplingParams
 from deltatune.train.lm_loss import causal_lm_loss
+from deltatune.tuners.prompt.config import PromptLearningConfig
 
 
 @torch.no_grad()
@@ -49,18 +52,42 @@ def answer(
     tokenizer: PreTrainedTokenizerBase,
     messages: Sequence[Message],
     max_new_tokens: int = 48,
-    **sampling,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
 ) -> str:
-    """The model's next assistant message after ``messages`` (greedy unless ``sampling`` says otherwise)."""
+    """The model's next assistant message after ``messages``: greedy at ``temperature`` 0, else sampled (``top_p``,
+    ``seed``). It runs on the generation engine, as serving and GRPO do; an adapter with virtual tokens (the prompt
+    methods, which the engine's cache does not hold) answers through transformers' ``generate``."""
+    ids = prompt_ids(tokenizer, messages)
+    if has_virtual_tokens(model):
+        output = _transformers_answer(model, tokenizer, ids, max_new_tokens, temperature, top_p, seed)
+    else:
+        stops = model.generation_config.eos_token_id if hasattr(model, "generation_config") else None
+        stops = [stops] if isinstance(stops, int) else list(stops or [tokenizer.eos_token_id])
+        engine = GenerationEngine(model, stop_token_ids=stops, max_batch=1, seed=seed)
+        output = engine.generate([ids], SamplingParams(max_new_tokens, temperature, top_p))[0].output_ids
+    return tokenizer.decode(output, skip_special_tokens=True).strip()
+
+
+def has_virtual_tokens(model: nn.Module) -> bool:
+    """``model`` holds a prompt-learning adapter (prompt tuning, P-tuning, prefix tuning)."""
+    return any(isinstance(config, PromptLearningConfig) for config in getattr(model, "peft_config", {}).values())
+
+
+def _transformers_answer(model, tokenizer, ids, max_new_tokens, temperature, top_p, seed) -> list[int]:
+    """``answer`` through transformers' ``generate``: the new token ids."""
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
+    input_ids = torch.tensor([ids], device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = {"temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+    torch.manual_seed(seed)
     output = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
         max_new_tokens=max_new_tokens,
-        do_sample=bool(sampling),
+        do_sample=temperature > 0,
         pad_token_id=pad,
         **sampling,
     )
-    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    return output[0, input_ids.shape[1] :].tolist()
