@@ -85,3 +85,24 @@ def test_a_bad_answer_stops_with_one_line_naming_the_function_and_row(tmp_path, 
 def test_a_reward_that_cannot_be_found_is_refused_in_one_line(entry, message):
     with pytest.raises(ConfigError, match=message):
         load_reward_functions(entry)
+
+
+def test_the_example_rewards_pay_nothing_for_a_wrong_number_alone() -> None:
+    """examples/rewards.py: a right answer scores highest, alone more than in a sentence; a number that only
+    repeats the question (what a gamed format reward taught) earns no format credit and little partial credit."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "rewards.py"
+    spec = importlib.util.spec_from_file_location("example_rewards", path)
+    rewards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rewards)
+    answers = ["660", "11 minutes is 660 seconds.", "11 minutes is 66 seconds.", "11", "I cannot say."]
+    completions = [[{"role": "assistant", "content": a}] for a in answers]
+    solution = ["660"] * len(answers)
+    correct = rewards.correct(["q"] * len(answers), completions, None, solution)
+    close = rewards.close(completions=completions, solution=solution)
+    alone = rewards.number_only(completions=completions, solution=solution)
+    total = [c + 0.5 * d + 0.5 * n for c, d, n in zip(correct, close, alone)]  # examples/grpo.yaml's weights
+    assert correct == [1, 1, 0, 0, 0] and alone == [1, 0, 0, 0, 0] and close[2] == 0.5 and close[4] == 0
+    assert total[0] > total[1] > total[2] > total[3] > total[4] == 0
