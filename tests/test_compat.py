@@ -247,3 +247,19 @@ def test_a_dynamic_cache_is_read_and_rebuilt_through_its_layers_and_the_model_ta
         rebuilt = cache_from_tensors([(k.clone(), v.clone()) for k, v in pairs])
         step = model(ids[:, 3:], position_ids=torch.tensor([[3]]), use_cache=True, **{CACHE: rebuilt}).logits[0, -1]
     torch.testing.assert_close(step, whole, atol=1e-5, rtol=0)
+
+
+def test_logits_to_keep_is_found_through_a_wrapper_and_keeps_the_last_position():
+    import deltatune
+    from deltatune.compat.transformers import last_logits_only
+    from tiny_models import tiny_llama
+
+    model = tiny_llama().eval()
+    wrapped = deltatune.get_delta_model(tiny_llama(), deltatune.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert last_logits_only(model) == last_logits_only(wrapped) == {"logits_to_keep": 1}
+    assert last_logits_only(torch.nn.Linear(2, 2)) == {}
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        last = model(ids, **last_logits_only(model)).logits
+    assert last.shape[1] == 1
+    torch.testing.assert_close(last[0, -1], model(ids).logits[0, -1])

@@ -42,7 +42,8 @@ def prompts(path: Path) -> str:
 
 def train(tmp_path: Path, model: Path, name: str, **keys) -> dict:
     config = TrainConfig.from_dict({**GRPO_RUN, "model": str(model), "output_dir": str(tmp_path / name), **keys})
-    run_training(config, log=lambda *_: None)
+    result = run_training(config, log=lambda *_: None)
+    assert result.tokens_per_second > 0  # prompt + completion tokens trained on (the progress bar's tok/s)
     return json.loads((tmp_path / name / "metrics.json").read_text())
 
 

@@ -104,3 +104,14 @@ def cache_from_tensors(tensors: list[tuple[torch.Tensor, torch.Tensor]]):
     from transformers import DynamicCache
 
     return DynamicCache(ddp_cache_data=tensors)
+
+
+def last_logits_only(model: nn.Module) -> dict[str, int]:
+    """``{"logits_to_keep": 1}`` when ``model``'s forward (or, for a wrapper such as ``DeltaModel``, its wrapped
+    model's) takes transformers' ``logits_to_keep``, so that only the last position's logits are computed (a
+    prompt's other positions would cost the head [prompt length, vocabulary] products); else ``{}``."""
+    while model is not None:
+        if "logits_to_keep" in inspect.signature(type(model).forward).parameters:
+            return {"logits_to_keep": 1}
+        model = model._modules.get("base_model")  # a wrapper's model (transformers' own base_model is a property)
+    return {}

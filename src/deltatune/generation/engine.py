@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from deltatune.compat.transformers import CACHE, cache_from_tensors, cache_tensors
+from deltatune.compat.transformers import CACHE, cache_from_tensors, cache_tensors, last_logits_only
 from deltatune.errors import ConfigError
 from deltatune.generation.sampling import SamplingParams, choose
 
@@ -74,6 +74,7 @@ class GenerationEngine:
         if max_batch < 1:
             raise ConfigError(f"max_batch={max_batch} must be at least 1")
         self.model = model
+        self._last_only = last_logits_only(model)  # the head runs on each row's last position only
         self.stop_token_ids = frozenset(stop_token_ids)
         self.max_batch = max_batch
         self.device = next(model.parameters()).device
@@ -155,6 +156,7 @@ class GenerationEngine:
             position_ids=self._positions[:, None],
             **{CACHE: cache_from_tensors(self._cache)},
             use_cache=True,
+            **self._last_only,
         )
         self._cache, self._mask = cache_tensors(getattr(output, CACHE)), mask
         self._positions = self._positions + 1
@@ -168,7 +170,9 @@ class GenerationEngine:
             ids[i, length - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, device=self.device)
             mask[i, length - len(row.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        output = self._forward(rows, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        output = self._forward(
+            rows, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self._last_only
+        )
         self._join(cache_tensors(getattr(output, CACHE)), mask, positions[:, -1] + 1)
         self.running += rows
         self._last = torch.cat([self._last, torch.zeros(len(rows), dtype=torch.long, device=self.device)])

@@ -150,6 +150,8 @@ class GRPOTrainer(PreferenceTrainer):
             self._buffer = self._split(self._generate_and_score(inputs))
         batch = self._buffer[self._micro_step % self.steps_per_generation]
         self._micro_step += 1
+        tokens = batch["prompt_mask"].sum() + batch["completion_mask"].sum()  # what this micro-step trains on
+        self.state.num_input_tokens_seen += int(self.accelerator.gather(tokens.reshape(1)).sum())
         return batch
 
     def _split(self, generation: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:

@@ -318,7 +318,7 @@ def _arguments(
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding" if stage.metric == "loss" else "no",  # GRPO samples its own
+        include_num_input_tokens_seen="non_padding" if stage.metric == "loss" else "no",  # GRPO counts its own
     )
 
 
