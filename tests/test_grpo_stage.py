@@ -65,6 +65,23 @@ def test_a_grpo_run_reports_its_reward_before_and_after(tmp_path, tiny_model) ->
     assert result["reloaded_max_logit_diff"] < 1e-4 and (tmp_path / "grpo" / "loss.png").is_file()
 
 
+def test_eval_steps_score_the_held_out_prompts_during_training(tmp_path, tiny_model) -> None:
+    """``eval_steps`` evaluates the held-out reward as training goes (the Trainer needs an eval set for it)."""
+    (tmp_path / "rewards.py").write_text(
+        "def r(completion_ids, **kw):\n    return [float(len(i)) for i in completion_ids]\n"
+    )
+    metrics = train(
+        tmp_path,
+        tiny_model,
+        "grpo",
+        data=prompts(tmp_path / "p.jsonl"),
+        eval_steps=1,
+        reward_funcs=f"{tmp_path / 'rewards.py'}:r",
+    )
+    evaluated = [entry["step"] for entry in metrics["log_history"] if "eval_reward" in entry]
+    assert {1, 2} <= set(evaluated), evaluated
+
+
 def test_a_reward_model_trained_here_is_a_grpo_reward(tmp_path, tiny_model) -> None:
     pairs = write(tmp_path / "pairs", "preference")
     rm = TrainConfig.from_dict(

@@ -126,7 +126,13 @@ class GRPOTrainer(PreferenceTrainer):
         self._buffer: list[dict[str, torch.Tensor]] = []
         self._micro_step = 0
         super().__init__(
-            model, args, train_dataset=train_dataset, data_collator=list, processing_class=processing_class, **kwargs
+            model,
+            args,
+            train_dataset=train_dataset,
+            eval_dataset=self.eval_prompts or None,  # the Trainer's evaluations during training (eval_steps) call
+            data_collator=list,  # evaluate() below, which answers these prompts greedily
+            processing_class=processing_class,
+            **kwargs,
         )
         self.uses_reference = settings.beta > 0
 
