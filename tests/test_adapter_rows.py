@@ -228,3 +228,19 @@ def test_saved_adapters_load_side_by_side_and_mix(tmp_path, model):
     served.load_adapter(tmp_path / "dora", adapter_name="dora")
     served.eval()
     assert_rows_run_alone(served, ["dora", None, "a"], token_inputs(batch=3, length=5), reference=model)
+
+
+def test_adapters_added_and_deleted_between_batches_mix_rightly():
+    """``adapter_rows`` keeps the adapted layers and each adapter's mixability between calls; adding or deleting
+    an adapter (a server loading one at run time) must renew both."""
+    model = mixed_model(adapters={"a": ADAPTERS["a"]}).eval()
+    inputs = token_inputs(batch=3, length=4)
+    assert_rows_run_alone(model, ["a", None, "a"], inputs)
+    model.add_adapter("new", LoraConfig(r=2, target_modules=["lm_head", "up_proj"]))  # a module "a" leaves alone
+    model.set_adapter("new")
+    perturb_trainable(model, seed=11)  # its B starts at zero
+    assert_rows_run_alone(model, ["new", "a", None], inputs)
+    model.delete_adapter("new")
+    model.add_adapter("new", LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with pytest.raises(ConfigError, match="'new' cannot share a batch"):
+        model.check_mixable("new")

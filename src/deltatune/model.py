@@ -56,6 +56,8 @@ class DeltaModel(nn.Module):
         self.peft_config: dict[str, DeltaConfig] = {}
         self._active: list[str] = []
         self._disabled = False
+        self._layers: list[nn.Module] | None = None  # kept for adapter_rows (_adapted_layers)
+        self._mixing: dict[str, str | None] = {}  # adapter -> why it cannot mix per row (None: it can)
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
 
@@ -127,6 +129,7 @@ class DeltaModel(nn.Module):
             raise
         finally:
             tuner_for(config).refresh(self.base_model)
+            self._adapters_changed()
         self.peft_config[adapter_name] = config
         self.base_model.train(self.base_model.training)  # new modules (dropout) follow the model's mode
         self._apply_state()
@@ -149,6 +152,7 @@ class DeltaModel(nn.Module):
         _MODULES_TO_SAVE.delete(self.base_model, adapter_name)
         _TRAINABLE_TOKENS.delete(self.base_model, adapter_name)
         tuner_for(config).refresh(self.base_model)
+        self._adapters_changed()
         self._active = [name for name in self._active if name != adapter_name] or list(self.peft_config)[:1]
         self._apply_state()
 
@@ -180,28 +184,44 @@ class DeltaModel(nn.Module):
 
             with model.adapter_rows(["support", "legal", None]):
                 logits = model(input_ids=three_rows).logits
+
+        A server enters it once per decoding step, so what it checks is kept between calls (until adapters are
+        added or deleted): the adapted layers, and whether each adapter can mix.
         """
         for name in dict.fromkeys(n for n in adapter_names if n is not None):
             self.check_mixable(name)
-        if self.merged_adapters:
+        layers = self._adapted_layers()
+        if any(getattr(layer, "merged_adapters", None) for layer in layers):
             raise MergeError("adapters are merged into the base weights, so rows cannot differ; call unmerge_adapter()")
         groups = RowGroups.of(adapter_names, next(self.base_model.parameters()).device)
-        for tuner in self._tuners():
-            tuner.set_row_groups(self.base_model, groups)
+        for layer in layers:
+            layer.row_groups = groups
         try:
             yield
         finally:
-            for tuner in self._tuners():
-                tuner.set_row_groups(self.base_model, None)
+            for layer in layers:
+                layer.row_groups = None
 
     def check_mixable(self, adapter_name: str) -> None:
         """Raise ``ConfigError`` (one line) unless adapter ``adapter_name`` can run on some rows of a batch while
         other rows run other adapters (see ``adapter_rows``)."""
         self._check_exists(adapter_name)
-        config = self.peft_config[adapter_name]
-        reason = tuner_for(config).row_mixing_refusal(self.base_model, config, adapter_name)
+        if adapter_name not in self._mixing:
+            config = self.peft_config[adapter_name]
+            self._mixing[adapter_name] = tuner_for(config).row_mixing_refusal(self.base_model, config, adapter_name)
+        reason = self._mixing[adapter_name]
         if reason:
             raise ConfigError(f"adapter {adapter_name!r} cannot share a batch with other adapters: {reason}")
+
+    def _adapted_layers(self) -> list[nn.Module]:
+        """Every layer of every adapter's method, found once after each add or delete."""
+        if self._layers is None:
+            self._layers = [layer for tuner in self._tuners() for _, layer in tuner.layers(self.base_model)]
+        return self._layers
+
+    def _adapters_changed(self) -> None:
+        """Forget what ``adapter_rows`` keeps: the layers and the adapters' mixability."""
+        self._layers, self._mixing = None, {}
 
     # -- merging ----------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -424,6 +444,7 @@ class DeltaModel(nn.Module):
         model = self.base_model
         self.peft_config.clear()
         self._active = []
+        self._adapters_changed()
         return model
 
 

@@ -192,11 +192,6 @@ class Tuner:
         or None when it can; a method that mixes per row says so by overriding this."""
         return f"its method is {config.peft_type}, and only LoRA and DoRA adapters mix in one batch"
 
-    def set_row_groups(self, model: nn.Module, groups: RowGroups | None) -> None:
-        """Give each row of the coming forward passes its own adapter (None: the adapters as set)."""
-        for _, layer in self.layers(model):
-            layer.row_groups = groups
-
     def delete(self, model: nn.Module, adapter_name: str) -> None:
         """Remove one adapter; a layer left with no adapter is replaced by its base module (inner layers first)."""
         for name, layer in reversed(list(self.layers(model))):

@@ -35,6 +35,7 @@ def add_per_row(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, groups:
     decoding = x.numel() == x.shape[0] * x.shape[-1]
     if len(held) > 1 and decoding and not torch.is_grad_enabled() and stackable(layer):
         return add_stacked(layer, x, result, groups)
+    in_place = not torch.is_grad_enabled()  # inference: write into the base output, no copy of it per adapter
     for name, index in groups.groups:
         if name not in held:
             continue
@@ -43,9 +44,14 @@ def add_per_row(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, groups:
         lora = layer.lora_output(rows, name).to(result.dtype)
         if name in layer.lora_magnitude_vector:
             part = layer.dora_output(result if whole else result.index_select(0, index), lora, name)
-            result = part if whole else result.index_copy(0, index, part)
+            if whole:
+                result = part
+            else:
+                result = result.index_copy_(0, index, part) if in_place else result.index_copy(0, index, part)
+        elif whole:
+            result = result.add_(lora) if in_place else result + lora
         else:
-            result = result + lora if whole else result.index_add(0, index, lora)
+            result = result.index_add_(0, index, lora) if in_place else result.index_add(0, index, lora)
     return result
 
 
