@@ -219,3 +219,28 @@ def test_answer_is_generates_greedy_answer_and_a_seeded_sample_repeats(tmp_path,
     assert answer(model, tokenizer, messages, 12) == expected and expected
     sampled = [answer(model, tokenizer, messages, 12, temperature=1.5, seed=seed) for seed in (3, 3, 4)]
     assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_rows_with_one_prompt_share_its_prefill_and_sample_apart(model):
+    """Rows with the same prompt (a GRPO group) are prefilled once: one forward row, and their answers are what
+    each would get alone (greedy: the same answer; seeded: its own stream)."""
+    seen = []
+    handle = model.register_forward_hook(
+        lambda module, args, kwargs, out: seen.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        engine = GenerationEngine(model)
+        greedy = [engine.add(PROMPTS[0], GREEDY) for _ in range(3)] + [engine.add(PROMPTS[1], GREEDY)]
+        seeded = [engine.add(PROMPTS[0], SamplingParams(max_new_tokens=6, seed=s)) for s in (1, 2)]
+        engine.step()
+    finally:
+        handle.remove()
+    assert seen[0][0] == 2  # two distinct prompts prefilled for six rows
+    while engine.has_work:
+        engine.step()
+    assert all(row.output_ids == alone(model, PROMPTS[0]) for row in greedy[:3])
+    assert greedy[3].output_ids == alone(model, PROMPTS[1])
+    for row, seed in zip(seeded, (1, 2)):
+        solo = GenerationEngine(model).generate([PROMPTS[0]], SamplingParams(max_new_tokens=6, seed=seed))[0]
+        assert row.output_ids == solo.output_ids
+    assert seeded[0].output_ids != seeded[1].output_ids

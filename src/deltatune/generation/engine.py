@@ -163,20 +163,30 @@ class GenerationEngine:
         return self._sample(output.logits[:, -1], self.running)
 
     def _prefill(self, rows: list[Row]) -> list[Event]:
-        length = max(len(row.prompt_ids) for row in rows)
-        ids = torch.zeros(len(rows), length, dtype=torch.long, device=self.device)
+        """Prefill the joining rows, each distinct (prompt, adapter) once: rows that share one (GRPO's group of
+        completions per prompt, or the ``n`` choices of a request) share its cache and its first logits."""
+        distinct: dict[tuple, int] = {}
+        source = [distinct.setdefault((tuple(row.prompt_ids), row.adapter), len(distinct)) for row in rows]
+        firsts = [rows[source.index(i)] for i in range(len(distinct))]
+        length = max(len(row.prompt_ids) for row in firsts)
+        ids = torch.zeros(len(firsts), length, dtype=torch.long, device=self.device)
         mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):
+        for i, row in enumerate(firsts):
             ids[i, length - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, device=self.device)
             mask[i, length - len(row.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         output = self._forward(
-            rows, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self._last_only
+            firsts, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self._last_only
         )
-        self._join(cache_tensors(getattr(output, CACHE)), mask, positions[:, -1] + 1)
+        cache, logits = cache_tensors(getattr(output, CACHE)), output.logits[:, -1]
+        if len(firsts) < len(rows):
+            index = torch.tensor(source, device=self.device)
+            cache = [(k.index_select(0, index), v.index_select(0, index)) for k, v in cache]
+            mask, positions, logits = mask[index], positions[index], logits[index]
+        self._join(cache, mask, positions[:, -1] + 1)
         self.running += rows
         self._last = torch.cat([self._last, torch.zeros(len(rows), dtype=torch.long, device=self.device)])
-        return self._sample(output.logits[:, -1], rows, offset=len(self.running) - len(rows))
+        return self._sample(logits, rows, offset=len(self.running) - len(rows))
 
     def _forward(self, rows: list[Row], **inputs):
         """The model on ``inputs``, each row with its own adapter when any row names one (a model without
