@@ -107,3 +107,10 @@ def test_nothing_in_the_library_imports_the_benchmarks():
 def test_no_source_file_is_over_500_lines(path):
     lines = len(path.read_text(encoding="utf-8").splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(PACKAGE)} has {lines} lines: split it by purpose"
+
+
+def test_the_readme_stays_a_short_path():
+    """README is the newcomer's path (at most 15,000 characters); long material belongs in docs/."""
+    readme = PACKAGE.parents[1] / "README.md"
+    size = len(readme.read_text(encoding="utf-8"))
+    assert size <= 15_000, f"README.md has {size:,} characters: move detail to docs/ and link it"
