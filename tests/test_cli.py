@@ -221,12 +221,12 @@ def test_example_configs_are_valid_and_label_synthetic_data(name: str, monkeypat
         monkeypatch.chdir(path.parents[1])
         table = score(
             load_reward_functions(config.reward_funcs),
-            ["q"] * 2,
-            ["It is 420.", "420"],
-            [[1], [1]],
-            {"solution": ["420", "420"]},
+            ["q"] * 3,
+            ["It is 420.", "420", "42"],
+            [[1], [1], [1]],
+            {"solution": ["420", "420", "420"]},
         )
-        assert table == [[1.0, 0.0], [1.0, 1.0]]
+        assert table == [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.5, 0.0]]  # correct, close, the right number alone
     if name != "sft":
         assert config.data.endswith("-synthetic") and "SYNTHETIC" in path.read_text()
 
