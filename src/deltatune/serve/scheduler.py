@@ -188,7 +188,7 @@ class Scheduler:
 
         if isinstance(self.model, DeltaModel):
             self.model.load_adapter(folder, internal)
-        else:  # the first adapter: rows already running on the plain model keep the bare base (below)
+        else:  # the first adapter: rows already running name no adapter (None), so they keep the bare base
             self.model = DeltaModel.from_pretrained(self.model, folder, adapter_name=internal).eval()
             self.engine.model = self.model
         try:
@@ -196,8 +196,6 @@ class Scheduler:
         except ConfigError as exc:
             self.model.delete_adapter(internal)
             raise ConfigError(str(exc).replace(repr(internal), f"{name!r} ({folder})")) from None
-        finally:
-            self.model.set_adapter([])  # no adapter is "the" active one: every row names its own
 
     def _retire(self, internal: str) -> None:
         self._retiring.add(internal)
@@ -209,7 +207,6 @@ class Scheduler:
         for internal in self._retiring - used:
             self.model.delete_adapter(internal)
             self._retiring.discard(internal)
-            self.model.set_adapter([])  # deleting makes another adapter active; rows name their own
 
     def _step(self) -> None:
         waiting = list(self.engine.waiting)
