@@ -100,15 +100,18 @@ def test_missing_data_sources_are_found_without_reading_rows(tmp_path):
 
 
 @pytest.mark.subprocess
-def test_openmp_threads_sleep_but_in_train_unless_the_user_set_them():
-    """Every command but train sleeps idle OpenMP threads; train spins briefly (it watches the machine);
-    a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT is left alone."""
+def test_openmp_threads_sleep_but_in_train_and_decoding_unless_the_user_set_them():
+    """Train spins briefly (it watches the machine), the decoding commands spin longer, every other command
+    sleeps idle OpenMP threads; a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT is left alone."""
     import os
 
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     assert _probe("--help", env=env)[0].endswith("PASSIVE None")
     assert _probe("merge", "--help", env=env)[0].endswith("PASSIVE None")
     assert _probe("train", "learning_rat=1e-4", env=env)[0].endswith("None 10000")
+    assert _probe("serve", "--help", env=env)[0].endswith("None 300000")
+    assert _probe("bench", "--serve", "--help", env=env)[0].endswith("None 300000")
+    assert _probe("bench", "--help", env=env)[0].endswith("PASSIVE None")
     assert _probe("train", "--help", env={**env, "OMP_WAIT_POLICY": "ACTIVE"})[0].endswith("ACTIVE None")
     assert _probe("--help", env={**env, "GOMP_SPINCOUNT": "5"})[0].endswith("None 5")
 

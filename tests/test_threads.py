@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from deltatune.runtime.threads import (
+    DECODE_SPIN_COUNT,
     TRAIN_SPIN_COUNT,
     ThreadWatcher,
     busy_cpus,
@@ -55,9 +56,12 @@ def test_a_spinning_process_counts_as_one_busy_cpu():
     assert during - before > 0.6, (before, during)
 
 
-def test_train_spins_briefly_and_other_commands_sleep_unless_the_user_chose():
+def test_train_spins_briefly_decoding_spins_longer_and_other_commands_sleep_unless_the_user_chose():
     assert openmp_environment("train", {}) == {"GOMP_SPINCOUNT": str(TRAIN_SPIN_COUNT)}
-    assert openmp_environment("generate", {}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for command in ("serve", "generate", "chat", "bench --serve"):
+        assert openmp_environment(command, {}) == {"GOMP_SPINCOUNT": str(DECODE_SPIN_COUNT)}
+    assert openmp_environment("merge", {}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert openmp_environment("bench", {}) == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert openmp_environment(None, {}) == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert openmp_environment("train", {"OMP_WAIT_POLICY": "PASSIVE"}) == {}
     assert openmp_environment("chat", {"GOMP_SPINCOUNT": "0"}) == {}

@@ -4,7 +4,8 @@ Help, config errors and data errors answer before torch is imported: the command
 torch, transformers and the model code only inside ``run``, and only the sub-command being run gets
 its full argument list (some list choices that need those imports). How idle OpenMP threads wait
 is set before torch can load (unless the user set it; ``threads.openmp_environment``): ``train``
-spins briefly and watches the machine, every other command sleeps.
+spins briefly and watches the machine, the decoding commands (``serve``, ``generate``, ``chat``) spin
+longer, every other command sleeps.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Top-level options take no value, so the first word that is not an option names the command.
     command = next((word for word in argv if not word.startswith("-")), None)
-    os.environ.update(openmp_environment(command, os.environ))  # read once, when torch loads OpenMP
+    waits_as = "bench --serve" if command == "bench" and "--serve" in argv else command  # it measures serve
+    os.environ.update(openmp_environment(waits_as, os.environ))  # read once, when torch loads OpenMP
     parser = build_parser(command)
     args = parser.parse_args(argv)
     if args.command is None:
