@@ -244,3 +244,17 @@ def test_adapters_added_and_deleted_between_batches_mix_rightly():
     model.add_adapter("new", LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
     with pytest.raises(ConfigError, match="'new' cannot share a batch"):
         model.check_mixable("new")
+
+
+def test_the_stack_follows_an_adapter_deleted_and_added_again_under_its_name():
+    """A server unloading an adapter and loading another under the same name and rank: new parameter objects,
+    which the kept stack's version counters cannot see, so deleting or adding an adapter drops it."""
+    adapters = {"a": ADAPTERS["a"], "b": LoraConfig(r=4, target_modules="all-linear")}
+    model = mixed_model(adapters=adapters).eval()
+    rows, inputs = ["a", "b", None], token_inputs(batch=3, length=1)  # one token per row: the stacked way
+    assert_rows_run_alone(model, rows, inputs)
+    model.delete_adapter("b")
+    model.add_adapter("b", adapters["b"])
+    model.set_adapter("b")
+    perturb_trainable(model, seed=21)
+    assert_rows_run_alone(model, rows, inputs)

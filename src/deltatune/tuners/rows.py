@@ -56,6 +56,24 @@ class RowGroups:
             self._slots[key] = torch.tensor([order.get(name, empty) for name in self.names], device=device)
         return self._slots[key]
 
+    def held(self, order: dict[str, int]) -> int:
+        """How many of the batch's adapters ``order`` holds (made once per order and forward)."""
+        key = ("held", tuple(order))
+        if key not in self._slots:
+            self._slots[key] = sum(name in order for name, _ in self.groups)
+        return self._slots[key]
+
+    def own_columns(self, ranks: dict[str, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """[rows, R]: 1 where a column of adapters stacked in ``ranks``' order (``ranks[name]`` columns each)
+        belongs to the row's own adapter, else 0; made once per forward for all layers holding the same adapters."""
+        key = ("own", tuple(ranks.items()), device, dtype)
+        if key not in self._slots:
+            order = {name: slot for slot, name in enumerate(ranks)}
+            column_slot = torch.cat([torch.full((r,), order[name], device=device) for name, r in ranks.items()])
+            slot = self.slots(order, device)
+            self._slots[key] = (column_slot[None, :] == slot[:, None]).to(dtype)
+        return self._slots[key]
+
     def check(self, x: torch.Tensor) -> None:
         """Refuse a batch whose row count is not the number of names given."""
         if x.shape[0] != self.rows:

@@ -46,7 +46,7 @@ from deltatune.tuners.lora.config import LoraConfig
 from deltatune.tuners.lora.dora import DoraVariant
 from deltatune.tuners.lora.fallback import linear_fallback_reason, log_fallback
 from deltatune.tuners.lora.init import check_initialisable, initial_factors
-from deltatune.tuners.lora.rows import add_per_row
+from deltatune.tuners.lora.rows import add_per_row, forget_stack
 
 
 class LoraLayer(DoraVariant, DeltaLayer):
@@ -63,6 +63,7 @@ class LoraLayer(DoraVariant, DeltaLayer):
     # -- adapter bookkeeping -------------------------------------------------------------
     def add(self, name: str, rank: int, alpha: float, config: LoraConfig) -> None:
         """Create adapter ``name`` with rank ``rank`` and initialise it per ``config``."""
+        forget_stack(self)
         self.r[name] = rank
         self.lora_alpha[name] = alpha
         self.scaling[name] = config.scaling(rank, alpha)
@@ -75,6 +76,7 @@ class LoraLayer(DoraVariant, DeltaLayer):
             self.add_magnitude(name, dtype)
 
     def delete(self, name: str) -> None:
+        forget_stack(self)
         self.forget(name)
         for container in [*self._containers(), self.lora_dropout, self.lora_magnitude_vector]:
             if name in container:  # ModuleDict/ParameterDict.pop takes no default

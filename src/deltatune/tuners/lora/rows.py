@@ -10,11 +10,12 @@ Two ways, the same sums:
 
       A_all [R, in] = [A_1; A_2; ...]     B_all [out, R] = [s_1 B_1, s_2 B_2, ...]     R = r_1 + r_2 + ...
       y += ((x A_allᵀ) ⊙ own) B_allᵀ       own [rows, R]: 1 on the columns of the row's adapter, else 0
+                                            (made once per step, shared by the layers holding the same adapters)
 
   so a decoding step pays a handful of operations per layer instead of a handful per adapter (the wasted
   products, rows x R per layer, are what one token costs; a prompt's many tokens take the grouped way). The
-  concatenation is kept until an adapter's tensors change (their version counters are its key): a copy of
-  the layer's adapter factors.
+  concatenation is kept until an adapter's tensors change (their version counters and data pointers are
+  checked each step, the layers themselves looked up only when it is rebuilt): a copy of the layer's factors.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ def add_per_row(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, groups:
     """``result`` (the base output for every row of ``x``) with each row's adapter term added; an adapter the
     layer does not hold adds nothing on its rows (it may target other modules)."""
     groups.check(x)
-    held = [name for name, _ in groups.groups if name in layer.adapter_names]
-    decoding = x.numel() == x.shape[0] * x.shape[-1]
-    if len(held) > 1 and decoding and not torch.is_grad_enabled() and stackable(layer):
-        return add_stacked(layer, x, result, groups)
+    if not torch.is_grad_enabled() and x.numel() == x.shape[0] * x.shape[-1]:  # decoding: one token per row
+        stack = adapter_stack(layer)
+        if stack.a is not None and groups.held(stack.order) > 1:
+            return add_stacked(layer, stack, x, result, groups)
     in_place = not torch.is_grad_enabled()  # inference: write into the base output, no copy of it per adapter
     for name, index in groups.groups:
-        if name not in held:
+        if name not in layer.r:
             continue
         whole = groups.whole == name
         rows = x if whole else x.index_select(0, index)
@@ -56,16 +57,32 @@ def add_per_row(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, groups:
 
 
 class AdapterStack(NamedTuple):
-    """Every adapter of one linear layer, concatenated: slot order (adapter -> slot), A_all [R, in],
-    B_all [out, R] with each adapter's s folded in, each column's slot [R], and DoRA's m/||W0 + s·BA||
-    [slots + 1, out] (1 for LoRA slots and the last, adapter-less one; None when no adapter is DoRA)."""
+    """Every adapter of one linear layer, concatenated: slot order (adapter -> slot), ranks (adapter -> r, the
+    columns of each slot in turn), A_all [R, in], B_all [out, R] with each adapter's s folded in, and DoRA's
+    m/||W0 + s·BA|| [slots + 1, out] (1 for LoRA slots and the last, adapter-less one; None when no adapter is DoRA).
+    ``a`` is None when the layer cannot stack (not a linear layer, a B bias, active dropout). ``key`` and
+    ``stamps`` say what it was built from (``adapter_stack``)."""
 
     order: dict[str, int]
-    a: torch.Tensor
-    b: torch.Tensor
-    column_slot: torch.Tensor
+    ranks: dict[str, int]
+    a: torch.Tensor | None
+    b: torch.Tensor | None
     scale: torch.Tensor | None
     key: tuple
+    tensors: tuple[torch.Tensor, ...]
+    stamps: tuple[tuple[int, int], ...]
+
+    def fresh(self, layer: nn.Module) -> bool:
+        """Still what ``layer`` holds: the same adapters, scales and mode, and tensors unchanged in place."""
+        return self.key == _key(layer) and self.stamps == _stamps(self.tensors)
+
+
+def _key(layer: nn.Module) -> tuple:
+    return tuple(layer.scaling.items()), layer.training
+
+
+def _stamps(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[int, int], ...]:
+    return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
 def stackable(layer: nn.Module) -> bool:
@@ -75,45 +92,57 @@ def stackable(layer: nn.Module) -> bool:
     )
 
 
-def add_stacked(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, groups: RowGroups) -> torch.Tensor:
-    """The stacked way (module docstring): every row's term from the concatenated factors in two matmuls."""
-    stack = adapter_stack(layer)
-    slot = groups.slots(stack.order, x.device)
+def add_stacked(
+    layer: nn.Module, stack: AdapterStack, x: torch.Tensor, result: torch.Tensor, groups: RowGroups
+) -> torch.Tensor:
+    """The stacked way (module docstring): every row's term from the concatenated factors in two matmuls,
+    added into the base output (no autograd here)."""
     rows = x.shape[0]
-    own = (stack.column_slot[None, :] == slot[:, None]).to(stack.a.dtype)  # [rows, R]
+    own = groups.own_columns(stack.ranks, x.device, stack.a.dtype)
     flat = x.reshape(rows, x.shape[-1]).to(stack.a.dtype)
-    lora = ((flat @ stack.a.T) * own) @ stack.b.T  # [rows, out]
-    lora = lora.reshape(result.shape).to(result.dtype)
+    picked = (flat @ stack.a.T).mul_(own)  # [rows, R]: each row's own adapter's rank columns
+    if stack.scale is None and result.dtype == stack.b.dtype and result.is_contiguous():
+        result.view(rows, -1).addmm_(picked, stack.b.T)
+        return result
+    lora = (picked @ stack.b.T).reshape(result.shape).to(result.dtype)
     if stack.scale is None:
-        return result + lora
-    scale = stack.scale[slot].reshape(result.shape).to(result.dtype)
+        return result.add_(lora)
+    scale = stack.scale[groups.slots(stack.order, x.device)].reshape(result.shape).to(result.dtype)
     return result + (scale - 1) * layer._without_bias(result) + scale * lora
 
 
 def adapter_stack(layer: nn.Module) -> AdapterStack:
-    """The layer's adapters concatenated (``AdapterStack``), rebuilt only when one of their tensors changed."""
+    """The layer's adapters concatenated (``AdapterStack``), rebuilt only when one of their tensors changed in
+    place (version counters), moved (data pointers), or the adapters, their scales or the mode changed
+    (``forget_stack`` runs when an adapter is added or deleted)."""
+    cached = layer.__dict__.get("_adapter_stack")
+    if cached is not None and cached.fresh(layer):
+        return cached
     names = layer.adapter_names
+    order = {name: slot for slot, name in enumerate(names)}
+    if not stackable(layer):
+        stack = AdapterStack(order, dict(layer.r), None, None, None, _key(layer), (), ())
+        layer.__dict__["_adapter_stack"] = stack
+        return stack
     dora = [name for name in names if name in layer.lora_magnitude_vector]
     tensors = [t for name in names for t in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
     tensors += [layer.lora_magnitude_vector[name] for name in dora]
     if dora:
         tensors.append(layer.base_weight)
-    key = (tuple(names), *((t.data_ptr(), t._version) for t in tensors))
-    cached = getattr(layer, "_adapter_stack", None)
-    if cached is not None and cached.key == key:
-        return cached
     with torch.no_grad():
         a = torch.cat([layer.lora_A[name].weight for name in names])
         b = torch.cat([layer.lora_B[name].weight * layer.scaling[name] for name in names], dim=1)
-        column_slot = torch.cat(
-            [torch.full((layer.r[name],), slot, device=a.device) for slot, name in enumerate(names)]
-        )
         scale = None
         if dora:
             scale = torch.ones(len(names) + 1, b.shape[0], device=a.device)
             for slot, name in enumerate(names):
                 if name in dora:
                     scale[slot] = layer.dora_scale(name)
-    stack = AdapterStack({name: slot for slot, name in enumerate(names)}, a, b, column_slot, scale, key)
-    layer._adapter_stack = stack
+    stack = AdapterStack(order, dict(layer.r), a, b, scale, _key(layer), tuple(tensors), _stamps(tuple(tensors)))
+    layer.__dict__["_adapter_stack"] = stack
     return stack
+
+
+def forget_stack(layer: nn.Module) -> None:
+    """Drop the layer's kept stack (its adapters were added or deleted)."""
+    layer.__dict__.pop("_adapter_stack", None)
