@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 
 from deltatune.bench import step as bench
 from deltatune.bench.options import MODES, SHAPES
@@ -172,12 +174,38 @@ def test_grpo_bench_runs_both_libraries_on_a_tiny_model(tmp_path):
     assert "| deltatune |" in format_grpo(report) and "x TRL's steps per second" in format_grpo(report)
 
 
-def test_the_grpo_rewards_of_the_bench_score_answers():
-    from deltatune.bench.grpo import correct, number_only
+def test_the_grpo_bench_scores_with_the_examples_rewards_which_a_bare_wrong_number_cannot_game():
+    from deltatune.bench.grpo import REWARD_WEIGHTS, example_rewards, greedy_reward
 
-    answers = [[{"role": "assistant", "content": "It is 420."}], [{"role": "assistant", "content": " 420 "}]]
-    assert correct(["q", "q"], answers, None, ["420", "421"]) == [1.0, 0.0]
-    assert number_only(answers) == [0.0, 1.0]
+    rewards = {named.name: named.function for named in example_rewards()}
+    assert list(rewards) == list(REWARD_WEIGHTS) == ["correct", "close", "number_only"]
+    answers = [[{"role": "assistant", "content": text}] for text in ("It is 420.", " 420 ", " 11 ")]
+    solution = ["420", "421", "660"]
+    assert rewards["correct"](["q"] * 3, answers, None, solution) == [1.0, 0.0, 0.0]
+    assert rewards["number_only"](answers, solution) == [0.0, 0.0, 0.0]  # the format pays only a right answer
+    assert rewards["close"](answers, ["420", "420", "420"])[:2] == [1.0, 1.0]
+
+    class Replies:  # a "model" whose greedy answers are fixed, through the bench's own scoring
+        def eval(self):
+            pass
+
+        def generate(self, input_ids, **kwargs):
+            return torch.cat([input_ids, torch.tensor([[int(next(texts))]])], dim=1)
+
+    texts = iter(["420", "7"])
+
+    class Tokenizer:
+        def apply_chat_template(self, prompt, **kwargs):
+            return torch.tensor([[1, 2]])
+
+        def decode(self, ids, **kwargs):
+            return str(ids[0].item())
+
+    rows = [{"prompt": [{"role": "user", "content": "q"}], "solution": s} for s in ("420", "420")]
+    scored = greedy_reward(Replies(), Tokenizer(), rows, 4, example_rewards())
+    assert scored["held_out_accuracy"] == 0.5
+    expected = (1.0 + 0.5 * 1.0 + 0.5 * 1.0 + 0.5 * (1 / (1 + abs(math.log10(7 / 420))))) / 2
+    assert scored["held_out_reward"] == pytest.approx(expected)
 
 
 def test_serve_bench_answers_every_request_rightly_on_a_tiny_model(tmp_path):

@@ -1,21 +1,24 @@
 """``deltatune bench --grpo``: GRPO steps of deltatune against TRL's ``GRPOTrainer`` + peft, side by side.
 
-The same model, prompts (``units-synthetic``, chat prompts), reward functions (``correct``: the last number is the
-answer; ``number_only``: the reply is a number alone) and settings in both: LoRA r=8 on every linear layer,
+The same model, prompts (``units-synthetic``, chat prompts), reward functions (``examples/rewards.py``'s, as
+``examples/grpo.yaml`` weighs them: ``correct`` 1, ``close`` 0.5, ``number_only`` 0.5; a format reward that paid
+wrong answers was gamed, see that file) and settings in both: LoRA r=8 on every linear layer,
 ``num_generations`` completions of at most ``max_completion_length`` tokens per prompt at temperature 1.0,
 ``beta=0`` (no reference pass), TRL's default ``loss_type="dapo"``, AdamW at a constant learning rate, fp32 on a
 CPU, no gradient checkpointing (TRL's default turns it on; it costs time and saves memory neither side needs
 here), and TRL's own generation (no vLLM). Each library runs in its own process and reports, per optimizer
 step after the first, the median seconds of the whole step and of its generation (deltatune:
 ``GRPOTrainer.sample``; TRL: ``GRPOTrainer._generate``) and scoring (the reward functions), the rest being
-training; its peak resident memory; and the held-out reward of greedy answers after training, computed by the
-same code for both (``transformers``' ``generate`` and the same reward functions).
+training; its peak resident memory; and the held-out reward (weighted as in training) and accuracy (``correct``)
+of greedy answers after training, computed by the same code for both (``transformers``' ``generate``). Both
+processes wait on idle OpenMP threads as ``deltatune train`` does (``threads.openmp_environment``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import re
+import os
 import resource
 import statistics
 import subprocess
@@ -25,20 +28,27 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from deltatune.runtime.threads import openmp_environment
+
 RESULT_PREFIX = "GRPO_RESULT "
 LIBRARIES = ("deltatune", "trl")
-NUMBER = re.compile(r"-?\d[\d,]*")
+EXAMPLE_REWARDS = Path(__file__).resolve().parents[3] / "examples" / "rewards.py"
+REWARD_WEIGHTS = {"correct": 1.0, "close": 0.5, "number_only": 0.5}  # examples/grpo.yaml's
 
 
-def correct(prompts, completions, completion_ids, solution, **kwargs) -> list[float]:
-    """1.0 when the last number of the answer is the solution."""
-    found = [NUMBER.findall(c[0]["content"]) for c in completions]
-    return [float(bool(n) and n[-1].replace(",", "") == s) for n, s in zip(found, solution)]
+def example_rewards() -> list:
+    """``examples/rewards.py``'s reward functions (``NamedReward``), in ``REWARD_WEIGHTS``' order."""
+    from deltatune.errors import ConfigError
+    from deltatune.train.rewards import load_reward_functions
 
-
-def number_only(completions, **kwargs) -> list[float]:
-    """1.0 when the answer is a number alone."""
-    return [float(re.fullmatch(r"\s*-?[\d,]+\.?\s*", c[0]["content"]) is not None) for c in completions]
+    if not EXAMPLE_REWARDS.is_file():
+        raise ConfigError(f"bench --grpo scores with {EXAMPLE_REWARDS}, which only a source checkout has; run it there")
+    return [
+        dataclasses.replace(named, name=name)
+        for name, named in zip(
+            REWARD_WEIGHTS, load_reward_functions([f"{EXAMPLE_REWARDS}:{n}" for n in REWARD_WEIGHTS])
+        )
+    ]
 
 
 class Clock:
@@ -82,7 +92,8 @@ def grpo_job(library: str, model: str, steps: int, generations: int, batch: int,
     tokenizer = load_tokenizer(path)
     train, evaluation = prompt_rows()
     clock, step_times = Clock(), []
-    rewards = [clock.wrap("scoring", correct), clock.wrap("scoring", number_only)]
+    named_rewards = example_rewards()
+    rewards = [clock.wrap("scoring", named.function) for named in named_rewards]
 
     class Steps(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -111,7 +122,13 @@ def grpo_job(library: str, model: str, steps: int, generations: int, batch: int,
         from datasets import Dataset
         from trl import GRPOConfig, GRPOTrainer
 
-        args = GRPOConfig(**common, num_generations=generations, max_completion_length=completion, beta=0.0)
+        args = GRPOConfig(
+            **common,
+            num_generations=generations,
+            max_completion_length=completion,
+            beta=0.0,
+            reward_weights=list(REWARD_WEIGHTS.values()),
+        )
         trainer = GRPOTrainer(
             model=base,
             reward_funcs=rewards,
@@ -138,12 +155,16 @@ def grpo_job(library: str, model: str, steps: int, generations: int, batch: int,
             for row in train
         ]
         model = get_delta_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
-        settings = GRPOSettings(num_generations=generations, max_completion_length=completion)
+        settings = GRPOSettings(
+            num_generations=generations,
+            max_completion_length=completion,
+            reward_weights=tuple(REWARD_WEIGHTS.values()),
+        )
         trainer = GRPOTrainer(
             model,
             TrainingArguments(**common),
             train_dataset=encode_prompts(tokenizer, records, None).examples,
-            rewards=[NamedReward(f.__name__, f) for f in rewards],
+            rewards=[NamedReward(named.name, f) for named, f in zip(named_rewards, rewards)],
             settings=settings,
             processing_class=tokenizer,
         )
@@ -156,24 +177,30 @@ def grpo_job(library: str, model: str, steps: int, generations: int, batch: int,
     }
     result["training"] = result["step"] - result["generation"] - result["scoring"]
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result["held_out_reward"] = greedy_reward(trainer.model, tokenizer, evaluation, completion)
+    result.update(greedy_reward(trainer.model, tokenizer, evaluation, completion, named_rewards))
     return result
 
 
-def greedy_reward(model, tokenizer, rows: list[dict], completion: int) -> float:
-    """The mean of both rewards over greedy answers to ``rows``, one prompt at a time with ``generate``."""
+def greedy_reward(model, tokenizer, rows: list[dict], completion: int, rewards: list) -> dict[str, float]:
+    """The held-out reward (the functions weighed by ``REWARD_WEIGHTS``) and accuracy (``correct``'s mean) of
+    greedy answers to ``rows``, one prompt at a time with ``generate``."""
     import torch
 
     model.eval()
-    total = []
+    answers = []
     for row in rows:
         ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_tensors="pt")
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         with torch.no_grad():
             out = model.generate(input_ids=ids, max_new_tokens=completion, do_sample=False)
-        text = [[{"role": "assistant", "content": tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)}]]
-        total.append(correct([row["prompt"]], text, None, [row["solution"]])[0] + number_only(text)[0])
-    return sum(total) / max(len(total), 1)
+        answers.append(
+            [{"role": "assistant", "content": tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)}]
+        )
+    columns = dict(prompts=[row["prompt"] for row in rows], completions=answers, completion_ids=None)
+    scores = {named.name: named.function(**columns, solution=[row["solution"] for row in rows]) for named in rewards}
+    count = max(len(rows), 1)
+    total = sum(REWARD_WEIGHTS[name] * sum(values) for name, values in scores.items())
+    return {"held_out_reward": total / count, "held_out_accuracy": sum(scores["correct"]) / count}
 
 
 def run_grpo_bench(model: str, steps: int, generations: int, batch: int, completion: int, repeats: int) -> dict:
@@ -190,7 +217,9 @@ def run_grpo_bench(model: str, steps: int, generations: int, batch: int, complet
                 completion=completion,
                 seed=repeat,
             )
-            done = subprocess.run([sys.executable, "-m", __name__, json.dumps(job)], capture_output=True, text=True)
+            command = [sys.executable, "-m", __name__, json.dumps(job)]
+            env = {**os.environ, **openmp_environment("train", {})}  # as deltatune train runs
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
             lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
             if done.returncode != 0 or not lines:
                 raise RuntimeError(f"GRPO bench job {job} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -203,7 +232,15 @@ def run_grpo_bench(model: str, steps: int, generations: int, batch: int, complet
     summary = {
         library: {
             key: statistics.median(r[key] for r in records if r["library"] == library)
-            for key in ("step", "generation", "scoring", "training", "peak_rss_mib", "held_out_reward")
+            for key in (
+                "step",
+                "generation",
+                "scoring",
+                "training",
+                "peak_rss_mib",
+                "held_out_reward",
+                "held_out_accuracy",
+            )
         }
         for library in LIBRARIES
     }
@@ -217,14 +254,14 @@ def run_grpo_bench(model: str, steps: int, generations: int, batch: int, complet
 def format_grpo(report: dict) -> str:
     summary = report["summary"]
     lines = [
-        "| library | s/step | generation s | scoring s | training s | peak RSS MiB | held-out reward |",
-        "|---|---|---|---|---|---|---|",
+        "| library | s/step | generation s | scoring s | training s | peak RSS MiB | held-out reward | accuracy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for library in LIBRARIES:
         s = summary[library]
         lines.append(
             f"| {library} | {s['step']:.2f} | {s['generation']:.2f} | {s['scoring']:.3f} | {s['training']:.2f} | "
-            f"{s['peak_rss_mib']:,.0f} | {s['held_out_reward']:.3f} |"
+            f"{s['peak_rss_mib']:,.0f} | {s['held_out_reward']:.3f} | {s['held_out_accuracy']:.2f} |"
         )
     ratios = summary["ratios"]
     lines.append(
