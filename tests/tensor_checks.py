@@ -1,8 +1,10 @@
-"""Comparisons the fused-kernel tests share: relative closeness to a float64 reference, bytes saved for backward."""
+"""Comparisons the fused-kernel tests share: relative closeness to a float64 reference, bytes saved for backward,
+the largest logits a loss forms."""
 
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # the kernels' formula tests run on every device present (a GPU machine adds "cuda"; none is skipped here)
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -47,3 +49,21 @@ def saved_bytes(fn, weights) -> dict[str, int]:
     for t in seen.values():
         totals[str(t.dtype)] = totals.get(str(t.dtype), 0) + t.untyped_storage().nbytes()
     return totals
+
+
+class LargestVocabTensor(TorchDispatchMode):
+    """Records the most rows any new tensor whose last dimension is the vocabulary (``vocab``) had (views of
+    the model's weights, such as the head's Wᵀ, are not logits and are left out)."""
+
+    def __init__(self, model: torch.nn.Module, vocab: int) -> None:
+        super().__init__()
+        self.weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.vocab, self.rows = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] == self.vocab:
+                if t.untyped_storage().data_ptr() not in self.weights:
+                    self.rows = max(self.rows, t.numel() // self.vocab)
+        return out

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.tensor_checks import assert_close_rel
+from tests.tensor_checks import LargestVocabTensor, assert_close_rel
 from tests.tiny_models import VOCAB, tiny_llama
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from deltatune import LoraConfig, PromptTuningConfig, get_delta_model
 from deltatune.data.collate import collate_causal, collate_padding_free
@@ -133,33 +132,15 @@ def test_virtual_tokens_are_left_out_of_the_scored_positions() -> None:
     torch.testing.assert_close(got.total, ref, atol=1e-5, rtol=1e-5)
 
 
-class _LargestVocabTensor(TorchDispatchMode):
-    """Records the most rows any new tensor whose last dimension is the vocabulary had (views of the
-    model's weights, such as the head's Wᵀ, are not logits and are left out)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.rows = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] == VOCAB:
-                if t.untyped_storage().data_ptr() not in self.weights:
-                    self.rows = max(self.rows, t.numel() // VOCAB)
-        return out
-
-
 def test_logits_exist_only_for_a_chunk_of_labelled_positions(monkeypatch) -> None:
     monkeypatch.setattr(lce, "CHUNK_BYTES", 4 * VOCAB * 4)  # chunks of 4 rows
     model = get_delta_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear"))
     batch = collate_causal(_examples(), 0)
-    with _LargestVocabTensor(model) as chunked:
+    with LargestVocabTensor(model, VOCAB) as chunked:
         result = causal_lm_loss(model, batch)
         result.total.backward()
     assert result.tokens == 21 and chunked.rows == 4
-    with _LargestVocabTensor(model) as full:
+    with LargestVocabTensor(model, VOCAB) as full:
         model(**batch).loss.backward()
     assert full.rows == batch["input_ids"].numel()  # what the model's own loss forms
 

@@ -28,6 +28,7 @@ from deltatune.data.encoding import prompt_ids as chat_prompt_ids
 from deltatune.errors import ConfigError, DataError
 from deltatune.generation.engine import GenerationEngine
 from deltatune.generation.sampling import SamplingParams
+from deltatune.train.completion_logps import completion_logps
 from deltatune.train.grpo_settings import GRPOSettings
 from deltatune.train.policy_loss import combine_rewards, group_advantages, nan_std, policy_loss
 from deltatune.train.preference import PreferenceTrainer
@@ -258,15 +259,10 @@ class GRPOTrainer(PreferenceTrainer):
         )
 
     def completion_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """log π(token) at the sampling temperature for every completion position: [rows, completion tokens]."""
-        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-        mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        length = batch["completion_ids"].shape[1]
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=length + 1).logits
-        logits = logits[:, :-1].float() / self.settings.temperature
-        chosen = logits.gather(-1, batch["completion_ids"][..., None])[..., 0]
-        return chosen - logits.logsumexp(-1)
+        """log π(token) at the sampling temperature for every completion position: [rows, completion tokens]
+        (0 at padding; ``train.completion_logps``)."""
+        unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        return completion_logps(model, batch, self.settings.temperature, unwrapped)
 
     def _record_generation(self, per_function, rewards, completions, truncated) -> None:
         groups = rewards.view(-1, self.settings.num_generations)

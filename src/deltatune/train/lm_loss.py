@@ -6,30 +6,23 @@ before their gradient). Only the positions whose next token has a label need the
 
     hidden  [B, T, H] ──(positions t with labels[t+1] ≠ -100)──▶ [N, H] ──head, chunked CE──▶ Σ loss
 
-The head is taken out of the forward pass for the duration (``_HeadInput`` stands in for it and
-keeps its input), so no logits are formed for prompts and padding, and the cross-entropy runs a
-chunk of rows at a time (``kernels.linear_cross_entropy``). Models that transform their logits
-after the head (soft-capping, scaling) keep the model's own loss.
+The head is taken out of the forward pass for the duration (``train.head``: a stand-in keeps its
+input), so no logits are formed for prompts and padding, and the cross-entropy runs a chunk of rows
+at a time (``kernels.linear_cross_entropy``). Models that transform their logits after the head
+(soft-capping, scaling) keep the model's own loss.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from deltatune.data.encoding import IGNORE_INDEX
-from deltatune.kernels.linear_cross_entropy import (
-    chunk_rows,
-    linear_cross_entropy,
-    module_cross_entropy,
-)
-
-# config attributes of models whose logits are not the head's output as it stands
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+from deltatune.kernels.linear_cross_entropy import linear_cross_entropy, module_cross_entropy
+from deltatune.train.head import answer_only_supported, head_input, head_rows
 
 
 class LossSum(NamedTuple):
@@ -37,14 +30,6 @@ class LossSum(NamedTuple):
 
     total: torch.Tensor
     tokens: int
-
-
-def answer_only_supported(model: nn.Module) -> bool:
-    """True when the head's output is the logits (no soft-capping or scaling after it)."""
-    config = getattr(model, "config", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    transformed = any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
-    return head is not None and not transformed
 
 
 def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], unwrapped: nn.Module | None = None) -> LossSum:
@@ -65,7 +50,7 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], unwrappe
         logits = model(**inputs).logits[:, -labels.shape[1] : -1]
         loss = nn.functional.cross_entropy(logits[where].float(), targets[where], reduction="sum")
         return LossSum(loss, int(where.sum()))
-    with _head_input(owner) as (head, captured):
+    with head_input(owner) as (head, captured):
         model(**inputs)
     hidden = captured[0][:, -labels.shape[1] : -1]
     if labels.device.type == "meta":  # shapes only (memory accounting): every position counts as labelled
@@ -74,42 +59,7 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], unwrappe
 
 
 def _head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    rows = chunk_rows(head.weight.shape[0]) if isinstance(getattr(head, "weight", None), torch.Tensor) else 256
+    rows = head_rows(head)
     if type(head) is nn.Linear:
         return linear_cross_entropy(hidden, head.weight, head.bias, targets, rows)
     return module_cross_entropy(head, hidden, targets, rows)
-
-
-class _HeadInput(nn.Module):
-    """Stands in for the head during a forward pass: keeps the hidden states, returns no logits."""
-
-    def __init__(self, captured: list[torch.Tensor]) -> None:
-        super().__init__()
-        self.captured = captured
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        self.captured.append(hidden)
-        return hidden[..., :0]
-
-
-@contextlib.contextmanager
-def _head_input(model: nn.Module) -> Iterator[tuple[nn.Module, list[torch.Tensor]]]:
-    """(the head, the list its stand-in fills) while the head is swapped out of ``model``."""
-    head = model.get_output_embeddings()
-    parent, name = _owner(model, head)
-    captured: list[torch.Tensor] = []
-    setattr(parent, name, _HeadInput(captured))
-    try:
-        yield head, captured
-    finally:
-        setattr(parent, name, head)
-    if len(captured) != 1:
-        raise RuntimeError(f"the head ran {len(captured)} times in one forward pass; expected once")
-
-
-def _owner(model: nn.Module, module: nn.Module) -> tuple[nn.Module, str]:
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if child is module:
-                return parent, name
-    raise RuntimeError("the model's output embeddings are not one of its modules")
