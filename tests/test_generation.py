@@ -10,7 +10,7 @@ import torch
 import deltatune
 from deltatune.errors import ConfigError
 from deltatune.generation.engine import GenerationEngine
-from deltatune.generation.sampling import SamplingParams, filtered_logits
+from deltatune.generation.sampling import SamplingParams, choose, filtered_logits
 from tiny_models import perturb_trainable, tiny_llama
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [3, 4, 5, 6, 7, 8, 9, 10, 11], [40]]
@@ -146,7 +146,7 @@ def test_filtered_logits_keep_what_the_plain_formula_keeps():
     top_k = torch.tensor([0, 5, 0, 3, 1, 0])
     top_p = torch.tensor([1.0, 1.0, 0.5, 0.9, 1.0, 0.05])
     temperature = torch.tensor([1.0, 0.5, 2.0, 1.0, 1.0, 0.8])
-    kept = filtered_logits(logits, temperature, top_k, top_p).isfinite()
+    kept = filtered_logits(logits / temperature[:, None], top_k, top_p).isfinite()
     for row in range(6):
         probs = (logits[row] / temperature[row]).softmax(-1)
         order = probs.argsort(descending=True).tolist()
@@ -159,6 +159,25 @@ def test_filtered_logits_keep_what_the_plain_formula_keeps():
             if total >= top_p[row]:
                 break
         assert sorted(kept[row].nonzero()[:, 0].tolist()) == sorted(keep), row
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (3, 1.0), (0, 0.8)], ids=["everything", "top-k", "top-p"])
+def test_draws_follow_the_tempered_and_filtered_probabilities(top_k, top_p):
+    """Over many rows, each token is drawn as often as its probability says, whether the row keeps the whole
+    vocabulary (no sort) or a top-k / top-p set; a row with its own generator draws from the same law."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(40_000, 1)
+    params = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p)
+    tokens, logprobs = choose(logits, [params] * len(logits), [None] * len(logits), torch.Generator().manual_seed(0))
+    expected = filtered_logits(logits[:1] / 0.8, torch.tensor([top_k]), torch.tensor([top_p])).softmax(-1)[0]
+    if top_k or top_p < 1:
+        assert (expected == 0).sum() >= 2  # the filter dropped tokens
+    frequencies = torch.bincount(tokens, minlength=6).float() / len(tokens)
+    torch.testing.assert_close(frequencies, expected, atol=0.01, rtol=0)
+    torch.testing.assert_close(logprobs, (logits / 0.8).log_softmax(-1).gather(-1, tokens[:, None])[:, 0])
+    own = [torch.Generator().manual_seed(i) for i in range(2000)]
+    tokens, _ = choose(logits[:2000], [params] * 2000, own, torch.Generator())
+    frequencies = torch.bincount(tokens, minlength=6).float() / 2000
+    torch.testing.assert_close(frequencies, expected, atol=0.04, rtol=0)
 
 
 def test_cancel_frees_a_running_row_at_once(model):

@@ -51,12 +51,14 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def filtered_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
-    """``logits`` [rows, vocab] / temperature with every token outside a row's top-k / top-p set at -inf.
+def filtered_logits(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """``scaled`` [rows, vocab] (logits / temperature) with every token outside a row's top-k / top-p set at -inf.
 
-    ``temperature``, ``top_k`` (0: off) and ``top_p`` are [rows]; the most likely token always stays.
+    ``top_k`` (0: off) and ``top_p`` are [rows]; the most likely token always stays. Rows that keep everything
+    (every row at top_k 0 and top_p 1, GRPO's default) skip the sort, the costliest part of a sampled step.
     """
-    scaled = logits.float() / temperature[:, None]
+    if not ((top_k > 0).any() or (top_p < 1).any()):
+        return scaled
     ordered, order = scaled.sort(dim=-1, descending=True)
     rank = torch.arange(scaled.shape[-1], device=scaled.device)[None, :]
     outside = (top_k[:, None] > 0) & (rank >= top_k[:, None])
@@ -75,24 +77,27 @@ def choose(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(next token [rows], its log-probability [rows]) for each row of ``logits`` [rows, vocab].
 
-    A row with its own generator draws from it; the other sampled rows draw together from ``shared``.
+    A row with its own generator draws from it; the other sampled rows draw together from ``shared``. One draw
+    per row is an inverse-CDF draw (``multinomial`` with replacement: one uniform number a row), where a draw
+    without replacement would take an exponential number for every word of the vocabulary.
     """
     device = logits.device
     temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+    scaled = logits.float() / temperature[:, None]
     tokens = logits.argmax(-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         index = torch.tensor(sampled, device=device)
         top_k = torch.tensor([params[i].top_k for i in sampled], device=device)
         top_p = torch.tensor([params[i].top_p for i in sampled], device=device)
-        probs = filtered_logits(logits[index], temperature[index], top_k, top_p).softmax(-1)
+        probs = filtered_logits(scaled[index], top_k, top_p).softmax(-1)
         own = [row for row, i in enumerate(sampled) if generators[i] is not None]
         common = [row for row, i in enumerate(sampled) if generators[i] is None]
         draws = torch.empty(len(sampled), dtype=torch.long, device=device)
         for row in own:
-            draws[row] = torch.multinomial(probs[row], 1, generator=generators[sampled[row]])[0]
+            draws[row] = torch.multinomial(probs[row], 1, replacement=True, generator=generators[sampled[row]])[0]
         if common:
-            draws[common] = torch.multinomial(probs[common], 1, generator=shared)[:, 0]
+            draws[common] = torch.multinomial(probs[common], 1, replacement=True, generator=shared)[:, 0]
         tokens[index] = draws
-    log_probs = (logits.float() / temperature[:, None]).log_softmax(-1)  # greedy rows: temperature 1
+    log_probs = scaled.log_softmax(-1)  # greedy rows: temperature 1
     return tokens, log_probs.gather(-1, tokens[:, None])[:, 0]
