@@ -11,7 +11,8 @@ from tests.tiny_models import VOCAB, tiny_llama
 
 from deltatune import LoraConfig, get_delta_model
 from deltatune.kernels import linear_cross_entropy as lce
-from deltatune.train.completion_logps import completion_logps
+from deltatune.kernels.segment_attention import use_segment_attention
+from deltatune.train.completion_logps import completion_logps, packed_rows
 
 TEMPERATURE = 0.7
 PROMPTS, COMPLETIONS = (3, 5, 4, 2), (4, 1, 6, 3)  # tokens per row: prompts left-padded, completions right-padded
@@ -102,3 +103,35 @@ def test_models_that_transform_their_logits_keep_the_full_logits() -> None:
     rows, length = batch["completion_ids"].shape
     assert full.rows == rows * (length + 1)
     torch.testing.assert_close(got, _reference(model, batch), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "segments"])
+def test_padding_free_rows_equal_the_padded_batch_in_value_and_adapter_gradients(attention) -> None:
+    """The rows run as one row without padding (positions restarting per row) give every completion token the
+    log-prob and the adapter gradient of the padded batch: no row attends to another, whatever the attention."""
+    model = get_delta_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.base_model.set_attn_implementation("sdpa" if attention == "segments" else attention)
+    if attention == "segments":  # what GRPOTrainer switches an sdpa model to
+        assert use_segment_attention(model.base_model)
+    batch = _batch()
+    mask = batch["completion_mask"].bool()
+    want = completion_logps(model, batch, TEMPERATURE)
+    want_grads = _weighted_sum_grads(want, model, mask)
+    got = completion_logps(model, batch, TEMPERATURE, padding_free=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(_weighted_sum_grads(got, model, mask), want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-3)  # other shapes, other summation orders
+
+
+def test_packed_rows_drop_the_padding_and_restart_positions() -> None:
+    batch = _batch()
+    ids, positions, predicting = packed_rows(batch)
+    lengths = [p + c for p, c in zip(PROMPTS, COMPLETIONS)]
+    assert ids.shape == positions.shape == (1, sum(lengths)) and predicting.shape == (sum(COMPLETIONS),)
+    assert positions[0].tolist() == [i for n in lengths for i in range(n)]
+    starts = [sum(lengths[:row]) for row in range(len(lengths))]
+    for row, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS)):
+        real = batch["completion_ids"][row, :c]
+        assert ids[0, starts[row] + p : starts[row] + p + c].tolist() == real.tolist()
+    expected = [starts[row] + p - 1 + j for row, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS)) for j in range(c)]
+    assert predicting.tolist() == expected

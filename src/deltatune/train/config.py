@@ -101,9 +101,9 @@ class TrainConfig:
     packing: bool = _key(False, "pack several examples into each max_length row (sft)")
     padding_free: bool = _key(
         True,
-        "sft: lay each batch out as one row, its examples back to back (positions restart "
+        "sft and grpo: lay each batch out as one row, its examples back to back (positions restart "
         "per example, attention stays within one), so no compute goes to padding; false: "
-        "right-pad rows. Prompt-learning methods always pad (virtual tokens come once per row)",
+        "pad rows. Prompt-learning methods always pad (virtual tokens come once per row)",
     )
     eval_steps: int = _key(0, "evaluate every N steps; 0: only before and after training")
     early_stopping_patience: int = _key(0, "stop after N evaluations without a lower eval loss; 0: off")
@@ -296,6 +296,7 @@ class TrainConfig:
             steps_per_generation=self.steps_per_generation or None,
             mask_truncated_completions=self.mask_truncated_completions,
             reward_weights=weights,
+            padding_free=self.padding_free,
         )
 
     def reporters(self) -> list[str]:

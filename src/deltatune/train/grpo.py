@@ -28,6 +28,7 @@ from deltatune.data.encoding import prompt_ids as chat_prompt_ids
 from deltatune.errors import ConfigError, DataError
 from deltatune.generation.engine import GenerationEngine
 from deltatune.generation.sampling import SamplingParams
+from deltatune.kernels.segment_attention import use_segment_attention
 from deltatune.train.completion_logps import completion_logps
 from deltatune.train.grpo_settings import GRPOSettings
 from deltatune.train.policy_loss import combine_rewards, group_advantages, nan_std, policy_loss
@@ -136,6 +137,8 @@ class GRPOTrainer(PreferenceTrainer):
             **kwargs,
         )
         self.uses_reference = settings.beta > 0
+        if settings.padding_free:  # each row of the packed micro-batch attends alone (not through a T x T mask)
+            use_segment_attention(getattr(model, "base_model", model))
 
     # -- data -------------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
@@ -262,7 +265,7 @@ class GRPOTrainer(PreferenceTrainer):
         """log π(token) at the sampling temperature for every completion position: [rows, completion tokens]
         (0 at padding; ``train.completion_logps``)."""
         unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
-        return completion_logps(model, batch, self.settings.temperature, unwrapped)
+        return completion_logps(model, batch, self.settings.temperature, unwrapped, self.settings.padding_free)
 
     def _record_generation(self, per_function, rewards, completions, truncated) -> None:
         groups = rewards.view(-1, self.settings.num_generations)

@@ -17,7 +17,8 @@ class GRPOSettings:
     ``num_generations`` completions per prompt form a group; ``steps_per_generation`` micro-batches (default:
     the gradient-accumulation steps, one generation per optimizer step) share one generation, which is used
     ``num_iterations`` times. ``epsilon_high`` defaults to ``epsilon`` (DAPO raises it: clip-higher).
-    ``reward_weights`` weighs the reward functions (default: 1 each).
+    ``reward_weights`` weighs the reward functions (default: 1 each). ``padding_free`` (deltatune's, as SFT's):
+    the log-probabilities of a micro-batch come from one row holding every prompt and completion without padding.
     """
 
     num_generations: int = 8
@@ -35,6 +36,7 @@ class GRPOSettings:
     steps_per_generation: int | None = None
     mask_truncated_completions: bool = False
     reward_weights: tuple[float, ...] | None = None
+    padding_free: bool = True
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
