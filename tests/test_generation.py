@@ -10,7 +10,7 @@ import torch
 import deltatune
 from deltatune.errors import ConfigError
 from deltatune.generation.engine import GenerationEngine
-from deltatune.generation.sampling import SamplingParams, choose, filtered_logits
+from deltatune.generation.sampling import SamplingParams, choose, draw, filtered_logits
 from tiny_models import perturb_trainable, tiny_llama
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [3, 4, 5, 6, 7, 8, 9, 10, 11], [40]]
@@ -178,6 +178,12 @@ def test_draws_follow_the_tempered_and_filtered_probabilities(top_k, top_p):
     tokens, _ = choose(logits[:2000], [params] * 2000, own, torch.Generator())
     frequencies = torch.bincount(tokens, minlength=6).float() / 2000
     torch.testing.assert_close(frequencies, expected, atol=0.04, rtol=0)
+
+
+def test_an_inverse_cdf_draw_never_takes_a_token_of_no_mass():
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3], [0.0, 0.0, 1.0, 0.0], [0.0, 0.4, 0.0, 0.0]])
+    for u, expected in [(0.0, [0, 2, 1]), (0.2, [2, 2, 1]), (0.5, [2, 2, 1]), (0.7, [3, 2, 1]), (0.999, [3, 2, 1])]:
+        assert draw(probs, torch.full((3,), u)).tolist() == expected, u
 
 
 def test_cancel_frees_a_running_row_at_once(model):

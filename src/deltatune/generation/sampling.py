@@ -77,9 +77,9 @@ def choose(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(next token [rows], its log-probability [rows]) for each row of ``logits`` [rows, vocab].
 
-    A row with its own generator draws from it; the other sampled rows draw together from ``shared``. One draw
-    per row is an inverse-CDF draw (``multinomial`` with replacement: one uniform number a row), where a draw
-    without replacement would take an exponential number for every word of the vocabulary.
+    A row with its own generator draws from it; the other sampled rows draw together from ``shared``. Each draw
+    is an inverse-CDF draw (``draw``): one uniform number a row, where ``torch.multinomial`` draws an
+    exponential number for every word of the vocabulary (15 ms a step for 16 rows of a 49k vocabulary).
     """
     device = logits.device
     temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
@@ -91,13 +91,21 @@ def choose(
         top_k = torch.tensor([params[i].top_k for i in sampled], device=device)
         top_p = torch.tensor([params[i].top_p for i in sampled], device=device)
         probs = filtered_logits(scaled[index], top_k, top_p).softmax(-1)
-        own = [row for row, i in enumerate(sampled) if generators[i] is not None]
-        common = [row for row, i in enumerate(sampled) if generators[i] is None]
-        draws = torch.empty(len(sampled), dtype=torch.long, device=device)
-        for row in own:
-            draws[row] = torch.multinomial(probs[row], 1, replacement=True, generator=generators[sampled[row]])[0]
-        if common:
-            draws[common] = torch.multinomial(probs[common], 1, replacement=True, generator=shared)[:, 0]
-        tokens[index] = draws
+        uniforms = torch.rand(len(sampled), generator=shared, device=device)
+        for row, i in enumerate(sampled):
+            if generators[i] is not None:
+                uniforms[row] = torch.rand(1, generator=generators[i], device=device)[0]
+        tokens[index] = draw(probs, uniforms)
     log_probs = scaled.log_softmax(-1)  # greedy rows: temperature 1
     return tokens, log_probs.gather(-1, tokens[:, None])[:, 0]
+
+
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token a row of ``probs`` [rows, vocab] (each row's mass need not be 1) for ``uniforms`` [rows] in
+    [0, 1): the first token whose cumulative mass exceeds u · total, so a token of mass 0 is never drawn::
+
+        probs  .2  0  .5  .3     cumulative  .2  .2  .7  1.0     u = .5 -> .5 < .7 -> token 2
+    """
+    cumulative = probs.cumsum(-1)
+    targets = uniforms[:, None].to(cumulative.dtype) * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, targets, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
