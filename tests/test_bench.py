@@ -172,6 +172,7 @@ def test_grpo_bench_runs_both_libraries_on_a_tiny_model(tmp_path):
         assert entry["step"] > 0 and entry["generation"] > 0 and entry["peak_rss_mib"] > 0
         assert entry["step"] >= entry["generation"] + entry["scoring"]
     assert "| deltatune |" in format_grpo(report) and "x TRL's steps per second" in format_grpo(report)
+    assert report["environment"]["torch"] and report["environment"]["trl"]  # the machine and versions it ran on
 
 
 def test_the_grpo_bench_scores_with_the_examples_rewards_which_a_bare_wrong_number_cannot_game():
@@ -223,4 +224,5 @@ def test_serve_bench_answers_every_request_rightly_on_a_tiny_model(tmp_path):
         assert entry["deltatune"]["ttft_p50"] > 0 and entry["deltatune"]["itl_p99"] >= entry["deltatune"]["itl_p50"]
         assert entry["ratios"]["vs_peft"] > 0
     assert report["summary"]["1"]["ratios"]["vs_one_adapter"] == 1.0
+    assert report["environment"]["cpu_count"] and report["environment"]["peft"]
     assert "| 4 |" in format_serve(report)

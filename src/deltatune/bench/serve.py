@@ -194,8 +194,10 @@ def run_serve_bench(
             "vs_one_by_one": ours_speed / entry["one_by_one"]["tokens_per_s"],
             "vs_one_adapter": ours_speed / one,
         }
+    from deltatune.bench.machine import environment
+
     settings = dict(model=model, adapters=adapters, requests=requests, tokens=tokens, repeats=repeats)
-    return {"settings": settings, "records": records, "summary": summary}
+    return {"environment": environment("cpu", None), "settings": settings, "records": records, "summary": summary}
 
 
 def format_serve(report: dict) -> str:
