@@ -258,3 +258,17 @@ def test_the_stack_follows_an_adapter_deleted_and_added_again_under_its_name():
     model.set_adapter("b")
     perturb_trainable(model, seed=21)
     assert_rows_run_alone(model, rows, inputs)
+
+
+def test_a_decoding_step_stacks_only_the_adapters_its_batch_names():
+    """A server holding many adapters reads, at each decoding step, the factors of those its rows name; a batch
+    naming other adapters next gets them (and the right logits)."""
+    adapters = {name: LoraConfig(r=r, target_modules="all-linear") for name, r in (("a", 4), ("b", 8), ("c", 2))}
+    model = mixed_model(adapters=adapters).eval()
+    layer = model.base_model.model.layers[0].self_attn.q_proj
+    inputs = token_inputs(batch=3, length=1)
+    for rows in (["a", "b", None], ["c", None, "b"], ["c", "a", "a"]):
+        assert_rows_run_alone(model, rows, inputs)
+        held = [name for name in adapters if name in rows]
+        stack = layer.__dict__["_adapter_stack"]
+        assert list(stack.order) == held and stack.a.shape[0] == sum(layer.r[name] for name in held)

@@ -56,11 +56,13 @@ class RowGroups:
             self._slots[key] = torch.tensor([order.get(name, empty) for name in self.names], device=device)
         return self._slots[key]
 
-    def held(self, order: dict[str, int]) -> int:
-        """How many of the batch's adapters ``order`` holds (made once per order and forward)."""
-        key = ("held", tuple(order))
+    def held(self, adapters: dict[str, object]) -> tuple[str, ...]:
+        """The batch's adapters that a layer holding ``adapters`` holds, in the layer's order (so a batch whose
+        rows change but name the same adapters finds the same answer; made once per set of adapters and forward)."""
+        key = ("held", tuple(adapters))
         if key not in self._slots:
-            self._slots[key] = sum(name in order for name, _ in self.groups)
+            named = {name for name, _ in self.groups}
+            self._slots[key] = tuple(name for name in adapters if name in named)
         return self._slots[key]
 
     def own_columns(self, ranks: dict[str, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -4,9 +4,9 @@ Two ways, the same sums:
 
 - grouped (under autograd, and for one adapter or a non-linear layer): per adapter, its rows gathered, its
   term s·B A x computed once for them (DoRA: m/||W0 + s·BA|| on their base output too), and added back;
-- stacked (decoding: one token per row, no autograd, a linear layer, two adapters or more): every adapter
-  the layer holds concatenated once (s folded into B), and the terms of all rows computed in two matmuls,
-  each row keeping only its own adapter's rank columns::
+- stacked (decoding: one token per row, no autograd, a linear layer, two adapters or more): the batch's
+  adapters concatenated once (s folded into B), and the terms of all rows computed in two matmuls, each row
+  keeping only its own adapter's rank columns::
 
       A_all [R, in] = [A_1; A_2; ...]     B_all [out, R] = [s_1 B_1, s_2 B_2, ...]     R = r_1 + r_2 + ...
       y += ((x A_allᵀ) ⊙ own) B_allᵀ       own [rows, R]: 1 on the columns of the row's adapter, else 0
@@ -14,8 +14,9 @@ Two ways, the same sums:
 
   so a decoding step pays a handful of operations per layer instead of a handful per adapter (the wasted
   products, rows x R per layer, are what one token costs; a prompt's many tokens take the grouped way). The
-  concatenation is kept until an adapter's tensors change (their version counters and data pointers are
-  checked each step, the layers themselves looked up only when it is rebuilt): a copy of the layer's factors.
+  concatenation holds only the adapters in the batch (a server holding a hundred reads the factors of the few
+  its requests name), and it is kept until the batch names other adapters or their tensors change (version
+  counters and data pointers, checked each step; the layer's modules are looked up only to rebuild it).
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ def add_per_row(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, groups:
     layer does not hold adds nothing on its rows (it may target other modules)."""
     groups.check(x)
     if not torch.is_grad_enabled() and x.numel() == x.shape[0] * x.shape[-1]:  # decoding: one token per row
-        stack = adapter_stack(layer)
-        if stack.a is not None and groups.held(stack.order) > 1:
-            return add_stacked(layer, stack, x, result, groups)
+        held = groups.held(layer.r)
+        if len(held) > 1:
+            stack = adapter_stack(layer, held)
+            if stack.a is not None:
+                return add_stacked(layer, stack, x, result, groups)
     in_place = not torch.is_grad_enabled()  # inference: write into the base output, no copy of it per adapter
     for name, index in groups.groups:
         if name not in layer.r:
@@ -57,7 +60,7 @@ def add_per_row(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, groups:
 
 
 class AdapterStack(NamedTuple):
-    """Every adapter of one linear layer, concatenated: slot order (adapter -> slot), ranks (adapter -> r, the
+    """The batch's adapters in one linear layer, concatenated: slot order (adapter -> slot), ranks (adapter -> r, the
     columns of each slot in turn), A_all [R, in], B_all [out, R] with each adapter's s folded in, and DoRA's
     m/||W0 + s·BA|| [slots + 1, out] (1 for LoRA slots and the last, adapter-less one; None when no adapter is DoRA).
     ``a`` is None when the layer cannot stack (not a linear layer, a B bias, active dropout). ``key`` and
@@ -72,9 +75,9 @@ class AdapterStack(NamedTuple):
     tensors: tuple[torch.Tensor, ...]
     stamps: tuple[tuple[int, int], ...]
 
-    def fresh(self, layer: nn.Module) -> bool:
-        """Still what ``layer`` holds: the same adapters, scales and mode, and tensors unchanged in place."""
-        return self.key == _key(layer) and self.stamps == _stamps(self.tensors)
+    def fresh(self, layer: nn.Module, names: tuple[str, ...]) -> bool:
+        """Still ``names`` as ``layer`` holds them: the same adapters, scales and mode, tensors unchanged in place."""
+        return tuple(self.order) == names and self.key == _key(layer) and self.stamps == _stamps(self.tensors)
 
 
 def _key(layer: nn.Module) -> tuple:
@@ -85,10 +88,11 @@ def _stamps(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[int, int], ...]:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
-def stackable(layer: nn.Module) -> bool:
-    """A linear layer (nn.Linear, Conv1D or quantised) whose adapters have no B bias and no active dropout."""
+def stackable(layer: nn.Module, names: tuple[str, ...]) -> bool:
+    """A linear layer (nn.Linear, Conv1D or quantised) whose adapters ``names`` have no B bias and no active
+    dropout."""
     return hasattr(layer, "lora_A") and all(
-        layer.lora_B[name].bias is None and layer._dropout_p(name) == 0 for name in layer.adapter_names
+        layer.lora_B[name].bias is None and layer._dropout_p(name) == 0 for name in names
     )
 
 
@@ -111,17 +115,17 @@ def add_stacked(
     return result + (scale - 1) * layer._without_bias(result) + scale * lora
 
 
-def adapter_stack(layer: nn.Module) -> AdapterStack:
-    """The layer's adapters concatenated (``AdapterStack``), rebuilt only when one of their tensors changed in
-    place (version counters), moved (data pointers), or the adapters, their scales or the mode changed
-    (``forget_stack`` runs when an adapter is added or deleted)."""
+def adapter_stack(layer: nn.Module, names: tuple[str, ...]) -> AdapterStack:
+    """The layer's adapters ``names`` concatenated (``AdapterStack``), rebuilt only when the names change, one of
+    their tensors changed in place (version counters) or moved (data pointers), or the layer's adapters, their
+    scales or the mode changed (``forget_stack`` runs when an adapter is added or deleted)."""
     cached = layer.__dict__.get("_adapter_stack")
-    if cached is not None and cached.fresh(layer):
+    if cached is not None and cached.fresh(layer, names):
         return cached
-    names = layer.adapter_names
     order = {name: slot for slot, name in enumerate(names)}
-    if not stackable(layer):
-        stack = AdapterStack(order, dict(layer.r), None, None, None, _key(layer), (), ())
+    ranks = {name: layer.r[name] for name in names}
+    if not stackable(layer, names):
+        stack = AdapterStack(order, ranks, None, None, None, _key(layer), (), ())
         layer.__dict__["_adapter_stack"] = stack
         return stack
     dora = [name for name in names if name in layer.lora_magnitude_vector]
@@ -138,7 +142,7 @@ def adapter_stack(layer: nn.Module) -> AdapterStack:
             for slot, name in enumerate(names):
                 if name in dora:
                     scale[slot] = layer.dora_scale(name)
-    stack = AdapterStack(order, dict(layer.r), a, b, scale, _key(layer), tuple(tensors), _stamps(tuple(tensors)))
+    stack = AdapterStack(order, ranks, a, b, scale, _key(layer), tuple(tensors), _stamps(tuple(tensors)))
     layer.__dict__["_adapter_stack"] = stack
     return stack
 
