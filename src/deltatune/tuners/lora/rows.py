@@ -2,9 +2,9 @@
 
 Two ways, the same sums:
 
-- grouped (under autograd, and for one adapter or a non-linear layer): per adapter, its rows gathered, its
+- grouped (under autograd, for a prompt's many tokens, and for a non-linear layer): per adapter, its rows gathered, its
   term s·B A x computed once for them (DoRA: m/||W0 + s·BA|| on their base output too), and added back;
-- stacked (decoding: one token per row, no autograd, a linear layer, two adapters or more): the batch's
+- stacked (decoding: one token per row, no autograd, a linear layer): the batch's
   adapters concatenated once (s folded into B), and the terms of all rows computed in two matmuls, each row
   keeping only its own adapter's rank columns::
 
@@ -35,7 +35,7 @@ def add_per_row(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, groups:
     groups.check(x)
     if not torch.is_grad_enabled() and x.numel() == x.shape[0] * x.shape[-1]:  # decoding: one token per row
         held = groups.held(layer.r)
-        if len(held) > 1:
+        if held:
             stack = adapter_stack(layer, held)
             if stack.a is not None:
                 return add_stacked(layer, stack, x, result, groups)
