@@ -249,20 +249,12 @@ def run_grpo_bench(model: str, steps: int, generations: int, batch: int, complet
         "peak_memory_vs_trl": summary["deltatune"]["peak_rss_mib"] / summary["trl"]["peak_rss_mib"],
     }
     import torch
+    import trl
 
     from deltatune.bench.machine import environment
 
-    machine = {**environment("cuda" if torch.cuda.is_available() else "cpu", None), "trl": _version("trl")}
+    machine = {**environment("cuda" if torch.cuda.is_available() else "cpu", None), "trl": trl.__version__}
     return {"environment": machine, "records": records, "summary": summary}
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def format_grpo(report: dict) -> str:

@@ -43,23 +43,38 @@ def completion_logps(
     ``padding_free``: run the rows as one row without their padding (module docstring).
     """
     owner = model if unwrapped is None else unwrapped
-    if padding_free and answer_only_supported(owner):
-        return _padding_free_logps(model, owner, batch, temperature)
+    targets, where = batch["completion_ids"], batch["completion_mask"].bool()
+    length = targets.shape[1]
+    if not answer_only_supported(owner):
+        logits = model(**_padded_inputs(batch)).logits[:, :-1].float() / temperature
+        return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
+    if padding_free:
+        ids, positions, predicting = packed_rows(batch)
+        inputs = dict(input_ids=ids, position_ids=positions, use_cache=False)  # restarts keep each row apart
+
+        def predictors(hidden: torch.Tensor) -> torch.Tensor:
+            return hidden[0, predicting]
+    else:
+        inputs = _padded_inputs(batch)
+
+        def predictors(hidden: torch.Tensor) -> torch.Tensor:
+            return hidden[:, -length - 1 : -1][where]
+
+    with head_input(owner) as (head, captured):
+        model(**inputs)
+    logps = _head_logps(head, predictors(captured[0]), targets[where], temperature)
+    return logps.new_zeros(targets.shape).masked_scatter(where, logps)
+
+
+def _padded_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | int]:
+    """The left-padded prompts and right-padded completions side by side, with the head kept to the positions
+    that predict completion tokens (and the last)."""
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    targets = batch["completion_ids"]
-    length = targets.shape[1]
-    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=length + 1)
-    if not answer_only_supported(owner):
-        logits = model(**inputs).logits[:, :-1].float() / temperature
-        return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
-    with head_input(owner) as (head, captured):
-        model(**inputs)
-    where = batch["completion_mask"].bool()
-    hidden = captured[0][:, -length - 1 : -1][where]
-    logps = _head_logps(head, hidden, targets[where], temperature)
-    return logps.new_zeros(targets.shape).masked_scatter(where, logps)
+    return dict(
+        input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=batch["completion_ids"].shape[1] + 1
+    )
 
 
 def _head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -67,18 +82,6 @@ def _head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, te
     if type(head) is nn.Linear:
         return linear_token_logps(hidden, head.weight, head.bias, targets, temperature, rows)
     return module_token_logps(head, hidden, targets, temperature, rows)
-
-
-def _padding_free_logps(
-    model: nn.Module, owner: nn.Module, batch: Mapping[str, torch.Tensor], temperature: float
-) -> torch.Tensor:
-    ids, positions, predicting = packed_rows(batch)
-    with head_input(owner) as (head, captured):  # positions restart per row: transformers keeps each row apart
-        model(input_ids=ids, position_ids=positions, use_cache=False)
-    where = batch["completion_mask"].bool()
-    targets = batch["completion_ids"]
-    logps = _head_logps(head, captured[0][0, predicting], targets[where], temperature)
-    return logps.new_zeros(targets.shape).masked_scatter(where, logps)
 
 
 def packed_rows(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

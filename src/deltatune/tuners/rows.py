@@ -34,7 +34,7 @@ class RowGroups:
     rows: int
     names: tuple[str | None, ...] = ()
     whole: str | None = None
-    _slots: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    _memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # per forward: slots, held, own
 
     @classmethod
     def of(cls, names: Sequence[str | None], device: torch.device | str = "cpu") -> RowGroups:
@@ -50,31 +50,31 @@ class RowGroups:
     def slots(self, order: dict[str, int], device: torch.device) -> torch.Tensor:
         """Each row's slot in a stack of adapters (``order``: adapter -> slot; every other row, the slot after
         the last: no adapter), as a [rows] tensor; made once per order and forward."""
-        key = (tuple(order), device)
-        if key not in self._slots:
+        key = ("slots", tuple(order), device)
+        if key not in self._memo:
             empty = len(order)
-            self._slots[key] = torch.tensor([order.get(name, empty) for name in self.names], device=device)
-        return self._slots[key]
+            self._memo[key] = torch.tensor([order.get(name, empty) for name in self.names], device=device)
+        return self._memo[key]
 
     def held(self, adapters: dict[str, object]) -> tuple[str, ...]:
         """The batch's adapters that a layer holding ``adapters`` holds, in the layer's order (so a batch whose
         rows change but name the same adapters finds the same answer; made once per set of adapters and forward)."""
         key = ("held", tuple(adapters))
-        if key not in self._slots:
+        if key not in self._memo:
             named = {name for name, _ in self.groups}
-            self._slots[key] = tuple(name for name in adapters if name in named)
-        return self._slots[key]
+            self._memo[key] = tuple(name for name in adapters if name in named)
+        return self._memo[key]
 
     def own_columns(self, ranks: dict[str, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """[rows, R]: 1 where a column of adapters stacked in ``ranks``' order (``ranks[name]`` columns each)
         belongs to the row's own adapter, else 0; made once per forward for all layers holding the same adapters."""
         key = ("own", tuple(ranks.items()), device, dtype)
-        if key not in self._slots:
+        if key not in self._memo:
             order = {name: slot for slot, name in enumerate(ranks)}
             column_slot = torch.cat([torch.full((r,), order[name], device=device) for name, r in ranks.items()])
             slot = self.slots(order, device)
-            self._slots[key] = (column_slot[None, :] == slot[:, None]).to(dtype)
-        return self._slots[key]
+            self._memo[key] = (column_slot[None, :] == slot[:, None]).to(dtype)
+        return self._memo[key]
 
     def check(self, x: torch.Tensor) -> None:
         """Refuse a batch whose row count is not the number of names given."""

@@ -2,11 +2,12 @@
 
 Two ways, the same sums:
 
-- grouped (under autograd, for a prompt's many tokens, and for a non-linear layer): per adapter, its rows gathered, its
-  term s·B A x computed once for them (DoRA: m/||W0 + s·BA|| on their base output too), and added back;
-- stacked (decoding: one token per row, no autograd, a linear layer): the batch's
-  adapters concatenated once (s folded into B), and the terms of all rows computed in two matmuls, each row
-  keeping only its own adapter's rank columns::
+- grouped (under autograd, for a prompt's many tokens, and for a non-linear layer): per adapter, its rows
+  gathered, its term s·B A x computed once for them (DoRA: m/||W0 + s·BA|| on their base output too), and
+  added back;
+- stacked (decoding: one token per row, no autograd, a linear layer): the batch's adapters concatenated once
+  (s folded into B), and the terms of all rows computed in two matmuls, each row keeping only its own
+  adapter's rank columns::
 
       A_all [R, in] = [A_1; A_2; ...]     B_all [out, R] = [s_1 B_1, s_2 B_2, ...]     R = r_1 + r_2 + ...
       y += ((x A_allᵀ) ⊙ own) B_allᵀ       own [rows, R]: 1 on the columns of the row's adapter, else 0
