@@ -64,9 +64,11 @@ def model():
     return mixed_model().eval()
 
 
-@pytest.mark.parametrize("length", [6, 1], ids=["prompt (grouped)", "one token (stacked)"])
+@pytest.mark.parametrize("length", [6, 1], ids=["prompt", "one token"])
 def test_each_row_equals_its_adapter_alone(model, length):
-    """A prompt's rows take the grouped way, one token per row (decoding) the stacked one (tuners/lora/rows.py)."""
+    """Without autograd, a prompt (prefill) and one token per row (decoding) take the batched way
+    (tuners/lora/rows.py; the grouped way runs under autograd, below): blocks of 2, 2, 1 and 1 rows (padded),
+    ranks 4, 8, 2 and 3 (padded), a DoRA adapter, rows without one."""
     inputs = token_inputs(batch=len(ROWS), length=length)
     assert_rows_run_alone(model, ROWS, inputs)
     # the adapters really differ, so the comparison above could fail
@@ -74,6 +76,13 @@ def test_each_row_equals_its_adapter_alone(model, length):
     with torch.no_grad():
         outputs = [alone(model, name, input_ids=first) for name in [None, *ADAPTERS]]
     assert all((x - y).abs().max() > 1e-3 for i, x in enumerate(outputs) for y in outputs[i + 1 :])
+
+
+@pytest.mark.parametrize("name", ["a", "dora"])
+@pytest.mark.parametrize("length", [5, 1])
+def test_one_adapter_on_every_row_is_one_block(model, name, length):
+    """The batch is the block: two plain products added in place (LoRA), the general way for DoRA's scale."""
+    assert_rows_run_alone(model, [name] * 4, token_inputs(batch=4, length=length))
 
 
 def test_one_adapter_on_every_row_and_the_block_restores_the_model(model):
@@ -251,7 +260,7 @@ def test_the_stack_follows_an_adapter_deleted_and_added_again_under_its_name():
     which the kept stack's version counters cannot see, so deleting or adding an adapter drops it."""
     adapters = {"a": ADAPTERS["a"], "b": LoraConfig(r=4, target_modules="all-linear")}
     model = mixed_model(adapters=adapters).eval()
-    rows, inputs = ["a", "b", None], token_inputs(batch=3, length=1)  # one token per row: the stacked way
+    rows, inputs = ["a", "b", None], token_inputs(batch=3, length=1)  # one token per row: the batched way
     assert_rows_run_alone(model, rows, inputs)
     model.delete_adapter("b")
     model.add_adapter("b", adapters["b"])
@@ -271,4 +280,5 @@ def test_a_decoding_step_stacks_only_the_adapters_its_batch_names():
         assert_rows_run_alone(model, rows, inputs)
         held = [name for name in adapters if name in rows]
         stack = layer.__dict__["_adapter_stack"]
-        assert list(stack.order) == held and stack.a.shape[0] == sum(layer.r[name] for name in held)
+        assert list(stack.order) == held and stack.a.shape[0] == len(held)
+        assert stack.a.shape[2] == stack.b.shape[1] == max(layer.r[name] for name in held)

@@ -19,10 +19,22 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from deltatune.errors import ConfigError
+
+
+class Blocks(NamedTuple):
+    """Rows gathered into one block per adapter, each ``width`` long: ``source`` [slots x width] the rows to gather
+    (the padding of a shorter block: index ``rows``, a zero row), ``target`` where each block row's term is
+    added (the padding's: row 0), ``padded`` whether any block was padded."""
+
+    source: torch.Tensor
+    target: torch.Tensor
+    width: int
+    padded: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +46,7 @@ class RowGroups:
     rows: int
     names: tuple[str | None, ...] = ()
     whole: str | None = None
-    _memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # per forward: slots, held, own
+    _memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # per forward: slots, held, blocks
 
     @classmethod
     def of(cls, names: Sequence[str | None], device: torch.device | str = "cpu") -> RowGroups:
@@ -65,15 +77,22 @@ class RowGroups:
             self._memo[key] = tuple(name for name in adapters if name in named)
         return self._memo[key]
 
-    def own_columns(self, ranks: dict[str, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """[rows, R]: 1 where a column of adapters stacked in ``ranks``' order (``ranks[name]`` columns each)
-        belongs to the row's own adapter, else 0; made once per forward for all layers holding the same adapters."""
-        key = ("own", tuple(ranks.items()), device, dtype)
+    def blocks(self, order: dict[str, int], device: torch.device) -> Blocks:
+        """The rows of each adapter of ``order`` in turn, every block padded to the largest (``Blocks``); made once
+        per order and forward for all layers holding the same adapters."""
+        key = ("blocks", tuple(order), device)
         if key not in self._memo:
-            order = {name: slot for slot, name in enumerate(ranks)}
-            column_slot = torch.cat([torch.full((r,), order[name], device=device) for name, r in ranks.items()])
-            slot = self.slots(order, device)
-            self._memo[key] = (column_slot[None, :] == slot[:, None]).to(dtype)
+            members = {name: index.tolist() for name, index in self.groups}
+            width = max(len(members[name]) for name in order)
+            source, target = [], []
+            for name in order:
+                missing = width - len(members[name])
+                source += members[name] + [self.rows] * missing  # row ``rows``: a zero row the caller appends
+                target += members[name] + [0] * missing  # the padding's zero terms land on row 0
+            padded = len(source) != sum(len(members[name]) for name in order)
+            self._memo[key] = Blocks(
+                torch.tensor(source, device=device), torch.tensor(target, device=device), width, padded
+            )
         return self._memo[key]
 
     def check(self, x: torch.Tensor) -> None:

@@ -2,22 +2,22 @@
 
 Two ways, the same sums:
 
-- grouped (under autograd, for a prompt's many tokens, and for a non-linear layer): per adapter, its rows
-  gathered, its term s·B A x computed once for them (DoRA: m/||W0 + s·BA|| on their base output too), and
-  added back;
-- stacked (decoding: one token per row, no autograd, a linear layer): the batch's adapters concatenated once
-  (s folded into B), and the terms of all rows computed in two matmuls, each row keeping only its own
-  adapter's rank columns::
+- grouped (under autograd, and for a non-linear layer): per adapter, its rows gathered, its term s·B A x
+  computed once for them (DoRA: m/||W0 + s·BA|| on their base output too), and added back;
+- batched (no autograd: a prompt's prefill or a decoding step; a linear layer): the batch's adapters stacked once
+  (s folded into B, ranks padded with zeros to the largest), the rows gathered into one block per adapter
+  (blocks padded with a zero row to the largest block), and every term computed in two batched matmuls::
 
-      A_all [R, in] = [A_1; A_2; ...]     B_all [out, R] = [s_1 B_1, s_2 B_2, ...]     R = r_1 + r_2 + ...
-      y += ((x A_allᵀ) ⊙ own) B_allᵀ       own [rows, R]: 1 on the columns of the row's adapter, else 0
-                                            (made once per step, shared by the layers holding the same adapters)
+      rows 0 1 2 3 4 of adapters a b a - b   ->   blocks [x0 x2] [x1 x4]        (row 3: the base alone)
+      A [slots, in, r] = [A_aᵀ, A_bᵀ]          B [slots, r, out] = [s_a B_aᵀ, s_b B_bᵀ]
+      y[rows of each block] += (blocks @ A) @ B
 
-  so a decoding step pays a handful of operations per layer instead of a handful per adapter (the wasted
-  products, rows x R per layer, are what one token costs; a prompt's many tokens take the grouped way). The
-  concatenation holds only the adapters in the batch (a server holding a hundred reads the factors of the few
-  its requests name), and it is kept until the batch names other adapters or their tensors change (version
-  counters and data pointers, checked each step; the layer's modules are looked up only to rebuild it).
+  so a decoding step pays a handful of operations per layer whatever the number of adapters, and reads each
+  adapter's factors once (Punica's batched GEMV, on ``torch.bmm``). When one adapter has every row, the block
+  is the batch itself: two plain products, added into the base output in place. The stack holds only the
+  adapters in the batch (a server holding a hundred reads the factors of the few its requests name), and it
+  is kept until the batch names other adapters or their tensors change (version counters and data pointers,
+  checked each step; the layer's modules are looked up only to rebuild it).
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ def add_per_row(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, groups:
     """``result`` (the base output for every row of ``x``) with each row's adapter term added; an adapter the
     layer does not hold adds nothing on its rows (it may target other modules)."""
     groups.check(x)
-    if not torch.is_grad_enabled() and x.numel() == x.shape[0] * x.shape[-1]:  # decoding: one token per row
+    if not torch.is_grad_enabled():  # inference: a prompt's tokens or decoding's one token per row
         held = groups.held(layer.r)
         if held:
             stack = adapter_stack(layer, held)
             if stack.a is not None:
-                return add_stacked(layer, stack, x, result, groups)
+                return add_batched(layer, stack, x, result, groups)
     in_place = not torch.is_grad_enabled()  # inference: write into the base output, no copy of it per adapter
     for name, index in groups.groups:
         if name not in layer.r:
@@ -61,14 +61,13 @@ def add_per_row(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, groups:
 
 
 class AdapterStack(NamedTuple):
-    """The batch's adapters in one linear layer, concatenated: slot order (adapter -> slot), ranks (adapter -> r, the
-    columns of each slot in turn), A_all [R, in], B_all [out, R] with each adapter's s folded in, and DoRA's
+    """The batch's adapters in one linear layer, stacked: slot order (adapter -> slot), A [slots, in, r] (each
+    adapter's Aᵀ) and B [slots, r, out] (each adapter's s·Bᵀ), ranks padded with zeros to the largest, and DoRA's
     m/||W0 + s·BA|| [slots + 1, out] (1 for LoRA slots and the last, adapter-less one; None when no adapter is DoRA).
     ``a`` is None when the layer cannot stack (not a linear layer, a B bias, active dropout). ``key`` and
     ``stamps`` say what it was built from (``adapter_stack``)."""
 
     order: dict[str, int]
-    ranks: dict[str, int]
     a: torch.Tensor | None
     b: torch.Tensor | None
     scale: torch.Tensor | None
@@ -97,36 +96,45 @@ def stackable(layer: nn.Module, names: tuple[str, ...]) -> bool:
     )
 
 
-def add_stacked(
+def add_batched(
     layer: nn.Module, stack: AdapterStack, x: torch.Tensor, result: torch.Tensor, groups: RowGroups
 ) -> torch.Tensor:
-    """The stacked way (module docstring): every row's term from the concatenated factors in two matmuls,
-    added into the base output (no autograd here)."""
+    """The batched way (module docstring): every row's term from its adapter's block in two batched matmuls,
+    added into the base output (no autograd here). A row's tokens (a prompt's, or decoding's one) travel together."""
     rows = x.shape[0]
-    own = groups.own_columns(stack.ranks, x.device, stack.a.dtype)
-    flat = x.reshape(rows, x.shape[-1]).to(stack.a.dtype)
-    picked = (flat @ stack.a.T).mul_(own)  # [rows, R]: each row's own adapter's rank columns
-    if stack.scale is None and result.dtype == stack.b.dtype and result.is_contiguous():
-        result.view(rows, -1).addmm_(picked, stack.b.T)
+    tokens = x.reshape(rows, -1, x.shape[-1]).to(stack.a.dtype)  # [rows, T, in]
+    plain = stack.scale is None and result.dtype == stack.b.dtype and result.is_contiguous()
+    if plain and groups.whole is not None:  # one adapter, every row: the batch is the block
+        flat = tokens.view(-1, tokens.shape[-1])
+        result.view(flat.shape[0], -1).addmm_(flat @ stack.a[0], stack.b[0])
         return result
-    lora = (picked @ stack.b.T).reshape(result.shape).to(result.dtype)
+    blocks = groups.blocks(stack.order, x.device)
+    if blocks.padded:
+        tokens = torch.cat([tokens, tokens.new_zeros(1, *tokens.shape[1:])])  # the row padding gathers
+    gathered = tokens.index_select(0, blocks.source).view(len(stack.order), -1, tokens.shape[-1])
+    terms = torch.bmm(torch.bmm(gathered, stack.a), stack.b).view(len(blocks.target), -1)  # [block rows, T x out]
+    if plain:
+        result.view(rows, -1).index_add_(0, blocks.target, terms)  # padding adds its zeros to row 0
+        return result
+    lora = terms.new_zeros(rows, terms.shape[1]).index_add_(0, blocks.target, terms)
+    lora = lora.reshape(result.shape).to(result.dtype)
     if stack.scale is None:
         return result.add_(lora)
-    scale = stack.scale[groups.slots(stack.order, x.device)].reshape(result.shape).to(result.dtype)
+    scale = stack.scale[groups.slots(stack.order, x.device)]  # [rows, out], broadcast over each row's tokens
+    scale = scale.view(rows, *[1] * (result.dim() - 2), -1).to(result.dtype)
     return result + (scale - 1) * layer._without_bias(result) + scale * lora
 
 
 def adapter_stack(layer: nn.Module, names: tuple[str, ...]) -> AdapterStack:
-    """The layer's adapters ``names`` concatenated (``AdapterStack``), rebuilt only when the names change, one of
+    """The layer's adapters ``names`` stacked (``AdapterStack``), rebuilt only when the names change, one of
     their tensors changed in place (version counters) or moved (data pointers), or the layer's adapters, their
     scales or the mode changed (``forget_stack`` runs when an adapter is added or deleted)."""
     cached = layer.__dict__.get("_adapter_stack")
     if cached is not None and cached.fresh(layer, names):
         return cached
     order = {name: slot for slot, name in enumerate(names)}
-    ranks = {name: layer.r[name] for name in names}
     if not stackable(layer, names):
-        stack = AdapterStack(order, ranks, None, None, None, _key(layer), (), ())
+        stack = AdapterStack(order, None, None, None, _key(layer), (), ())
         layer.__dict__["_adapter_stack"] = stack
         return stack
     dora = [name for name in names if name in layer.lora_magnitude_vector]
@@ -135,15 +143,22 @@ def adapter_stack(layer: nn.Module, names: tuple[str, ...]) -> AdapterStack:
     if dora:
         tensors.append(layer.base_weight)
     with torch.no_grad():
-        a = torch.cat([layer.lora_A[name].weight for name in names])
-        b = torch.cat([layer.lora_B[name].weight * layer.scaling[name] for name in names], dim=1)
+        first = layer.lora_A[names[0]].weight
+        rank = max(layer.r[name] for name in names)
+        in_features, out_features = first.shape[1], layer.lora_B[names[0]].weight.shape[0]
+        a = first.new_zeros(len(names), in_features, rank)
+        b = first.new_zeros(len(names), rank, out_features)
+        for slot, name in enumerate(names):
+            r = layer.r[name]
+            a[slot, :, :r] = layer.lora_A[name].weight.T
+            b[slot, :r, :] = (layer.lora_B[name].weight * layer.scaling[name]).T
         scale = None
         if dora:
-            scale = torch.ones(len(names) + 1, b.shape[0], device=a.device)
+            scale = torch.ones(len(names) + 1, out_features, device=a.device)
             for slot, name in enumerate(names):
                 if name in dora:
                     scale[slot] = layer.dora_scale(name)
-    stack = AdapterStack(order, ranks, a, b, scale, _key(layer), tuple(tensors), _stamps(tuple(tensors)))
+    stack = AdapterStack(order, a, b, scale, _key(layer), tuple(tensors), _stamps(tuple(tensors)))
     layer.__dict__["_adapter_stack"] = stack
     return stack
 
