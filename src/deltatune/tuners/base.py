@@ -35,6 +35,13 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return new
 
 
+@torch.no_grad()
+def write_weight(weight: torch.Tensor, value: torch.Tensor) -> None:
+    """``weight`` ← ``value`` in place, counted by its version counter (a write through ``.data`` is not), so that
+    what was derived from the weight and checks its counter (packed weights, stacked adapters) is made again."""
+    weight.copy_(value)
+
+
 def check_merges_finite(layers: list[tuple[str, nn.Module]], adapter_names: list[str]) -> None:
     """``safe_merge``: raise ``MergeError`` if merging any of ``adapter_names`` into any of ``layers`` (name, layer
     with ``unmerged`` and ``merged_weight``) would put NaN/Inf into its weights; checked before anything merges."""

@@ -41,7 +41,7 @@ from deltatune.kernels.base_weight import QUANTIZED_LINEARS, dense, logical_shap
 from deltatune.kernels.dora_linear import fused_dora_linear
 from deltatune.kernels.dora_linear import weight_norm as dora_weight_norm
 from deltatune.kernels.lora_linear import autocast_dtype
-from deltatune.tuners.base import DeltaLayer, master_dtype
+from deltatune.tuners.base import DeltaLayer, master_dtype, write_weight
 from deltatune.tuners.lora.config import LoraConfig
 from deltatune.tuners.lora.dora import DoraVariant
 from deltatune.tuners.lora.fallback import linear_fallback_reason, log_fallback
@@ -142,14 +142,14 @@ class LoraLayer(DoraVariant, DeltaLayer):
             scale = None
             if name in self.lora_magnitude_vector:  # kept as merged, so that unmerge inverts it exactly
                 scale = self._merged_dora_scales[name] = self.dora_scale(name, base)
-            self.base_weight.data.copy_(self.merged_weight(name, scale))
+            write_weight(self.base_weight, self.merged_weight(name, scale))
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """W ← W − s·BA (DoRA: W / scale − s·BA) for every merged adapter, newest first."""
         while self.merged_adapters:
             name = self.merged_adapters[-1]
-            self.base_weight.data.copy_(self._without_merged(dense(self.base_weight.data), name))
+            write_weight(self.base_weight, self._without_merged(dense(self.base_weight.data), name))
             self.merged_adapters.pop()
             self._merged_dora_scales.pop(name, None)
 
@@ -239,7 +239,9 @@ class LoraBias:
         bias = self.lora_B[name].bias
         if bias is not None:
             base_bias = self.base_layer.bias
-            base_bias.data += (sign * self.scaling[name] * bias.detach()).to(base_bias.dtype)
+            write_weight(
+                base_bias, base_bias.detach() + (sign * self.scaling[name] * bias.detach()).to(base_bias.dtype)
+            )
 
     def merge(self, names: list[str]) -> None:
         pending = self.unmerged(names)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.kernels.lora_linear import autocast_dtype
-from deltatune.tuners.base import DeltaLayer, master_dtype
+from deltatune.tuners.base import DeltaLayer, master_dtype, write_weight
 from deltatune.tuners.lycoris.config import LycorisConfig
 
 # The base layer types a LyCORIS update can wrap (as in peft 0.21.2).
@@ -143,7 +143,7 @@ class LycorisLayer(DeltaLayer):
     def merge(self, names: list[str]) -> None:
         """W ← W + ΔW for each adapter of ``names`` not merged yet, in order."""
         for name in self.unmerged(names):
-            self.base_layer.weight.data.copy_(self.merged_weight(name))
+            write_weight(self.base_layer.weight, self.merged_weight(name))
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -151,7 +151,7 @@ class LycorisLayer(DeltaLayer):
         weight = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            weight.data -= self.delta_weight(name).detach().to(weight.dtype)
+            write_weight(weight, weight.detach() - self.delta_weight(name).detach().to(weight.dtype))
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from deltatune.tuners.base import DeltaLayer, master_dtype
+from deltatune.tuners.base import DeltaLayer, master_dtype, write_weight
 from deltatune.tuners.oft.config import OFTConfig
 from deltatune.tuners.oft.rotation import OFTRotation, rotate, unrotate
 
@@ -89,7 +89,7 @@ class OFTLayer(DeltaLayer):
         """W ← W Rᵀ (E ← E R) for each adapter of ``names`` not merged yet."""
         pending = self.unmerged(names)
         if pending:
-            self.base_layer.weight.data.copy_(self.merged_weight(pending))
+            write_weight(self.base_layer.weight, self.merged_weight(pending))
             self.merged_adapters.extend(self.fold_order(pending))
 
     def unmerge(self) -> None:
@@ -100,7 +100,7 @@ class OFTLayer(DeltaLayer):
             with torch.no_grad():
                 blocks = self.rotations[name].matrices()
                 matrix = weight.detach().reshape(weight.shape[0], -1).to(blocks.dtype)
-                weight.data.copy_(unrotate(matrix, blocks, transpose=self.input_side).view(weight.shape))
+                write_weight(weight, unrotate(matrix, blocks, transpose=self.input_side).view(weight.shape))
             self.merged_adapters.pop()
 
     def extra_repr(self) -> str:
