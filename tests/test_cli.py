@@ -138,8 +138,11 @@ def test_merge_writes_a_model_transformers_loads_alone(trained, capsys) -> None:
 def test_generate_and_chat_answer_like_the_trained_adapter(trained, capsys, monkeypatch) -> None:
     result = json.loads((trained["root"] / "run" / "metrics.json").read_text())["result"]
     prompt, expected = result["sample_prompt"], result["answer_after"]
-    code, out, _ = cli(capsys, "generate", "--adapter", str(trained["adapter"]), "--max-new-tokens", "48", prompt)
-    assert code == 0 and out == expected + "\n"
+    for packing in ("--packed-weights", "--no-packed-weights"):  # oneDNN's products, then torch's own
+        code, out, _ = cli(
+            capsys, "generate", "--adapter", str(trained["adapter"]), "--max-new-tokens", "48", packing, prompt
+        )
+        assert code == 0 and out == expected + "\n"
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{prompt}\n/reset\n{prompt}\n/exit\nnot read\n"))
     code, out, err = cli(capsys, "chat", "--adapter", str(trained["adapter"]), "--max-new-tokens", "48")
     assert code == 0 and out == f"{expected}\n{expected}\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from deltatune.compat.bitsandbytes import (
     canonical,
@@ -102,6 +103,22 @@ def test_bitsandbytes_cannot_repack_a_layer_narrower_than_a_block_so_deltatune_k
 
 
 # -- torch ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_packed_linear_computes_f_linear(dtype):
+    from deltatune.compat.torch import onednn_linear, onednn_pack, onednn_packing_available
+
+    assert onednn_packing_available()  # the x86 CPU wheels the project installs have oneDNN
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 32, dtype=dtype), torch.randn(48, dtype=dtype)
+    packed = onednn_pack(weight)
+    inputs = [torch.randn(5, 32), torch.randn(2, 3, 32), torch.randn(32, 6).t(), torch.randn(2, 7, 32)[:, 1:4]]
+    for x in inputs:  # 2-D, 3-D, transposed and sliced inputs
+        x = x.to(dtype)
+        for b in (None, bias):
+            expected = F.linear(x.float(), weight.float(), None if b is None else b.float())
+            torch.testing.assert_close(onednn_linear(x, packed, b).float(), expected, atol=1e-4, rtol=2e-2)
+
+
 def test_has_hooks_sees_every_kind_of_hook_torch_keeps():
     from deltatune.compat.torch import has_hooks
 
@@ -228,25 +245,36 @@ def test_the_command_line_shows_a_fallback_line_once(capsys):
     )
 
 
-def test_a_dynamic_cache_is_read_and_rebuilt_through_its_layers_and_the_model_takes_it_as_cache():
+def test_a_dynamic_cache_is_read_through_its_layers_and_a_buffered_cache_takes_new_columns_in_place():
     import inspect
 
     from transformers import LlamaForCausalLM
 
-    from deltatune.compat.transformers import CACHE, cache_from_tensors, cache_tensors
+    from deltatune.compat.transformers import CACHE, buffered_cache, cache_tensors
     from tiny_models import tiny_llama
 
     model = tiny_llama().eval()
     assert CACHE in inspect.signature(LlamaForCausalLM.forward).parameters
-    ids = torch.tensor([[3, 4, 5, 6]])
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
     with torch.no_grad():
-        whole = model(ids).logits[0, -1]
-        cache = getattr(model(ids[:, :3], use_cache=True), CACHE)
-        pairs = cache_tensors(cache)
+        whole = model(ids).logits[0, -2:]
+        pairs = cache_tensors(getattr(model(ids[:, :3], use_cache=True), CACHE))
         assert len(pairs) == model.config.num_hidden_layers and pairs[0][0].shape[2] == 3
-        rebuilt = cache_from_tensors([(k.clone(), v.clone()) for k, v in pairs])
-        step = model(ids[:, 3:], position_ids=torch.tensor([[3]]), use_cache=True, **{CACHE: rebuilt}).logits[0, -1]
-    torch.testing.assert_close(step, whole, atol=1e-5, rtol=0)
+        buffers = []
+        for keys, values in pairs:
+            room = torch.full_like(keys[:, :, :2], float("nan"))  # unused columns must never be read
+            buffers.append((torch.cat([keys, room], dim=2), torch.cat([values, room], dim=2)))
+        cache = buffered_cache(buffers, 3)
+        steps = []
+        for column in (3, 4):
+            step = model(
+                ids[:, column : column + 1], position_ids=torch.tensor([[column]]), use_cache=True, **{CACHE: cache}
+            )
+            steps.append(step.logits[0, -1])
+        assert cache_tensors(cache)[0][0].data_ptr() == buffers[0][0].data_ptr()  # the same storage, widened
+        with pytest.raises(ValueError, match="cannot take columns 5..6"):
+            model(ids[:, :1], position_ids=torch.tensor([[5]]), use_cache=True, **{CACHE: cache})
+    torch.testing.assert_close(torch.stack(steps), whole, atol=1e-5, rtol=0)
 
 
 def test_logits_to_keep_is_found_through_a_wrapper_and_keeps_the_last_position():

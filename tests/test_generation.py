@@ -90,10 +90,28 @@ def test_columns_no_row_needs_are_dropped_when_the_longest_row_leaves(model):
     short = engine.add([7, 8], SamplingParams(max_new_tokens=5, temperature=0))
     engine.step()
     assert long.finish_reason == "length" and engine.running == [short]
-    assert engine._mask.shape[1] == 2 and engine._cache[0][0].shape[2] == 2  # the long prompt's columns went
+    assert engine._mask.shape[1] == 2  # the long prompt's columns went, from the mask and from the cache:
+    assert engine._cache[0][0].shape[2] == 2 + 5  # short's 2 and the room reserved for its 5 tokens
     while engine.has_work:
         engine.step()
     assert short.output_ids == alone(model, [7, 8], 5)
+
+
+def test_decoding_writes_each_column_into_the_reserved_room_and_regrows_when_it_runs_out(model, monkeypatch):
+    import deltatune.generation.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "ROOM", 3)
+    engine = GenerationEngine(model)
+    rows = [engine.add(prompt, SamplingParams(max_new_tokens=9, temperature=0)) for prompt in PROMPTS]
+    engine.step()  # prefill: every row's first token, a cache with room for 3 more columns
+    buffer = engine._cache[0][0]
+    width = engine._mask.shape[1]
+    assert buffer.shape[2] == width + 3
+    engine.step()
+    assert engine._cache[0][0] is buffer  # written in place, no copy of the cache
+    while engine.has_work:
+        engine.step()
+    assert [row.output_ids for row in rows] == [alone(model, prompt, 9) for prompt in PROMPTS]  # regrown twice
 
 
 def test_max_batch_queues_the_rest(model):

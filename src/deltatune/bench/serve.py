@@ -80,13 +80,16 @@ def prompt_ids(tokenizer, requests: int) -> list[list[int]]:
     return ids
 
 
-def run_engine(model, prompts: list[list[int]], names: list[str], tokens: int, stop: int, batch: bool) -> dict:
-    """The engine answering every prompt (all at once when ``batch``, else one after another)."""
+def run_engine(
+    model, prompts: list[list[int]], names: list[str], tokens: int, stop: int, batch: bool, packed=None
+) -> dict:
+    """The engine answering every prompt (all at once when ``batch``, else one after another), on ``packed``
+    weights (``kernels.packed_linear``, as ``serve`` runs: kept across calls) when given."""
     from deltatune.generation.engine import GenerationEngine
     from deltatune.generation.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=tokens, temperature=0)
-    engine = GenerationEngine(model, stop_token_ids=[stop], max_batch=len(prompts))
+    engine = GenerationEngine(model, stop_token_ids=[stop], max_batch=len(prompts), packed_weights=packed)
     started = time.perf_counter()
     firsts, gaps, answers = [], [], []
     groups = [list(range(len(prompts)))] if batch else [[i] for i in range(len(prompts))]
@@ -149,14 +152,17 @@ def run_serve_bench(
     """Every side for every number of distinct adapters, ``repeats`` times interleaved."""
     import torch
 
+    from deltatune.kernels.packed_linear import PackedWeights
+
     ours, theirs, tokenizer = build(model, adapters, folder)
+    packed = PackedWeights(ours)  # as serve holds them: packed at the first step, kept for the server's life
     stop = tokenizer.eos_token_id
     prompts = prompt_ids(tokenizer, requests)
     records: list[dict[str, Any]] = []
     for k in distinct:
         names = [f"a{i % k}" for i in range(requests)]
         torch.manual_seed(0)
-        reference = run_engine(ours, prompts, names, tokens, stop, batch=False)  # slow: once per k
+        reference = run_engine(ours, prompts, names, tokens, stop, batch=False, packed=packed)  # slow: once per k
         answers = reference.pop("answers")
         records.append({"side": "one_by_one", "distinct": k, "repeat": 1, **reference, "wrong_answers": 0})
         for repeat in range(repeats + 1):  # the first round warms up
@@ -165,7 +171,7 @@ def run_serve_bench(
                 if side == "peft":
                     result = run_peft(theirs, prompts, names, tokens, stop)
                 else:
-                    result = run_engine(ours, prompts, names, tokens, stop, batch=True)
+                    result = run_engine(ours, prompts, names, tokens, stop, batch=True, packed=packed)
                 result["wrong_answers"] = sum(a != b for a, b in zip(result.pop("answers"), answers))
                 if repeat:
                     records.append({"side": side, "distinct": k, "repeat": repeat, **result})

@@ -10,6 +10,7 @@ from deltatune.cli.generate import (
     add_generation_arguments,
     add_model_arguments,
     load_model,
+    packed_weights,
     sampling,
     system_messages,
     system_prompt,
@@ -43,9 +44,10 @@ def run(args: argparse.Namespace) -> int:
     from deltatune.train.evaluate import answer
 
     model, tokenizer = load_model(args)
+    packed = packed_weights(args, model)
     system = system_prompt(args)
     return converse(
-        lambda messages: answer(model, tokenizer, messages, args.max_new_tokens, **options),
+        lambda messages: answer(model, tokenizer, messages, args.max_new_tokens, **options, packed_weights=packed),
         system,
         interactive=sys.stdin.isatty(),
     )

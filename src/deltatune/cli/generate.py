@@ -35,6 +35,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", help="model folder, 'smollm2' or a hub id (default: the adapter's base model, else smollm2)"
     )
     parser.add_argument("--adapter", help="adapter folder (adapter_config.json + weights) to apply to the model")
+    add_packed_weights_argument(parser)
+
+
+def add_packed_weights_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--packed-weights",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on a CPU, decode on linear weights packed once for oneDNN: 1.5-3x faster steps, for a second copy of "
+        "those weights in memory (default: on; --no-packed-weights runs torch's own products)",
+    )
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +58,13 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+
+
+def packed_weights(args: argparse.Namespace, model):
+    """The packed weights the answers share (``--packed-weights``), or None."""
+    from deltatune.kernels.packed_linear import PackedWeights
+
+    return PackedWeights(model) if args.packed_weights else None
 
 
 def load_model(args: argparse.Namespace):
@@ -106,9 +124,10 @@ def run(args: argparse.Namespace) -> int:
     from deltatune.train.evaluate import answer
 
     model, tokenizer = load_model(args)
+    packed = packed_weights(args, model)
     opening = system_messages(system_prompt(args))
     for prompt in prompts:
         messages = [*opening, Message("user", prompt)]
-        reply = answer(model, tokenizer, messages, args.max_new_tokens, **options)
+        reply = answer(model, tokenizer, messages, args.max_new_tokens, **options, packed_weights=packed)
         print(reply if len(prompts) == 1 else f"> {prompt}\n{reply}\n", flush=True)
     return 0

@@ -21,6 +21,7 @@ one batch. Listens on 127.0.0.1 unless --host says otherwise; see docs/serving.m
 
 
 def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
+    from deltatune.cli.generate import add_packed_weights_argument
     from deltatune.serve.options import DTYPE_NAMES, QUANTIZATION_NAMES
 
     parser = commands.add_parser(
@@ -66,6 +67,7 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
         choices=QUANTIZATION_NAMES,
         help="hold the base's linear layers in 4 or 8 bits, as train's quantization= (needs bitsandbytes)",
     )
+    add_packed_weights_argument(parser)
     parser.add_argument(
         "--adapter-root",
         metavar="DIR",
@@ -94,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         quantization=args.quantization,
         adapter_root=args.adapter_root,
+        packed_weights=args.packed_weights,
     )
     check_options(options)  # bad flags and folders answer before torch loads
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

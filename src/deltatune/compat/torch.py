@@ -5,10 +5,17 @@ only exact when calling it would do nothing more than its class's ``forward``. W
 is read from ``nn.Module``'s private hook dicts (per module, and the global ones in
 ``torch.nn.modules.module``); ``tests/test_compat.py`` checks each still exists and still fills when a
 hook is registered.
+
+Decoding on CPU runs frozen linear layers through oneDNN's inner product over weights reordered once into
+its blocked layout (``kernels.packed_linear``). The two operators are private to torch (the ones its
+inductor uses for frozen weights): ``torch.ops.mkldnn._reorder_linear_weight(weight, batch_size)`` returns the
+packed weight as an opaque tensor, and ``torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")``
+computes ``x Wᵀ + b`` over the last dim of ``x``; ``tests/test_compat.py`` checks both against ``F.linear``.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 _MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -28,3 +35,23 @@ def has_hooks(module: nn.Module) -> bool:
         or "forward" in vars(module)
         or any(getattr(nn.modules.module, name) for name in _GLOBAL_HOOKS)
     )
+
+
+def onednn_packing_available() -> bool:
+    """Whether this torch has oneDNN and its linear-weight packing operators (x86 CPU builds do)."""
+    ops = torch.ops.mkldnn
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_reorder_linear_weight")
+        and hasattr(ops, "_linear_pointwise")
+    )
+
+
+def onednn_pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [out, in] reordered into oneDNN's blocked layout for its inner product (an opaque tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x Wᵀ + b`` over the last dim of ``x``, ``W`` packed by ``onednn_pack`` (no autograd)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None if bias is None else bias.detach(), "none", [], "")

@@ -6,8 +6,10 @@
 - transformers' ``Trainer`` refuses to train a quantised model unless ``_hf_peft_config_loaded`` says
   adapters are attached (``validate_quantization_for_training``); ``allow_training_quantized`` sets it.
 - A ``DynamicCache`` keeps each layer's keys and values as ``cache.layers[i].keys`` / ``.values``
-  (``cache_tensors``), and ``DynamicCache(ddp_cache_data=...)`` builds one from such pairs. A model takes
-  and returns it as ``cache`` (``CACHE``; transformers 5's name, formerly ``past_key_values``).
+  (``cache_tensors``). A ``Cache`` can be built from layer objects, and a model calls each layer's
+  ``update(keys, values)`` with the new columns and attends over what it returns; ``buffered_cache`` builds
+  one whose layers write those columns into room reserved to the right instead of concatenating. A model takes
+  and returns a cache as ``cache`` (``CACHE``; transformers 5's name, formerly ``past_key_values``).
 
 ``tests/test_compat.py`` checks each against the installed transformers: the MLPs of the common decoder
 families are recognised, ``ACT2FN``'s SiLU and GELUs are named, and the Trainer's check reads that flag.
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import activations
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 def activation_name(act: object) -> str | None:
@@ -99,11 +102,37 @@ def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def cache_from_tensors(tensors: list[tuple[torch.Tensor, torch.Tensor]]):
-    """A ``DynamicCache`` holding ``tensors`` (one (keys, values) pair per layer)."""
-    from transformers import DynamicCache
+class _BufferedLayer(DynamicLayer):
+    """A cache layer over the first ``columns`` columns of key and value buffers [batch, kv_heads, capacity,
+    head_dim] that have room to the right: ``update`` writes the step's new columns into that room and widens
+    the view, where ``DynamicLayer`` would concatenate (copy) the whole cache at every step::
 
-    return DynamicCache(ddp_cache_data=tensors)
+        buffer:  k k k k k . . .      update(1 column) ->   k k k k k n . .
+        view:    |<------>|                                  |<-------->|
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, columns: int) -> None:
+        super().__init__()
+        self._buffers = (keys, values)
+        self.keys, self.values = keys[:, :, :columns], values[:, :, :columns]
+        self.device, self.is_initialized = keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = self._buffers
+        start = self.keys.shape[-2]
+        end = start + key_states.shape[-2]
+        if end > keys.shape[-2]:
+            raise ValueError(f"a buffered cache of {keys.shape[-2]} columns cannot take columns {start}..{end}")
+        keys[:, :, start:end].copy_(key_states)
+        values[:, :, start:end].copy_(value_states)
+        self.keys, self.values = keys[:, :, :end], values[:, :, :end]
+        return self.keys, self.values
+
+
+def buffered_cache(buffers: list[tuple[torch.Tensor, torch.Tensor]], columns: int) -> Cache:
+    """A cache holding the first ``columns`` columns of each layer's (keys, values) buffers; the model's new
+    columns are written in place into the buffers' remaining room (the caller reserves enough)."""
+    return Cache(layers=[_BufferedLayer(keys, values, columns) for keys, values in buffers])
 
 
 def last_logits_only(model: nn.Module) -> dict[str, int]:

@@ -12,6 +12,8 @@ Each ``step()`` decodes one token for every running row in one forward, then pre
 (up to ``max_batch``) in one forward and joins them. A row leaves when it emits a stop token or reaches
 ``max_new_tokens``; the columns no remaining row needs are dropped. GRPO's rollouts, ``generate`` and the
 server all drive this one class (``generate()`` for a fixed set of prompts, ``add``/``step`` for streams).
+With ``packed_weights`` (``kernels.packed_linear``) the frozen linear layers run on oneDNN-packed weights
+during the engine's forwards, for long-lived or many-step engines on a CPU (the server, GRPO's rollouts).
 A row may name its own adapter (``add(..., adapter="support")``, None for the bare base model): rows of
 different LoRA/DoRA adapters then share every forward (``DeltaModel.adapter_rows``). Prompt-learning adapters
 (which add virtual tokens to every row's cache) are not supported here.
@@ -19,6 +21,7 @@ different LoRA/DoRA adapters then share every forward (``DeltaModel.adapter_rows
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 from collections.abc import Iterable, Sequence
@@ -26,11 +29,13 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from deltatune.compat.transformers import CACHE, cache_from_tensors, cache_tensors, last_logits_only
+from deltatune.compat.transformers import CACHE, buffered_cache, cache_tensors, last_logits_only
 from deltatune.errors import ConfigError
 from deltatune.generation.sampling import SamplingParams, choose
+from deltatune.kernels.packed_linear import PackedWeights
 
 AS_SET = object()  # a row that runs with the model's adapters as they are set (the default)
+ROOM = 64  # cache columns reserved past the used ones when the batch's cache is made: regrown once per 64 steps
 
 
 @dataclasses.dataclass
@@ -61,7 +66,7 @@ class GenerationEngine:
 
     ``stop_token_ids`` (the model's end-of-sequence tokens) end every row; a request's own
     ``SamplingParams.stop_token_ids`` add to them. ``seed`` seeds the generator shared by rows without a
-    seed of their own.
+    seed of their own. ``packed_weights``: run the frozen linear layers on oneDNN-packed weights (CPU).
     """
 
     def __init__(
@@ -70,6 +75,7 @@ class GenerationEngine:
         stop_token_ids: Iterable[int] = (),
         max_batch: int = 64,
         seed: int = 0,
+        packed_weights: PackedWeights | None = None,
     ) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch={max_batch} must be at least 1")
@@ -77,11 +83,12 @@ class GenerationEngine:
         self._last_only = last_logits_only(model)  # the head runs on each row's last position only
         self.stop_token_ids = frozenset(stop_token_ids)
         self.max_batch = max_batch
+        self.packed_weights = packed_weights
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.waiting: list[Row] = []
         self.running: list[Row] = []
-        self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # each layer's (keys, values), with room to grow
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [rows, columns]: 1 = a real token
         self._positions = torch.zeros(0, dtype=torch.long, device=self.device)  # each row's next position
         self._last = torch.zeros(0, dtype=torch.long, device=self.device)  # each row's last token, fed next
@@ -148,18 +155,21 @@ class GenerationEngine:
         return events
 
     def _decode(self) -> list[Event]:
+        columns = self._mask.shape[1]
+        if self._cache[0][0].shape[2] == columns:  # no room left for this step's column
+            room = self._room()
+            self._cache = [(_with_room(k, columns, room), _with_room(v, columns, room)) for k, v in self._cache]
         mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
         output = self._forward(
             self.running,
             input_ids=self._last[:, None],
             attention_mask=mask,
             position_ids=self._positions[:, None],
-            **{CACHE: cache_from_tensors(self._cache)},
+            **{CACHE: buffered_cache(self._cache, columns)},  # the new column is written into the room
             use_cache=True,
             **self._last_only,
         )
-        self._cache, self._mask = cache_tensors(getattr(output, CACHE)), mask
-        self._positions = self._positions + 1
+        self._mask, self._positions = mask, self._positions + 1
         return self._sample(output.logits[:, -1], self.running)
 
     def _prefill(self, rows: list[Row]) -> list[Event]:
@@ -183,19 +193,20 @@ class GenerationEngine:
             index = torch.tensor(source, device=self.device)
             cache = [(k.index_select(0, index), v.index_select(0, index)) for k, v in cache]
             mask, positions, logits = mask[index], positions[index], logits[index]
-        self._join(cache, mask, positions[:, -1] + 1)
         self.running += rows
+        self._join(cache, mask, positions[:, -1] + 1)
         self._last = torch.cat([self._last, torch.zeros(len(rows), dtype=torch.long, device=self.device)])
         return self._sample(logits, rows, offset=len(self.running) - len(rows))
 
     def _forward(self, rows: list[Row], **inputs):
         """The model on ``inputs``, each row with its own adapter when any row names one (a model without
         adapters runs as it is: every row is the base)."""
-        if all(row.adapter is AS_SET for row in rows) or not hasattr(self.model, "adapter_rows"):
-            return self.model(**inputs)
-        names = [self._adapter_of(row) for row in rows]
-        with self.model.adapter_rows(names):
-            return self.model(**inputs)
+        with self.packed_weights.applied() if self.packed_weights else contextlib.nullcontext():
+            if all(row.adapter is AS_SET for row in rows) or not hasattr(self.model, "adapter_rows"):
+                return self.model(**inputs)
+            names = [self._adapter_of(row) for row in rows]
+            with self.model.adapter_rows(names):
+                return self.model(**inputs)
 
     def _adapter_of(self, row: Row) -> str | None:
         """The adapter a row runs with in a mixed batch: its own, or the model's one active adapter."""
@@ -226,15 +237,26 @@ class GenerationEngine:
         return events
 
     # -- the batch's cache ------------------------------------------------------------------------
+    def _room(self) -> int:
+        """Columns to reserve past the used ones: ``ROOM``, or fewer when no running row may generate that many."""
+        left = max(row.params.max_new_tokens - len(row.output_ids) for row in self.running)
+        return max(1, min(ROOM, left))
+
     def _join(self, cache: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, positions: torch.Tensor):
-        """Append rows (their cache, mask and next positions) to the batch, left-padding the shorter side."""
-        if not self.running:
-            self._cache, self._mask, self._positions = cache, mask, positions
-            return
+        """Append rows (their cache, mask and next positions; already in ``running``) to the batch, left-padding
+        the shorter side, in buffers with room for the next steps."""
         width = max(self._mask.shape[1], mask.shape[1])
-        old = [(_left_pad(k, width, 2), _left_pad(v, width, 2)) for k, v in self._cache]
-        new = [(_left_pad(k, width, 2), _left_pad(v, width, 2)) for k, v in cache]
-        self._cache = [(torch.cat([ok, nk]), torch.cat([ov, nv])) for (ok, ov), (nk, nv) in zip(old, new)]
+        old = [(k[:, :, : self._mask.shape[1]], v[:, :, : self._mask.shape[1]]) for k, v in self._cache]
+        pairs = (
+            [
+                [torch.cat([_left_pad(a, width, 2), _left_pad(b, width, 2)]) for a, b in zip(old_pair, new_pair)]
+                for old_pair, new_pair in zip(old, cache)
+            ]
+            if self._cache
+            else cache
+        )
+        room = self._room()
+        self._cache = [(_with_room(k, width, room), _with_room(v, width, room)) for k, v in pairs]
         self._mask = torch.cat([_left_pad(self._mask, width, 1), _left_pad(mask, width, 1)])
         self._positions = torch.cat([self._positions, positions])
 
@@ -246,8 +268,19 @@ class GenerationEngine:
         used = mask.any(0).nonzero()
         start = int(used[0]) if len(used) else mask.shape[1]
         self._mask = mask[:, start:]
-        self._cache = [(k[index, :, start:], v[index, :, start:]) for k, v in self._cache]
+        self._cache = [
+            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in self._cache
+        ]
         self._positions, self._last = self._positions[index], self._last[index]
+
+
+def _with_room(tensor: torch.Tensor, columns: int, room: int) -> torch.Tensor:
+    """A buffer holding ``tensor``'s first ``columns`` columns (dim 2) and ``room`` unused ones after them."""
+    shape = list(tensor.shape)
+    shape[2] = columns + room
+    buffer = tensor.new_empty(shape)
+    buffer[:, :, :columns].copy_(tensor[:, :, :columns])
+    return buffer
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ class ServeOptions:
     quantization: str = "none"
     adapter_root: str | None = None
     seed: int = 0
+    packed_weights: bool = True  # decode on oneDNN-packed linear weights on a CPU (kernels.packed_linear)
 
 
 def check_options(options: ServeOptions) -> list[tuple[str, str, dict]]:

@@ -30,6 +30,7 @@ from torch import nn
 from deltatune.errors import ConfigError
 from deltatune.generation.engine import GenerationEngine, Row
 from deltatune.generation.sampling import SamplingParams
+from deltatune.kernels.packed_linear import PackedWeights
 from deltatune.serve.errors import Unavailable
 
 log = logging.getLogger("deltatune.serve")
@@ -69,9 +70,19 @@ class Stream:
 class Scheduler:
     """Runs ``model`` on its own thread; ``max_batch`` rows decode at once, the rest wait their turn."""
 
-    def __init__(self, model: nn.Module, stop_token_ids: Sequence[int], max_batch: int = 32, seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        stop_token_ids: Sequence[int],
+        max_batch: int = 32,
+        seed: int = 0,
+        packed_weights: bool = True,
+    ) -> None:
         self.model = model
-        self.engine = GenerationEngine(model, stop_token_ids, max_batch=max_batch, seed=seed)
+        self.packed_weights = PackedWeights(model) if packed_weights else None  # packed once, for the server's life
+        self.engine = GenerationEngine(
+            model, stop_token_ids, max_batch=max_batch, seed=seed, packed_weights=self.packed_weights
+        )
         self._inbox: list[tuple[str, Any]] = []
         self._wake = threading.Condition()
         self._stopping = False
@@ -238,7 +249,9 @@ class Scheduler:
         decoded = [row for row, count in running if len(row.output_ids) > count]
         if running and not decoded:  # the shared decode failed: no row can be blamed alone
             blamed = [*engine.running, *joining]
-            fresh = GenerationEngine(self.model, engine.stop_token_ids, engine.max_batch)
+            fresh = GenerationEngine(
+                self.model, engine.stop_token_ids, engine.max_batch, packed_weights=self.packed_weights
+            )
             fresh.generator, fresh.waiting, self.engine = engine.generator, engine.waiting, fresh
         else:  # the joining rows' prefill failed; the running rows decoded their token
             pristine = [row for row in joining if not row.output_ids and row not in engine.running]

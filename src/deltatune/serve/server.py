@@ -73,7 +73,9 @@ def load_service(options: ServeOptions, api_key: str | None = None) -> Service:
         raise ConfigError(f"--max-prompt-tokens={max_prompt} is more than the model's context ({context} tokens)")
     eos = model.generation_config.eos_token_id if model.generation_config else None
     stop = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
-    scheduler = Scheduler(model, sorted(stop), max_batch=options.max_concurrent, seed=options.seed)
+    scheduler = Scheduler(
+        model, sorted(stop), max_batch=options.max_concurrent, seed=options.seed, packed_weights=options.packed_weights
+    )
     registry = Registry(served_name(options, entries), str(path), options.adapter_root)
     vocab = model.get_input_embeddings().weight.shape[0]
     limits = Limits(context=context, max_prompt_tokens=max_prompt, vocab_size=vocab)

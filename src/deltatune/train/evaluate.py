@@ -14,6 +14,7 @@ from deltatune.data.encoding import prompt_ids
 from deltatune.data.records import Message
 from deltatune.generation.engine import GenerationEngine
 from deltatune.generation.sampling import SamplingParams
+from deltatune.kernels.packed_linear import PackedWeights
 from deltatune.train.lm_loss import causal_lm_loss
 from deltatune.tuners.prompt.config import PromptLearningConfig
 
@@ -55,17 +56,19 @@ def answer(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    packed_weights: PackedWeights | None = None,
 ) -> str:
     """The model's next assistant message after ``messages``: greedy at ``temperature`` 0, else sampled (``top_p``,
     ``seed``). It runs on the generation engine, as serving and GRPO do; an adapter with virtual tokens (the prompt
-    methods, which the engine's cache does not hold) answers through transformers' ``generate``."""
+    methods, which the engine's cache does not hold) answers through transformers' ``generate``. ``packed_weights``:
+    the engine's packed linear weights (``kernels.packed_linear``), kept by the caller across answers."""
     ids = prompt_ids(tokenizer, messages)
     if has_virtual_tokens(model):
         output = _transformers_answer(model, tokenizer, ids, max_new_tokens, temperature, top_p, seed)
     else:
         stops = model.generation_config.eos_token_id if hasattr(model, "generation_config") else None
         stops = [stops] if isinstance(stops, int) else list(stops or [tokenizer.eos_token_id])
-        engine = GenerationEngine(model, stop_token_ids=stops, max_batch=1, seed=seed)
+        engine = GenerationEngine(model, stop_token_ids=stops, max_batch=1, seed=seed, packed_weights=packed_weights)
         output = engine.generate([ids], SamplingParams(max_new_tokens, temperature, top_p))[0].output_ids
     return tokenizer.decode(output, skip_special_tokens=True).strip()
 

@@ -28,6 +28,7 @@ from deltatune.data.encoding import prompt_ids as chat_prompt_ids
 from deltatune.errors import ConfigError, DataError
 from deltatune.generation.engine import GenerationEngine
 from deltatune.generation.sampling import SamplingParams
+from deltatune.kernels.packed_linear import PackedWeights
 from deltatune.kernels.segment_attention import use_segment_attention
 from deltatune.train.completion_logps import completion_logps
 from deltatune.train.grpo_settings import GRPOSettings
@@ -221,7 +222,10 @@ class GRPOTrainer(PreferenceTrainer):
             top_k=settings.top_k,
         )
         model = self.accelerator.unwrap_model(self.model)
-        engine = GenerationEngine(model, self.stop_token_ids, max_batch=len(prompt_ids), seed=seed)
+        packed = PackedWeights(model)  # packed for this rollout's many steps, freed after it (the adapter moves)
+        engine = GenerationEngine(
+            model, self.stop_token_ids, max_batch=len(prompt_ids), seed=seed, packed_weights=packed
+        )
         training = model.training
         model.eval()  # gradient checkpointing turns the KV cache off in training mode
         try:

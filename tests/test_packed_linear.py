@@ -1,0 +1,97 @@
+"""Decoding on oneDNN-packed linear weights (``kernels/packed_linear.py``): the same logits as torch's own
+products, only inside the block, only the model's own layers, packed again when a weight changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import deltatune
+from deltatune.compat.torch import onednn_packing_available
+from deltatune.generation.engine import GenerationEngine
+from deltatune.generation.sampling import SamplingParams
+from deltatune.kernels.packed_linear import PackedWeights
+from tiny_models import tiny_llama
+
+pytestmark = pytest.mark.skipif(not onednn_packing_available(), reason="this torch has no oneDNN packing")
+
+
+def adapted_model(config=None):
+    torch.manual_seed(0)
+    config = config or deltatune.LoraConfig(r=4, target_modules="all-linear")
+    model = deltatune.get_delta_model(tiny_llama(), config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:  # every method's update starts at zero (B, the rotations, ...)
+                param.add_(torch.randn_like(param) * 0.1)
+    return model.eval()
+
+
+def logits(model, packed=None):
+    ids = torch.tensor([[3, 9, 4, 7, 1], [5, 2, 8, 6, 11]])
+    with torch.no_grad():
+        if packed is None:
+            return model(ids).logits
+        with packed.applied():
+            return model(ids).logits
+
+
+def test_packed_logits_equal_torch_products_and_the_layers_are_plain_again_after_the_block():
+    model = adapted_model()
+    packed = PackedWeights(model)
+    layers = packed.packable_layers()
+    base_linears = [m for name, m in model.named_modules() if type(m) is nn.Linear and "lora_" not in name]
+    assert set(layers) == set(base_linears) and len(layers) > 0  # an adapter's factors are not packed
+    torch.testing.assert_close(logits(model, packed), logits(model), atol=1e-5, rtol=1e-5)
+    assert not any("forward" in vars(layer) for layer in layers)
+
+
+def test_layers_run_packed_inside_the_block_only_and_not_with_autograd(monkeypatch):
+    import deltatune.kernels.packed_linear as packed_linear
+
+    calls = []
+    original = packed_linear.onednn_linear
+    monkeypatch.setattr(packed_linear, "onednn_linear", lambda *args: calls.append(1) or original(*args))
+    model = adapted_model()
+    packed = PackedWeights(model)
+    logits(model, packed)
+    assert len(calls) == len(packed.packable_layers())
+    calls.clear()
+    with packed.applied():  # grad enabled: nothing is patched, autograd sees torch's products
+        model(torch.tensor([[3, 4]])).logits.sum().backward()
+    logits(model)
+    assert calls == []
+
+
+MERGING = {
+    "lora": deltatune.LoraConfig(r=4, target_modules="all-linear"),
+    "loha": deltatune.LoHaConfig(r=4, target_modules="all-linear"),
+    "oft": deltatune.OFTConfig(r=4, oft_block_size=0, target_modules="all-linear"),
+}
+
+
+@pytest.mark.parametrize("method", MERGING)
+def test_a_weight_changed_in_place_is_packed_again(method):
+    """Merging and unmerging write into the base weights (counted by their version counters)."""
+    model = adapted_model(MERGING[method])
+    packed = PackedWeights(model)
+    logits(model, packed)
+    model.merge_adapter()  # writes B A into every base weight in place
+    torch.testing.assert_close(logits(model, packed), logits(model), atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(logits(model, packed), logits(model), atol=1e-5, rtol=1e-5)
+    head = next(module for name, module in model.named_modules() if name.endswith("lm_head"))
+    with torch.no_grad():
+        head.weight.mul_(2)
+    torch.testing.assert_close(logits(model, packed), logits(model), atol=1e-4, rtol=1e-5)
+
+
+def test_the_engine_on_packed_weights_answers_as_without_them():
+    model = adapted_model()
+    prompts = [[3, 9, 4], [5, 2, 8, 6, 11, 12], [7]]
+    greedy = SamplingParams(max_new_tokens=6, temperature=0)
+    plain = [row.output_ids for row in GenerationEngine(model).generate(prompts, greedy)]
+    engine = GenerationEngine(model, packed_weights=PackedWeights(model))
+    assert [row.output_ids for row in engine.generate(prompts, greedy)] == plain
+    assert not any("forward" in vars(layer) for layer in engine.packed_weights.packable_layers())
