@@ -95,3 +95,17 @@ def test_the_engine_on_packed_weights_answers_as_without_them():
     engine = GenerationEngine(model, packed_weights=PackedWeights(model))
     assert [row.output_ids for row in engine.generate(prompts, greedy)] == plain
     assert not any("forward" in vars(layer) for layer in engine.packed_weights.packable_layers())
+
+
+def test_a_weight_over_the_piece_size_is_packed_in_row_blocks(monkeypatch):
+    import deltatune.kernels.packed_linear as packed_linear
+
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 50)  # with a bias, split as the weight's rows are
+    monkeypatch.setattr(packed_linear, "PIECE_BYTES", 16 * 32 * 4)  # 16 rows a piece: 16, 16, 16, 2
+    packed = PackedWeights(nn.Sequential(layer))
+    x = torch.randn(3, 4, 32)
+    with torch.no_grad(), packed.applied():
+        out = layer(x)
+    assert [piece.shape[0] for piece in packed._packs[layer][1].pieces] == [16, 16, 16, 2]
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
