@@ -43,8 +43,8 @@ def add_packed_weights_argument(parser: argparse.ArgumentParser) -> None:
         "--packed-weights",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="on a CPU, decode on linear weights packed once for oneDNN: 1.5-3x faster steps, for a second copy of "
-        "those weights in memory (default: on; --no-packed-weights runs torch's own products)",
+        help="on a CPU, decode on linear weights packed once for oneDNN (2-3x faster products at a few rows), for "
+        "a second copy of those weights in memory (default: on; --no-packed-weights runs torch's own products)",
     )
 
 
