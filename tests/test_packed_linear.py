@@ -109,3 +109,11 @@ def test_a_weight_over_the_piece_size_is_packed_in_row_blocks(monkeypatch):
         out = layer(x)
     assert [piece.shape[0] for piece in packed._packs[layer][1].pieces] == [16, 16, 16, 2]
     torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_the_server_keeps_one_pack_for_its_life_unless_told_not_to():
+    from deltatune.serve.scheduler import Scheduler
+
+    model = adapted_model()
+    kept, plain = Scheduler(model, [0]), Scheduler(model, [0], packed_weights=False)
+    assert isinstance(kept.engine.packed_weights, PackedWeights) and plain.engine.packed_weights is None

@@ -42,6 +42,7 @@ def fake_adapter(folder, peft_type: str = "LORA", weights: bool = True):
         (["--model", "m", "--adapter", "m={lora}"], "the name 'm' is served twice"),
         (["--adapter-root", "no/such/root"], "--adapter-root no/such/root is not a folder"),
         (["--max-concurrent", "0"], "--max-concurrent=0 must be at least 1"),
+        (["--no-packed-weights", "--max-concurrent", "0"], "--max-concurrent=0 must be at least 1"),
         (["--port", "70000"], "--port=70000 must be in 0-65535"),
     ],
 )
