@@ -155,6 +155,37 @@ def test_equals_peft_mixed_batch(tmp_path):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
+def test_adapters_rows_in_order_are_sliced_not_gathered(model):
+    """Each adapter's rows consecutive, in the layer's order, blocks of one width: the blocks are a slice."""
+    from deltatune.tuners.rows import RowGroups
+
+    rows = ["a", "a", "b", "b", None]
+    assert RowGroups.of(rows).blocks({"a": 0, "b": 1}, torch.device("cpu")).sliced
+    assert not RowGroups.of(["a", "b", "a", "b", None]).blocks({"a": 0, "b": 1}, torch.device("cpu")).sliced
+    for length in (1, 4):
+        assert_rows_run_alone(model, rows, token_inputs(batch=len(rows), length=length))
+
+
+def test_the_engine_keeps_each_adapters_rows_together(model):
+    """Rows join in any order; the engine orders them by adapter (the model's order, the base's last), and
+    each row still answers as it does alone."""
+    greedy = SamplingParams(max_new_tokens=6, temperature=0)
+    names = ["b", None, "a", "b", "a", "dora"]
+    prompts = [[5 + i, 9, 2 + i] for i in range(len(names))]
+    engine = GenerationEngine(model, max_batch=8)
+    rows = [engine.add(prompt, greedy, adapter=name) for prompt, name in zip(prompts, names)]
+    engine.step()
+    assert [row.adapter for row in engine.running] == ["a", "a", "b", "b", "dora", None]
+    while engine.has_work:
+        engine.step()
+    for prompt, name, row in zip(prompts, names, rows):
+        single = GenerationEngine(model)
+        alone = single.add(prompt, greedy, adapter=name)
+        while single.has_work:
+            single.step()
+        assert row.output_ids == alone.output_ids, name
+
+
 def test_engine_rows_with_different_adapters_equal_generate_per_adapter(model):
     prompts = [[5, 6, 7, 8, 9], [11, 12], [3, 4, 5, 6, 7, 8, 9, 10, 11], [40], [7, 7, 7]]
     names = ["dora", "a", None, "b", "emb"]

@@ -15,8 +15,9 @@ server all drive this one class (``generate()`` for a fixed set of prompts, ``ad
 With ``packed_weights`` (``kernels.packed_linear``) the frozen linear layers run on oneDNN-packed weights
 during the engine's forwards, for long-lived or many-step engines on a CPU (the server, GRPO's rollouts).
 A row may name its own adapter (``add(..., adapter="support")``, None for the bare base model): rows of
-different LoRA/DoRA adapters then share every forward (``DeltaModel.adapter_rows``). Prompt-learning adapters
-(which add virtual tokens to every row's cache) are not supported here.
+different LoRA/DoRA adapters then share every forward (``DeltaModel.adapter_rows``), and the engine keeps each
+adapter's rows together so that its block of rows in the adapted layers is a slice of the batch.
+Prompt-learning adapters (which add virtual tokens to every row's cache) are not supported here.
 """
 
 from __future__ import annotations
@@ -196,7 +197,9 @@ class GenerationEngine:
         self.running += rows
         self._join(cache, mask, positions[:, -1] + 1)
         self._last = torch.cat([self._last, torch.zeros(len(rows), dtype=torch.long, device=self.device)])
-        return self._sample(logits, rows, offset=len(self.running) - len(rows))
+        events = self._sample(logits, rows, offset=len(self.running) - len(rows))
+        self._group_by_adapter()
+        return events
 
     def _forward(self, rows: list[Row], **inputs):
         """The model on ``inputs``, each row with its own adapter when any row names one (a model without
@@ -262,16 +265,30 @@ class GenerationEngine:
 
     def _keep(self, keep: list[int]) -> None:
         """Keep only rows ``keep`` of the batch, and drop the leading columns that no kept row uses."""
-        self.running = [self.running[i] for i in keep]
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        mask = self._mask[index]
-        used = mask.any(0).nonzero()
-        start = int(used[0]) if len(used) else mask.shape[1]
-        self._mask = mask[:, start:]
-        self._cache = [
-            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in self._cache
-        ]
-        self._positions, self._last = self._positions[index], self._last[index]
+        self._take(keep)
+        used = self._mask.any(0).nonzero()
+        start = int(used[0]) if len(used) else self._mask.shape[1]
+        self._mask = self._mask[:, start:]
+        self._cache = [(k[:, :, start:], v[:, :, start:]) for k, v in self._cache]
+
+    def _group_by_adapter(self) -> None:
+        """Order the rows by adapter (the model's order; the base model's rows last), so that each adapter's rows
+        are consecutive: in the adapted layers its block of rows is then a slice of the batch, not a gather
+        (``tuners/lora/rows.py``). Rows that all run the model's adapters as set stay as they joined."""
+        if all(row.adapter is AS_SET for row in self.running) or not hasattr(self.model, "peft_config"):
+            return
+        rank = {name: i for i, name in enumerate(self.model.peft_config)}
+        keys = [rank.get(self._adapter_of(row), len(rank)) for row in self.running]
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        if order != list(range(len(order))):
+            self._take(order)
+
+    def _take(self, rows: list[int]) -> None:
+        """The batch's rows ``rows``, in that order."""
+        self.running = [self.running[i] for i in rows]
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self._cache = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self._cache]
+        self._mask, self._positions, self._last = self._mask[index], self._positions[index], self._last[index]
 
 
 def _with_room(tensor: torch.Tensor, columns: int, room: int) -> torch.Tensor:

@@ -29,12 +29,14 @@ from deltatune.errors import ConfigError
 class Blocks(NamedTuple):
     """Rows gathered into one block per adapter, each ``width`` long: ``source`` [slots x width] the rows to gather
     (the padding of a shorter block: index ``rows``, a zero row), ``target`` where each block row's term is
-    added (the padding's: row 0), ``padded`` whether any block was padded."""
+    added (the padding's: row 0), ``padded`` whether any block was padded, ``sliced`` whether the blocks are
+    simply the batch's first rows in order (the generation engine keeps an adapter's rows together)."""
 
     source: torch.Tensor
     target: torch.Tensor
     width: int
     padded: bool
+    sliced: bool  # the blocks are the batch's first rows in order (no padding): a slice, no gather needed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +92,9 @@ class RowGroups:
                 source += members[name] + [self.rows] * missing  # row ``rows``: a zero row the caller appends
                 target += members[name] + [0] * missing  # the padding's zero terms land on row 0
             padded = len(source) != sum(len(members[name]) for name in order)
+            sliced = source == list(range(len(source)))
             self._memo[key] = Blocks(
-                torch.tensor(source, device=device), torch.tensor(target, device=device), width, padded
+                torch.tensor(source, device=device), torch.tensor(target, device=device), width, padded, sliced
             )
         return self._memo[key]
 

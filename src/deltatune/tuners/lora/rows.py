@@ -105,10 +105,17 @@ def add_batched(
     tokens = x.reshape(rows, -1, x.shape[-1]).to(stack.a.dtype)  # [rows, T, in]
     plain = stack.scale is None and result.dtype == stack.b.dtype and result.is_contiguous()
     if plain and groups.whole is not None:  # one adapter, every row: the batch is the block
-        flat = tokens.view(-1, tokens.shape[-1])
+        flat = tokens.reshape(-1, tokens.shape[-1])
         result.view(flat.shape[0], -1).addmm_(flat @ stack.a[0], stack.b[0])
         return result
     blocks = groups.blocks(stack.order, x.device)
+    if plain and blocks.sliced:  # the blocks are the batch's first rows: terms added into their slice in place
+        count = len(blocks.source)
+        gathered = tokens[:count].reshape(len(stack.order), -1, tokens.shape[-1])
+        result.view(rows, -1)[:count].view(len(stack.order), gathered.shape[1], -1).baddbmm_(
+            torch.bmm(gathered, stack.a), stack.b
+        )
+        return result
     if blocks.padded:
         tokens = torch.cat([tokens, tokens.new_zeros(1, *tokens.shape[1:])])  # the row padding gathers
     gathered = tokens.index_select(0, blocks.source).view(len(stack.order), -1, tokens.shape[-1])
