@@ -50,6 +50,7 @@ def build(model: str, adapters: int, folder: str):
 
     path = model_folder(model)
     config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+    torch.manual_seed(0)  # A's initialisation: the same adapters, so the same answers, in every run
     maker = get_delta_model(load_causal_lm(path), config, adapter_name="a0")
     names = [f"a{i}" for i in range(adapters)]
     generator = torch.Generator().manual_seed(0)
