@@ -12,7 +12,7 @@ Each ``step()`` decodes one token for every running row in one forward, then pre
 (up to ``max_batch``) in one forward and joins them. A row leaves when it emits a stop token or reaches
 ``max_new_tokens``; the columns no remaining row needs are dropped. GRPO's rollouts, ``generate`` and the
 server all drive this one class (``generate()`` for a fixed set of prompts, ``add``/``step`` for streams).
-With ``packed_weights`` (``kernels.packed_linear``) the frozen linear layers run on oneDNN-packed weights
+With ``packed_weights`` (``kernels.packed_linear``) the model's linear layers run on oneDNN-packed weights
 during the engine's forwards, for long-lived or many-step engines on a CPU (the server, GRPO's rollouts).
 A row may name its own adapter (``add(..., adapter="support")``, None for the bare base model): rows of
 different LoRA/DoRA adapters then share every forward (``DeltaModel.adapter_rows``), and the engine keeps each
@@ -67,7 +67,7 @@ class GenerationEngine:
 
     ``stop_token_ids`` (the model's end-of-sequence tokens) end every row; a request's own
     ``SamplingParams.stop_token_ids`` add to them. ``seed`` seeds the generator shared by rows without a
-    seed of their own. ``packed_weights``: run the frozen linear layers on oneDNN-packed weights (CPU).
+    seed of their own. ``packed_weights``: run the model's linear layers on oneDNN-packed weights (CPU).
     """
 
     def __init__(

@@ -3,9 +3,9 @@
 A decoding step multiplies a few rows (one token per sequence) by every weight of the model. At such small
 row counts torch's default fp32 GEMM on CPU is far from the memory bandwidth, while oneDNN's inner product
 over a weight reordered once into its blocked layout is 2-3x faster (AMD EPYC, 2 cores, 16 rows:
-SmolLM2-135M's 49k-word head 21 -> 6.6 ms, its 210 layer weights 44 -> 23 ms). Packing every weight costs
-about as much as ten such steps, so it pays for batches that decode many steps: a server's life, a GRPO
-rollout, not one short answer::
+SmolLM2-135M's 49k-word head 21 -> 6.6 ms, its 210 layer weights 44 -> 23 ms). Packing every weight takes
+about 0.2 s, several such steps, so it pays for batches that decode many steps: a server's life, a GRPO
+rollout, a command's answers, not one short answer::
 
     packed = PackedWeights(model)            # nothing is packed yet
     with packed.applied():                   # every fp32/bf16 nn.Linear on the CPU, for this block:
