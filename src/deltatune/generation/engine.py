@@ -159,7 +159,10 @@ class GenerationEngine:
         columns = self._mask.shape[1]
         if self._cache[0][0].shape[2] == columns:  # no room left for this step's column
             room = self._room()
-            self._cache = [(_with_room(k, columns, room), _with_room(v, columns, room)) for k, v in self._cache]
+            self._cache = [
+                (_in_buffer([k[:, :, :columns]], columns, room), _in_buffer([v[:, :, :columns]], columns, room))
+                for k, v in self._cache
+            ]
         mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
         output = self._forward(
             self.running,
@@ -248,18 +251,15 @@ class GenerationEngine:
     def _join(self, cache: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, positions: torch.Tensor):
         """Append rows (their cache, mask and next positions; already in ``running``) to the batch, left-padding
         the shorter side, in buffers with room for the next steps."""
-        width = max(self._mask.shape[1], mask.shape[1])
-        old = [(k[:, :, : self._mask.shape[1]], v[:, :, : self._mask.shape[1]]) for k, v in self._cache]
-        pairs = (
-            [
-                [torch.cat([_left_pad(a, width, 2), _left_pad(b, width, 2)]) for a, b in zip(old_pair, new_pair)]
-                for old_pair, new_pair in zip(old, cache)
-            ]
-            if self._cache
-            else cache
-        )
+        columns = self._mask.shape[1]
+        width = max(columns, mask.shape[1])
         room = self._room()
-        self._cache = [(_with_room(k, width, room), _with_room(v, width, room)) for k, v in pairs]
+        if not self._cache:  # no rows yet
+            self._cache = [(k[:0], v[:0]) for k, v in cache]
+        self._cache = [
+            (_in_buffer([ok[:, :, :columns], nk], width, room), _in_buffer([ov[:, :, :columns], nv], width, room))
+            for (ok, ov), (nk, nv) in zip(self._cache, cache)
+        ]
         self._mask = torch.cat([_left_pad(self._mask, width, 1), _left_pad(mask, width, 1)])
         self._positions = torch.cat([self._positions, positions])
 
@@ -291,12 +291,17 @@ class GenerationEngine:
         self._mask, self._positions, self._last = self._mask[index], self._positions[index], self._last[index]
 
 
-def _with_room(tensor: torch.Tensor, columns: int, room: int) -> torch.Tensor:
-    """A buffer holding ``tensor``'s first ``columns`` columns (dim 2) and ``room`` unused ones after them."""
-    shape = list(tensor.shape)
-    shape[2] = columns + room
-    buffer = tensor.new_empty(shape)
-    buffer[:, :, :columns].copy_(tensor[:, :, :columns])
+def _in_buffer(parts: list[torch.Tensor], width: int, room: int) -> torch.Tensor:
+    """``parts`` stacked along rows (dim 0), each right-aligned to ``width`` columns (dim 2, zeros before its
+    own), in one new buffer with ``room`` unused columns after them: one copy of each part."""
+    first = parts[0]
+    buffer = first.new_empty(sum(part.shape[0] for part in parts), first.shape[1], width + room, first.shape[3])
+    start = 0
+    for part in parts:
+        end, pad = start + part.shape[0], width - part.shape[2]
+        buffer[start:end, :, :pad].zero_()
+        buffer[start:end, :, pad:width].copy_(part)
+        start = end
     return buffer
 
 

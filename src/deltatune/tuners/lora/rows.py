@@ -13,8 +13,9 @@ Two ways, the same sums:
       y[rows of each block] += (blocks @ A) @ B
 
   so a decoding step pays a handful of operations per layer whatever the number of adapters, and reads each
-  adapter's factors once (Punica's batched GEMV, on ``torch.bmm``). When one adapter has every row, the block
-  is the batch itself: two plain products, added into the base output in place. The stack holds only the
+  adapter's factors once (Punica's batched GEMV, on ``torch.bmm``). When the blocks are the batch's first rows
+  in order (one adapter on every row; the generation engine's batches) they are a slice of it, and the terms
+  are added into the base output in place. The stack holds only the
   adapters in the batch (a server holding a hundred reads the factors of the few its requests name), and it
   is kept until the batch names other adapters or their tensors change (version counters and data pointers,
   checked each step; the layer's modules are looked up only to rebuild it).
@@ -104,17 +105,15 @@ def add_batched(
     rows = x.shape[0]
     tokens = x.reshape(rows, -1, x.shape[-1]).to(stack.a.dtype)  # [rows, T, in]
     plain = stack.scale is None and result.dtype == stack.b.dtype and result.is_contiguous()
-    if plain and groups.whole is not None:  # one adapter, every row: the batch is the block
-        flat = tokens.reshape(-1, tokens.shape[-1])
-        result.view(flat.shape[0], -1).addmm_(flat @ stack.a[0], stack.b[0])
-        return result
     blocks = groups.blocks(stack.order, x.device)
     if plain and blocks.sliced:  # the blocks are the batch's first rows: terms added into their slice in place
-        count = len(blocks.source)
-        gathered = tokens[:count].reshape(len(stack.order), -1, tokens.shape[-1])
-        result.view(rows, -1)[:count].view(len(stack.order), gathered.shape[1], -1).baddbmm_(
-            torch.bmm(gathered, stack.a), stack.b
-        )
+        count, slots = len(blocks.source), len(stack.order)
+        inputs = tokens[:count].reshape(slots, -1, tokens.shape[-1])
+        into = result.view(rows, -1)[:count].view(slots, inputs.shape[1], -1)
+        if slots == 1:  # one adapter: two plain products (a batch of one matmul runs slower)
+            into[0].addmm_(inputs[0] @ stack.a[0], stack.b[0])
+        else:
+            into.baddbmm_(torch.bmm(inputs, stack.a), stack.b)
         return result
     if blocks.padded:
         tokens = torch.cat([tokens, tokens.new_zeros(1, *tokens.shape[1:])])  # the row padding gathers
