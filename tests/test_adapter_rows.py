@@ -312,4 +312,43 @@ def test_a_decoding_step_stacks_only_the_adapters_its_batch_names():
         held = [name for name in adapters if name in rows]
         stack = layer.__dict__["_adapter_stack"]
         assert list(stack.order) == held and stack.a.shape[0] == len(held)
-        assert stack.a.shape[2] == stack.b.shape[1] == max(layer.r[name] for name in held)
+        assert stack.a.shape[1] == stack.b.shape[1] == max(layer.r[name] for name in held)
+
+
+def test_rows_leaving_cut_the_stack_from_the_one_built():
+    """Rows of some adapters leave (a decoding batch shrinks): each layer's stack is cut from the last one built,
+    slots selected and ranks trimmed (no rebuild), and every row still equals its adapter alone; the full set again
+    is the built stack itself."""
+    adapters = {"a": LoraConfig(r=4, target_modules="all-linear"), "b": LoraConfig(r=8, target_modules="all-linear")}
+    adapters["c"] = LoraConfig(r=2, target_modules="all-linear", use_dora=True)
+    model = mixed_model(adapters=adapters).eval()
+    layer = model.base_model.model.layers[0].mlp.down_proj
+    inputs = token_inputs(batch=3, length=1)
+    assert_rows_run_alone(model, ["a", "b", "c"], inputs)
+    built = layer.__dict__["_adapter_stack_built"]
+    for rows, held in ((["a", "c", "c"], ("a", "c")), (["c", None, "c"], ("c",)), (["a", "b", None], ("a", "b"))):
+        assert_rows_run_alone(model, rows, inputs)
+        stack = layer.__dict__["_adapter_stack"]
+        assert layer.__dict__["_adapter_stack_built"] is built and stack is not built
+        slots = torch.tensor([built.order[name] for name in held])
+        rank = max(layer.r[name] for name in held)
+        assert torch.equal(stack.a, built.a[slots, :rank]) and torch.equal(stack.b, built.b[slots, :rank])
+    assert_rows_run_alone(model, ["a", "b", "c"], inputs)
+    assert layer.__dict__["_adapter_stack"] is built
+
+
+def test_a_stack_is_not_cut_from_changed_weights():
+    """An adapter written in place after the stack was built: a smaller batch naming it is rebuilt, not cut from the
+    stale stack (DoRA's scale follows a changed base weight too)."""
+    adapters = {"a": LoraConfig(r=4, target_modules="all-linear"), "b": LoraConfig(r=4, target_modules="all-linear")}
+    adapters["c"] = LoraConfig(r=2, target_modules="all-linear", use_dora=True)
+    model = mixed_model(adapters=adapters).eval()
+    layer = model.base_model.model.layers[0].self_attn.q_proj
+    inputs = token_inputs(batch=3, length=1)
+    for changed, rows in ((layer.lora_A["a"].weight, ["a", None, "a"]), (layer.base_weight, ["c", "c", None])):
+        assert_rows_run_alone(model, ["a", "b", "c"], inputs)
+        built = layer.__dict__["_adapter_stack_built"]
+        with torch.no_grad():
+            changed.mul_(1.5)
+        assert_rows_run_alone(model, rows, inputs)
+        assert layer.__dict__["_adapter_stack_built"] is not built

@@ -9,8 +9,8 @@ Two ways, the same sums:
   (blocks padded with a zero row to the largest block), and every term computed in two batched matmuls::
 
       rows 0 1 2 3 4 of adapters a b a - b   ->   blocks [x0 x2] [x1 x4]        (row 3: the base alone)
-      A [slots, in, r] = [A_aᵀ, A_bᵀ]          B [slots, r, out] = [s_a B_aᵀ, s_b B_bᵀ]
-      y[rows of each block] += (blocks @ A) @ B
+      A [slots, r, in] = [A_a, A_b]          B [slots, r, out] = [s_a B_aᵀ, s_b B_bᵀ]
+      y[rows of each block] += (blocks @ Aᵀ) @ B
 
   so a decoding step pays a handful of operations per layer whatever the number of adapters, and reads each
   adapter's factors once (Punica's batched GEMV, on ``torch.bmm``). When the blocks are the batch's first rows
@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deltatune.tuners.rows import RowGroups
@@ -62,31 +63,70 @@ def add_per_row(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, groups:
 
 
 class AdapterStack(NamedTuple):
-    """The batch's adapters in one linear layer, stacked: slot order (adapter -> slot), A [slots, in, r] (each
-    adapter's Aᵀ) and B [slots, r, out] (each adapter's s·Bᵀ), ranks padded with zeros to the largest, and DoRA's
-    m/||W0 + s·BA|| [slots + 1, out] (1 for LoRA slots and the last, adapter-less one; None when no adapter is DoRA).
-    ``a`` is None when the layer cannot stack (not a linear layer, a B bias, active dropout). ``key`` and
-    ``stamps`` say what it was built from (``adapter_stack``)."""
+    """The batch's adapters in one linear layer, stacked: slot order (adapter -> slot), A [slots, r, in] (each
+    adapter's A as it holds it, read through a transposed view: faster than Aᵀ at a few rows) and B [slots, r, out]
+    (each adapter's s·Bᵀ), ranks padded with zeros to the largest, and DoRA's m/||W0 + s·BA|| [slots + 1, out] (1
+    for LoRA slots and the last, adapter-less one; None when no adapter is DoRA).
+    ``a`` is None when the layer cannot stack (not a linear layer, a B bias, active dropout). ``key``, ``sources``
+    (each adapter's A, B and DoRA magnitude in turn, then the base weight, which DoRA's scale reads), ``spans``
+    (adapter, or None for the base weight -> its part of ``sources``) and ``stamps`` (the sources' data pointers and
+    version counters) say what it was built from (``adapter_stack``)."""
 
     order: dict[str, int]
     a: torch.Tensor | None
     b: torch.Tensor | None
     scale: torch.Tensor | None
     key: tuple
-    tensors: tuple[torch.Tensor, ...]
-    stamps: tuple[tuple[int, int], ...]
+    sources: tuple[torch.Tensor, ...]
+    spans: dict[str | None, slice]
+    stamps: list[tuple[int, int]]
 
     def fresh(self, layer: nn.Module, names: tuple[str, ...]) -> bool:
         """Still ``names`` as ``layer`` holds them: the same adapters, scales and mode, tensors unchanged in place."""
-        return tuple(self.order) == names and self.key == _key(layer) and self.stamps == _stamps(self.tensors)
+        return tuple(self.order) == names and self.key == _key(layer) and _stamps(self.sources) == self.stamps
+
+    def subset(self, layer: nn.Module, names: tuple[str, ...]) -> AdapterStack | None:
+        """The stack of ``names`` cut from this one when it holds each of them unchanged (rows of some adapters
+        left the batch): their slots selected, nothing rebuilt; None when it cannot be."""
+        if self.a is None or self.key != _key(layer) or not self.order.keys() >= set(names):
+            return None
+        dora = any(name in layer.lora_magnitude_vector for name in names)
+        keys = (*names, None) if dora else names
+        now = _stamps(self.sources)
+        if any(now[self.spans[key]] != self.stamps[self.spans[key]] for key in keys):
+            return None
+        slots = torch.tensor([self.order[name] for name in names], device=self.a.device)
+        rank = max(layer.r[name] for name in names)
+        scale = None
+        if dora:  # the adapter-less row's 1s stay last
+            scale = self.scale.index_select(0, torch.cat([slots, slots.new_tensor([len(self.order)])]))
+        a, b = self.a[:, :rank].index_select(0, slots), self.b[:, :rank].index_select(0, slots)
+        order = {name: slot for slot, name in enumerate(names)}
+        return _stack(order, a, b, scale, self.key, {key: self.sources[self.spans[key]] for key in keys})
+
+
+def _stack(
+    order: dict[str, int],
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    key: tuple,
+    parts: dict[str | None, tuple[torch.Tensor, ...]],
+) -> AdapterStack:
+    """An ``AdapterStack`` built from ``parts`` (adapter, or None for the base weight -> its source tensors)."""
+    spans, start = {}, 0
+    for name, tensors in parts.items():
+        spans[name], start = slice(start, start + len(tensors)), start + len(tensors)
+    sources = tuple(tensor for tensors in parts.values() for tensor in tensors)
+    return AdapterStack(order, a, b, scale, key, sources, spans, _stamps(sources))
 
 
 def _key(layer: nn.Module) -> tuple:
     return tuple(layer.scaling.items()), layer.training
 
 
-def _stamps(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[int, int], ...]:
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+def _stamps(tensors: tuple[torch.Tensor, ...]) -> list[tuple[int, int]]:
+    return [(t.data_ptr(), t._version) for t in tensors]
 
 
 def stackable(layer: nn.Module, names: tuple[str, ...]) -> bool:
@@ -111,14 +151,15 @@ def add_batched(
         inputs = tokens[:count].reshape(slots, -1, tokens.shape[-1])
         into = result.view(rows, -1)[:count].view(slots, inputs.shape[1], -1)
         if slots == 1:  # one adapter: two plain products (a batch of one matmul runs slower)
-            into[0].addmm_(inputs[0] @ stack.a[0], stack.b[0])
+            into[0].addmm_(F.linear(inputs[0], stack.a[0]), stack.b[0])
         else:
-            into.baddbmm_(torch.bmm(inputs, stack.a), stack.b)
+            into.baddbmm_(torch.bmm(inputs, stack.a.transpose(1, 2)), stack.b)
         return result
     if blocks.padded:
         tokens = torch.cat([tokens, tokens.new_zeros(1, *tokens.shape[1:])])  # the row padding gathers
     gathered = tokens.index_select(0, blocks.source).view(len(stack.order), -1, tokens.shape[-1])
-    terms = torch.bmm(torch.bmm(gathered, stack.a), stack.b).view(len(blocks.target), -1)  # [block rows, T x out]
+    terms = torch.bmm(torch.bmm(gathered, stack.a.transpose(1, 2)), stack.b)
+    terms = terms.view(len(blocks.target), -1)  # [block rows, T x out]
     if plain:
         result.view(rows, -1).index_add_(0, blocks.target, terms)  # padding adds its zeros to row 0
         return result
@@ -132,43 +173,59 @@ def add_batched(
 
 
 def adapter_stack(layer: nn.Module, names: tuple[str, ...]) -> AdapterStack:
-    """The layer's adapters ``names`` stacked (``AdapterStack``), rebuilt only when the names change, one of
-    their tensors changed in place (version counters) or moved (data pointers), or the layer's adapters, their
-    scales or the mode changed (``forget_stack`` runs when an adapter is added or deleted)."""
-    cached = layer.__dict__.get("_adapter_stack")
-    if cached is not None and cached.fresh(layer, names):
-        return cached
-    order = {name: slot for slot, name in enumerate(names)}
-    if not stackable(layer, names):
-        stack = AdapterStack(order, None, None, None, _key(layer), (), ())
-        layer.__dict__["_adapter_stack"] = stack
-        return stack
-    dora = [name for name in names if name in layer.lora_magnitude_vector]
-    tensors = [t for name in names for t in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
-    tensors += [layer.lora_magnitude_vector[name] for name in dora]
-    if dora:
-        tensors.append(layer.base_weight)
-    with torch.no_grad():
-        first = layer.lora_A[names[0]].weight
-        rank = max(layer.r[name] for name in names)
-        in_features, out_features = first.shape[1], layer.lora_B[names[0]].weight.shape[0]
-        a = first.new_zeros(len(names), in_features, rank)
-        b = first.new_zeros(len(names), rank, out_features)
-        for slot, name in enumerate(names):
-            r = layer.r[name]
-            a[slot, :, :r] = layer.lora_A[name].weight.T
-            b[slot, :r, :] = (layer.lora_B[name].weight * layer.scaling[name]).T
-        scale = None
-        if dora:
-            scale = torch.ones(len(names) + 1, out_features, device=a.device)
-            for slot, name in enumerate(names):
-                if name in dora:
-                    scale[slot] = layer.dora_scale(name)
-    stack = AdapterStack(order, a, b, scale, _key(layer), tuple(tensors), _stamps(tuple(tensors)))
+    """The layer's adapters ``names`` stacked (``AdapterStack``), kept until the names change, one of their
+    tensors changes in place (version counters) or moves (data pointers), or the layer's adapters, their scales or
+    the mode change (``forget_stack`` runs when an adapter is added or deleted).
+
+    The last stack built from the layer's factors is kept too, and a batch naming some of its adapters (rows that
+    left, a smaller batch next) is cut from it (``AdapterStack.subset``: one copy of the factors it selects)
+    instead of rebuilt (two transposing copies, a dozen operations per adapter)."""
+    kept = layer.__dict__.get("_adapter_stack")
+    if kept is not None and kept.fresh(layer, names):
+        return kept
+    built = layer.__dict__.get("_adapter_stack_built")
+    stack = None
+    if built is not None:
+        stack = built if built.fresh(layer, names) else built.subset(layer, names)
+    if stack is None:
+        stack = layer.__dict__["_adapter_stack_built"] = _build(layer, names)
     layer.__dict__["_adapter_stack"] = stack
     return stack
 
 
+def _build(layer: nn.Module, names: tuple[str, ...]) -> AdapterStack:
+    """``names`` stacked from the layer's own factors (``AdapterStack``)."""
+    order = {name: slot for slot, name in enumerate(names)}
+    if not stackable(layer, names):
+        return _stack(order, None, None, None, _key(layer), {})
+    dora = [name for name in names if name in layer.lora_magnitude_vector]
+    parts: dict[str | None, tuple[torch.Tensor, ...]] = {
+        name: (layer.lora_A[name].weight, layer.lora_B[name].weight)
+        + ((layer.lora_magnitude_vector[name],) if name in dora else ())
+        for name in names
+    }
+    if dora:
+        parts[None] = (layer.base_weight,)
+    with torch.no_grad():
+        rank = max(layer.r[name] for name in names)
+        a = torch.stack([_padded(parts[name][0], rank) for name in names])  # [slots, rank, in]
+        b = torch.stack([_padded(parts[name][1].T, rank) for name in names])  # [slots, rank, out]
+        b.mul_(torch.tensor([float(layer.scaling[name]) for name in names], device=b.device).view(-1, 1, 1))
+        scale = None
+        if dora:
+            scale = torch.ones(len(names) + 1, b.shape[2], device=a.device)
+            for name in dora:
+                scale[order[name]] = layer.dora_scale(name)
+    return _stack(order, a, b, scale, _key(layer), parts)
+
+
+def _padded(factor: torch.Tensor, rank: int) -> torch.Tensor:
+    """``factor`` ([r, features]) with rows of zeros after its own up to ``rank`` (itself when it has that rank)."""
+    missing = rank - factor.shape[0]
+    return F.pad(factor, [0, 0, 0, missing]) if missing else factor
+
+
 def forget_stack(layer: nn.Module) -> None:
-    """Drop the layer's kept stack (its adapters were added or deleted)."""
+    """Drop the layer's kept stacks (its adapters were added or deleted)."""
     layer.__dict__.pop("_adapter_stack", None)
+    layer.__dict__.pop("_adapter_stack_built", None)
