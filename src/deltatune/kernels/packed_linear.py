@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +44,7 @@ class PackedWeights:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._packs: dict[nn.Linear, tuple[tuple[int, int], Pack]] = {}  # layer -> (weight stamp, its pack)
+        self._packs: dict[nn.Linear, tuple[tuple[int, int], Callable]] = {}  # layer -> (weight stamp, packed forward)
         self._available = onednn_packing_available()
 
     @contextlib.contextmanager
@@ -57,48 +56,49 @@ class PackedWeights:
                 layers = self.packable_layers()
                 for gone in self._packs.keys() - set(layers):  # a layer the model no longer runs this way
                     del self._packs[gone]
-                for layer in layers:
-                    layer.forward = functools.partial(_packed_forward, layer, *self._pack(layer))
+                for layer in layers:  # set in the instance's __dict__: nn.Module.__setattr__ costs ~1 ms a forward
+                    layer.__dict__["forward"] = self._packed(layer)
                     patched.append(layer)
             yield
         finally:
             for layer in patched:
-                del layer.forward
+                layer.__dict__.pop("forward", None)
 
     def packable_layers(self) -> list[nn.Linear]:
         """The model's own linear layers (not an adapter's factors: below a tuner layer only its base layer is
         walked): exactly ``nn.Linear``, hook-free, with an fp32/bf16 weight on the CPU. Trainable ones too: the
         block runs under ``no_grad``, and a weight an optimizer stepped since is packed again."""
-        return [
-            layer
-            for layer in _base_linears(self.model)
-            if not has_hooks(layer) and layer.weight.device.type == "cpu" and layer.weight.dtype in PACKED_DTYPES
-        ]
+        return [layer for layer in _base_linears(self.model) if _packable(layer.weight) and not has_hooks(layer)]
 
-    def _pack(self, layer: nn.Linear) -> Pack:
+    def _packed(self, layer: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``layer``'s forward on its packed weight, kept until the weight changes in place or is replaced."""
         weight = layer.weight
         stamp = (weight.data_ptr(), weight._version)
         kept = self._packs.get(layer)
         if kept is None or kept[0] != stamp:
             rows = max(1, PIECE_BYTES // (weight.shape[1] * weight.element_size()))
-            kept = self._packs[layer] = (stamp, Pack(rows, tuple(onednn_pack(part) for part in weight.split(rows))))
+            pieces = tuple(onednn_pack(part) for part in weight.split(rows))
+            kept = self._packs[layer] = (stamp, functools.partial(_packed_forward, layer, rows, pieces))
         return kept[1]
 
 
-def _base_linears(module: nn.Module) -> Iterator[nn.Linear]:
-    if type(module) is nn.Linear:
-        yield module
-        return
-    children = [module.base_layer] if getattr(module, "is_delta_layer", False) else module.children()
-    for child in children:
-        yield from _base_linears(child)
+def _base_linears(model: nn.Module) -> list[nn.Linear]:
+    """The ``nn.Linear`` layers under ``model``, in order; below a tuner layer only its base layer (a loop over
+    each module's children, not nested generators: this runs at every decoding step)."""
+    found, pending = [], [model]
+    while pending:
+        module = pending.pop()
+        if type(module) is nn.Linear:
+            found.append(module)
+        elif getattr(type(module), "is_delta_layer", False):
+            pending.append(module.base_layer)
+        else:
+            pending.extend(child for child in reversed(module._modules.values()) if child is not None)
+    return found
 
 
-class Pack(NamedTuple):
-    """A weight packed in pieces: ``rows`` output rows each (the last may hold fewer)."""
-
-    rows: int
-    pieces: tuple[torch.Tensor, ...]
+def _packable(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype in PACKED_DTYPES
 
 
 def _packed_forward(layer: nn.Linear, rows: int, pieces: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:

@@ -143,18 +143,22 @@ def add_batched(
     """The batched way (module docstring): every row's term from its adapter's block in two batched matmuls,
     added into the base output (no autograd here). A row's tokens (a prompt's, or decoding's one) travel together."""
     rows = x.shape[0]
-    tokens = x.reshape(rows, -1, x.shape[-1]).to(stack.a.dtype)  # [rows, T, in]
     plain = stack.scale is None and result.dtype == stack.b.dtype and result.is_contiguous()
     blocks = groups.blocks(stack.order, x.device)
     if plain and blocks.sliced:  # the blocks are the batch's first rows: terms added into their slice in place
-        count, slots = len(blocks.source), len(stack.order)
-        inputs = tokens[:count].reshape(slots, -1, tokens.shape[-1])
-        into = result.view(rows, -1)[:count].view(slots, inputs.shape[1], -1)
+        slots, features = len(stack.order), x.shape[-1]
+        tokens = x.reshape(-1, features).to(stack.a.dtype)  # [rows x T, in], each row's T tokens in turn
+        width = len(blocks.source) * (tokens.shape[0] // rows)  # the blocks' tokens: the first ``width``
+        into = result.view(tokens.shape[0], -1)
+        if width < tokens.shape[0]:
+            tokens, into = tokens[:width], into[:width]
         if slots == 1:  # one adapter: two plain products (a batch of one matmul runs slower)
-            into[0].addmm_(F.linear(inputs[0], stack.a[0]), stack.b[0])
+            into.addmm_(F.linear(tokens, stack.a[0]), stack.b[0])
         else:
-            into.baddbmm_(torch.bmm(inputs, stack.a.transpose(1, 2)), stack.b)
+            inputs = tokens.view(slots, width // slots, features)
+            into.view(slots, width // slots, -1).baddbmm_(torch.bmm(inputs, stack.a.transpose(1, 2)), stack.b)
         return result
+    tokens = x.reshape(rows, -1, x.shape[-1]).to(stack.a.dtype)  # [rows, T, in]
     if blocks.padded:
         tokens = torch.cat([tokens, tokens.new_zeros(1, *tokens.shape[1:])])  # the row padding gathers
     gathered = tokens.index_select(0, blocks.source).view(len(stack.order), -1, tokens.shape[-1])
