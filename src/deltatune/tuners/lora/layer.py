@@ -300,8 +300,10 @@ class LoraLinear(LoraBias, LoraLayer):
         return lora_b(lora_a(x)) * self.scaling[name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_groups is not None:  # a mixed batch (first: a decoding step checks nothing else)
+            return super().forward(x, *args, **kwargs)
         names = self.unmerged_active()
-        if not names or args or kwargs or x.shape[-1] != self.in_features or self.row_groups is not None:
+        if not names or args or kwargs or x.shape[-1] != self.in_features:
             return super().forward(x, *args, **kwargs)
         if not self.fusable(x, names):
             if self.fused and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
