@@ -291,3 +291,81 @@ def test_logits_to_keep_is_found_through_a_wrapper_and_keeps_the_last_position()
         last = model(ids, **last_logits_only(model)).logits
     assert last.shape[1] == 1
     torch.testing.assert_close(last[0, -1], model(ids).logits[0, -1])
+
+
+def _decoder(family: str, **overrides):
+    """A tiny seeded causal LM of ``family`` at the tiny decoders' sizes."""
+    import transformers
+
+    from tiny_models import DECODER_SIZES
+
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
+    }[family]
+    sizes = {} if family == "gpt2" else {**DECODER_SIZES, "attn_implementation": "sdpa"}
+    torch.manual_seed(0)
+    return model_class(config_class(**{**sizes, **overrides})).eval()
+
+
+LEAN = {
+    "llama": {},
+    "llama, biased attention, eager": {"attention_bias": True, "attn_implementation": "eager"},
+    "qwen2": {},
+    "mistral": {"sliding_window": None},
+}
+
+
+@pytest.mark.parametrize("case", LEAN)
+def test_a_decoding_step_through_the_layers_equals_the_models_forward(case):
+    """``decode_step`` on left-padded rows, adapters on some rows: the logits of the model's forward over a buffered
+    cache, and the same new key and value columns written."""
+    import copy
+
+    import deltatune
+    from deltatune.compat.transformers import CACHE, buffered_cache, cache_tensors, decode_step, lean_decoder
+
+    family = case.split(",")[0]
+    model = deltatune.get_delta_model(
+        _decoder(family, **LEAN[case]), deltatune.LoraConfig(r=2, target_modules="all-linear")
+    )
+    model.add_adapter("other", deltatune.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.nn.init.normal_(param, std=0.1)
+        elif "norm" in name:  # each norm its own weights (they start at one)
+            torch.nn.init.normal_(param, mean=1, std=0.3)
+    model.eval()
+    assert lean_decoder(model.base_model)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 9], [0, 8, 1, 2, 3]])
+    mask = (torch.arange(5) >= torch.tensor([[2], [0], [1]])).long()
+    with torch.no_grad(), model.adapter_rows(["default", None, "other"]):
+        prefill = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+        pairs = cache_tensors(getattr(prefill, CACHE))
+        room = [(torch.cat([k, k[:, :, :2] * 0], 2), torch.cat([v, v[:, :, :2] * 0], 2)) for k, v in pairs]
+        theirs, ours = copy.deepcopy(room), copy.deepcopy(room)
+        step = dict(input_ids=torch.tensor([[11], [12], [13]]), position_ids=mask.sum(-1, keepdim=True))
+        wide = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+        expected = model(**step, attention_mask=wide, use_cache=True, **{CACHE: buffered_cache(theirs, 5)}).logits
+        got = decode_step(model.base_model, step["input_ids"], step["position_ids"], wide, ours, 5)
+    torch.testing.assert_close(got, expected[:, -1], atol=1e-5, rtol=1e-5)
+    for (k, v), (k2, v2) in zip(ours, theirs):
+        torch.testing.assert_close(k[:, :, :6], k2[:, :, :6])
+        torch.testing.assert_close(v[:, :, :6], v2[:, :, :6])
+
+
+def test_only_full_attention_decoders_without_hooks_decode_through_their_layers():
+    from deltatune.compat.transformers import lean_decoder
+
+    assert lean_decoder(_decoder("llama")) and lean_decoder(_decoder("mistral", sliding_window=None))
+    assert not lean_decoder(_decoder("gpt2", n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    assert not lean_decoder(_decoder("mistral"))  # a 4096-token sliding window
+    windowed = _decoder("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    assert not lean_decoder(windowed)
+    hooked = _decoder("llama")
+    handle = hooked.model.layers[1].self_attn.register_forward_hook(lambda *args: None)
+    assert not lean_decoder(hooked)
+    handle.remove()
+    assert lean_decoder(hooked)

@@ -11,7 +11,7 @@ import deltatune
 from deltatune.errors import ConfigError
 from deltatune.generation.engine import GenerationEngine
 from deltatune.generation.sampling import SamplingParams, choose, draw, filtered_logits
-from tiny_models import perturb_trainable, tiny_llama
+from tiny_models import perturb_trainable, tiny_gpt2, tiny_llama
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [3, 4, 5, 6, 7, 8, 9, 10, 11], [40]]
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0)
@@ -53,6 +53,21 @@ def test_batched_greedy_answers_equal_one_prompt_generate(model, adapted, dora, 
     for prompt, row in zip(PROMPTS, rows):
         assert row.output_ids == alone(network, prompt)
         assert row.finish_reason == "length"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_decoding_steps_run_through_a_llamas_layers_and_other_models_forwards(family, monkeypatch):
+    """A Llama-family model decodes through ``decode_step`` (its layers, without its forward's machinery), any
+    other model through its forward; both answer as transformers' ``generate``."""
+    import deltatune.generation.engine as engine_module
+
+    network = tiny_llama() if family == "llama" else tiny_gpt2()
+    steps = []
+    original = engine_module.decode_step
+    monkeypatch.setattr(engine_module, "decode_step", lambda *args: steps.append(1) or original(*args))
+    rows = GenerationEngine(network).generate(PROMPTS, GREEDY)
+    assert [row.output_ids for row in rows] == [alone(network, prompt) for prompt in PROMPTS]
+    assert len(steps) == (GREEDY.max_new_tokens - 1 if family == "llama" else 0)  # the first token: the prefill's
 
 
 def test_a_row_that_stops_leaves_and_the_others_are_unchanged(model):

@@ -25,12 +25,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
-from deltatune.compat.transformers import CACHE, buffered_cache, cache_tensors, last_logits_only
+from deltatune.compat.transformers import (
+    CACHE,
+    buffered_cache,
+    cache_tensors,
+    decode_step,
+    last_logits_only,
+    lean_decoder,
+)
 from deltatune.errors import ConfigError
 from deltatune.generation.sampling import SamplingParams, choose
 from deltatune.kernels.packed_linear import PackedWeights
@@ -82,6 +90,7 @@ class GenerationEngine:
             raise ConfigError(f"max_batch={max_batch} must be at least 1")
         self.model = model
         self._last_only = last_logits_only(model)  # the head runs on each row's last position only
+        self._causal_lm = _causal_lm(model)
         self.stop_token_ids = frozenset(stop_token_ids)
         self.max_batch = max_batch
         self.packed_weights = packed_weights
@@ -164,17 +173,17 @@ class GenerationEngine:
                 for k, v in self._cache
             ]
         mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
-        output = self._forward(
-            self.running,
-            input_ids=self._last[:, None],
-            attention_mask=mask,
-            position_ids=self._positions[:, None],
-            **{CACHE: buffered_cache(self._cache, columns)},  # the new column is written into the room
-            use_cache=True,
-            **self._last_only,
-        )
+        ids, positions = self._last[:, None], self._positions[:, None]
+        lean = self._causal_lm is not None and lean_decoder(self._causal_lm)  # checked each step: hooks may come
+        with self._running(self.running):  # the new column is written into the room
+            if lean:
+                logits = decode_step(self._causal_lm, ids, positions, mask, self._cache, columns)
+            else:
+                cache = buffered_cache(self._cache, columns)
+                inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+                logits = self.model(**inputs, **{CACHE: cache}, **self._last_only).logits[:, -1]
         self._mask, self._positions = mask, self._positions + 1
-        return self._sample(output.logits[:, -1], self.running)
+        return self._sample(logits, self.running)
 
     def _prefill(self, rows: list[Row]) -> list[Event]:
         """Prefill the joining rows, each distinct (prompt, adapter) once: rows that share one (GRPO's group of
@@ -189,9 +198,10 @@ class GenerationEngine:
             ids[i, length - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, device=self.device)
             mask[i, length - len(row.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        output = self._forward(
-            firsts, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self._last_only
-        )
+        with self._running(firsts):
+            output = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self._last_only
+            )
         cache, logits = cache_tensors(getattr(output, CACHE)), output.logits[:, -1]
         if len(firsts) < len(rows):
             index = torch.tensor(source, device=self.device)
@@ -204,15 +214,16 @@ class GenerationEngine:
         self._group_by_adapter()
         return events
 
-    def _forward(self, rows: list[Row], **inputs):
-        """The model on ``inputs``, each row with its own adapter when any row names one (a model without
-        adapters runs as it is: every row is the base)."""
-        with self.packed_weights.applied() if self.packed_weights else contextlib.nullcontext():
-            if all(row.adapter is AS_SET for row in rows) or not hasattr(self.model, "adapter_rows"):
-                return self.model(**inputs)
-            names = [self._adapter_of(row) for row in rows]
-            with self.model.adapter_rows(names):
-                return self.model(**inputs)
+    @contextlib.contextmanager
+    def _running(self, rows: list[Row]) -> Iterator[None]:
+        """The block of a forward over ``rows``: each row with its own adapter when any row names one (a model
+        without adapters runs as it is: every row is the base), on packed weights when the engine has them."""
+        with contextlib.ExitStack() as stack:
+            if self.packed_weights:
+                stack.enter_context(self.packed_weights.applied())
+            if any(row.adapter is not AS_SET for row in rows) and hasattr(self.model, "adapter_rows"):
+                stack.enter_context(self.model.adapter_rows([self._adapter_of(row) for row in rows]))
+            yield
 
     def _adapter_of(self, row: Row) -> str | None:
         """The adapter a row runs with in a mixed batch: its own, or the model's one active adapter."""
@@ -289,6 +300,16 @@ class GenerationEngine:
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         self._cache = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self._cache]
         self._mask, self._positions, self._last = self._mask[index], self._positions[index], self._last[index]
+
+
+def _causal_lm(model: nn.Module) -> nn.Module | None:
+    """The transformers causal LM that ``model`` runs: itself, or the one a ``DeltaModel`` wraps (whose forward is
+    its model's); None for anything else (its forward may do more)."""
+    from deltatune.model import DeltaModel
+
+    if type(model) is DeltaModel:
+        return model.base_model
+    return model if isinstance(model, PreTrainedModel) else None
 
 
 def _in_buffer(parts: list[torch.Tensor], width: int, room: int) -> torch.Tensor:
