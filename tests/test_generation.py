@@ -70,6 +70,17 @@ def test_decoding_steps_run_through_a_llamas_layers_and_other_models_forwards(fa
     assert len(steps) == (GREEDY.max_new_tokens - 1 if family == "llama" else 0)  # the first token: the prefill's
 
 
+def test_a_hook_on_an_adapted_model_keeps_its_forward_at_every_step(adapted):
+    """``decode_step`` would bypass a hook on the ``DeltaModel`` itself: with one, every forward is the model's."""
+    calls = []
+    handle = adapted.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        GenerationEngine(adapted).generate(PROMPTS[:1], GREEDY)
+    finally:
+        handle.remove()
+    assert len(calls) == GREEDY.max_new_tokens  # the prefill and every decoding step
+
+
 def test_a_row_that_stops_leaves_and_the_others_are_unchanged(model):
     stop = alone(model, PROMPTS[0])[3]  # prompt 0's fourth greedy token ends it
     engine = GenerationEngine(model, stop_token_ids=[stop])

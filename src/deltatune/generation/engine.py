@@ -14,6 +14,8 @@ Each ``step()`` decodes one token for every running row in one forward, then pre
 server all drive this one class (``generate()`` for a fixed set of prompts, ``add``/``step`` for streams).
 With ``packed_weights`` (``kernels.packed_linear``) the model's linear layers run on oneDNN-packed weights
 during the engine's forwards, for long-lived or many-step engines on a CPU (the server, GRPO's rollouts).
+A Llama-family model (``compat.transformers.lean_decoder``, checked at each step: hooks may come) decodes
+through its layers (``decode_step``), without its forward's per-call machinery.
 A row may name its own adapter (``add(..., adapter="support")``, None for the bare base model): rows of
 different LoRA/DoRA adapters then share every forward (``DeltaModel.adapter_rows``), and the engine keeps each
 adapter's rows together so that its block of rows in the adapted layers is a slice of the batch.
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from deltatune.compat.torch import has_hooks
 from deltatune.compat.transformers import (
     CACHE,
     buffered_cache,
@@ -174,7 +177,7 @@ class GenerationEngine:
             ]
         mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
         ids, positions = self._last[:, None], self._positions[:, None]
-        lean = self._causal_lm is not None and lean_decoder(self._causal_lm)  # checked each step: hooks may come
+        lean = self._causal_lm is not None and lean_decoder(self._causal_lm) and not has_hooks(self.model)
         with self._running(self.running):  # the new column is written into the room
             if lean:
                 logits = decode_step(self._causal_lm, ids, positions, mask, self._cache, columns)
