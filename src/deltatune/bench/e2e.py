@@ -24,7 +24,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from deltatune.runtime.threads import openmp_environment
+from deltatune.bench.child import report, run_in_child
 
 RUNS = ("deltatune", "trl-fair", "trl-defaults")
 WARMUP_STEPS = 2  # the first steps (allocations, kernel choice) are not timed
@@ -46,7 +45,6 @@ SETTINGS = {
     "warmup_steps": 5,
     "seed": 0,
 }
-RESULT_PREFIX = "E2E_RESULT "
 
 
 def prepare_data(folder: Path, eval_fraction: float = 0.1, seed: int = 0) -> tuple[Path, Path]:
@@ -203,13 +201,7 @@ def score_job(held_out: str, adapters: dict[str, str]) -> dict:
 
 def _run_child(job: dict) -> dict:
     """One run in its own process; every run's idle OpenMP threads wait as ``deltatune train``'s do."""
-    command = [sys.executable, "-m", "deltatune.bench.e2e", json.dumps(job)]
-    env = {key: value for key, value in os.environ.items() if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    done = subprocess.run(command, capture_output=True, text=True, env={**env, **openmp_environment("train", {})})
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"e2e job {job['kind']} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len(RESULT_PREFIX) :])
+    return run_in_child("deltatune.bench.e2e", job, waits_as="train")
 
 
 def run_e2e(folder: Path, steps: int, repeats: int, default_steps: int, runs: list[str]) -> dict:
@@ -308,4 +300,4 @@ def _dispatch(job: dict) -> dict:
 
 
 if __name__ == "__main__":
-    print(RESULT_PREFIX + json.dumps(_dispatch(json.loads(sys.argv[1]))), flush=True)
+    report(_dispatch(json.loads(sys.argv[1])))

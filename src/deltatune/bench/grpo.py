@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from deltatune.runtime.threads import openmp_environment
+from deltatune.bench.child import report, run_in_child
 
-RESULT_PREFIX = "GRPO_RESULT "
 LIBRARIES = ("deltatune", "trl")
 EXAMPLE_REWARDS = Path(__file__).resolve().parents[3] / "examples" / "rewards.py"
 REWARD_WEIGHTS = {"correct": 1.0, "close": 0.5, "number_only": 0.5}  # examples/grpo.yaml's
@@ -217,13 +214,7 @@ def run_grpo_bench(model: str, steps: int, generations: int, batch: int, complet
                 completion=completion,
                 seed=repeat,
             )
-            command = [sys.executable, "-m", __name__, json.dumps(job)]
-            env = {**os.environ, **openmp_environment("train", {})}  # as deltatune train runs
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
-            lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-            if done.returncode != 0 or not lines:
-                raise RuntimeError(f"GRPO bench job {job} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-            records.append({**job, **json.loads(lines[-1][len(RESULT_PREFIX) :])})
+            records.append({**job, **run_in_child("deltatune.bench.grpo", job, waits_as="train")})
             print(
                 f"  {library:<9} repeat {repeat}: {records[-1]['step']:.2f} s/step, peak "
                 f"{records[-1]['peak_rss_mib']:,.0f} MiB",
@@ -278,4 +269,4 @@ def format_grpo(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    print(RESULT_PREFIX + json.dumps(grpo_job(**json.loads(sys.argv[1]))), flush=True)
+    report(grpo_job(**json.loads(sys.argv[1])))

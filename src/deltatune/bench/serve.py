@@ -11,16 +11,21 @@ most ``tokens`` tokens; request i runs adapter i mod k for k distinct adapters i
 
 Reported per k: generated tokens per second (real tokens: up to and including a row's end-of-sequence token),
 and for deltatune the time to first token and the inter-token latency at p50/p99. Every answer of every side
-is checked against the one-by-one answer of the same request, so a fast wrong answer cannot pass. The batched
-sides run ``repeats`` times, interleaved, after a warm-up round, in one process (the model is loaded once per
-library), and their medians are reported; the one-by-one side, many times slower, runs once per k.
+is checked against the one-by-one answer of the same request, so a fast wrong answer cannot pass. Each side runs
+in processes of its own (one per repeat, the sides taking turns; a warm-up round of every k, then the measured
+one), since in one shared process what one side left behind moved the other's speed by up to 20%; the medians
+over the repeats are reported. The one-by-one side, many times slower, runs once.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 import time
 from typing import Any
+
+from deltatune.bench.child import report, run_in_child
 
 SIDES = ("deltatune", "peft", "one_by_one")
 PROMPTS = [
@@ -40,21 +45,18 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
 
 
-def build(model: str, adapters: int, folder: str):
-    """(deltatune model holding ``adapters`` LoRA adapters, peft model holding the same, tokenizer)."""
-    import peft
+def make_adapters(model: str, adapters: int, folder: str) -> None:
+    """``adapters`` seeded random LoRA adapters ``a0``, ``a1``, ... over ``model``, saved under ``folder``."""
     import torch
 
-    from deltatune import DeltaModel, LoraConfig, get_delta_model
-    from deltatune.runtime.loading import load_causal_lm, load_tokenizer, model_folder
+    from deltatune import LoraConfig, get_delta_model
+    from deltatune.runtime.loading import load_causal_lm, model_folder
 
-    path = model_folder(model)
     config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
     torch.manual_seed(0)  # A's initialisation: the same adapters, so the same answers, in every run
-    maker = get_delta_model(load_causal_lm(path), config, adapter_name="a0")
-    names = [f"a{i}" for i in range(adapters)]
+    maker = get_delta_model(load_causal_lm(model_folder(model)), config, adapter_name="a0")
     generator = torch.Generator().manual_seed(0)
-    for name in names:
+    for name in adapter_names(adapters):
         if name not in maker.peft_config:
             maker.add_adapter(name, config)
         with torch.no_grad():
@@ -62,13 +64,29 @@ def build(model: str, adapters: int, folder: str):
                 if param.ndim == 2 and param.shape[1] == config.r:  # B starts at zero
                     param.normal_(0, 0.02, generator=generator)
         maker.save_pretrained(folder, selected_adapters=[name])
-    del maker
-    ours = DeltaModel.from_pretrained(load_causal_lm(path), f"{folder}/a0", adapter_name="a0")
-    theirs = peft.PeftModel.from_pretrained(load_causal_lm(path), f"{folder}/a0", adapter_name="a0")
+
+
+def adapter_names(adapters: int) -> list[str]:
+    return [f"a{i}" for i in range(adapters)]
+
+
+def load(library: str, model: str, adapters: int, folder: str):
+    """(``library``'s model over ``model`` holding the adapters ``make_adapters`` saved, in eval mode, tokenizer)."""
+    from deltatune.runtime.loading import load_causal_lm, load_tokenizer, model_folder
+
+    path = model_folder(model)
+    names = adapter_names(adapters)
+    if library == "peft":
+        import peft
+
+        network = peft.PeftModel.from_pretrained(load_causal_lm(path), f"{folder}/a0", adapter_name="a0")
+    else:
+        from deltatune import DeltaModel
+
+        network = DeltaModel.from_pretrained(load_causal_lm(path), f"{folder}/a0", adapter_name="a0")
     for name in names[1:]:
-        ours.load_adapter(f"{folder}/{name}", adapter_name=name)
-        theirs.load_adapter(f"{folder}/{name}", adapter_name=name)
-    return ours.eval(), theirs.eval(), load_tokenizer(path)
+        network.load_adapter(f"{folder}/{name}", adapter_name=name)
+    return network.eval(), load_tokenizer(path)
 
 
 def prompt_ids(tokenizer, requests: int) -> list[list[int]]:
@@ -147,40 +165,53 @@ def run_peft(model, prompts: list[list[int]], names: list[str], tokens: int, sto
     return {"seconds": seconds, "tokens": generated, "tokens_per_s": generated / seconds, "answers": answers}
 
 
-def run_serve_bench(
-    model: str, adapters: int, requests: int, tokens: int, distinct: list[int], repeats: int, folder: str
+def serve_job(
+    side: str, model: str, adapters: int, folder: str, requests: int, tokens: int, distinct: list[int], warm: bool
 ) -> dict:
-    """Every side for every number of distinct adapters, ``repeats`` times interleaved."""
+    """One side's rounds in this process, for each k in ``distinct`` (a warm-up round first when ``warm``): its
+    result per k, answers included. deltatune runs on packed weights kept across its rounds, as ``serve`` does."""
     import torch
 
     from deltatune.kernels.packed_linear import PackedWeights
 
-    ours, theirs, tokenizer = build(model, adapters, folder)
-    packed = PackedWeights(ours)  # as serve holds them: packed at the first step, kept for the server's life
-    stop = tokenizer.eos_token_id
-    prompts = prompt_ids(tokenizer, requests)
-    records: list[dict[str, Any]] = []
+    network, tokenizer = load("peft" if side == "peft" else "deltatune", model, adapters, folder)
+    packed = None if side == "peft" else PackedWeights(network)
+    stop, prompts = tokenizer.eos_token_id, prompt_ids(tokenizer, requests)
+    results = {}
     for k in distinct:
         names = [f"a{i % k}" for i in range(requests)]
-        torch.manual_seed(0)
-        reference = run_engine(ours, prompts, names, tokens, stop, batch=False, packed=packed)  # slow: once per k
-        answers = reference.pop("answers")
-        records.append({"side": "one_by_one", "distinct": k, "repeat": 1, **reference, "wrong_answers": 0})
-        for repeat in range(repeats + 1):  # the first round warms up
-            for side in SIDES[:2]:
-                torch.manual_seed(0)
-                if side == "peft":
-                    result = run_peft(theirs, prompts, names, tokens, stop)
-                else:
-                    result = run_engine(ours, prompts, names, tokens, stop, batch=True, packed=packed)
-                result["wrong_answers"] = sum(a != b for a, b in zip(result.pop("answers"), answers))
-                if repeat:
-                    records.append({"side": side, "distinct": k, "repeat": repeat, **result})
-                    print(
-                        f"  {k:>2} adapters  {side:<10} repeat {repeat}: {result['tokens_per_s']:.1f} tok/s, "
-                        f"wrong answers {result['wrong_answers']}",
-                        flush=True,
-                    )
+        for _ in range(2 if warm else 1):
+            torch.manual_seed(0)
+            if side == "peft":
+                results[str(k)] = run_peft(network, prompts, names, tokens, stop)
+            else:
+                results[str(k)] = run_engine(network, prompts, names, tokens, stop, side == "deltatune", packed)
+    return results
+
+
+def run_serve_bench(
+    model: str, adapters: int, requests: int, tokens: int, distinct: list[int], repeats: int, folder: str
+) -> dict:
+    """Every side for every number of distinct adapters, each side in processes of its own, ``repeats`` times
+    taking turns."""
+    make_adapters(model, adapters, folder)
+    job = dict(model=model, adapters=adapters, folder=folder, requests=requests, tokens=tokens, distinct=distinct)
+    reference = run_in_child(__name__, {**job, "side": "one_by_one", "warm": False}, waits_as="serve")
+    answers = {k: result.pop("answers") for k, result in reference.items()}
+    records: list[dict[str, Any]] = [
+        {"side": "one_by_one", "distinct": int(k), "repeat": 1, **result, "wrong_answers": 0}
+        for k, result in reference.items()
+    ]
+    for repeat in range(1, repeats + 1):
+        for side in SIDES[:2]:
+            for k, result in run_in_child(__name__, {**job, "side": side, "warm": True}, waits_as="serve").items():
+                result["wrong_answers"] = sum(a != b for a, b in zip(result.pop("answers"), answers[k]))
+                records.append({"side": side, "distinct": int(k), "repeat": repeat, **result})
+                print(
+                    f"  {k:>2} adapters  {side:<10} repeat {repeat}: {result['tokens_per_s']:.1f} tok/s, "
+                    f"wrong answers {result['wrong_answers']}",
+                    flush=True,
+                )
     summary: dict[str, dict] = {}
     for k in distinct:
         entry = summary[str(k)] = {}
@@ -227,3 +258,7 @@ def format_serve(report: dict) -> str:
             f"{1000 * ours['itl_p50']:.0f} / {1000 * ours['itl_p99']:.0f} | {wrong} |"
         )
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    report(serve_job(**json.loads(sys.argv[1])))
