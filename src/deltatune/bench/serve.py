@@ -67,6 +67,7 @@ def make_adapters(model: str, adapters: int, folder: str) -> None:
 
 
 def adapter_names(adapters: int) -> list[str]:
+    """The saved adapters' names: a0, a1, ..."""
     return [f"a{i}" for i in range(adapters)]
 
 
