@@ -178,7 +178,7 @@ class DeltaModel(nn.Module):
                 self.merge_adapter(merged)
 
     @contextlib.contextmanager
-    def adapter_rows(self, adapter_names: Sequence[str | None]) -> Iterator[None]:
+    def adapter_rows(self, adapter_names: Sequence[str | None], check_weights: bool = True) -> Iterator[None]:
         """Inside the block, row i of every batch runs with adapter ``adapter_names[i]`` (None: the base model
         alone), all rows in one forward pass; LoRA and DoRA adapters of any ranks mix (``tuners/rows.py``)::
 
@@ -186,14 +186,18 @@ class DeltaModel(nn.Module):
                 logits = model(input_ids=three_rows).logits
 
         A server enters it once per decoding step, so what it checks is kept between calls (until adapters are
-        added or deleted): the adapted layers, and whether each adapter can mix.
+        added or deleted): the adapted layers, whether each adapter can mix, and each layer's adapters stacked.
+        A stack is checked against its tensors' version counters at every block, so that a write in place (a
+        training step) is seen; ``check_weights=False`` skips that reading, for a caller that vouches no adapter
+        tensor was written in place since a block that checked these adapters (``GenerationEngine``'s
+        ``static_weights``). Adding, deleting, merging or unmerging an adapter is seen either way.
         """
         for name in dict.fromkeys(n for n in adapter_names if n is not None):
             self.check_mixable(name)
         layers = self._adapted_layers()
         if any(getattr(layer, "merged_adapters", None) for layer in layers):
             raise MergeError("adapters are merged into the base weights, so rows cannot differ; call unmerge_adapter()")
-        groups = RowGroups.of(adapter_names, next(self.base_model.parameters()).device)
+        groups = RowGroups.of(adapter_names, next(self.base_model.parameters()).device, check_weights)
         for layer in layers:  # in the instance's __dict__: nn.Module.__setattr__ would cost ~1 ms a decoding step
             layer.__dict__["row_groups"] = groups
         try:

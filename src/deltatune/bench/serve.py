@@ -104,12 +104,15 @@ def run_engine(
     model, prompts: list[list[int]], names: list[str], tokens: int, stop: int, batch: bool, packed=None
 ) -> dict:
     """The engine answering every prompt (all at once when ``batch``, else one after another), on ``packed``
-    weights (``kernels.packed_linear``, as ``serve`` runs: kept across calls) when given."""
+    weights (``kernels.packed_linear``, as ``serve`` runs: kept across calls) when given, its weights static (as
+    ``serve``'s)."""
     from deltatune.generation.engine import GenerationEngine
     from deltatune.generation.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=tokens, temperature=0)
-    engine = GenerationEngine(model, stop_token_ids=[stop], max_batch=len(prompts), packed_weights=packed)
+    engine = GenerationEngine(
+        model, stop_token_ids=[stop], max_batch=len(prompts), packed_weights=packed, static_weights=True
+    )
     started = time.perf_counter()
     firsts, gaps, answers = [], [], []
     groups = [list(range(len(prompts)))] if batch else [[i] for i in range(len(prompts))]

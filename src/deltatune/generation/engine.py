@@ -79,6 +79,9 @@ class GenerationEngine:
     ``stop_token_ids`` (the model's end-of-sequence tokens) end every row; a request's own
     ``SamplingParams.stop_token_ids`` add to them. ``seed`` seeds the generator shared by rows without a
     seed of their own. ``packed_weights``: run the model's linear layers on oneDNN-packed weights (CPU).
+    ``static_weights``: nothing writes the model's weights in place while this engine has rows (a server's
+    model, which only loads and deletes adapters): a mixed batch's stacked adapters are then checked against
+    their tensors when rows join, not at every decoding step (``DeltaModel.adapter_rows``' ``check_weights``).
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class GenerationEngine:
         max_batch: int = 64,
         seed: int = 0,
         packed_weights: PackedWeights | None = None,
+        static_weights: bool = False,
     ) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch={max_batch} must be at least 1")
@@ -97,6 +101,7 @@ class GenerationEngine:
         self.stop_token_ids = frozenset(stop_token_ids)
         self.max_batch = max_batch
         self.packed_weights = packed_weights
+        self.static_weights = static_weights
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.waiting: list[Row] = []
@@ -178,7 +183,8 @@ class GenerationEngine:
         mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
         ids, positions = self._last[:, None], self._positions[:, None]
         lean = self._causal_lm is not None and lean_decoder(self._causal_lm) and not has_hooks(self.model)
-        with self._running(self.running):  # the new column is written into the room
+        # the new column is written into the room; every row's adapter was checked when the row joined
+        with self._running(self.running, check_weights=not self.static_weights):
             if lean:
                 logits = decode_step(self._causal_lm, ids, positions, mask, self._cache, columns)
             else:
@@ -218,14 +224,16 @@ class GenerationEngine:
         return events
 
     @contextlib.contextmanager
-    def _running(self, rows: list[Row]) -> Iterator[None]:
+    def _running(self, rows: list[Row], check_weights: bool = True) -> Iterator[None]:
         """The block of a forward over ``rows``: each row with its own adapter when any row names one (a model
-        without adapters runs as it is: every row is the base), on packed weights when the engine has them."""
+        without adapters runs as it is: every row is the base; ``check_weights`` as ``adapter_rows``), on packed
+        weights when the engine has them."""
         with contextlib.ExitStack() as stack:
             if self.packed_weights:
                 stack.enter_context(self.packed_weights.applied())
             if any(row.adapter is not AS_SET for row in rows) and hasattr(self.model, "adapter_rows"):
-                stack.enter_context(self.model.adapter_rows([self._adapter_of(row) for row in rows]))
+                names = [self._adapter_of(row) for row in rows]
+                stack.enter_context(self.model.adapter_rows(names, check_weights))
             yield
 
     def _adapter_of(self, row: Row) -> str | None:

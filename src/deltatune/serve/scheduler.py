@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from torch import nn
@@ -80,15 +80,20 @@ class Scheduler:
     ) -> None:
         self.model = model
         self.packed_weights = PackedWeights(model) if packed_weights else None  # packed once, for the server's life
-        self.engine = GenerationEngine(
-            model, stop_token_ids, max_batch=max_batch, seed=seed, packed_weights=self.packed_weights
-        )
+        self.engine = self._new_engine(stop_token_ids, max_batch, seed)
         self._inbox: list[tuple[str, Any]] = []
         self._wake = threading.Condition()
         self._stopping = False
         self._retiring: set[str] = set()  # adapters unloaded while rows still used them
         self._suspects: list[Row] = []  # rows whose joint prefill failed: each joins alone next
         self._thread = threading.Thread(target=self._run, name="deltatune-engine", daemon=True)
+
+    def _new_engine(self, stop_token_ids: Iterable[int], max_batch: int, seed: int = 0) -> GenerationEngine:
+        """An engine on the server's packed weights; its weights are static (only this thread writes them: it
+        loads and deletes adapters between steps)."""
+        return GenerationEngine(
+            self.model, stop_token_ids, max_batch, seed, packed_weights=self.packed_weights, static_weights=True
+        )
 
     # -- the HTTP side (any thread) -------------------------------------------------------------------
     def start(self) -> None:
@@ -249,9 +254,7 @@ class Scheduler:
         decoded = [row for row, count in running if len(row.output_ids) > count]
         if running and not decoded:  # the shared decode failed: no row can be blamed alone
             blamed = [*engine.running, *joining]
-            fresh = GenerationEngine(
-                self.model, engine.stop_token_ids, engine.max_batch, packed_weights=self.packed_weights
-            )
+            fresh = self._new_engine(engine.stop_token_ids, engine.max_batch)
             fresh.generator, fresh.waiting, self.engine = engine.generator, engine.waiting, fresh
         else:  # the joining rows' prefill failed; the running rows decoded their token
             pristine = [row for row in joining if not row.output_ids and row not in engine.running]

@@ -48,18 +48,21 @@ class RowGroups:
     rows: int
     names: tuple[str | None, ...] = ()
     whole: str | None = None
+    check_weights: bool = True  # False: kept stacks are reused without reading their tensors' version counters
     _memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # per forward: slots, held, blocks
 
     @classmethod
-    def of(cls, names: Sequence[str | None], device: torch.device | str = "cpu") -> RowGroups:
-        """Group ``names`` (one adapter name or None per row)."""
+    def of(
+        cls, names: Sequence[str | None], device: torch.device | str = "cpu", check_weights: bool = True
+    ) -> RowGroups:
+        """Group ``names`` (one adapter name or None per row); ``check_weights`` as ``DeltaModel.adapter_rows``."""
         members: dict[str, list[int]] = {}
         for row, name in enumerate(names):
             if name is not None:
                 members.setdefault(name, []).append(row)
         groups = tuple((name, torch.tensor(rows, dtype=torch.long, device=device)) for name, rows in members.items())
         whole = next(iter(members)) if len(members) == 1 and len(members[next(iter(members))]) == len(names) else None
-        return cls(groups, len(names), tuple(names), whole)
+        return cls(groups, len(names), tuple(names), whole, check_weights)
 
     def slots(self, order: dict[str, int], device: torch.device) -> torch.Tensor:
         """Each row's slot in a stack of adapters (``order``: adapter -> slot; every other row, the slot after

@@ -137,6 +137,7 @@ class LoraLayer(DoraVariant, DeltaLayer):
         pending = self.unmerged(names)
         if pending:
             self.check_mergeable()
+            forget_stack(self)  # DoRA's stacked scales read the base weight
         base = self.unmerged_base_weight() if any(n in self.lora_magnitude_vector for n in pending) else None
         for name in pending:
             scale = None
@@ -147,6 +148,8 @@ class LoraLayer(DoraVariant, DeltaLayer):
 
     def unmerge(self) -> None:
         """W ← W − s·BA (DoRA: W / scale − s·BA) for every merged adapter, newest first."""
+        if self.merged_adapters:
+            forget_stack(self)
         while self.merged_adapters:
             name = self.merged_adapters[-1]
             write_weight(self.base_weight, self._without_merged(dense(self.base_weight.data), name))

@@ -39,7 +39,7 @@ def add_per_row(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, groups:
     if not torch.is_grad_enabled():  # inference: a prompt's tokens or decoding's one token per row
         held = groups.held(layer.r)
         if held:
-            stack = adapter_stack(layer, held)
+            stack = adapter_stack(layer, held, groups.check_weights)
             if stack.a is not None:
                 return add_batched(layer, stack, x, result, groups)
     in_place = not torch.is_grad_enabled()  # inference: write into the base output, no copy of it per adapter
@@ -81,20 +81,24 @@ class AdapterStack(NamedTuple):
     spans: dict[str | None, slice]
     stamps: list[tuple[int, int]]
 
-    def fresh(self, layer: nn.Module, names: tuple[str, ...]) -> bool:
-        """Still ``names`` as ``layer`` holds them: the same adapters, scales and mode, tensors unchanged in place."""
-        return tuple(self.order) == names and self.key == _key(layer) and _stamps(self.sources) == self.stamps
+    def fresh(self, layer: nn.Module, names: tuple[str, ...], check_weights: bool = True) -> bool:
+        """Still ``names`` as ``layer`` holds them: the same adapters, scales and mode, tensors unchanged in place
+        (not read without ``check_weights``)."""
+        same = tuple(self.order) == names and self.key == _key(layer)
+        return same and (not check_weights or _stamps(self.sources) == self.stamps)
 
-    def subset(self, layer: nn.Module, names: tuple[str, ...]) -> AdapterStack | None:
+    def subset(self, layer: nn.Module, names: tuple[str, ...], check_weights: bool = True) -> AdapterStack | None:
         """The stack of ``names`` cut from this one when it holds each of them unchanged (rows of some adapters
-        left the batch): their slots selected, nothing rebuilt; None when it cannot be."""
+        left the batch; read without ``check_weights``): their slots selected, nothing rebuilt; None when it cannot
+        be."""
         if self.a is None or self.key != _key(layer) or not self.order.keys() >= set(names):
             return None
         dora = any(name in layer.lora_magnitude_vector for name in names)
         keys = (*names, None) if dora else names
-        now = _stamps(self.sources)
-        if any(now[self.spans[key]] != self.stamps[self.spans[key]] for key in keys):
-            return None
+        if check_weights:
+            now = _stamps(self.sources)
+            if any(now[self.spans[key]] != self.stamps[self.spans[key]] for key in keys):
+                return None
         slots = torch.tensor([self.order[name] for name in names], device=self.a.device)
         rank = max(layer.r[name] for name in names)
         scale = None
@@ -102,7 +106,8 @@ class AdapterStack(NamedTuple):
             scale = self.scale.index_select(0, torch.cat([slots, slots.new_tensor([len(self.order)])]))
         a, b = self.a[:, :rank].index_select(0, slots), self.b[:, :rank].index_select(0, slots)
         order = {name: slot for slot, name in enumerate(names)}
-        return _stack(order, a, b, scale, self.key, {key: self.sources[self.spans[key]] for key in keys})
+        parts = {key: (self.sources[self.spans[key]], self.stamps[self.spans[key]]) for key in keys}
+        return _stack(order, a, b, scale, self.key, parts)
 
 
 def _stack(
@@ -111,14 +116,16 @@ def _stack(
     b: torch.Tensor | None,
     scale: torch.Tensor | None,
     key: tuple,
-    parts: dict[str | None, tuple[torch.Tensor, ...]],
+    parts: dict[str | None, tuple[tuple[torch.Tensor, ...], list[tuple[int, int]]]],
 ) -> AdapterStack:
-    """An ``AdapterStack`` built from ``parts`` (adapter, or None for the base weight -> its source tensors)."""
+    """An ``AdapterStack`` built from ``parts`` (adapter, or None for the base weight -> its source tensors and
+    their stamps)."""
     spans, start = {}, 0
-    for name, tensors in parts.items():
+    for name, (tensors, _) in parts.items():
         spans[name], start = slice(start, start + len(tensors)), start + len(tensors)
-    sources = tuple(tensor for tensors in parts.values() for tensor in tensors)
-    return AdapterStack(order, a, b, scale, key, sources, spans, _stamps(sources))
+    sources = tuple(tensor for tensors, _ in parts.values() for tensor in tensors)
+    stamps = [stamp for _, part in parts.values() for stamp in part]
+    return AdapterStack(order, a, b, scale, key, sources, spans, stamps)
 
 
 def _key(layer: nn.Module) -> tuple:
@@ -176,21 +183,25 @@ def add_batched(
     return result + (scale - 1) * layer._without_bias(result) + scale * lora
 
 
-def adapter_stack(layer: nn.Module, names: tuple[str, ...]) -> AdapterStack:
+def adapter_stack(layer: nn.Module, names: tuple[str, ...], check_weights: bool = True) -> AdapterStack:
     """The layer's adapters ``names`` stacked (``AdapterStack``), kept until the names change, one of their
     tensors changes in place (version counters) or moves (data pointers), or the layer's adapters, their scales or
-    the mode change (``forget_stack`` runs when an adapter is added or deleted).
+    the mode change (``forget_stack`` runs when an adapter is added, deleted, merged or unmerged). Without
+    ``check_weights`` the tensors are not read (``DeltaModel.adapter_rows``: the caller vouches they are unchanged
+    since a block that read them; at 16 adapters the reading, its tensors cold in the cache, is a tenth of a
+    decoding step).
 
     The last stack built from the layer's factors is kept too, and a batch naming some of its adapters (rows that
     left, a smaller batch next) is cut from it (``AdapterStack.subset``: one copy of the factors it selects)
     instead of rebuilt (two transposing copies, a dozen operations per adapter)."""
     kept = layer.__dict__.get("_adapter_stack")
-    if kept is not None and kept.fresh(layer, names):
+    if kept is not None and kept.fresh(layer, names, check_weights):
         return kept
     built = layer.__dict__.get("_adapter_stack_built")
     stack = None
     if built is not None:
-        stack = built if built.fresh(layer, names) else built.subset(layer, names)
+        fresh = built.fresh(layer, names, check_weights)
+        stack = built if fresh else built.subset(layer, names, check_weights)
     if stack is None:
         stack = layer.__dict__["_adapter_stack_built"] = _build(layer, names)
     layer.__dict__["_adapter_stack"] = stack
@@ -220,7 +231,8 @@ def _build(layer: nn.Module, names: tuple[str, ...]) -> AdapterStack:
             scale = torch.ones(len(names) + 1, b.shape[2], device=a.device)
             for name in dora:
                 scale[order[name]] = layer.dora_scale(name)
-    return _stack(order, a, b, scale, _key(layer), parts)
+    stamped = {name: (tensors, _stamps(tensors)) for name, tensors in parts.items()}
+    return _stack(order, a, b, scale, _key(layer), stamped)
 
 
 def _padded(factor: torch.Tensor, rank: int) -> torch.Tensor:
@@ -230,6 +242,6 @@ def _padded(factor: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def forget_stack(layer: nn.Module) -> None:
-    """Drop the layer's kept stacks (its adapters were added or deleted)."""
+    """Drop the layer's kept stacks (its adapters were added, deleted, merged or unmerged)."""
     layer.__dict__.pop("_adapter_stack", None)
     layer.__dict__.pop("_adapter_stack_built", None)
