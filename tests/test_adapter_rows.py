@@ -48,10 +48,12 @@ def alone(model: DeltaModel, name: str | None, **inputs) -> torch.Tensor:
     return model(**inputs).logits
 
 
-def assert_rows_run_alone(model: DeltaModel, rows: list[str | None], inputs: dict, reference=None) -> None:
+def assert_rows_run_alone(
+    model: DeltaModel, rows: list[str | None], inputs: dict, reference=None, check_weights: bool = True
+) -> None:
     """``model``'s mixed-batch logits, row by row, equal ``reference`` (default: ``model``) with that row's adapter
     alone."""
-    with torch.no_grad(), model.adapter_rows(rows):
+    with torch.no_grad(), model.adapter_rows(rows, check_weights):
         mixed = model(**inputs).logits
     for row, name in enumerate(rows):
         with torch.no_grad():
@@ -164,6 +166,31 @@ def test_adapters_rows_in_order_are_sliced_not_gathered(model):
     assert not RowGroups.of(["a", "b", "a", "b", None]).blocks({"a": 0, "b": 1}, torch.device("cpu")).sliced
     for length in (1, 4):
         assert_rows_run_alone(model, rows, token_inputs(batch=len(rows), length=length))
+
+
+@pytest.mark.parametrize("length", [1, 4])
+def test_a_short_last_block_without_base_rows_is_gathered_not_sliced(model, length):
+    """Two rows of "a", one of "b", none for the base: b's block is padded with the zero row, whose index (the row
+    count) continues the rows' order, so the blocks must not pass for a slice of the batch (they did: a server's
+    decoding step with such rows failed). Through the engine too, rows leaving in turn."""
+    from deltatune.tuners.rows import RowGroups
+
+    rows = ["a", "a", "b"]
+    blocks = RowGroups.of(rows).blocks({"a": 0, "b": 1}, torch.device("cpu"))
+    assert blocks.padded and not blocks.sliced
+    assert_rows_run_alone(model, rows, token_inputs(batch=len(rows), length=length))
+    engine = GenerationEngine(model, static_weights=True)
+    prompts = [[5, 9, 2][:length], [8, 1, 3, 4][:length], [7, 7, 6]]
+    sizes = [SamplingParams(max_new_tokens=n, temperature=0) for n in (3, 6, 9)]
+    mixed = [engine.add(prompt, size, adapter=name) for prompt, size, name in zip(prompts, sizes, rows)]
+    while engine.has_work:
+        engine.step()
+    for prompt, size, name, row in zip(prompts, sizes, rows, mixed):
+        single = GenerationEngine(model)
+        alone = single.add(prompt, size, adapter=name)
+        while single.has_work:
+            single.step()
+        assert row.output_ids == alone.output_ids, name
 
 
 def test_the_engine_keeps_each_adapters_rows_together(model):
@@ -335,6 +362,65 @@ def test_rows_leaving_cut_the_stack_from_the_one_built():
         assert torch.equal(stack.a, built.a[slots, :rank]) and torch.equal(stack.b, built.b[slots, :rank])
     assert_rows_run_alone(model, ["a", "b", "c"], inputs)
     assert layer.__dict__["_adapter_stack"] is built
+
+
+def test_unchecked_blocks_use_and_cut_the_kept_stacks_without_reading_their_tensors(monkeypatch):
+    """``check_weights=False`` (a static-weight engine's decoding steps): the stacks kept from a checked block are
+    reused, and cut as rows leave, without reading one version counter or data pointer; every row still equals its
+    adapter alone. The same blocks checked read them."""
+    import deltatune.tuners.lora.rows as lora_rows
+
+    adapters = {"a": LoraConfig(r=4, target_modules="all-linear"), "b": LoraConfig(r=8, target_modules="all-linear")}
+    adapters["c"] = LoraConfig(r=2, target_modules="all-linear", use_dora=True)
+    model = mixed_model(adapters=adapters).eval()
+    inputs = token_inputs(batch=3, length=1)
+    assert_rows_run_alone(model, ["a", "b", "c"], inputs)  # checked: the stacks are built
+    reads, stamps = [], lora_rows._stamps
+    monkeypatch.setattr(lora_rows, "_stamps", lambda tensors: reads.append(len(tensors)) or stamps(tensors))
+    for check_weights in (False, True):
+        for rows in (["a", "b", "c"], ["a", "c", None], ["c", None, None]):
+            assert_rows_run_alone(model, rows, inputs, check_weights=check_weights)
+        assert bool(reads) == check_weights
+
+
+def test_a_static_weight_engine_checks_the_adapters_when_rows_join_not_at_each_step(model, monkeypatch):
+    """``GenerationEngine(static_weights=True)`` (the server's): prefills check the stacked adapters, decoding steps
+    do not; a row joining mid-way is checked at its prefill; the answers are those of an engine checking always."""
+    blocks, adapter_rows = [], model.adapter_rows
+
+    def recording(names, check_weights=True):
+        blocks.append(check_weights)
+        return adapter_rows(names, check_weights)
+
+    monkeypatch.setattr(model, "adapter_rows", recording)
+    greedy = SamplingParams(max_new_tokens=4, temperature=0)
+    answers = {}
+    for static in (True, False):
+        blocks.clear()
+        engine = GenerationEngine(model, static_weights=static)
+        rows = [engine.add([5, 9, 2], greedy, adapter="a"), engine.add([7, 3], greedy, adapter="dora")]
+        engine.step()  # the first rows' prefill
+        engine.step()  # a decoding step
+        rows.append(engine.add([4, 4, 8], greedy, adapter="b"))
+        while engine.has_work:
+            engine.step()  # a decoding step, then the new row's prefill, then decoding steps
+        assert blocks == ([True, False, False, True, False, False, False] if static else [True] * 7)
+        answers[static] = [row.output_ids for row in rows]
+    assert answers[True] == answers[False]
+
+
+def test_merging_drops_the_kept_stacks():
+    """A merge writes the base weight (DoRA's stacked scale reads it), and an unmerge writes it back with other
+    roundings: the stacks go, so that an unchecked block after the unmerge cannot use a stale scale."""
+    model = mixed_model(adapters={"a": ADAPTERS["a"], "dora": ADAPTERS["dora"]}).eval()
+    layer = model.base_model.model.layers[0].self_attn.k_proj
+    inputs = token_inputs(batch=3, length=1)
+    assert_rows_run_alone(model, ["dora", "a", None], inputs)
+    assert "_adapter_stack" in vars(layer) and "_adapter_stack_built" in vars(layer)
+    model.merge_adapter(["dora"])
+    assert "_adapter_stack" not in vars(layer) and "_adapter_stack_built" not in vars(layer)
+    model.unmerge_adapter()
+    assert_rows_run_alone(model, ["dora", "a", None], inputs, check_weights=False)
 
 
 def test_a_stack_is_not_cut_from_changed_weights():

@@ -95,7 +95,7 @@ class RowGroups:
                 source += members[name] + [self.rows] * missing  # row ``rows``: a zero row the caller appends
                 target += members[name] + [0] * missing  # the padding's zero terms land on row 0
             padded = len(source) != sum(len(members[name]) for name in order)
-            sliced = source == list(range(len(source)))
+            sliced = not padded and source == list(range(len(source)))  # a padded last block ends in row ``rows``
             self._memo[key] = Blocks(
                 torch.tensor(source, device=device), torch.tensor(target, device=device), width, padded, sliced
             )
