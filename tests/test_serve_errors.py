@@ -174,6 +174,7 @@ def test_a_failure_while_streaming_arrives_as_an_error_event(server):
 
 def test_a_failed_decode_fails_the_running_rows_and_the_engine_goes_on(server):
     api, service = server
+    engine = service.scheduler.engine
     embeddings = service.scheduler.model.get_input_embeddings()
     state = {"decodes": 0}
 
@@ -191,6 +192,8 @@ def test_a_failed_decode_fails_the_running_rows_and_the_engine_goes_on(server):
         hook.remove()
     reply = api.completions.create(model="plain", prompt="Hello", max_tokens=5, temperature=0)
     assert reply.usage.completion_tokens == 5 and service.scheduler.alive
+    fresh = service.scheduler.engine  # a new engine, as the server's first: on its packed weights, static
+    assert fresh is not engine and fresh.packed_weights is engine.packed_weights and fresh.static_weights
 
 
 def wait_until_idle(service, seconds: float = 5.0) -> float:

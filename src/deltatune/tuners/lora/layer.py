@@ -148,8 +148,6 @@ class LoraLayer(DoraVariant, DeltaLayer):
 
     def unmerge(self) -> None:
         """W ← W − s·BA (DoRA: W / scale − s·BA) for every merged adapter, newest first."""
-        if self.merged_adapters:
-            forget_stack(self)
         while self.merged_adapters:
             name = self.merged_adapters[-1]
             write_weight(self.base_weight, self._without_merged(dense(self.base_weight.data), name))

@@ -186,7 +186,8 @@ def add_batched(
 def adapter_stack(layer: nn.Module, names: tuple[str, ...], check_weights: bool = True) -> AdapterStack:
     """The layer's adapters ``names`` stacked (``AdapterStack``), kept until the names change, one of their
     tensors changes in place (version counters) or moves (data pointers), or the layer's adapters, their scales or
-    the mode change (``forget_stack`` runs when an adapter is added, deleted, merged or unmerged). Without
+    the mode change (``forget_stack`` runs when an adapter is added, deleted or merged: no mixed batch
+    runs until it is unmerged). Without
     ``check_weights`` the tensors are not read (``DeltaModel.adapter_rows``: the caller vouches they are unchanged
     since a block that read them; at 16 adapters the reading, its tensors cold in the cache, is a tenth of a
     decoding step).
@@ -242,6 +243,6 @@ def _padded(factor: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def forget_stack(layer: nn.Module) -> None:
-    """Drop the layer's kept stacks (its adapters were added, deleted, merged or unmerged)."""
+    """Drop the layer's kept stacks (its adapters were added, deleted or merged)."""
     layer.__dict__.pop("_adapter_stack", None)
     layer.__dict__.pop("_adapter_stack_built", None)
