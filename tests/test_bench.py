@@ -12,6 +12,7 @@ from deltatune.bench import step as bench
 from deltatune.bench.options import MODES, SHAPES
 from deltatune.bench.report import format_report, summarize
 from deltatune.cli.main import main as cli_main
+from deltatune.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
@@ -154,7 +155,6 @@ def test_families_refuses_an_unknown_family_by_name():
     from argparse import Namespace
 
     from deltatune.bench.families import run
-    from deltatune.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--families boft: unknown"):
         run(Namespace(families=["boft"], device="cpu"))
@@ -216,7 +216,7 @@ def test_serve_bench_answers_every_request_rightly_on_a_tiny_model(tmp_path):
     from sft_helpers import save_tiny_chat_model
 
     folder = save_tiny_chat_model(tmp_path / "model")
-    report = run_serve_bench(str(folder), 4, requests=6, tokens=5, distinct=[1, 4], repeats=1, folder=str(tmp_path))
+    report = run_serve_bench(str(folder), 4, 6, 5, [1, 4], repeats=1, folder=str(tmp_path), prompts=3)
     for k in ("1", "4"):
         entry = report["summary"][k]
         for side in ("deltatune", "peft", "one_by_one"):
@@ -225,4 +225,19 @@ def test_serve_bench_answers_every_request_rightly_on_a_tiny_model(tmp_path):
         assert entry["ratios"]["vs_peft"] > 0
     assert report["summary"]["1"]["ratios"]["vs_one_adapter"] == 1.0
     assert report["environment"]["cpu_count"] and report["environment"]["peft"]
-    assert "| 4 |" in format_serve(report)
+    assert "| 4 |" in format_serve(report) and "(3 distinct prompts)" in format_serve(report)
+
+
+def test_the_serve_bench_asks_distinct_prompts_unless_told_otherwise(tmp_path):
+    """By default every request asks its own prompt (no two rows can share a prefill); a count the benchmark
+    cannot give is refused before anything runs."""
+    from transformers import AutoTokenizer
+
+    from deltatune.bench.serve import PROMPTS, prompt_ids
+    from sft_helpers import save_tiny_chat_model
+
+    tokenizer = AutoTokenizer.from_pretrained(save_tiny_chat_model(tmp_path / "model"))
+    assert len({tuple(ids) for ids in prompt_ids(tokenizer, 16, 16)}) == 16 == len(PROMPTS)
+    assert len({tuple(ids) for ids in prompt_ids(tokenizer, 16, 8)}) == 8
+    with pytest.raises(ConfigError, match="prompts=17: the benchmark has 1 to 16 distinct prompts"):
+        prompt_ids(tokenizer, 16, 17)

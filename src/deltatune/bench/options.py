@@ -97,6 +97,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serve-requests", type=int, default=16, help="--serve: concurrent requests")
     parser.add_argument("--serve-tokens", type=int, default=32, help="--serve: tokens per answer at most")
     parser.add_argument(
+        "--serve-prompts",
+        type=int,
+        default=None,
+        help="--serve: distinct prompts among the requests, taking turns (default: one per request, up to 16); with "
+        "fewer, rows of one adapter asking the same prompt share their prefill",
+    )
+    parser.add_argument(
         "--serve-distinct",
         type=int,
         nargs="+",

@@ -2,7 +2,10 @@
 
 The same base (the embedded SmolLM2 by default, fp32), the same ``adapters`` random LoRA adapters (r=8 on every
 linear layer, B perturbed so each answers differently), the same ``requests`` chat prompts, greedy answers of at
-most ``tokens`` tokens; request i runs adapter i mod k for k distinct adapters in the batch (1, 4 and 16).
+most ``tokens`` tokens; request i asks prompt i mod p (p = ``prompts`` distinct prompts, by default one per
+request) and runs adapter i mod k for k distinct adapters in the batch (1, 4 and 16). With fewer prompts than
+requests, rows of one adapter asking the same prompt share one prefill in the engine (as a request's ``n`` choices
+do), which peft does not, and which 16 adapters cannot.
 
     deltatune   the generation engine, every request added at once: one running batch, each row with its
                 own adapter (``DeltaModel.adapter_rows``), rows leaving as they finish
@@ -26,6 +29,7 @@ import time
 from typing import Any
 
 from deltatune.bench.child import report, run_in_child
+from deltatune.errors import ConfigError
 
 SIDES = ("deltatune", "peft", "one_by_one")
 PROMPTS = [
@@ -37,6 +41,14 @@ PROMPTS = [
     "Why is the sky blue?",
     "What does a compiler do?",
     "Give me a synonym for happy.",
+    "Write a haiku about rain.",
+    "How far away is the Moon?",
+    "What is a prime number?",
+    "Suggest a name for a cat.",
+    "How do plants make food?",
+    "What is the tallest mountain?",
+    "Explain what a verb is.",
+    "What should I pack for a beach trip?",
 ]
 
 
@@ -90,11 +102,18 @@ def load(library: str, model: str, adapters: int, folder: str):
     return network.eval(), load_tokenizer(path)
 
 
-def prompt_ids(tokenizer, requests: int) -> list[list[int]]:
-    """The chat-templated prompts of ``requests`` requests (the PROMPTS in turn)."""
+def check_prompts(prompts: int) -> None:
+    """Refuse a number of distinct prompts the benchmark cannot give."""
+    if not 1 <= prompts <= len(PROMPTS):
+        raise ConfigError(f"prompts={prompts}: the benchmark has 1 to {len(PROMPTS)} distinct prompts")
+
+
+def prompt_ids(tokenizer, requests: int, prompts: int) -> list[list[int]]:
+    """The chat-templated prompts of ``requests`` requests, the first ``prompts`` of PROMPTS in turn."""
+    check_prompts(prompts)
     ids = []
     for i in range(requests):
-        messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+        messages = [{"role": "user", "content": PROMPTS[i % prompts]}]
         encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
         ids.append(list(encoded["input_ids"]))
     return ids
@@ -170,7 +189,15 @@ def run_peft(model, prompts: list[list[int]], names: list[str], tokens: int, sto
 
 
 def serve_job(
-    side: str, model: str, adapters: int, folder: str, requests: int, tokens: int, distinct: list[int], warm: bool
+    side: str,
+    model: str,
+    adapters: int,
+    folder: str,
+    requests: int,
+    prompts: int,
+    tokens: int,
+    distinct: list[int],
+    warm: bool,
 ) -> dict:
     """One side's rounds in this process, for each k in ``distinct`` (a warm-up round first when ``warm``): its
     result per k, answers included. deltatune runs on packed weights kept across its rounds, as ``serve`` does."""
@@ -180,26 +207,36 @@ def serve_job(
 
     network, tokenizer = load("peft" if side == "peft" else "deltatune", model, adapters, folder)
     packed = None if side == "peft" else PackedWeights(network)
-    stop, prompts = tokenizer.eos_token_id, prompt_ids(tokenizer, requests)
+    stop, ids = tokenizer.eos_token_id, prompt_ids(tokenizer, requests, prompts)
     results = {}
     for k in distinct:
         names = [f"a{i % k}" for i in range(requests)]
         for _ in range(2 if warm else 1):
             torch.manual_seed(0)
             if side == "peft":
-                results[str(k)] = run_peft(network, prompts, names, tokens, stop)
+                results[str(k)] = run_peft(network, ids, names, tokens, stop)
             else:
-                results[str(k)] = run_engine(network, prompts, names, tokens, stop, side == "deltatune", packed)
+                results[str(k)] = run_engine(network, ids, names, tokens, stop, side == "deltatune", packed)
     return results
 
 
 def run_serve_bench(
-    model: str, adapters: int, requests: int, tokens: int, distinct: list[int], repeats: int, folder: str
+    model: str,
+    adapters: int,
+    requests: int,
+    tokens: int,
+    distinct: list[int],
+    repeats: int,
+    folder: str,
+    prompts: int | None = None,
 ) -> dict:
     """Every side for every number of distinct adapters, each side in processes of its own, ``repeats`` times
-    taking turns."""
+    taking turns; ``prompts`` distinct prompts among the requests (default: each request its own)."""
+    prompts = min(requests, len(PROMPTS)) if prompts is None else prompts
+    check_prompts(prompts)  # refused now, not in a child process
     make_adapters(model, adapters, folder)
-    job = dict(model=model, adapters=adapters, folder=folder, requests=requests, tokens=tokens, distinct=distinct)
+    job = dict(model=model, adapters=adapters, folder=folder, requests=requests, prompts=prompts, tokens=tokens)
+    job["distinct"] = distinct
     reference = run_in_child(__name__, {**job, "side": "one_by_one", "warm": False}, waits_as="serve")
     answers = {k: result.pop("answers") for k, result in reference.items()}
     records: list[dict[str, Any]] = [
@@ -238,15 +275,15 @@ def run_serve_bench(
         }
     from deltatune.bench.machine import environment
 
-    settings = dict(model=model, adapters=adapters, requests=requests, tokens=tokens, repeats=repeats)
+    settings = dict(model=model, adapters=adapters, requests=requests, prompts=prompts, tokens=tokens, repeats=repeats)
     return {"environment": environment("cpu", None), "settings": settings, "records": records, "summary": summary}
 
 
 def format_serve(report: dict) -> str:
     settings, summary = report["settings"], report["summary"]
     lines = [
-        f"{settings['requests']} concurrent greedy requests of at most {settings['tokens']} tokens, "
-        f"{settings['model']}, LoRA r=8 on every linear layer",
+        f"{settings['requests']} concurrent greedy requests ({settings['prompts']} distinct prompts) of at most "
+        f"{settings['tokens']} tokens, {settings['model']}, LoRA r=8 on every linear layer",
         "",
         "| distinct adapters | deltatune tok/s | peft mixed batch tok/s | one by one tok/s | vs peft | vs one by one "
         "| vs 1 adapter | TTFT p50 / p99 s | inter-token p50 / p99 ms | wrong answers |",

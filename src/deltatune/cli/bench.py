@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
                 args.serve_distinct,
                 args.repeats,
                 folder,
+                args.serve_prompts,
             )
         return publish(report, format_serve(report), args.json)
     if args.families:
