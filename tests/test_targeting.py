@@ -192,6 +192,21 @@ def test_container_target_raises_a_clear_error_and_changes_nothing(llama: nn.Mod
         _peft_targets(llama, target_modules=target_modules)
 
 
+@pytest.mark.parametrize("method", ["IA3Config", "LoHaConfig", "OFTConfig", "VeraConfig"])
+def test_a_container_target_is_refused_in_the_methods_own_name(llama: nn.Module, method: str) -> None:
+    """Every method's targets go through ``find_targets``; its refusal names the method asked for, not LoRA."""
+    import deltatune
+
+    config = getattr(deltatune, method)(target_modules=["self_attn"])
+    with pytest.raises(
+        TargetError,
+        match=rf"'model\.layers\.0\.self_attn' is a LlamaAttention, which "
+        rf"{config.peft_type} cannot wrap; name a leaf layer",
+    ) as info:
+        get_delta_model(copy.deepcopy(llama), config)
+    assert "LoRA" not in str(info.value)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -182,11 +182,23 @@ def all_linear_names(model: nn.Module, task_type: str | None) -> list[str]:
     ]
 
 
+def _unwrappable(name: str, module: nn.Module, method: str) -> str:
+    """The one line refusing target ``name``, a module no layer of ``method`` (a ``peft_type``) can wrap."""
+    kind = type(module).__name__
+    if method == "LORA":
+        return (
+            f"target {name!r} is a {kind}; LoRA adapts nn.Linear, Conv1D, nn.Embedding, nn.Conv1d/2d/3d and "
+            f"nn.MultiheadAttention; name a leaf module (or an attention) instead"
+        )
+    return f"target {name!r} is a {kind}, which {method} cannot wrap; name a leaf layer (an nn.Linear, say) instead"
+
+
 def find_targets(model: nn.Module, config: Any) -> list[str]:
     """Full names of the modules ``config`` adapts in ``model``, in model order.
 
     Raises ``TargetError`` naming the model's adaptable modules when nothing matches, and when a
-    selected module (by name or by regex, as in peft) has a type LoRA cannot wrap.
+    selected module (by name or by regex, as in peft) has a type no method can wrap (the method's own layers
+    refuse the types they cannot).
     """
     spec = config.target_modules
     if spec is None:
@@ -207,10 +219,7 @@ def find_targets(model: nn.Module, config: Any) -> list[str]:
         if not exact and not _in_layers(name, config):
             continue
         if not isinstance(module, ADAPTABLE_TYPES):
-            raise TargetError(
-                f"target {name!r} is a {type(module).__name__}; LoRA adapts nn.Linear, Conv1D, nn.Embedding, "
-                f"nn.Conv1d/2d/3d and nn.MultiheadAttention; name a leaf module (or an attention) instead"
-            )
+            raise TargetError(_unwrappable(name, module, getattr(config, "peft_type", "")))
         selected.append(name)
     if not selected:
         names = short_names(adaptable_module_names(model))
