@@ -241,3 +241,11 @@ def test_the_serve_bench_asks_distinct_prompts_unless_told_otherwise(tmp_path):
     assert len({tuple(ids) for ids in prompt_ids(tokenizer, 16, 8)}) == 8
     with pytest.raises(ConfigError, match="prompts=17: the benchmark has 1 to 16 distinct prompts"):
         prompt_ids(tokenizer, 16, 17)
+
+
+def test_the_serve_bench_command_refuses_a_prompt_count_in_one_line(capsys):
+    assert cli_main(["bench", "--serve", "--serve-prompts", "17"]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == "deltatune bench: error: prompts=17: the benchmark has 1 to 16 distinct prompts"
+    )
