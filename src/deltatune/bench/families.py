@@ -16,10 +16,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from deltatune.bench import child
 from deltatune.bench.machine import environment
 from deltatune.bench.options import DEFAULT_SHAPES, shape_of
 from deltatune.bench.report import publish
-from deltatune.bench.step import LLAMA_PROJECTIONS, RESULT_PREFIX, build_model, measure_training, run_job
+from deltatune.bench.step import LLAMA_PROJECTIONS, build_model, measure_training, run_job
 
 MLP_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
 # family -> (config class name, both libraries export it; its keyword arguments)
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deltatune.bench.families")
     parser.add_argument("--job", required=True)
     job = json.loads(parser.parse_args(argv).job)
-    print(RESULT_PREFIX + json.dumps(family_job(**job)), flush=True)
+    child.report(family_job(**job))
     return 0
 
 

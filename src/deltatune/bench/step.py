@@ -42,7 +42,6 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -52,13 +51,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune.bench import child
 from deltatune.bench.machine import environment
 from deltatune.bench.measure import live_bytes, profiled_step, saved_storages, synchronize, timed, weight_bytes
 from deltatune.bench.options import DEFAULT_SHAPES, Shape, add_arguments, shape_of
 from deltatune.bench.report import format_report, publish, summarize, summarize_quant
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RESULT_PREFIX = "BENCH_RESULT "
 MIB = 2**20
 GIB = 2**30
 
@@ -278,12 +277,7 @@ def run_job(
     through ``dispatch``, this module's by default); return its result dict."""
     if not isolate:
         return dispatch(**job) if dispatch else _dispatch(job)
-    command = [sys.executable, "-m", module, "--job", json.dumps(job)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"benchmark job {job} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len(RESULT_PREFIX) :])
+    return child.run_in_child(module, job, waits_as=None, option="--job")  # threads wait as this process's do
 
 
 def _dispatch(job: dict) -> dict:
@@ -416,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.job:
-        print(RESULT_PREFIX + json.dumps(_dispatch(json.loads(args.job))), flush=True)
+        child.report(_dispatch(json.loads(args.job)))
         return 0
     return run(args)
 
