@@ -186,11 +186,10 @@ def add_batched(
 def adapter_stack(layer: nn.Module, names: tuple[str, ...], check_weights: bool = True) -> AdapterStack:
     """The layer's adapters ``names`` stacked (``AdapterStack``), kept until the names change, one of their
     tensors changes in place (version counters) or moves (data pointers), or the layer's adapters, their scales or
-    the mode change (``forget_stack`` runs when an adapter is added, deleted or merged: no mixed batch
-    runs until it is unmerged). Without
-    ``check_weights`` the tensors are not read (``DeltaModel.adapter_rows``: the caller vouches they are unchanged
-    since a block that read them; at 16 adapters the reading, its tensors cold in the cache, is a tenth of a
-    decoding step).
+    the mode change (``forget_stack`` runs when an adapter is added, deleted or merged: no mixed batch runs until
+    it is unmerged). Without ``check_weights`` the tensors are not read (``DeltaModel.adapter_rows``: the caller
+    vouches they are unchanged since a block that read them; at 16 adapters the reading, its tensors cold in the
+    cache, is a tenth of a decoding step).
 
     The last stack built from the layer's factors is kept too, and a batch naming some of its adapters (rows that
     left, a smaller batch next) is cut from it (``AdapterStack.subset``: one copy of the factors it selects)
