@@ -193,17 +193,16 @@ def test_a_short_last_block_without_base_rows_is_gathered_not_sliced(model, leng
         assert row.output_ids == alone.output_ids, name
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_any_rows_in_the_engines_order_equal_their_adapters_alone(model, seed):
-    """Random batches as the engine orders them (each adapter's rows together, in the model's order, the base's last;
-    blocks of any widths, with or without base rows), decoding and prefill: each row equals its adapter alone."""
-    generator = torch.Generator().manual_seed(seed)
-    choices = ["a", "b", "dora", None]
-    count = int(torch.randint(1, 7, (1,), generator=generator))
-    picked = [choices[int(i)] for i in torch.randint(0, len(choices), (count,), generator=generator)]
-    rows = sorted(picked, key=lambda name: choices.index(name))
-    for length in (1, 3):
-        assert_rows_run_alone(model, rows, token_inputs(batch=count, length=length))
+@pytest.mark.parametrize("count", [1, 2, 3, 4])
+def test_every_batch_in_the_engines_order_equals_its_rows_alone(model, count):
+    """Every batch of ``count`` rows as the engine orders them (each adapter's rows together, in the model's order,
+    the base's last: blocks of every width, with and without base rows), decoding and prefill: each row equals its
+    adapter alone."""
+    import itertools
+
+    for rows in itertools.combinations_with_replacement(["a", "b", "dora", None], count):
+        for length in (1, 3):
+            assert_rows_run_alone(model, list(rows), token_inputs(batch=count, length=length))
 
 
 def test_the_engine_keeps_each_adapters_rows_together(model):
