@@ -235,15 +235,8 @@ def run_serve_bench(
     prompts = min(requests, len(PROMPTS)) if prompts is None else prompts
     check_prompts(prompts)  # refused now, not in a child process
     make_adapters(model, adapters, folder)
-    job = dict(
-        model=model,
-        adapters=adapters,
-        folder=folder,
-        requests=requests,
-        prompts=prompts,
-        tokens=tokens,
-        distinct=distinct,
-    )
+    job = dict(model=model, adapters=adapters, folder=folder, requests=requests, prompts=prompts, tokens=tokens)
+    job.update(distinct=distinct)  # the job is serve_job's keyword arguments, less side and warm
     reference = run_in_child(__name__, {**job, "side": "one_by_one", "warm": False}, waits_as="serve")
     answers = {k: result.pop("answers") for k, result in reference.items()}
     records: list[dict[str, Any]] = [
