@@ -318,14 +318,27 @@ LEAN = {
 }
 
 
+@pytest.mark.parametrize("joined", [False, True], ids=["module by module", "joined on packed weights"])
 @pytest.mark.parametrize("case", LEAN)
-def test_a_decoding_step_through_the_layers_equals_the_models_forward(case):
-    """``decode_step`` on left-padded rows, adapters on some rows: the logits of the model's forward over a buffered
-    cache, and the same new key and value columns written."""
+def test_a_prefill_and_a_decoding_step_through_the_layers_equal_the_models_forward(case, joined):
+    """``lean_forward`` on left-padded rows, adapters on some rows (one targeting only q_proj and down_proj): a
+    prefill's last logits and its real tokens' keys and values equal the model's forward; then a decoding step's
+    logits and new columns equal its forward over a buffered cache. ``joined``: on packed weights, q/k/v and
+    gate/up each as one product (``tuners/lora/joined.py``)."""
     import copy
 
     import deltatune
-    from deltatune.compat.transformers import CACHE, buffered_cache, cache_tensors, decode_step, lean_decoder
+    from deltatune.compat.transformers import (
+        CACHE,
+        buffered_cache,
+        cache_tensors,
+        empty_cache,
+        lean_decoder,
+        lean_forward,
+        shared_inputs,
+    )
+    from deltatune.kernels.packed_linear import PackedWeights
+    from deltatune.tuners.lora.joined import JoinedProjections
 
     family = case.split(",")[0]
     model = deltatune.get_delta_model(
@@ -338,18 +351,39 @@ def test_a_decoding_step_through_the_layers_equals_the_models_forward(case):
         elif "norm" in name:  # each norm its own weights (they start at one)
             torch.nn.init.normal_(param, mean=1, std=0.3)
     model.eval()
-    assert lean_decoder(model.base_model)
+    causal_lm = model.base_model
+    assert lean_decoder(causal_lm)
+    packed = PackedWeights(model) if joined else None
     ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 9], [0, 8, 1, 2, 3]])
     mask = (torch.arange(5) >= torch.tensor([[2], [0], [1]])).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    step = dict(input_ids=torch.tensor([[11], [12], [13]]), position_ids=mask.sum(-1, keepdim=True))
+    wide = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+
+    def lean(*args):
+        if not joined:
+            return lean_forward(causal_lm, *args)
+        project = JoinedProjections(shared_inputs(causal_lm), packed)
+        with packed.applied(project.groups):
+            return lean_forward(causal_lm, *args, project)
+
     with torch.no_grad(), model.adapter_rows(["default", None, "other"]):
-        prefill = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+        prefill = model(ids, attention_mask=mask, position_ids=positions, use_cache=True)
         pairs = cache_tensors(getattr(prefill, CACHE))
+        lean_pairs = empty_cache(causal_lm, 3, 5)
+        torch.testing.assert_close(lean(ids, positions, mask, lean_pairs, 0), prefill.logits[:, -1])
+        real = mask.bool()
+        for (k, v), (k2, v2) in zip(lean_pairs, pairs):  # a padding column's key is never read
+            torch.testing.assert_close(k.transpose(1, 2)[real], k2.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v.transpose(1, 2)[real], v2.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
         room = [(torch.cat([k, k[:, :, :2] * 0], 2), torch.cat([v, v[:, :, :2] * 0], 2)) for k, v in pairs]
         theirs, ours = copy.deepcopy(room), copy.deepcopy(room)
-        step = dict(input_ids=torch.tensor([[11], [12], [13]]), position_ids=mask.sum(-1, keepdim=True))
-        wide = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
         expected = model(**step, attention_mask=wide, use_cache=True, **{CACHE: buffered_cache(theirs, 5)}).logits
-        got = decode_step(model.base_model, step["input_ids"], step["position_ids"], wide, ours, 5)
+        got = lean(step["input_ids"], step["position_ids"], wide, ours, 5)
+    if joined:  # the joinable layers ran from packs of their groups, not packs of their own
+        groups = JoinedProjections(shared_inputs(causal_lm), packed).groups
+        assert len(groups) == 2 * len(causal_lm.model.layers) and all(group in packed._packs for group in groups)
+        assert not any(layer in packed._packs for group in groups for layer in group)
     torch.testing.assert_close(got, expected[:, -1], atol=1e-5, rtol=1e-5)
     for (k, v), (k2, v2) in zip(ours, theirs):
         torch.testing.assert_close(k[:, :, :6], k2[:, :, :6])

@@ -56,22 +56,23 @@ def test_batched_greedy_answers_equal_one_prompt_generate(model, adapted, dora, 
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_decoding_steps_run_through_a_llamas_layers_and_other_models_forwards(family, monkeypatch):
-    """A Llama-family model decodes through ``decode_step`` (its layers, without its forward's machinery), any
-    other model through its forward; both answer as transformers' ``generate``."""
+def test_a_llama_prefills_and_decodes_through_its_layers_and_other_models_through_their_forwards(family, monkeypatch):
+    """A Llama-family model prefills and decodes through ``lean_forward`` (its layers, without its forward's
+    machinery), any other model through its forward; both answer as transformers' ``generate``."""
     import deltatune.generation.engine as engine_module
 
     network = tiny_llama() if family == "llama" else tiny_gpt2()
-    steps = []
-    original = engine_module.decode_step
-    monkeypatch.setattr(engine_module, "decode_step", lambda *args: steps.append(1) or original(*args))
+    widths = []
+    original = engine_module.lean_forward
+    monkeypatch.setattr(engine_module, "lean_forward", lambda *args: widths.append(args[1].shape[1]) or original(*args))
     rows = GenerationEngine(network).generate(PROMPTS, GREEDY)
     assert [row.output_ids for row in rows] == [alone(network, prompt) for prompt in PROMPTS]
-    assert len(steps) == (GREEDY.max_new_tokens - 1 if family == "llama" else 0)  # the first token: the prefill's
+    longest = max(map(len, PROMPTS))  # the prefill (every prompt left-padded to the longest), then one token a step
+    assert widths == ([longest] + [1] * (GREEDY.max_new_tokens - 1) if family == "llama" else [])
 
 
 def test_a_hook_on_an_adapted_model_keeps_its_forward_at_every_step(adapted):
-    """``decode_step`` would bypass a hook on the ``DeltaModel`` itself: with one, every forward is the model's."""
+    """``lean_forward`` would bypass a hook on the ``DeltaModel`` itself: with one, every forward is the model's."""
     calls = []
     handle = adapted.register_forward_hook(lambda *args: calls.append(1))
     try:

@@ -15,6 +15,8 @@ computes ``x Wᵀ + b`` over the last dim of ``x``; ``tests/test_compat.py`` che
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -30,11 +32,15 @@ _GLOBAL_HOOKS = (
 def has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` does more than its class's ``forward``: hooks (its own or global), or a patched
     forward."""
-    return (
-        any(getattr(module, name) for name in _MODULE_HOOKS)
-        or "forward" in vars(module)
-        or any(getattr(nn.modules.module, name) for name in _GLOBAL_HOOKS)
-    )
+    return any_hooks((module,))
+
+
+def any_hooks(modules: Iterable[nn.Module]) -> bool:
+    """Whether calling any of ``modules`` does more than its class's ``forward`` (``has_hooks``; the global hooks
+    read once)."""
+    if any(getattr(nn.modules.module, name) for name in _GLOBAL_HOOKS):
+        return True
+    return any("forward" in vars(module) or any(getattr(module, name) for name in _MODULE_HOOKS) for module in modules)
 
 
 def onednn_packing_available() -> bool:

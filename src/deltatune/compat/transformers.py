@@ -13,12 +13,14 @@
 - The decoder layers of Llama, Qwen2 and Mistral (``LEAN_DECODERS``) are pre-norm attention with rotary
   positions plus an MLP, under the attribute names ``model.embed_tokens``, ``model.layers[i].input_layernorm /
   self_attn.{q,k,v,o}_proj / post_attention_layernorm / mlp``, ``model.norm``, ``model.rotary_emb`` and
-  ``lm_head``; ``decode_step`` runs one decoding step through those modules without the models' own forward
-  code (mask building, cache objects, output records), and equals their forward.
+  ``lm_head``, and a model's key/value heads are ``config.num_key_value_heads``; ``lean_forward`` runs a prefill
+  or a decoding step through those modules without the models' own forward code (mask building, cache
+  objects, output records), and equals their forward. Their MLPs compute ``down_proj(act_fn(gate_proj(x)) *
+  up_proj(x))``, which ``lean_forward`` calls by parts so that gate and up can run as one product.
 
 ``tests/test_compat.py`` checks each against the installed transformers: the MLPs of the common decoder
 families are recognised, ``ACT2FN``'s SiLU and GELUs are named, the Trainer's check reads that flag, and
-``decode_step``'s logits equal each lean decoder's forward.
+``lean_forward``'s logits equal each lean decoder's forward.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ import ast
 import functools
 import inspect
 import textwrap
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import activations
 from transformers.cache_utils import Cache, DynamicLayer
+
+from deltatune.compat.torch import has_hooks
 
 
 def activation_name(act: object) -> str | None:
@@ -156,11 +161,9 @@ LEAN_DECODERS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
 def lean_decoder(model: nn.Module) -> bool:
-    """Whether ``decode_step`` can run ``model``'s decoding steps: one of ``LEAN_DECODERS``, every layer full
-    attention (no sliding window), and no hooks on the modules whose forward it replaces (the model, its
-    decoder, layers and attentions; those it calls run their own hooks)."""
-    from deltatune.compat.torch import has_hooks
-
+    """Whether ``lean_forward`` can run ``model``'s prefills and decoding steps: one of ``LEAN_DECODERS``, every
+    layer full attention (no sliding window), and no hooks on the modules whose forward it replaces (the model,
+    its decoder, layers and attentions; those it calls run their own hooks, and it calls an MLP that has hooks)."""
     if type(model).__name__ not in LEAN_DECODERS:
         return False
     config = model.config
@@ -173,47 +176,110 @@ def lean_decoder(model: nn.Module) -> bool:
     return not any(has_hooks(module) for module in replaced)
 
 
-def decode_step(
+def shared_inputs(model: nn.Module) -> list[tuple[nn.Module, ...]]:
+    """The modules of a ``lean_decoder`` model that read the same input, as ``lean_forward`` groups them: each
+    layer's (q_proj, k_proj, v_proj) and its MLP's (gate_proj, up_proj), as the model holds them (adapter layers
+    included)."""
+    groups = []
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        groups += [(attention.q_proj, attention.k_proj, attention.v_proj), (mlp.gate_proj, mlp.up_proj)]
+    return groups
+
+
+def empty_cache(model: nn.Module, rows: int, columns: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Uninitialised (keys, values) buffers [rows, kv_heads, columns, head_dim] for each layer of a ``lean_decoder``
+    model, in its embedding's dtype and device (what its keys and values come out in)."""
+    embedding = model.model.embed_tokens.weight
+    shape = (rows, model.config.num_key_value_heads, columns, model.model.layers[0].self_attn.head_dim)
+    return [(embedding.new_empty(shape), embedding.new_empty(shape)) for _ in model.model.layers]
+
+
+Project = Callable[[tuple[nn.Module, ...], torch.Tensor], "torch.Tensor | None"]
+
+
+def lean_forward(
     model: nn.Module,
     input_ids: torch.Tensor,
     position_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     buffers: list[tuple[torch.Tensor, torch.Tensor]],
     columns: int,
+    project: Project | None = None,
 ) -> torch.Tensor:
-    """One decoding step of a ``lean_decoder`` model: each row's next-token logits [rows, vocabulary] for its one
-    new token (``input_ids`` [rows, 1] at ``position_ids`` [rows, 1]), attending over the first ``columns``
-    columns of each layer's (keys, values) buffers and its own new column, which is written at ``columns``;
-    ``attention_mask`` [rows, columns + 1] marks real tokens with 1. The same modules and products as the
-    model's forward over a ``buffered_cache``, without its per-call machinery: ~5 of 80 ms a 16-row SmolLM2 step::
+    """A prefill or a decoding step of a ``lean_decoder`` model: each row's next-token logits [rows, vocabulary]
+    after its new tokens ``input_ids`` [rows, T] at ``position_ids`` [rows, T], attending over the first
+    ``columns`` columns of each layer's (keys, values) buffers and its own new columns, which are written at
+    ``columns`` .. ``columns + T`` (the caller reserves them); ``attention_mask`` [rows, columns + T] marks real
+    tokens with 1 (a left-padded prefill: ``columns`` 0). The same modules and products as the model's forward
+    over a ``buffered_cache``, without its per-call machinery (~5 of 80 ms a 16-row SmolLM2 step)::
 
         h = embed(ids);  per layer:  h += o_proj(attention(rope(q, k), v over the cache))
-                                     h += mlp(post_attention_layernorm(h))
-        logits = lm_head(norm(h))
+                                     h += down_proj(act(gate_proj(x)) * up_proj(x)),  x = post_attention_layernorm(h)
+        logits = lm_head(norm(h[:, -1]))
+
+    ``project(modules, x)``, when given, computes modules that read the same input (``shared_inputs``: q, k, v;
+    gate, up) at once, their outputs side by side, or answers None to have them called one by one.
     """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # Qwen2's and Mistral's copy it
 
-    decoder, rows = model.model, input_ids.shape[0]
+    decoder, (rows, length) = model.model, input_ids.shape
     hidden = decoder.embed_tokens(input_ids)
     cos, sin = decoder.rotary_emb(hidden, position_ids)
-    mask = attention_mask.bool()[:, None, None, :]  # [rows, 1, 1, columns + 1]: one query attends to real tokens
+    end, mask = columns + length, _lean_mask(attention_mask, length)
     for layer, (keys, values) in zip(decoder.layers, buffers):
         attention = layer.self_attn
         x = layer.input_layernorm(hidden)
-        query = attention.q_proj(x).view(rows, 1, -1, attention.head_dim).transpose(1, 2)
-        key = attention.k_proj(x).view(rows, 1, -1, attention.head_dim).transpose(1, 2)
-        value = attention.v_proj(x).view(rows, 1, -1, attention.head_dim).transpose(1, 2)
+        query, key, value = (
+            part.view(rows, length, -1, attention.head_dim).transpose(1, 2)
+            for part in _together((attention.q_proj, attention.k_proj, attention.v_proj), x, project)
+        )
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        keys[:, :, columns : columns + 1].copy_(key)
-        values[:, :, columns : columns + 1].copy_(value)
-        heads = keys.shape[1]  # the query's heads grouped over the key/value heads they share: [rows, kv, group, d]
+        keys[:, :, columns:end].copy_(key)
+        values[:, :, columns:end].copy_(value)
+        if length == 1:  # the query's heads grouped over the key/value heads they share: [rows, kv, group, d]
+            query = query.reshape(rows, keys.shape[1], -1, attention.head_dim)
         out = F.scaled_dot_product_attention(
-            query.reshape(rows, heads, -1, attention.head_dim),
-            keys[:, :, : columns + 1],
-            values[:, :, : columns + 1],
+            query,
+            keys[:, :, :end],
+            values[:, :, :end],
             attn_mask=mask,
             scale=attention.scaling,
+            enable_gqa=length > 1 and keys.shape[1] != query.shape[1],
         )
-        hidden = hidden + attention.o_proj(out.reshape(rows, 1, -1))
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    return model.lm_head(decoder.norm(hidden))[:, -1]
+        out = out.reshape(rows, 1, -1) if length == 1 else out.transpose(1, 2).reshape(rows, length, -1)
+        hidden = hidden + attention.o_proj(out)
+        hidden = hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), project)
+    return model.lm_head(decoder.norm(hidden[:, -1:]))[:, -1]
+
+
+def _lean_mask(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """The keys each new token attends to, [rows, 1, T, columns + T]: real ones, not after itself. A padding
+    token attends to itself too (otherwise to nothing, and its row of attention would be NaN)."""
+    real = attention_mask.bool()[:, None, None, :]
+    if length == 1:
+        return real
+    columns = attention_mask.shape[1] - length
+    key = torch.arange(columns + length, device=real.device)
+    query = torch.arange(columns, columns + length, device=real.device)[:, None]
+    return (real & (key <= query)) | (key == query)
+
+
+def _together(modules: tuple[nn.Module, ...], x: torch.Tensor, project: Project | None) -> list[torch.Tensor]:
+    """Each module's output for ``x``: from ``project`` at once when it takes them, else one call each."""
+    joined = None if project is None else project(modules, x)
+    if joined is None:
+        return [module(x) for module in modules]
+    return list(joined.split([module.out_features for module in modules], dim=-1))
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor, project: Project | None) -> torch.Tensor:
+    """A lean decoder's gated MLP on ``x``: its gate and up projections through ``project`` when it takes them,
+    else the module's own call."""
+    if project is None or has_hooks(mlp) or has_hooks(mlp.act_fn):
+        return mlp(x)
+    joined = project((mlp.gate_proj, mlp.up_proj), x)
+    if joined is None:
+        return mlp(x)
+    gate, up = joined.split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
+    return mlp.down_proj(mlp.act_fn(gate) * up)

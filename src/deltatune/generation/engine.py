@@ -14,8 +14,9 @@ Each ``step()`` decodes one token for every running row in one forward, then pre
 server all drive this one class (``generate()`` for a fixed set of prompts, ``add``/``step`` for streams).
 With ``packed_weights`` (``kernels.packed_linear``) the model's linear layers run on oneDNN-packed weights
 during the engine's forwards, for long-lived or many-step engines on a CPU (the server, GRPO's rollouts).
-A Llama-family model (``compat.transformers.lean_decoder``, checked at each step: hooks may come) decodes
-through its layers (``decode_step``), without its forward's per-call machinery.
+A Llama-family model (``compat.transformers.lean_decoder``, checked at each step: hooks may come) prefills and
+decodes through its layers (``lean_forward``), without its forward's per-call machinery; on packed weights its
+layers that read the same input (q, k, v; gate, up) then run as one product each (``tuners/lora/joined.py``).
 A row may name its own adapter (``add(..., adapter="support")``, None for the bare base model): rows of
 different LoRA/DoRA adapters then share every forward (``DeltaModel.adapter_rows``), and the engine keeps each
 adapter's rows together so that its block of rows in the adapted layers is a slice of the batch.
@@ -36,15 +37,19 @@ from transformers import PreTrainedModel
 from deltatune.compat.torch import has_hooks
 from deltatune.compat.transformers import (
     CACHE,
+    Project,
     buffered_cache,
     cache_tensors,
-    decode_step,
+    empty_cache,
     last_logits_only,
     lean_decoder,
+    lean_forward,
+    shared_inputs,
 )
 from deltatune.errors import ConfigError
 from deltatune.generation.sampling import SamplingParams, choose
 from deltatune.kernels.packed_linear import PackedWeights
+from deltatune.tuners.lora.joined import JoinedProjections
 
 AS_SET = object()  # a row that runs with the model's adapters as they are set (the default)
 ROOM = 64  # cache columns reserved past the used ones when the batch's cache is made: regrown once per 64 steps
@@ -182,11 +187,11 @@ class GenerationEngine:
             ]
         mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
         ids, positions = self._last[:, None], self._positions[:, None]
-        lean = self._causal_lm is not None and lean_decoder(self._causal_lm) and not has_hooks(self.model)
+        lean = self._lean()
         # the new column is written into the room; every row's adapter was checked when the row joined
-        with self._running(self.running, check_weights=not self.static_weights):
+        with self._running(self.running, lean, check_weights=not self.static_weights) as project:
             if lean:
-                logits = decode_step(self._causal_lm, ids, positions, mask, self._cache, columns)
+                logits = lean_forward(self._causal_lm, ids, positions, mask, self._cache, columns, project)
             else:
                 cache = buffered_cache(self._cache, columns)
                 inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
@@ -207,11 +212,15 @@ class GenerationEngine:
             ids[i, length - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, device=self.device)
             mask[i, length - len(row.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with self._running(firsts):
-            output = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self._last_only
-            )
-        cache, logits = cache_tensors(getattr(output, CACHE)), output.logits[:, -1]
+        lean = self._lean()
+        with self._running(firsts, lean) as project:
+            if lean:
+                cache = empty_cache(self._causal_lm, len(firsts), length)
+                logits = lean_forward(self._causal_lm, ids, positions, mask, cache, 0, project)
+            else:
+                inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+                output = self.model(**inputs, **self._last_only)
+                cache, logits = cache_tensors(getattr(output, CACHE)), output.logits[:, -1]
         if len(firsts) < len(rows):
             index = torch.tensor(source, device=self.device)
             cache = [(k.index_select(0, index), v.index_select(0, index)) for k, v in cache]
@@ -223,18 +232,26 @@ class GenerationEngine:
         self._group_by_adapter()
         return events
 
+    def _lean(self) -> bool:
+        """Whether this forward runs through the model's layers (``lean_forward``): a Llama-family model, no hooks."""
+        return self._causal_lm is not None and lean_decoder(self._causal_lm) and not has_hooks(self.model)
+
     @contextlib.contextmanager
-    def _running(self, rows: list[Row], check_weights: bool = True) -> Iterator[None]:
+    def _running(self, rows: list[Row], lean: bool, check_weights: bool = True) -> Iterator[Project | None]:
         """The block of a forward over ``rows``: each row with its own adapter when any row names one (a model
         without adapters runs as it is: every row is the base; ``check_weights`` as ``adapter_rows``), on packed
-        weights when the engine has them."""
+        weights when the engine has them. Yields a ``lean`` forward's ``project`` on packed weights: layers that
+        read the same input as one product (``tuners/lora/joined.py``)."""
         with contextlib.ExitStack() as stack:
+            project = None
             if self.packed_weights:
-                stack.enter_context(self.packed_weights.applied())
+                if lean:
+                    project = JoinedProjections(shared_inputs(self._causal_lm), self.packed_weights)
+                stack.enter_context(self.packed_weights.applied(project.groups if project else ()))
             if any(row.adapter is not AS_SET for row in rows) and hasattr(self.model, "adapter_rows"):
                 names = [self._adapter_of(row) for row in rows]
                 stack.enter_context(self.model.adapter_rows(names, check_weights))
-            yield
+            yield project
 
     def _adapter_of(self, row: Row) -> str | None:
         """The adapter a row runs with in a mixed batch: its own, or the model's one active adapter."""

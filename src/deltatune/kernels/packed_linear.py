@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,13 +48,16 @@ class PackedWeights:
         self._available = onednn_packing_available()
 
     @contextlib.contextmanager
-    def applied(self) -> Iterator[None]:
-        """Run every packable layer on its packed weight inside the block (under ``torch.no_grad``)."""
+    def applied(self, joined: Sequence[tuple[nn.Linear, ...]] = ()) -> Iterator[None]:
+        """Run every packable layer on its packed weight inside the block (under ``torch.no_grad``). The layers of
+        each group in ``joined`` (layers that read the same input) are packed together instead, as one weight for
+        ``joined_forward``, and their own forwards stay as they are: one copy of each weight, not two."""
         patched = []
         try:
             if self._available and not torch.is_grad_enabled():
-                layers = self.packable_layers()
-                for gone in self._packs.keys() - set(layers):  # a layer the model no longer runs this way
+                members = {layer for group in joined for layer in group}
+                layers = [layer for layer in self.packable_layers() if layer not in members]
+                for gone in self._packs.keys() - {*layers, *joined}:  # no longer run this way (or a group's now)
                     del self._packs[gone]
                 for layer in layers:  # set in the instance's __dict__: nn.Module.__setattr__ costs ~1 ms a forward
                     layer.__dict__["forward"] = self._packed(layer)
@@ -70,14 +73,32 @@ class PackedWeights:
         block runs under ``no_grad``, and a weight an optimizer stepped since is packed again."""
         return [layer for layer in _base_linears(self.model) if _packable(layer.weight) and not has_hooks(layer)]
 
+    def joined_forward(self, layers: tuple[nn.Linear, ...]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The outputs of ``layers`` (``nn.Linear`` layers reading the same input) side by side, ``[..., Σ out]``,
+        from one product over their weights stacked and packed (kept until one of them changes); None when they
+        cannot share one (another dtype or device, different input sizes, or no packing here)."""
+        weights = [layer.weight for layer in layers]
+        if not (self._available and all(map(_packable, weights))):
+            return None
+        if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
+            return None
+        stamp = tuple(_stamp(t) for layer in layers for t in (layer.weight, layer.bias) if t is not None)
+        kept = self._packs.get(layers)
+        if kept is None or kept[0] != stamp:
+            with torch.no_grad():
+                rows, pieces = _pieces(torch.cat(weights))
+                bias, biases = None, [layer.bias for layer in layers]
+                if any(b is not None for b in biases):
+                    bias = torch.cat([w.new_zeros(len(w)) if b is None else b for w, b in zip(weights, biases)])
+            kept = self._packs[layers] = (stamp, functools.partial(_joined_forward, layers, bias, rows, pieces))
+        return kept[1]
+
     def _packed(self, layer: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
         """``layer``'s forward on its packed weight, kept until the weight changes in place or is replaced."""
-        weight = layer.weight
-        stamp = (weight.data_ptr(), weight._version)
+        stamp = _stamp(layer.weight)
         kept = self._packs.get(layer)
         if kept is None or kept[0] != stamp:
-            rows = max(1, PIECE_BYTES // (weight.shape[1] * weight.element_size()))
-            pieces = tuple(onednn_pack(part) for part in weight.split(rows))
+            rows, pieces = _pieces(layer.weight)
             kept = self._packs[layer] = (stamp, functools.partial(_packed_forward, layer, rows, pieces))
         return kept[1]
 
@@ -101,11 +122,40 @@ def _packable(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype in PACKED_DTYPES
 
 
+def _stamp(tensor: torch.Tensor) -> tuple[int, int]:
+    return tensor.data_ptr(), tensor._version
+
+
+def _pieces(weight: torch.Tensor) -> tuple[int, tuple[torch.Tensor, ...]]:
+    """``weight`` [out, in] packed in pieces of at most ``PIECE_BYTES``: (rows a piece, the packed pieces)."""
+    rows = max(1, PIECE_BYTES // (weight.shape[1] * weight.element_size()))
+    return rows, tuple(onednn_pack(part) for part in weight.split(rows))
+
+
 def _packed_forward(layer: nn.Linear, rows: int, pieces: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` through its packed weight; anything the pack cannot take runs ``nn.Linear``'s own product."""
     if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != layer.weight.dtype:
         return F.linear(x, layer.weight, layer.bias)
+    return _through(pieces, rows, layer.bias, x)
+
+
+def _joined_forward(
+    layers: tuple[nn.Linear, ...],
+    bias: torch.Tensor | None,
+    rows: int,
+    pieces: tuple[torch.Tensor, ...],
+    x: torch.Tensor,
+) -> torch.Tensor:
+    """``[layer(x) for layer in layers]`` side by side through their packed stacked weight (``bias``: their biases
+    stacked); anything the pack cannot take runs each layer's own product."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != layers[0].weight.dtype:
+        return torch.cat([F.linear(x, layer.weight, layer.bias) for layer in layers], dim=-1)
+    return _through(pieces, rows, bias, x)
+
+
+def _through(pieces: tuple[torch.Tensor, ...], rows: int, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``x Wᵀ + b`` for W packed in ``pieces`` of ``rows`` rows."""
     if len(pieces) == 1:
-        return onednn_linear(x, pieces[0], layer.bias)
-    biases = [None] * len(pieces) if layer.bias is None else layer.bias.split(rows)
-    return torch.cat([onednn_linear(x, piece, bias) for piece, bias in zip(pieces, biases)], dim=-1)
+        return onednn_linear(x, pieces[0], bias)
+    biases = [None] * len(pieces) if bias is None else bias.split(rows)
+    return torch.cat([onednn_linear(x, piece, part) for piece, part in zip(pieces, biases)], dim=-1)

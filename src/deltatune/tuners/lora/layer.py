@@ -169,7 +169,11 @@ class LoraLayer(DoraVariant, DeltaLayer):
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        return self.add_adapters(x, self.base_layer(x, *args, **kwargs))
+
+    def add_adapters(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` (the base layer's output for ``x``) with the adapters' terms added, each row's own in a mixed
+        batch: the forward after the base layer (a joined product, ``joined.py``, computes the base output)."""
         if self.row_groups is not None and not self.disabled:
             return add_per_row(self, x, result, self.row_groups)
         for name in self.unmerged_active():

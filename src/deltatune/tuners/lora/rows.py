@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.tuners.rows import RowGroups
+from deltatune.tuners.rows import Blocks, RowGroups
 
 
 def add_per_row(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, groups: RowGroups) -> torch.Tensor:
@@ -150,37 +150,57 @@ def add_batched(
     """The batched way (module docstring): every row's term from its adapter's block in two batched matmuls,
     added into the base output (no autograd here). A row's tokens (a prompt's, or decoding's one) travel together."""
     rows = x.shape[0]
-    plain = stack.scale is None and result.dtype == stack.b.dtype and result.is_contiguous()
     blocks = groups.blocks(stack.order, x.device)
-    if plain and blocks.sliced:  # the blocks are the batch's first rows: terms added into their slice in place
-        slots, features = len(stack.order), x.shape[-1]
-        tokens = x.reshape(-1, features).to(stack.a.dtype)  # [rows x T, in], each row's T tokens in turn
-        width = len(blocks.source) * (tokens.shape[0] // rows)  # the blocks' tokens: the first ``width``
-        into = result.view(tokens.shape[0], -1)
-        if width < tokens.shape[0]:
-            tokens, into = tokens[:width], into[:width]
-        if slots == 1:  # one adapter: two plain products (a batch of one matmul runs slower)
-            into.addmm_(F.linear(tokens, stack.a[0]), stack.b[0])
-        else:
-            inputs = tokens.view(slots, width // slots, features)
-            into.view(slots, width // slots, -1).baddbmm_(torch.bmm(inputs, stack.a.transpose(1, 2)), stack.b)
+    if stack.scale is None and result.dtype == stack.b.dtype and result.is_contiguous():
+        add_terms(stack.a, [(stack.b, result.view(rows, -1, result.shape[-1]))], x, blocks)
         return result
-    tokens = x.reshape(rows, -1, x.shape[-1]).to(stack.a.dtype)  # [rows, T, in]
-    if blocks.padded:
-        tokens = torch.cat([tokens, tokens.new_zeros(1, *tokens.shape[1:])])  # the row padding gathers
-    gathered = tokens.index_select(0, blocks.source).view(len(stack.order), -1, tokens.shape[-1])
-    terms = torch.bmm(torch.bmm(gathered, stack.a.transpose(1, 2)), stack.b)
-    terms = terms.view(len(blocks.target), -1)  # [block rows, T x out]
-    if plain:
-        result.view(rows, -1).index_add_(0, blocks.target, terms)  # padding adds its zeros to row 0
-        return result
-    lora = terms.new_zeros(rows, terms.shape[1]).index_add_(0, blocks.target, terms)
+    tokens = _gathered(x.reshape(rows, -1, x.shape[-1]).to(stack.a.dtype), blocks)
+    terms = torch.bmm(torch.bmm(tokens, stack.a.transpose(1, 2)), stack.b).view(len(blocks.target), -1)
+    lora = terms.new_zeros(rows, terms.shape[1]).index_add_(0, blocks.target, terms)  # [rows, T x out]
     lora = lora.reshape(result.shape).to(result.dtype)
     if stack.scale is None:
         return result.add_(lora)
     scale = stack.scale[groups.slots(stack.order, x.device)]  # [rows, out], broadcast over each row's tokens
     scale = scale.view(rows, *[1] * (result.dim() - 2), -1).to(result.dtype)
     return result + (scale - 1) * layer._without_bias(result) + scale * lora
+
+
+def add_terms(a: torch.Tensor, targets: list[tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor, blocks: Blocks):
+    """``into += (x Aᵀ)[its ranks] B`` for every (B [slots, r, out], into [rows, T, out]) of ``targets``, each row
+    through its adapter's slot (``blocks``), in place: one product by A [slots, Σr, in] for all targets (the
+    ranks of each B in turn), one by each B. ``into`` is a view of the output (a joined product's columns)."""
+    rows, slots, features = x.shape[0], a.shape[0], x.shape[-1]
+    if blocks.sliced:  # the blocks are the batch's first rows: terms added into their slice in place
+        tokens = x.reshape(-1, features).to(a.dtype)  # [rows x T, in], each row's T tokens in turn
+        width = len(blocks.source) * (tokens.shape[0] // rows)  # the blocks' tokens: the first ``width``
+        if slots == 1:  # one adapter: plain products (a batch of one matmul runs slower)
+            low = F.linear(tokens[:width], a[0])
+        else:
+            low = torch.bmm(tokens[:width].view(slots, width // slots, features), a.transpose(1, 2))
+        start = 0
+        for b, into in targets:
+            part, start = low[..., start : start + b.shape[1]], start + b.shape[1]
+            flat = into.view(-1, into.shape[-1])[:width]  # a view: the terms land in the output
+            if slots == 1:
+                flat.addmm_(part, b[0])
+            elif flat.is_contiguous():
+                flat.view(slots, width // slots, -1).baddbmm_(part, b)
+            else:  # some columns of a joined output: baddbmm_ would go slot by slot
+                flat.view(slots, width // slots, -1).add_(torch.bmm(part, b))
+        return
+    tokens = _gathered(x.reshape(rows, -1, features).to(a.dtype), blocks)
+    low, start = torch.bmm(tokens, a.transpose(1, 2)), 0
+    for b, into in targets:
+        part, start = low[..., start : start + b.shape[1]], start + b.shape[1]
+        terms = torch.bmm(part, b).view(len(blocks.target), -1, into.shape[-1])
+        into.index_add_(0, blocks.target, terms)  # padding adds its zeros to row 0
+
+
+def _gathered(tokens: torch.Tensor, blocks: Blocks) -> torch.Tensor:
+    """[rows, T, in] -> [slots, width x T, in]: each block's rows in turn (padding: a zero row)."""
+    if blocks.padded:
+        tokens = torch.cat([tokens, tokens.new_zeros(1, *tokens.shape[1:])])  # the row padding gathers
+    return tokens.index_select(0, blocks.source).view(len(blocks.target) // blocks.width, -1, tokens.shape[-1])
 
 
 def adapter_stack(layer: nn.Module, names: tuple[str, ...], check_weights: bool = True) -> AdapterStack:
@@ -245,3 +265,4 @@ def forget_stack(layer: nn.Module) -> None:
     """Drop the layer's kept stacks (its adapters were added, deleted or merged)."""
     layer.__dict__.pop("_adapter_stack", None)
     layer.__dict__.pop("_adapter_stack_built", None)
+    layer.__dict__.pop("_joined_stack", None)
