@@ -111,6 +111,20 @@ def test_a_hooked_layer_leaves_its_group_to_its_modules_and_their_own_packs(mode
         handle.remove()
 
 
+def test_a_joined_weight_over_the_piece_size_is_packed_in_row_blocks(model, monkeypatch):
+    import deltatune.kernels.packed_linear as packed_linear
+
+    monkeypatch.setattr(packed_linear, "PIECE_BYTES", 20 * 32 * 4)  # q, k, v: 32 + 16 + 16 rows in pieces of 20
+    groups_of = shared_inputs(model.base_model)
+    x = torch.randn(4, 3, 32, generator=torch.Generator().manual_seed(4))
+    with model.adapter_rows(ROWS["a B bias"]):
+        joined, separate, packed = joined_and_separate(model, groups_of, x)
+    *_, rows, pieces = packed._packs[JoinedProjections(groups_of, packed).groups[0]][1].args
+    assert rows == 20 and len(pieces) == 4  # partial(_joined_forward, layers, bias, rows, pieces)
+    for got, expected in zip(joined, separate):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_a_joined_pack_follows_a_weight_written_in_place(model):
     """A merge writes into the base weights: the group's pack is made again, and the products follow."""
     groups_of = shared_inputs(model.base_model)[:1]

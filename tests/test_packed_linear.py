@@ -97,6 +97,30 @@ def test_the_engine_on_packed_weights_answers_as_without_them():
     assert not any("forward" in vars(layer) for layer in engine.packed_weights.packable_layers())
 
 
+def test_a_mixed_batch_on_packed_weights_answers_as_without_them():
+    """Rows of two adapters of different ranks and the base: a Llama's q/k/v and gate/up then run as one product
+    each, their adapters' A's as one too (its joined packs are the ones kept), with the same greedy answers."""
+    model = adapted_model()
+    model.add_adapter("other", deltatune.LoraConfig(r=2, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".other." in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    prompts, adapters = [[3, 9, 4], [5, 2, 8, 6, 11, 12], [7], [3, 9, 4]], ["default", "other", None, "other"]
+    greedy = SamplingParams(max_new_tokens=6, temperature=0)
+
+    def answers(packed):
+        engine = GenerationEngine(model, packed_weights=packed, static_weights=True)
+        rows = [engine.add(prompt, greedy, adapter=name) for prompt, name in zip(prompts, adapters)]
+        while engine.has_work:
+            engine.step()
+        return [row.output_ids for row in rows]
+
+    packed = PackedWeights(model)
+    assert answers(packed) == answers(None)
+    assert sum(isinstance(key, tuple) for key in packed._packs) == 2 * len(model.base_model.model.layers)
+
+
 def test_a_weight_over_the_piece_size_is_packed_in_row_blocks(monkeypatch):
     import deltatune.kernels.packed_linear as packed_linear
 

@@ -11,6 +11,11 @@ rollout, a command's answers, not one short answer::
     with packed.applied():                   # every fp32/bf16 nn.Linear on the CPU, for this block:
         model(...)                           #   forward = oneDNN on its packed weight (packed now, or kept)
 
+Layers that read the same input (an attention's q, k and v) can be packed as one weight instead:
+``applied(joined=[(q, k, v), ...])`` leaves their own forwards alone and ``joined_forward((q, k, v))`` gives their
+outputs side by side from one product (fewer, larger products: ``tuners/lora/joined.py`` runs them so while the
+generation engine runs a lean decoder). Either way each weight is packed once.
+
 Outside the block the layers are untouched (training, saving and merging see plain ``nn.Linear``). Inside
 it a layer's forward is patched, so a LoRA layer over it takes its plain path (base output plus the rank-r
 terms) rather than its fused function, whose base product reads the weight directly. A pack is remade when
@@ -44,7 +49,7 @@ class PackedWeights:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._packs: dict[nn.Linear, tuple[tuple[int, int], Callable]] = {}  # layer -> (weight stamp, packed forward)
+        self._packs: dict = {}  # a layer, or a joined group's tuple of layers -> (weight stamps, packed forward)
         self._available = onednn_packing_available()
 
     @contextlib.contextmanager
