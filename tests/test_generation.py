@@ -71,6 +71,24 @@ def test_a_llama_prefills_and_decodes_through_its_layers_and_other_models_throug
     assert widths == ([longest] + [1] * (GREEDY.max_new_tokens - 1) if family == "llama" else [])
 
 
+def test_a_wrapped_mlp_keeps_the_models_forward_and_its_answers():
+    """``modules_to_save=["mlp"]`` puts each MLP in a wrapper holding a trained copy: reading the MLP's parts would
+    run the original, so such a model prefills and decodes through its forward, on packed weights too."""
+    from deltatune.compat.transformers import lean_decoder
+    from deltatune.kernels.packed_linear import PackedWeights
+
+    torch.manual_seed(0)
+    config = deltatune.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["mlp"])
+    network = deltatune.get_delta_model(tiny_llama(), config)
+    perturb_trainable(network)  # the MLP copies differ from the originals
+    network.eval()
+    assert not lean_decoder(network.base_model)
+    eos = network.base_model.config.eos_token_id  # transformers' generate stops there
+    engine = GenerationEngine(network, stop_token_ids=[eos], packed_weights=PackedWeights(network))
+    rows = engine.generate(PROMPTS, GREEDY)
+    assert [row.output_ids for row in rows] == [alone(network, prompt) for prompt in PROMPTS]
+
+
 def test_a_hook_on_an_adapted_model_keeps_its_forward_at_every_step(adapted):
     """``lean_forward`` would bypass a hook on the ``DeltaModel`` itself: with one, every forward is the model's."""
     calls = []

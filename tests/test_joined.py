@@ -125,6 +125,17 @@ def test_a_joined_weight_over_the_piece_size_is_packed_in_row_blocks(model, monk
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_a_joined_pack_is_dropped_when_its_weights_can_no_longer_be_packed():
+    """A model moved to another dtype (or device) keeps no stale group pack alive."""
+    layers = (torch.nn.Linear(8, 4), torch.nn.Linear(8, 2))
+    packed = PackedWeights(torch.nn.Sequential(*layers))
+    with torch.no_grad():
+        assert packed.joined_forward(layers) is not None and layers in packed._packs
+        for layer in layers:
+            layer.half()
+        assert packed.joined_forward(layers) is None and layers not in packed._packs
+
+
 def test_a_joined_pack_follows_a_weight_written_in_place(model):
     """A merge writes into the base weights: the group's pack is made again, and the products follow."""
     groups_of = shared_inputs(model.base_model)[:1]

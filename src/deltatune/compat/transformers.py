@@ -162,8 +162,11 @@ LEAN_DECODERS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 def lean_decoder(model: nn.Module) -> bool:
     """Whether ``lean_forward`` can run ``model``'s prefills and decoding steps: one of ``LEAN_DECODERS``, every
-    layer full attention (no sliding window), and no hooks on the modules whose forward it replaces (the model,
-    its decoder, layers and attentions; those it calls run their own hooks, and it calls an MLP that has hooks)."""
+    layer full attention (no sliding window), no hooks on the modules whose forward it replaces (the model, its
+    decoder, layers and attentions; those it calls run their own hooks, and it calls an MLP that has hooks), and
+    none of the modules whose parts it reads (decoder, layers, attentions, MLPs) wrapped by an adapter method (a
+    tuner layer, ``is_delta_layer``: ``modules_to_save=["mlp"]`` copies the whole MLP, so only its forward is
+    right)."""
     if type(model).__name__ not in LEAN_DECODERS:
         return False
     config = model.config
@@ -172,7 +175,11 @@ def lean_decoder(model: nn.Module) -> bool:
         return False
     if kinds is None and getattr(config, "sliding_window", None) is not None:
         return False
-    replaced = [model, model.model, *model.model.layers, *(layer.self_attn for layer in model.model.layers)]
+    layers = model.model.layers
+    read = [model.model, *layers, *(layer.self_attn for layer in layers), *(layer.mlp for layer in layers)]
+    if any(getattr(type(module), "is_delta_layer", False) for module in read):
+        return False
+    replaced = [model, model.model, *layers, *(layer.self_attn for layer in layers)]
     return not any(has_hooks(module) for module in replaced)
 
 

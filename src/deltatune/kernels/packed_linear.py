@@ -18,9 +18,11 @@ generation engine runs a lean decoder). Either way each weight is packed once.
 
 Outside the block the layers are untouched (training, saving and merging see plain ``nn.Linear``). Inside
 it a layer's forward is patched, so a LoRA layer over it takes its plain path (base output plus the rank-r
-terms) rather than its fused function, whose base product reads the weight directly. A pack is remade when
-its weight changes (a merge writes into it, a reload replaces it); the packs are freed with the object. The
-packed copy holds as many bytes as the weight: packing doubles the memory of the base's linear weights.
+terms) rather than its fused function, whose base product reads the weight directly. The layers of a joined
+group are not patched: called one by one (their group not joined at that call), they run torch's product.
+A pack is remade when its weight changes (a merge writes into it, a reload replaces it); the packs are freed
+with the object. The packed copy holds as many bytes as the weight: packing doubles the memory of the base's
+linear weights.
 
 A weight is packed in pieces of at most 32 MiB (row blocks; their outputs are concatenated). glibc serves a
 larger block by mapping fresh memory, counted on top of the heap memory the process keeps after freeing it;
@@ -83,9 +85,9 @@ class PackedWeights:
         from one product over their weights stacked and packed (kept until one of them changes); None when they
         cannot share one (another dtype or device, different input sizes, or no packing here)."""
         weights = [layer.weight for layer in layers]
-        if not (self._available and all(map(_packable, weights))):
-            return None
-        if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
+        usable = self._available and all(map(_packable, weights))
+        if not usable or len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
+            self._packs.pop(layers, None)  # a pack made before the weights moved or changed dtype
             return None
         stamp = tuple(_stamp(t) for layer in layers for t in (layer.weight, layer.bias) if t is not None)
         kept = self._packs.get(layers)
