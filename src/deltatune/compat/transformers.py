@@ -37,7 +37,7 @@ from torch import nn
 from transformers import activations
 from transformers.cache_utils import Cache, DynamicLayer
 
-from deltatune.compat.torch import has_hooks
+from deltatune.compat.torch import any_hooks, has_hooks
 
 
 def activation_name(act: object) -> str | None:
@@ -283,7 +283,7 @@ def _together(modules: tuple[nn.Module, ...], x: torch.Tensor, project: Project 
 def _mlp(mlp: nn.Module, x: torch.Tensor, project: Project | None) -> torch.Tensor:
     """A lean decoder's gated MLP on ``x``: its gate and up projections through ``project`` when it takes them,
     else the module's own call."""
-    if project is None or has_hooks(mlp) or has_hooks(mlp.act_fn):
+    if project is None or any_hooks((mlp, mlp.act_fn)):
         return mlp(x)
     joined = project((mlp.gate_proj, mlp.up_proj), x)
     if joined is None:

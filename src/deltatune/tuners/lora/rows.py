@@ -154,10 +154,9 @@ def add_batched(
     if stack.scale is None and result.dtype == stack.b.dtype and result.is_contiguous():
         add_terms(stack.a, [(stack.b, result.view(rows, -1, result.shape[-1]))], x, blocks)
         return result
-    tokens = _gathered(x.reshape(rows, -1, x.shape[-1]).to(stack.a.dtype), blocks)
-    terms = torch.bmm(torch.bmm(tokens, stack.a.transpose(1, 2)), stack.b).view(len(blocks.target), -1)
-    lora = terms.new_zeros(rows, terms.shape[1]).index_add_(0, blocks.target, terms)  # [rows, T x out]
-    lora = lora.reshape(result.shape).to(result.dtype)
+    lora = stack.b.new_zeros(result.shape)  # the terms apart: DoRA scales them, or another dtype or layout
+    add_terms(stack.a, [(stack.b, lora.view(rows, -1, lora.shape[-1]))], x, blocks)
+    lora = lora.to(result.dtype)
     if stack.scale is None:
         return result.add_(lora)
     scale = stack.scale[groups.slots(stack.order, x.device)]  # [rows, out], broadcast over each row's tokens
@@ -188,19 +187,15 @@ def add_terms(a: torch.Tensor, targets: list[tuple[torch.Tensor, torch.Tensor]],
             else:  # some columns of a joined output: baddbmm_ would go slot by slot
                 flat.view(slots, width // slots, -1).add_(torch.bmm(part, b))
         return
-    tokens = _gathered(x.reshape(rows, -1, features).to(a.dtype), blocks)
+    tokens = x.reshape(rows, -1, features).to(a.dtype)  # [rows, T, in]
+    if blocks.padded:
+        tokens = torch.cat([tokens, tokens.new_zeros(1, *tokens.shape[1:])])  # the row padding gathers
+    tokens = tokens.index_select(0, blocks.source).view(slots, -1, features)  # each block's rows in turn
     low, start = torch.bmm(tokens, a.transpose(1, 2)), 0
     for b, into in targets:
         part, start = low[..., start : start + b.shape[1]], start + b.shape[1]
         terms = torch.bmm(part, b).view(len(blocks.target), -1, into.shape[-1])
         into.index_add_(0, blocks.target, terms)  # padding adds its zeros to row 0
-
-
-def _gathered(tokens: torch.Tensor, blocks: Blocks) -> torch.Tensor:
-    """[rows, T, in] -> [slots, width x T, in]: each block's rows in turn (padding: a zero row)."""
-    if blocks.padded:
-        tokens = torch.cat([tokens, tokens.new_zeros(1, *tokens.shape[1:])])  # the row padding gathers
-    return tokens.index_select(0, blocks.source).view(len(blocks.target) // blocks.width, -1, tokens.shape[-1])
 
 
 def adapter_stack(layer: nn.Module, names: tuple[str, ...], check_weights: bool = True) -> AdapterStack:
