@@ -387,8 +387,8 @@ def test_unchecked_blocks_use_and_cut_the_kept_stacks_without_reading_their_tens
     model = mixed_model(adapters=adapters).eval()
     inputs = token_inputs(batch=3, length=1)
     assert_rows_run_alone(model, ["a", "b", "c"], inputs)  # checked: the stacks are built
-    reads, stamps = [], lora_rows._stamps
-    monkeypatch.setattr(lora_rows, "_stamps", lambda tensors: reads.append(len(tensors)) or stamps(tensors))
+    reads, stamps = [], lora_rows.write_stamps
+    monkeypatch.setattr(lora_rows, "write_stamps", lambda tensors: reads.append(len(tensors)) or stamps(tensors))
     for check_weights in (False, True):
         for rows in (["a", "b", "c"], ["a", "c", None], ["c", None, None]):
             assert_rows_run_alone(model, rows, inputs, check_weights=check_weights)

@@ -104,12 +104,19 @@ def test_bitsandbytes_cannot_repack_a_layer_narrower_than_a_block_so_deltatune_k
 
 # -- torch ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_onednn_packed_linear_computes_f_linear(dtype):
-    from deltatune.compat.torch import onednn_linear, onednn_pack, onednn_packing_available
+def test_onednn_packed_linear_computes_f_linear_where_the_cpu_packs_its_dtype(dtype):
+    """fp32 packs on every x86 CPU; bf16 only on one with AVX-512 BW/VL/DQ or AVX-NE-CONVERT: where ``onednn_packs``
+    says no, packing must indeed fail (so the packed path leaves those weights alone)."""
+    from deltatune.compat.torch import onednn_linear, onednn_pack, onednn_packing_available, onednn_packs
 
     assert onednn_packing_available()  # the x86 CPU wheels the project installs have oneDNN
+    assert onednn_packs(torch.float32)
     torch.manual_seed(0)
     weight, bias = torch.randn(48, 32, dtype=dtype), torch.randn(48, dtype=dtype)
+    if not onednn_packs(dtype):
+        with pytest.raises(RuntimeError):
+            onednn_linear(torch.randn(2, 32, dtype=dtype), onednn_pack(weight), None)
+        return
     packed = onednn_pack(weight)
     inputs = [torch.randn(5, 32), torch.randn(2, 3, 32), torch.randn(32, 6).t(), torch.randn(2, 7, 32)[:, 1:4]]
     for x in inputs:  # 2-D, 3-D, transposed and sliced inputs

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import deltatune
-from deltatune.compat.torch import onednn_packing_available
+from deltatune.compat.torch import onednn_packing_available, onednn_packs
 from deltatune.generation.engine import GenerationEngine
 from deltatune.generation.sampling import SamplingParams
 from deltatune.kernels.packed_linear import PackedWeights
@@ -45,6 +45,16 @@ def test_packed_logits_equal_torch_products_and_the_layers_are_plain_again_after
     assert set(layers) == set(base_linears) and len(layers) > 0  # an adapter's factors are not packed
     torch.testing.assert_close(logits(model, packed), logits(model), atol=1e-5, rtol=1e-5)
     assert not any("forward" in vars(layer) for layer in layers)
+
+
+def test_bf16_weights_are_packed_only_where_the_cpu_packs_bf16_and_answer_as_plain_ones_either_way():
+    """oneDNN packs bf16 only on a CPU with AVX-512 BW/VL/DQ or AVX-NE-CONVERT; elsewhere those layers stay plain
+    (packing them would fail at the first forward: a bf16 server without those instructions answered 500)."""
+    model = tiny_llama().to(torch.bfloat16).eval()
+    packed = PackedWeights(model)
+    base_linears = [m for m in model.modules() if type(m) is nn.Linear]
+    assert set(packed.packable_layers()) == (set(base_linears) if onednn_packs(torch.bfloat16) else set())
+    torch.testing.assert_close(logits(model, packed).float(), logits(model).float(), atol=5e-2, rtol=5e-2)
 
 
 def test_layers_run_packed_inside_the_block_only_and_not_with_autograd(monkeypatch):

@@ -11,10 +11,16 @@ its blocked layout (``kernels.packed_linear``). The two operators are private to
 inductor uses for frozen weights): ``torch.ops.mkldnn._reorder_linear_weight(weight, batch_size)`` returns the
 packed weight as an opaque tensor, and ``torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")``
 computes ``x Wᵀ + b`` over the last dim of ``x``; ``tests/test_compat.py`` checks both against ``F.linear``.
+
+What was derived from tensors (packed weights, stacked adapters, cached keys and values of a prompt prefix) is
+checked against them by ``write_stamps``: each tensor's storage and its private version counter ``_version``,
+which every in-place write (``copy_``, an optimizer's step, ``load_state_dict``) increments; the test checks it
+still does.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -43,6 +49,11 @@ def any_hooks(modules: Iterable[nn.Module]) -> bool:
     return any("forward" in vars(module) or any(getattr(module, name) for name in _MODULE_HOOKS) for module in modules)
 
 
+def write_stamps(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int]]:
+    """Each tensor's (storage address, in-place write count): equal lists mean the same tensors, unwritten."""
+    return [(tensor.data_ptr(), tensor._version) for tensor in tensors]
+
+
 def onednn_packing_available() -> bool:
     """Whether this torch has oneDNN and its linear-weight packing operators (x86 CPU builds do)."""
     ops = torch.ops.mkldnn
@@ -51,6 +62,20 @@ def onednn_packing_available() -> bool:
         and hasattr(ops, "_reorder_linear_weight")
         and hasattr(ops, "_linear_pointwise")
     )
+
+
+@functools.cache
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether this machine packs and multiplies ``dtype`` weights through oneDNN: the operators exist, and the CPU
+    has what oneDNN needs for the dtype (bf16 packing refuses a CPU without AVX-512 BW/VL/DQ or AVX-NE-CONVERT).
+    Found once per dtype by packing and multiplying a tiny weight."""
+    if not onednn_packing_available():
+        return False
+    try:
+        onednn_linear(torch.ones(2, 8, dtype=dtype), onednn_pack(torch.ones(8, 8, dtype=dtype)), None)
+    except RuntimeError:
+        return False
+    return True
 
 
 def onednn_pack(weight: torch.Tensor) -> torch.Tensor:

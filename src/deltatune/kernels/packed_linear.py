@@ -40,7 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.compat.torch import has_hooks, onednn_linear, onednn_pack, onednn_packing_available
+from deltatune.compat.torch import (
+    has_hooks,
+    onednn_linear,
+    onednn_pack,
+    onednn_packing_available,
+    onednn_packs,
+    write_stamps,
+)
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 PIECE_BYTES = 32 << 20  # the largest block glibc serves from its heap (M_MMAP_THRESHOLD's ceiling, 64-bit)
@@ -89,7 +96,7 @@ class PackedWeights:
         if not usable or len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
             self._packs.pop(layers, None)  # a pack made before the weights moved or changed dtype
             return None
-        stamp = tuple(_stamp(t) for layer in layers for t in (layer.weight, layer.bias) if t is not None)
+        stamp = write_stamps(t for layer in layers for t in (layer.weight, layer.bias) if t is not None)
         kept = self._packs.get(layers)
         if kept is None or kept[0] != stamp:
             with torch.no_grad():
@@ -102,7 +109,7 @@ class PackedWeights:
 
     def _packed(self, layer: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
         """``layer``'s forward on its packed weight, kept until the weight changes in place or is replaced."""
-        stamp = _stamp(layer.weight)
+        stamp = write_stamps((layer.weight,))
         kept = self._packs.get(layer)
         if kept is None or kept[0] != stamp:
             rows, pieces = _pieces(layer.weight)
@@ -126,11 +133,7 @@ def _base_linears(model: nn.Module) -> list[nn.Linear]:
 
 
 def _packable(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype in PACKED_DTYPES
-
-
-def _stamp(tensor: torch.Tensor) -> tuple[int, int]:
-    return tensor.data_ptr(), tensor._version
+    return weight.device.type == "cpu" and weight.dtype in PACKED_DTYPES and onednn_packs(weight.dtype)
 
 
 def _pieces(weight: torch.Tensor) -> tuple[int, tuple[torch.Tensor, ...]]:

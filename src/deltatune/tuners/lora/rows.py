@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.compat.torch import write_stamps
 from deltatune.tuners.rows import Blocks, RowGroups
 
 
@@ -85,7 +86,7 @@ class AdapterStack(NamedTuple):
         """Still ``names`` as ``layer`` holds them: the same adapters, scales and mode, tensors unchanged in place
         (not read without ``check_weights``)."""
         same = tuple(self.order) == names and self.key == _key(layer)
-        return same and (not check_weights or _stamps(self.sources) == self.stamps)
+        return same and (not check_weights or write_stamps(self.sources) == self.stamps)
 
     def subset(self, layer: nn.Module, names: tuple[str, ...], check_weights: bool = True) -> AdapterStack | None:
         """The stack of ``names`` cut from this one when it holds each of them unchanged (rows of some adapters
@@ -96,7 +97,7 @@ class AdapterStack(NamedTuple):
         dora = any(name in layer.lora_magnitude_vector for name in names)
         keys = (*names, None) if dora else names
         if check_weights:
-            now = _stamps(self.sources)
+            now = write_stamps(self.sources)
             if any(now[self.spans[key]] != self.stamps[self.spans[key]] for key in keys):
                 return None
         slots = torch.tensor([self.order[name] for name in names], device=self.a.device)
@@ -130,10 +131,6 @@ def _stack(
 
 def _key(layer: nn.Module) -> tuple:
     return tuple(layer.scaling.items()), layer.training
-
-
-def _stamps(tensors: tuple[torch.Tensor, ...]) -> list[tuple[int, int]]:
-    return [(t.data_ptr(), t._version) for t in tensors]
 
 
 def stackable(layer: nn.Module, names: tuple[str, ...]) -> bool:
@@ -246,7 +243,7 @@ def _build(layer: nn.Module, names: tuple[str, ...]) -> AdapterStack:
             scale = torch.ones(len(names) + 1, b.shape[2], device=a.device)
             for name in dora:
                 scale[order[name]] = layer.dora_scale(name)
-    stamped = {name: (tensors, _stamps(tensors)) for name, tensors in parts.items()}
+    stamped = {name: (tensors, write_stamps(tensors)) for name, tensors in parts.items()}
     return _stack(order, a, b, scale, _key(layer), stamped)
 
 
