@@ -44,6 +44,7 @@ def fake_adapter(folder, peft_type: str = "LORA", weights: bool = True):
         (["--max-concurrent", "0"], "--max-concurrent=0 must be at least 1"),
         (["--no-packed-weights", "--max-concurrent", "0"], "--max-concurrent=0 must be at least 1"),
         (["--port", "70000"], "--port=70000 must be in 0-65535"),
+        (["--prefix-cache", "-1"], "--prefix-cache=-1 must be a number of tokens, 0 (none) or more"),
     ],
 )
 def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, message):

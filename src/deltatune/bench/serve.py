@@ -7,17 +7,20 @@ request) and runs adapter i mod k for k distinct adapters in the batch (1, 4 and
 requests, rows of one adapter asking the same prompt share one prefill in the engine (as a request's ``n`` choices
 do), which peft does not, and which 16 adapters cannot.
 
-    deltatune   the generation engine, every request added at once: one running batch, each row with its
-                own adapter (``DeltaModel.adapter_rows``), rows leaving as they finish
+    deltatune   the generation engine as ``serve`` runs it, every request added at once: one running batch,
+                each row with its own adapter (``DeltaModel.adapter_rows``), rows leaving as they finish; its
+                prefix cache (``generation/prefix_cache.py``) keeps what the warm-up round's prompts share with
+                the measured ones (the chat template's system prompt), so the measured round prefills the rest
     peft        one ``generate(..., adapter_names=[...])`` over the left-padded batch (peft's mixed batch)
     one by one  the engine answering the requests one after another (what serving without batching does)
 
 Reported per k: generated tokens per second (real tokens: up to and including a row's end-of-sequence token),
 and for deltatune the time to first token and the inter-token latency at p50/p99. Every answer of every side
-is checked against the one-by-one answer of the same request, so a fast wrong answer cannot pass. Each side runs
-in processes of its own (one per repeat, the sides taking turns; a warm-up round of every k, then the measured
-one), since in one shared process what one side left behind moved the other's speed by up to 20%; the medians
-over the repeats are reported. The one-by-one side, many times slower, runs once.
+is checked against the one-by-one answer of the same request, so a fast wrong answer cannot pass. Each side runs in
+processes of its own (one per repeat, the sides taking turns; a warm-up round of every k asking other questions
+(``WARM_UP_PROMPTS``), then the measured one), since in one shared process what one side left behind moved the
+other's speed by up to 20%; the medians over the repeats are reported. The one-by-one side, many times slower, runs
+once.
 """
 
 from __future__ import annotations
@@ -49,6 +52,24 @@ PROMPTS = [
     "What is the tallest mountain?",
     "Explain what a verb is.",
     "What should I pack for a beach trip?",
+]
+WARM_UP_PROMPTS = [  # the warm-up round's: other questions, so that the measured round reuses only what they share
+    "Describe a sunset.",
+    "List two fruits.",
+    "Can fish sleep?",
+    "Who wrote Hamlet?",
+    "Translate 'hello' into Spanish.",
+    "Count from one to five.",
+    "Is a tomato a fruit?",
+    "Recommend a board game.",
+    "Spell the word necessary.",
+    "Do cats like water?",
+    "Summarise the water cycle.",
+    "Pick a number between one and ten.",
+    "Compare tea and coffee.",
+    "Define gravity in one sentence.",
+    "Should I learn Python or Rust?",
+    "Convert ten miles to kilometres.",
 ]
 
 
@@ -108,30 +129,38 @@ def check_prompts(prompts: int) -> None:
         raise ConfigError(f"prompts={prompts}: the benchmark has 1 to {len(PROMPTS)} distinct prompts")
 
 
-def prompt_ids(tokenizer, requests: int, prompts: int) -> list[list[int]]:
-    """The chat-templated prompts of ``requests`` requests, the first ``prompts`` of PROMPTS in turn."""
+def prompt_ids(tokenizer, requests: int, prompts: int, questions: list[str] = PROMPTS) -> list[list[int]]:
+    """The chat-templated prompts of ``requests`` requests, the first ``prompts`` of ``questions`` in turn."""
     check_prompts(prompts)
     ids = []
     for i in range(requests):
-        messages = [{"role": "user", "content": PROMPTS[i % prompts]}]
+        messages = [{"role": "user", "content": questions[i % prompts]}]
         encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
         ids.append(list(encoded["input_ids"]))
     return ids
 
 
-def run_engine(
-    model, prompts: list[list[int]], names: list[str], tokens: int, stop: int, batch: bool, packed=None
-) -> dict:
-    """The engine answering every prompt (all at once when ``batch``, else one after another), on ``packed``
-    weights (``kernels.packed_linear``, as ``serve`` runs: kept across calls) when given, its weights static (as
-    ``serve``'s)."""
+def serving_engine(model, stop: int, requests: int, packed):
+    """An engine as ``serve`` runs one: on ``packed`` weights (``kernels.packed_linear``), its weights static,
+    with serve's default prefix cache (``generation/prefix_cache.py``)."""
     from deltatune.generation.engine import GenerationEngine
+    from deltatune.serve.options import PREFIX_CACHE_TOKENS
+
+    return GenerationEngine(
+        model,
+        stop_token_ids=[stop],
+        max_batch=requests,
+        packed_weights=packed,
+        static_weights=True,
+        prefix_cache=PREFIX_CACHE_TOKENS,
+    )
+
+
+def run_engine(engine, prompts: list[list[int]], names: list[str], tokens: int, batch: bool) -> dict:
+    """``engine`` answering every prompt, all at once when ``batch``, else one after another."""
     from deltatune.generation.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=tokens, temperature=0)
-    engine = GenerationEngine(
-        model, stop_token_ids=[stop], max_batch=len(prompts), packed_weights=packed, static_weights=True
-    )
     started = time.perf_counter()
     firsts, gaps, answers = [], [], []
     groups = [list(range(len(prompts)))] if batch else [[i] for i in range(len(prompts))]
@@ -199,8 +228,10 @@ def serve_job(
     distinct: list[int],
     warm: bool,
 ) -> dict:
-    """One side's rounds in this process, for each k in ``distinct`` (a warm-up round first when ``warm``): its
-    result per k, answers included. deltatune runs on packed weights kept across its rounds, as ``serve`` does."""
+    """One side's rounds in this process, for each k in ``distinct``: when ``warm``, a warm-up round asking
+    WARM_UP_PROMPTS first, then the measured round; its result per k, answers included. deltatune runs as a
+    server would: on packed weights kept across its rounds, and per k one engine whose prefix cache the warm-up
+    round fills with what its questions share with the measured ones (the chat template's system prompt)."""
     import torch
 
     from deltatune.kernels.packed_linear import PackedWeights
@@ -208,15 +239,17 @@ def serve_job(
     network, tokenizer = load("peft" if side == "peft" else "deltatune", model, adapters, folder)
     packed = None if side == "peft" else PackedWeights(network)
     stop, ids = tokenizer.eos_token_id, prompt_ids(tokenizer, requests, prompts)
+    rounds = [prompt_ids(tokenizer, requests, prompts, WARM_UP_PROMPTS)] if warm else []
     results = {}
     for k in distinct:
         names = [f"a{i % k}" for i in range(requests)]
-        for _ in range(2 if warm else 1):
+        engine = None if side == "peft" else serving_engine(network, stop, requests, packed)
+        for asked in [*rounds, ids]:
             torch.manual_seed(0)
-            if side == "peft":
-                results[str(k)] = run_peft(network, ids, names, tokens, stop)
+            if engine is None:
+                results[str(k)] = run_peft(network, asked, names, tokens, stop)
             else:
-                results[str(k)] = run_engine(network, ids, names, tokens, stop, side == "deltatune", packed)
+                results[str(k)] = run_engine(engine, asked, names, tokens, side == "deltatune")
     return results
 
 

@@ -22,7 +22,7 @@ one batch. Listens on 127.0.0.1 unless --host says otherwise; see docs/serving.m
 
 def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
     from deltatune.cli.generate import add_packed_weights_argument
-    from deltatune.serve.options import DTYPE_NAMES, QUANTIZATION_NAMES
+    from deltatune.serve.options import DTYPE_NAMES, PREFIX_CACHE_TOKENS, QUANTIZATION_NAMES
 
     parser = commands.add_parser(
         name,
@@ -69,6 +69,15 @@ def add_parser(commands: argparse._SubParsersAction, name: str) -> None:
     )
     add_packed_weights_argument(parser)
     parser.add_argument(
+        "--prefix-cache",
+        type=int,
+        default=PREFIX_CACHE_TOKENS,
+        metavar="TOKENS",
+        help="keep the keys and values of up to TOKENS tokens of prompt starts that requests share (a system "
+        f"prompt), per adapter, and prefill only the rest of a prompt that begins with one; 0: none "
+        f"(default: {PREFIX_CACHE_TOKENS})",
+    )
+    parser.add_argument(
         "--adapter-root",
         metavar="DIR",
         help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter, for adapter folders under DIR only",
@@ -97,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         quantization=args.quantization,
         adapter_root=args.adapter_root,
         packed_weights=args.packed_weights,
+        prefix_cache=args.prefix_cache,
     )
     check_options(options)  # bad flags and folders answer before torch loads
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

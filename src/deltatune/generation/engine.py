@@ -20,6 +20,8 @@ layers that read the same input (q, k, v; gate, up) then run as one product each
 A row may name its own adapter (``add(..., adapter="support")``, None for the bare base model): rows of
 different LoRA/DoRA adapters then share every forward (``DeltaModel.adapter_rows``), and the engine keeps each
 adapter's rows together so that its block of rows in the adapted layers is a slice of the batch.
+With a ``prefix_cache``, the start a prompt shares with other prompts (a chat template's system prompt) is kept
+per adapter with its keys and values, and a later prompt that begins with it prefills only the rest.
 Prompt-learning adapters (which add virtual tokens to every row's cache) are not supported here.
 """
 
@@ -47,6 +49,7 @@ from deltatune.compat.transformers import (
     shared_inputs,
 )
 from deltatune.errors import ConfigError
+from deltatune.generation.prefix_cache import Layers, PrefixCache
 from deltatune.generation.sampling import SamplingParams, choose
 from deltatune.kernels.packed_linear import PackedWeights
 from deltatune.tuners.lora.joined import JoinedProjections
@@ -87,6 +90,8 @@ class GenerationEngine:
     ``static_weights``: nothing writes the model's weights in place while this engine has rows (a server's
     model, which only loads and deletes adapters): a mixed batch's stacked adapters are then checked against
     their tensors when rows join, not at every decoding step (``DeltaModel.adapter_rows``' ``check_weights``).
+    ``prefix_cache``: keep the keys and values of up to this many tokens of prompt starts that requests share
+    (``generation/prefix_cache.py``), for rows that name their adapter (or None) on a Llama-family model; 0: none.
     """
 
     def __init__(
@@ -97,9 +102,12 @@ class GenerationEngine:
         seed: int = 0,
         packed_weights: PackedWeights | None = None,
         static_weights: bool = False,
+        prefix_cache: int = 0,
     ) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch={max_batch} must be at least 1")
+        if prefix_cache < 0:
+            raise ConfigError(f"prefix_cache={prefix_cache} must be a number of tokens, 0 (none) or more")
         self.model = model
         self._last_only = last_logits_only(model)  # the head runs on each row's last position only
         self._causal_lm = _causal_lm(model)
@@ -107,6 +115,7 @@ class GenerationEngine:
         self.max_batch = max_batch
         self.packed_weights = packed_weights
         self.static_weights = static_weights
+        self.prefixes = PrefixCache(prefix_cache) if prefix_cache > 0 else None
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.waiting: list[Row] = []
@@ -200,27 +209,53 @@ class GenerationEngine:
         return self._sample(logits, self.running)
 
     def _prefill(self, rows: list[Row]) -> list[Event]:
-        """Prefill the joining rows, each distinct (prompt, adapter) once: rows that share one (GRPO's group of
-        completions per prompt, or the ``n`` choices of a request) share its cache and its first logits."""
-        distinct: dict[tuple, int] = {}
-        source = [distinct.setdefault((tuple(row.prompt_ids), row.adapter), len(distinct)) for row in rows]
-        firsts = [rows[source.index(i)] for i in range(len(distinct))]
-        length = max(len(row.prompt_ids) for row in firsts)
-        ids = torch.zeros(len(firsts), length, dtype=torch.long, device=self.device)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(firsts):
-            ids[i, length - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, device=self.device)
-            mask[i, length - len(row.prompt_ids) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        """Prefill the joining rows and join them: with a ``prefix_cache``, the rows whose prompt starts with a
+        cached prefix in one forward from there on, then the others in one forward from their first token."""
         lean = self._lean()
+        reused, shared = self._reused(rows, lean)
+        events = []
+        for group in ([r for r in rows if _key(r) in reused], [r for r in rows if _key(r) not in reused]):
+            if group:
+                events += self._prefill_group(group, reused, shared, lean)
+        self._group_by_adapter()
+        return events
+
+    def _prefill_group(
+        self, rows: list[Row], reused: dict[tuple, tuple[int, Layers]], shared: dict[tuple, int], lean: bool
+    ) -> list[Event]:
+        """Prefill ``rows``, each distinct (prompt, adapter) once: rows that share one (GRPO's group of completions
+        per prompt, or the ``n`` choices of a request) share its cache and its first logits. A row with a cached
+        prefix (``reused``) attends to its keys and values, placed before its new tokens::
+
+            columns:   . . p p p | . . n n      row with a cached prefix of 3 and 2 new tokens
+                       p p p p p | n n n n      (left-padded on both sides of the cached columns)
+        """
+        distinct: dict[tuple, int] = {}
+        source = [distinct.setdefault(_key(row), len(distinct)) for row in rows]
+        firsts = [rows[source.index(i)] for i in range(len(distinct))]
+        starts = [reused[_key(row)][0] if _key(row) in reused else 0 for row in firsts]
+        cached = max(starts)
+        length = max(len(row.prompt_ids) - start for row, start in zip(firsts, starts))
+        ids = torch.zeros(len(firsts), length, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(firsts), cached + length, dtype=torch.long, device=self.device)
+        for i, (row, start) in enumerate(zip(firsts, starts)):
+            new = row.prompt_ids[start:]
+            ids[i, length - len(new) :] = torch.tensor(new, device=self.device)
+            mask[i, cached - start : cached] = 1
+            mask[i, cached + length - len(new) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, cached:]
         with self._running(firsts, lean) as project:
             if lean:
-                cache = empty_cache(self._causal_lm, len(firsts), length)
-                logits = lean_forward(self._causal_lm, ids, positions, mask, cache, 0, project)
-            else:
+                cache = empty_cache(self._causal_lm, len(firsts), cached + length)
+                if cached:
+                    _place_prefixes(cache, [reused.get(_key(row)) for row in firsts], cached)
+                logits = lean_forward(self._causal_lm, ids, positions, mask, cache, cached, project)
+            else:  # nothing is reused (``_reused``): the prompts start at column 0
                 inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
                 output = self.model(**inputs, **self._last_only)
                 cache, logits = cache_tensors(getattr(output, CACHE)), output.logits[:, -1]
+        if shared:
+            self._keep_prefixes(firsts, starts, shared, cache, mask)
         if len(firsts) < len(rows):
             index = torch.tensor(source, device=self.device)
             cache = [(k.index_select(0, index), v.index_select(0, index)) for k, v in cache]
@@ -228,9 +263,37 @@ class GenerationEngine:
         self.running += rows
         self._join(cache, mask, positions[:, -1] + 1)
         self._last = torch.cat([self._last, torch.zeros(len(rows), dtype=torch.long, device=self.device)])
-        events = self._sample(logits, rows, offset=len(self.running) - len(rows))
-        self._group_by_adapter()
-        return events
+        return self._sample(logits, rows, offset=len(self.running) - len(rows))
+
+    def _reused(self, rows: list[Row], lean: bool) -> tuple[dict[tuple, tuple[int, Layers]], dict[tuple, int]]:
+        """The cached prefix each joining row's prompt starts with, by (prompt, adapter), and the length of the
+        start each prompt shares with others (``PrefixCache.shared``): for rows that name their adapter (or None),
+        on a lean forward, with a ``prefix_cache`` (emptied first if the model changed); else nothing."""
+        if self.prefixes is None or not lean:
+            return {}, {}
+        self.prefixes.check(self.model)
+        prompts = list(dict.fromkeys(tuple(row.prompt_ids) for row in rows if row.adapter is not AS_SET))
+        shared = dict(zip(prompts, self.prefixes.shared(prompts)))
+        found = {}
+        for row in rows:
+            if row.adapter is not AS_SET and _key(row) not in found:
+                start, layers = self.prefixes.reusable(row.adapter, row.prompt_ids)
+                if start:
+                    found[_key(row)] = (start, layers)
+        return found, shared
+
+    def _keep_prefixes(
+        self, rows: list[Row], starts: list[int], shared: dict[tuple, int], cache: Layers, mask: torch.Tensor
+    ) -> None:
+        """Cache the start each prompt shares with others (``shared``) when it is longer than the prefix it
+        reused: its first real columns of every layer."""
+        for i, (row, start) in enumerate(zip(rows, starts)):
+            length = shared.get(tuple(row.prompt_ids), 0) if row.adapter is not AS_SET else 0
+            tokens = tuple(row.prompt_ids[:length])
+            if length > start and not self.prefixes.holds(row.adapter, tokens):
+                columns = mask[i].nonzero()[:length, 0]
+                layers = [(k[i].index_select(1, columns), v[i].index_select(1, columns)) for k, v in cache]
+                self.prefixes.store(row.adapter, tokens, layers)
 
     def _lean(self) -> bool:
         """Whether this forward runs through the model's layers (``lean_forward``): a Llama-family model, no hooks."""
@@ -338,6 +401,25 @@ def _causal_lm(model: nn.Module) -> nn.Module | None:
     if type(model) is DeltaModel:
         return model.base_model
     return model if isinstance(model, PreTrainedModel) else None
+
+
+def _key(row: Row) -> tuple:
+    """What a row's prefill depends on: its prompt and its adapter."""
+    return tuple(row.prompt_ids), row.adapter
+
+
+def _place_prefixes(cache: Layers, prefixes: list[tuple[int, Layers] | None], columns: int) -> None:
+    """Write each row's cached prefix (its length, the first columns of an entry's layers) right-aligned into the
+    first ``columns`` columns of each layer's (keys, values) buffers, zeros before it (masked out, but a masked NaN
+    would still poison the sum)."""
+    for layer, (keys, values) in enumerate(cache):
+        keys[:, :, :columns].zero_()
+        values[:, :, :columns].zero_()
+        for row, prefix in enumerate(prefixes):
+            if prefix is not None:
+                start, layers = prefix
+                keys[row, :, columns - start : columns].copy_(layers[layer][0][:, :start])
+                values[row, :, columns - start : columns].copy_(layers[layer][1][:, :start])
 
 
 def _in_buffer(parts: list[torch.Tensor], width: int, room: int) -> torch.Tensor:

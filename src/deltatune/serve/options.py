@@ -13,6 +13,7 @@ from deltatune.serve.adapters import parse_adapter_flag, read_adapter_config
 # runtime.loading.DTYPES and runtime.quantization.QUANTIZATIONS, written out so flags are checked before torch loads
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 QUANTIZATION_NAMES = ("none", "nf4", "fp4", "int8")
+PREFIX_CACHE_TOKENS = 4096  # prompt-start tokens whose keys and values a server keeps (generation/prefix_cache.py)
 
 
 @dataclasses.dataclass
@@ -29,6 +30,7 @@ class ServeOptions:
     adapter_root: str | None = None
     seed: int = 0
     packed_weights: bool = True  # decode on oneDNN-packed linear weights on a CPU (kernels.packed_linear)
+    prefix_cache: int = PREFIX_CACHE_TOKENS  # tokens of shared prompt starts kept with their keys and values
 
 
 def check_options(options: ServeOptions) -> list[tuple[str, str, dict]]:
@@ -40,6 +42,8 @@ def check_options(options: ServeOptions) -> list[tuple[str, str, dict]]:
         raise ConfigError(f"--max-concurrent={options.max_concurrent} must be at least 1")
     if options.max_prompt_tokens is not None and options.max_prompt_tokens < 1:
         raise ConfigError(f"--max-prompt-tokens={options.max_prompt_tokens} must be at least 1")
+    if options.prefix_cache < 0:
+        raise ConfigError(f"--prefix-cache={options.prefix_cache} must be a number of tokens, 0 (none) or more")
     if options.dtype not in DTYPE_NAMES:
         raise ConfigError(f"--dtype={options.dtype!r} is unknown; use one of {', '.join(DTYPE_NAMES)}")
     if options.quantization not in QUANTIZATION_NAMES:

@@ -77,8 +77,10 @@ class Scheduler:
         max_batch: int = 32,
         seed: int = 0,
         packed_weights: bool = True,
+        prefix_cache: int = 0,
     ) -> None:
         self.model = model
+        self.prefix_cache = prefix_cache
         self.packed_weights = PackedWeights(model) if packed_weights else None  # packed once, for the server's life
         self.engine = self._new_engine(stop_token_ids, max_batch, seed)
         self._inbox: list[tuple[str, Any]] = []
@@ -92,7 +94,13 @@ class Scheduler:
         """An engine on the server's packed weights; its weights are static (only this thread writes them: it
         loads and deletes adapters between steps)."""
         return GenerationEngine(
-            self.model, stop_token_ids, max_batch, seed, packed_weights=self.packed_weights, static_weights=True
+            self.model,
+            stop_token_ids,
+            max_batch,
+            seed,
+            packed_weights=self.packed_weights,
+            static_weights=True,
+            prefix_cache=self.prefix_cache,
         )
 
     # -- the HTTP side (any thread) -------------------------------------------------------------------

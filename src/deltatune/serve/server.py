@@ -74,7 +74,12 @@ def load_service(options: ServeOptions, api_key: str | None = None) -> Service:
     eos = model.generation_config.eos_token_id if model.generation_config else None
     stop = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
     scheduler = Scheduler(
-        model, sorted(stop), max_batch=options.max_concurrent, seed=options.seed, packed_weights=options.packed_weights
+        model,
+        sorted(stop),
+        max_batch=options.max_concurrent,
+        seed=options.seed,
+        packed_weights=options.packed_weights,
+        prefix_cache=options.prefix_cache,
     )
     registry = Registry(served_name(options, entries), str(path), options.adapter_root)
     vocab = model.get_input_embeddings().weight.shape[0]
