@@ -23,6 +23,7 @@ def environment(device: str, threads: int | None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device == "cuda" else _cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the widest vector instructions torch uses
         "torch_threads": threads or torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
