@@ -42,7 +42,9 @@ class PrefixCache:
 
     def check(self, model: nn.Module) -> None:
         """Empty the cache unless ``model``'s parameters are the ones it was filled with, unwritten
-        (``write_stamps``; the parameters are listed anew when an adapter is added or deleted)."""
+        (``write_stamps``; the parameters are listed anew when an adapter is added or deleted, not at every
+        prefill: a module swapped for another outside an adapter's add or delete, such as resized embeddings,
+        needs a new engine)."""
         adapters = list(getattr(model, "peft_config", {}).items())  # the configs held: their ids stay theirs
         held = self._adapters
         if held is None or [(name, id(config)) for name, config in adapters] != [(n, id(c)) for n, c in held]:
