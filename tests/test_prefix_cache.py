@@ -113,7 +113,7 @@ def test_an_adapter_deleted_and_loaded_again_under_its_name_is_not_answered_from
     perturb_trainable(replacement, seed=9)
     replacement.save_pretrained(tmp_path)
     model.delete_adapter("b")
-    model.load_adapter(tmp_path / "b" if (tmp_path / "b").is_dir() else tmp_path, adapter_name="b")
+    model.load_adapter(tmp_path / "b", adapter_name="b")  # an adapter not named "default" saves in its subfolder
     del prefills[:]
     answers = answer(cached, QUESTIONS, NAMES)
     assert prefills[0][0] == 0

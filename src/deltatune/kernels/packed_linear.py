@@ -92,8 +92,7 @@ class PackedWeights:
         from one product over their weights stacked and packed (kept until one of them changes); None when they
         cannot share one (another dtype or device, different input sizes, or no packing here)."""
         weights = [layer.weight for layer in layers]
-        usable = self._available and all(map(_packable, weights))
-        if not usable or len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
+        if not all(map(_packable, weights)) or len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
             self._packs.pop(layers, None)  # a pack made before the weights moved or changed dtype
             return None
         stamp = write_stamps(t for layer in layers for t in (layer.weight, layer.bias) if t is not None)
