@@ -450,3 +450,34 @@ def test_a_stack_is_not_cut_from_changed_weights():
             changed.mul_(1.5)
         assert_rows_run_alone(model, rows, inputs)
         assert layer.__dict__["_adapter_stack_built"] is not built
+
+
+def test_blocks_naming_the_same_rows_share_one_grouping_and_its_worked_out_blocks(model):
+    """A server's decoding steps name the same adapters step after step: the grouping (and the blocks, slots and
+    held adapters it worked out) is made once, and made anew for other names."""
+    names = ["a", "b", None, "a"]
+    with model.adapter_rows(names):
+        first = model._row_groups[1]
+    with model.adapter_rows(list(names)):
+        assert model._row_groups[1] is first
+    with model.adapter_rows(["b", "a", None, "a"]):
+        assert model._row_groups[1] is not first and model._row_groups[1].names == ("b", "a", None, "a")
+
+
+def test_every_change_of_the_adapters_state_moves_the_adapters_version():
+    """What the generation engine keeps across decoding steps is valid while ``adapters_version`` stays."""
+    model = mixed_model()
+    changes = [
+        lambda: model.set_adapter("b"),
+        lambda: model.add_adapter("c", LoraConfig(r=2, target_modules=["q_proj"])),
+        lambda: model.delete_adapter("c"),
+        lambda: model.merge_adapter(["a"]),
+        lambda: model.unmerge_adapter(),
+    ]
+    for change in changes:
+        before = model.adapters_version
+        change()
+        assert model.adapters_version > before, change
+    before = model.adapters_version
+    with model.disable_adapter():
+        assert model.adapters_version > before

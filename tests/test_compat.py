@@ -150,6 +150,24 @@ def test_has_hooks_sees_every_kind_of_hook_torch_keeps():
     assert has_hooks(layer)
 
 
+def test_hook_registrations_count_every_kind_of_hook_torch_keeps():
+    """What a forward's set-up kept on the strength of "no hooks here" is redone when this count moves."""
+    from deltatune.compat.torch import hook_registrations
+
+    layer = torch.nn.Linear(2, 2)
+    registrations = [
+        lambda: layer.register_forward_hook(lambda *a: None),
+        lambda: layer.register_forward_pre_hook(lambda *a: None),
+        lambda: layer.register_full_backward_hook(lambda *a: None),
+        lambda: torch.nn.modules.module.register_module_forward_hook(lambda *a: None),
+        lambda: torch.nn.modules.module.register_module_forward_pre_hook(lambda *a: None),
+    ]
+    for register in registrations:
+        before = hook_registrations()
+        register().remove()
+        assert hook_registrations() > before
+
+
 # -- transformers -------------------------------------------------------------------------------------------------
 GATED_MLPS = [
     ("llama", "LlamaMLP"),
@@ -342,7 +360,7 @@ def test_a_prefill_and_a_decoding_step_through_the_layers_equal_the_models_forwa
         empty_cache,
         lean_decoder,
         lean_forward,
-        shared_inputs,
+        projections,
     )
     from deltatune.kernels.packed_linear import PackedWeights
     from deltatune.tuners.lora.joined import JoinedProjections
@@ -370,7 +388,7 @@ def test_a_prefill_and_a_decoding_step_through_the_layers_equal_the_models_forwa
     def lean(*args):
         if not joined:
             return lean_forward(causal_lm, *args)
-        project = JoinedProjections(shared_inputs(causal_lm), packed)
+        project = JoinedProjections(projections(causal_lm), packed)
         with packed.applied(project.groups):
             return lean_forward(causal_lm, *args, project)
 
@@ -388,8 +406,8 @@ def test_a_prefill_and_a_decoding_step_through_the_layers_equal_the_models_forwa
         expected = model(**step, attention_mask=wide, use_cache=True, **{CACHE: buffered_cache(theirs, 5)}).logits
         got = lean(step["input_ids"], step["position_ids"], wide, ours, 5)
     if joined:  # the joinable layers ran from packs of their groups, not packs of their own
-        groups = JoinedProjections(shared_inputs(causal_lm), packed).groups
-        assert len(groups) == 2 * len(causal_lm.model.layers) and all(group in packed._packs for group in groups)
+        groups = JoinedProjections(projections(causal_lm), packed).groups
+        assert len(groups) == 4 * len(causal_lm.model.layers) and all(group in packed._packs for group in groups)
         assert not any(layer in packed._packs for group in groups for layer in group)
     torch.testing.assert_close(got, expected[:, -1], atol=1e-5, rtol=1e-5)
     for (k, v), (k2, v2) in zip(ours, theirs):

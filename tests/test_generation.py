@@ -100,6 +100,57 @@ def test_a_hook_on_an_adapted_model_keeps_its_forward_at_every_step(adapted):
     assert len(calls) == GREEDY.max_new_tokens  # the prefill and every decoding step
 
 
+def test_a_servers_decoding_steps_keep_their_plan_until_a_hook_or_an_adapter_changes():
+    """Under ``static_weights`` a decoding step takes the last step's plan (packed forwards, joined products, the
+    adapters' stacked factors) while nothing it depends on changed. A hook that comes, or an adapter deleted and
+    loaded again under its name, makes a new one: the kept engine answers as one that plans every step."""
+    from deltatune.kernels.packed_linear import PackedWeights
+
+    torch.manual_seed(0)
+    model = deltatune.get_delta_model(tiny_llama(), deltatune.LoraConfig(r=4, target_modules="all-linear"), "a")
+    model.add_adapter("b", deltatune.LoraConfig(r=2, target_modules="all-linear"))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # both adapters' factors (B starts at zero; only the active adapter trains)
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    model.eval()
+    engines = [
+        GenerationEngine(model, packed_weights=PackedWeights(model), static_weights=static) for static in (True, False)
+    ]
+    for engine in engines:
+        for prompt, adapter in zip(PROMPTS, ["a", "b", "b", None]):
+            engine.add(prompt, SamplingParams(max_new_tokens=9, temperature=0), adapter=adapter)
+
+    def step() -> list[tuple[int, float]]:
+        answers = [[(event.token_id, event.row.logprobs[-1]) for event in engine.step()] for engine in engines]
+        (tokens, logprobs), (their_tokens, their_logprobs) = (list(zip(*answer)) for answer in answers)
+        assert tokens == their_tokens and logprobs == pytest.approx(their_logprobs, abs=1e-5)
+        return answers[0]
+
+    step(), step()
+    plan = engines[0]._kept
+    step()
+    assert engines[0]._kept is plan  # the same rows, adapters and hooks
+    o_proj = model.base_model.model.layers[0].self_attn.o_proj
+    before = step()
+    handle = o_proj.register_forward_hook(lambda module, args, out: out * 0)
+    try:
+        hooked = step()  # a stale plan would run o_proj's packed product, not the module and its hook
+    finally:
+        handle.remove()
+    assert engines[0]._kept is not plan and hooked != before
+    saved = {name: param.clone() for name, param in model.adapter_state("b").items()}
+    model.delete_adapter("b")
+    model.add_adapter("b", deltatune.LoraConfig(r=2, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.adapter_state("b").items():
+            param.copy_(saved[name] * (3 if "lora_B" in name else 1))  # a stale stack would keep the old B's
+    plan = engines[0]._kept
+    step()
+    assert engines[0]._kept is not plan
+
+
 def test_a_row_that_stops_leaves_and_the_others_are_unchanged(model):
     stop = alone(model, PROMPTS[0])[3]  # prompt 0's fourth greedy token ends it
     engine = GenerationEngine(model, stop_token_ids=[stop])

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import deltatune
-from deltatune.compat.transformers import shared_inputs
+from deltatune.compat.transformers import projections
 from deltatune.kernels.packed_linear import PackedWeights
 from deltatune.tuners.lora.joined import JoinedProjections
 from tiny_models import DECODER_SIZES
@@ -53,43 +53,49 @@ ROWS = {
 }
 
 
-def joined_and_separate(model, groups_of, x):
-    """(the joined outputs, each module's outputs side by side) of every group."""
+def inputs(groups_of, rows, tokens, seed):
+    """A random input [rows, tokens, in] for each group (the MLP's down_proj reads wider ones)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, tokens, group[0].in_features, generator=generator) for group in groups_of]
+
+
+def joined_and_separate(model, groups_of, xs):
+    """(the joined outputs, each module's outputs side by side) of every group, on its input of ``xs``."""
     packed = PackedWeights(model)
     project = JoinedProjections(groups_of, packed)
     with torch.no_grad(), packed.applied(project.groups):
-        joined = [project(group, x) for group in groups_of]
-        separate = [torch.cat([module(x) for module in group], dim=-1) for group in groups_of]
+        joined = [project(group, x) for group, x in zip(groups_of, xs)]
+        separate = [torch.cat([module(x) for module in group], dim=-1) for group, x in zip(groups_of, xs)]
     return joined, separate, packed
 
 
 @pytest.mark.parametrize("tokens", [1, 5], ids=["a decoding step", "a prompt"])
 @pytest.mark.parametrize("rows", ROWS)
 def test_a_joined_product_equals_its_modules_in_a_mixed_batch(model, rows, tokens):
-    groups_of = shared_inputs(model.base_model)
-    x = torch.randn(4, tokens, 32, generator=torch.Generator().manual_seed(1))
+    groups_of = projections(model.base_model)
+    xs = inputs(groups_of, 4, tokens, seed=1)
     with model.adapter_rows(ROWS[rows]):
-        joined, separate, packed = joined_and_separate(model, groups_of, x)
+        joined, separate, packed = joined_and_separate(model, groups_of, xs)
     assert all(group in packed._packs for group in JoinedProjections(groups_of, packed).groups)
     for got, expected in zip(joined, separate):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    assert not all(torch.allclose(got, plain) for got, plain in zip(joined, bases_alone(model, groups_of, x)))
+    assert not all(torch.allclose(got, plain) for got, plain in zip(joined, bases_alone(model, groups_of, xs)))
 
 
-def bases_alone(model, groups_of, x):
+def bases_alone(model, groups_of, xs):
     """The groups' outputs with no adapter anywhere (so a joined output that dropped the adapters is seen)."""
     with torch.no_grad(), model.disable_adapter():
-        return [torch.cat([module(x) for module in group], dim=-1) for group in groups_of]
+        return [torch.cat([module(x) for module in group], dim=-1) for group, x in zip(groups_of, xs)]
 
 
 @pytest.mark.parametrize("active", [["a"], ["a", "qv"], ["dora"]])
 def test_a_joined_product_equals_its_modules_with_the_adapters_as_set(model, active):
     """Without a mixed batch (GRPO's rollouts, ``generate``): every row runs the active adapters."""
-    groups_of = shared_inputs(model.base_model)
-    x = torch.randn(3, 2, 32, generator=torch.Generator().manual_seed(2))
+    groups_of = projections(model.base_model)
+    xs = inputs(groups_of, 3, 2, seed=2)
     model.set_adapter(active)
     try:
-        joined, separate, _ = joined_and_separate(model, groups_of, x)
+        joined, separate, _ = joined_and_separate(model, groups_of, xs)
     finally:
         model.set_adapter("a")
     for got, expected in zip(joined, separate):
@@ -97,7 +103,7 @@ def test_a_joined_product_equals_its_modules_with_the_adapters_as_set(model, act
 
 
 def test_a_hooked_layer_leaves_its_group_to_its_modules_and_their_own_packs(model):
-    groups_of = shared_inputs(model.base_model)
+    groups_of = projections(model.base_model)
     q_proj = groups_of[0][0]
     handle = q_proj.register_forward_hook(lambda *args: None)
     try:
@@ -115,10 +121,10 @@ def test_a_joined_weight_over_the_piece_size_is_packed_in_row_blocks(model, monk
     import deltatune.kernels.packed_linear as packed_linear
 
     monkeypatch.setattr(packed_linear, "PIECE_BYTES", 20 * 32 * 4)  # q, k, v: 32 + 16 + 16 rows in pieces of 20
-    groups_of = shared_inputs(model.base_model)
-    x = torch.randn(4, 3, 32, generator=torch.Generator().manual_seed(4))
+    groups_of = projections(model.base_model)
+    xs = inputs(groups_of, 4, 3, seed=4)
     with model.adapter_rows(ROWS["a B bias"]):
-        joined, separate, packed = joined_and_separate(model, groups_of, x)
+        joined, separate, packed = joined_and_separate(model, groups_of, xs)
     *_, rows, pieces = packed._packs[JoinedProjections(groups_of, packed).groups[0]][1].args
     assert rows == 20 and len(pieces) == 4  # partial(_joined_forward, layers, bias, rows, pieces)
     for got, expected in zip(joined, separate):
@@ -138,7 +144,7 @@ def test_a_joined_pack_is_dropped_when_its_weights_can_no_longer_be_packed():
 
 def test_a_joined_pack_follows_a_weight_written_in_place(model):
     """A merge writes into the base weights: the group's pack is made again, and the products follow."""
-    groups_of = shared_inputs(model.base_model)[:1]
+    groups_of = projections(model.base_model)[:1]
     x = torch.randn(2, 1, 32, generator=torch.Generator().manual_seed(3))
     packed = PackedWeights(model)
     project = JoinedProjections(groups_of, packed)
@@ -148,6 +154,7 @@ def test_a_joined_pack_follows_a_weight_written_in_place(model):
         q_proj = groups_of[0][0].base_layer
         q_proj.weight.mul_(2)
         try:
+            project = JoinedProjections(groups_of, packed)  # one a forward: what it found is kept for its life
             with packed.applied(project.groups):
                 after = project(groups_of[0], x)
                 expected = torch.cat([module(x) for module in groups_of[0]], dim=-1)

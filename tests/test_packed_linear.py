@@ -109,7 +109,8 @@ def test_the_engine_on_packed_weights_answers_as_without_them():
 
 def test_a_mixed_batch_on_packed_weights_answers_as_without_them():
     """Rows of two adapters of different ranks and the base: a Llama's q/k/v and gate/up then run as one product
-    each, their adapters' A's as one too (its joined packs are the ones kept), with the same greedy answers."""
+    each, their adapters' A's as one too, o_proj and down_proj with theirs (the four groups' packs are the ones
+    kept), with the same greedy answers."""
     model = adapted_model()
     model.add_adapter("other", deltatune.LoraConfig(r=2, target_modules="all-linear"))
     with torch.no_grad():
@@ -128,7 +129,7 @@ def test_a_mixed_batch_on_packed_weights_answers_as_without_them():
 
     packed = PackedWeights(model)
     assert answers(packed) == answers(None)
-    assert sum(isinstance(key, tuple) for key in packed._packs) == 2 * len(model.base_model.model.layers)
+    assert sum(isinstance(key, tuple) for key in packed._packs) == 4 * len(model.base_model.model.layers)
 
 
 def test_a_weight_over_the_piece_size_is_packed_in_row_blocks(monkeypatch):

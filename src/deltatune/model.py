@@ -57,7 +57,9 @@ class DeltaModel(nn.Module):
         self._active: list[str] = []
         self._disabled = False
         self._layers: list[nn.Module] | None = None  # kept for adapter_rows (_adapted_layers)
+        self._row_groups: tuple[tuple, RowGroups] | None = None  # adapter_rows' last (names, device, check), grouping
         self._mixing: dict[str, str | None] = {}  # adapter -> why it cannot mix per row (None: it can)
+        self.adapters_version = 0  # counts changes of the adapters held, active, enabled or merged (``_changed``)
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
 
@@ -186,7 +188,8 @@ class DeltaModel(nn.Module):
                 logits = model(input_ids=three_rows).logits
 
         A server enters it once per decoding step, so what it checks is kept between calls (until adapters are
-        added or deleted): the adapted layers, whether each adapter can mix, and each layer's adapters stacked.
+        added or deleted): the adapted layers, whether each adapter can mix, the grouping of the rows (for the same
+        names), and each layer's adapters stacked.
         A stack is checked against its tensors' version counters at every block, so that a write in place (a
         training step) is seen; ``check_weights=False`` skips that reading, for a caller that vouches no adapter
         tensor was written in place since a block that checked these adapters (``GenerationEngine``'s
@@ -197,7 +200,10 @@ class DeltaModel(nn.Module):
         layers = self._adapted_layers()
         if any(getattr(layer, "merged_adapters", None) for layer in layers):
             raise MergeError("adapters are merged into the base weights, so rows cannot differ; call unmerge_adapter()")
-        groups = RowGroups.of(adapter_names, next(self.base_model.parameters()).device, check_weights)
+        key = (tuple(adapter_names), next(self.base_model.parameters()).device, check_weights)
+        if self._row_groups is None or self._row_groups[0] != key:  # the same names group the same way: kept
+            self._row_groups = (key, RowGroups.of(*key))
+        groups = self._row_groups[1]
         for layer in layers:  # in the instance's __dict__: nn.Module.__setattr__ would cost ~1 ms a decoding step
             layer.__dict__["row_groups"] = groups
         try:
@@ -226,6 +232,12 @@ class DeltaModel(nn.Module):
     def _adapters_changed(self) -> None:
         """Forget what ``adapter_rows`` keeps: the layers and the adapters' mixability."""
         self._layers, self._mixing = None, {}
+        self._changed()
+
+    def _changed(self) -> None:
+        """Count a change of the adapters held, active, enabled or merged: what a caller worked out from them and
+        keeps across forwards (the generation engine's decoding plan) is valid while ``adapters_version`` stays."""
+        self.adapters_version += 1
 
     # -- merging ----------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -235,11 +247,13 @@ class DeltaModel(nn.Module):
             self._check_exists(name)
         for tuner in self._merging_tuners():
             tuner.merge(self.base_model, names, safe_merge=safe_merge)
+        self._changed()
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights again."""
         for tuner in self._merging_tuners():
             tuner.unmerge(self.base_model)
+        self._changed()
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Merge the active (or named) adapters and return the plain base model, free of deltatune modules.
@@ -433,9 +447,11 @@ class DeltaModel(nn.Module):
         self._disabled = disabled
         for tuner in [*self._merging_tuners(), _MODULES_TO_SAVE]:
             tuner.set_disabled(self.base_model, disabled)
+        self._changed()
 
     def _apply_state(self) -> None:
         """Activate the active adapters in every layer; only their parameters train."""
+        self._changed()
         for tuner in [*self._merging_tuners(), _MODULES_TO_SAVE]:
             tuner.set_active(self.base_model, self._active)
         self.base_model.requires_grad_(False)

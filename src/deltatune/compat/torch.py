@@ -12,6 +12,10 @@ inductor uses for frozen weights): ``torch.ops.mkldnn._reorder_linear_weight(wei
 packed weight as an opaque tensor, and ``torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")``
 computes ``x Wᵀ + b`` over the last dim of ``x``; ``tests/test_compat.py`` checks both against ``F.linear``.
 
+A module's hook is registered through a ``torch.utils.hooks.RemovableHandle``, whose class counts every handle it
+gives out (``next_id``): ``hook_registrations`` reads that count, so that set-up kept across forwards on the
+strength of "no hooks here" is redone when any hook may have come; the test checks it still counts.
+
 What was derived from tensors (packed weights, stacked adapters, cached keys and values of a prompt prefix) is
 checked against them by ``write_stamps``: each tensor's storage and its private version counter ``_version``,
 which every in-place write (``copy_``, an optimizer's step, ``load_state_dict``) increments; the test checks it
@@ -47,6 +51,12 @@ def any_hooks(modules: Iterable[nn.Module]) -> bool:
     if any(getattr(nn.modules.module, name) for name in _GLOBAL_HOOKS):
         return True
     return any("forward" in vars(module) or any(getattr(module, name) for name in _MODULE_HOOKS) for module in modules)
+
+
+def hook_registrations() -> int:
+    """How many hooks (of any module or tensor) were registered in this process so far: a count that changes when
+    a hook may have come (``RemovableHandle.next_id``)."""
+    return torch.utils.hooks.RemovableHandle.next_id
 
 
 def write_stamps(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int]]:

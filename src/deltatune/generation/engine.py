@@ -14,9 +14,10 @@ Each ``step()`` decodes one token for every running row in one forward, then pre
 server all drive this one class (``generate()`` for a fixed set of prompts, ``add``/``step`` for streams).
 With ``packed_weights`` (``kernels.packed_linear``) the model's linear layers run on oneDNN-packed weights
 during the engine's forwards, for long-lived or many-step engines on a CPU (the server, GRPO's rollouts).
-A Llama-family model (``compat.transformers.lean_decoder``, checked at each step: hooks may come) prefills and
+A Llama-family model (``compat.transformers.lean_decoder``, checked at each forward: hooks may come) prefills and
 decodes through its layers (``lean_forward``), without its forward's per-call machinery; on packed weights its
-layers that read the same input (q, k, v; gate, up) then run as one product each (``tuners/lora/joined.py``).
+layers that read the same input (q, k, v; gate, up) then run as one product each, with the batch's LoRA terms
+added into it (``tuners/lora/joined.py``).
 A row may name its own adapter (``add(..., adapter="support")``, None for the bare base model): rows of
 different LoRA/DoRA adapters then share every forward (``DeltaModel.adapter_rows``), and the engine keeps each
 adapter's rows together so that its block of rows in the adapted layers is a slice of the batch.
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from deltatune.compat.torch import has_hooks
+from deltatune.compat.torch import has_hooks, hook_registrations
 from deltatune.compat.transformers import (
     CACHE,
     Project,
@@ -46,12 +47,12 @@ from deltatune.compat.transformers import (
     last_logits_only,
     lean_decoder,
     lean_forward,
-    shared_inputs,
+    projections,
 )
 from deltatune.errors import ConfigError
 from deltatune.generation.prefix_cache import Layers, PrefixCache
 from deltatune.generation.sampling import SamplingParams, choose
-from deltatune.kernels.packed_linear import PackedWeights
+from deltatune.kernels.packed_linear import PackedWeights, Patch
 from deltatune.tuners.lora.joined import JoinedProjections
 
 AS_SET = object()  # a row that runs with the model's adapters as they are set (the default)
@@ -73,6 +74,19 @@ class Row:
 
 
 @dataclasses.dataclass
+class _Plan:
+    """What a forward runs, worked out before it: each row's adapter (None: the rows run the model as set), whether
+    it goes through the model's layers (``lean_forward``), its ``project`` (``JoinedProjections``, on packed weights)
+    and the packed forwards of the other linear layers (``PackedWeights.patches``). ``key``: what it was made for."""
+
+    key: tuple
+    names: tuple[str | None, ...] | None
+    lean: bool
+    project: JoinedProjections | None
+    patches: list[Patch]
+
+
+@dataclasses.dataclass
 class Event:
     """What one ``step()`` produced for a row: its new token, and its finish reason if it just ended."""
 
@@ -89,7 +103,10 @@ class GenerationEngine:
     seed of their own. ``packed_weights``: run the model's linear layers on oneDNN-packed weights (CPU).
     ``static_weights``: nothing writes the model's weights in place while this engine has rows (a server's
     model, which only loads and deletes adapters): a mixed batch's stacked adapters are then checked against
-    their tensors when rows join, not at every decoding step (``DeltaModel.adapter_rows``' ``check_weights``).
+    their tensors when rows join, not at every decoding step (``DeltaModel.adapter_rows``' ``check_weights``), and
+    what a decoding step runs (``_Plan``: the layers' packed forwards, their joined products with their adapters'
+    stacked factors) is kept from step to step while the rows' adapters, the model's adapters, mode and hooks stay
+    the same (a module swapped by hand needs a new engine).
     ``prefix_cache``: keep the keys and values of up to this many tokens of prompt starts that requests share
     (``generation/prefix_cache.py``), for rows that name their adapter (or None) on a Llama-family model; 0: none.
     """
@@ -125,6 +142,7 @@ class GenerationEngine:
         self._positions = torch.zeros(0, dtype=torch.long, device=self.device)  # each row's next position
         self._last = torch.zeros(0, dtype=torch.long, device=self.device)  # each row's last token, fed next
         self._ids = itertools.count()
+        self._kept: _Plan | None = None  # the decoding steps' plan, under ``static_weights``
 
     # -- requests -------------------------------------------------------------------------------
     def add(
@@ -196,10 +214,10 @@ class GenerationEngine:
             ]
         mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
         ids, positions = self._last[:, None], self._positions[:, None]
-        lean = self._lean()
+        plan = self._plan(self.running, keep=self.static_weights)
         # the new column is written into the room; every row's adapter was checked when the row joined
-        with self._running(self.running, lean, check_weights=not self.static_weights) as project:
-            if lean:
+        with self._running(plan, check_weights=not self.static_weights) as project:
+            if plan.lean:
                 logits = lean_forward(self._causal_lm, ids, positions, mask, self._cache, columns, project)
             else:
                 cache = buffered_cache(self._cache, columns)
@@ -244,7 +262,7 @@ class GenerationEngine:
             mask[i, cached - start : cached] = 1
             mask[i, cached + length - len(new) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, cached:]
-        with self._running(firsts, lean) as project:
+        with self._running(self._plan(firsts)) as project:
             if lean:
                 cache = empty_cache(self._causal_lm, len(firsts), cached + length)
                 if cached:
@@ -299,22 +317,39 @@ class GenerationEngine:
         """Whether this forward runs through the model's layers (``lean_forward``): a Llama-family model, no hooks."""
         return self._causal_lm is not None and lean_decoder(self._causal_lm) and not has_hooks(self.model)
 
+    def _plan(self, rows: list[Row], keep: bool = False) -> _Plan:
+        """What a forward over ``rows`` runs (``_Plan``). With ``keep`` (decoding steps under ``static_weights``)
+        the last kept plan is taken again while its key holds: the same adapter for each row, and no change to the
+        model's adapters (``DeltaModel.adapters_version``), mode or hooks (``compat.torch.hook_registrations``)."""
+        names = None
+        if any(row.adapter is not AS_SET for row in rows) and hasattr(self.model, "adapter_rows"):
+            names = tuple(self._adapter_of(row) for row in rows)
+        key = (names, getattr(self.model, "adapters_version", None), hook_registrations(), self.model.training)
+        if keep and self._kept is not None and self._kept.key == key:
+            return self._kept
+        lean, project, patches = self._lean(), None, []
+        if self.packed_weights:
+            if lean:
+                project = JoinedProjections(projections(self._causal_lm), self.packed_weights)
+            patches = self.packed_weights.patches(project.groups if project else ())
+        plan = _Plan(key, names, lean, project, patches)
+        if keep:
+            self._kept = plan
+        return plan
+
     @contextlib.contextmanager
-    def _running(self, rows: list[Row], lean: bool, check_weights: bool = True) -> Iterator[Project | None]:
-        """The block of a forward over ``rows``: each row with its own adapter when any row names one (a model
+    def _running(self, plan: _Plan, check_weights: bool = True) -> Iterator[Project | None]:
+        """The block of a forward as ``plan`` says: each row with its own adapter when any row names one (a model
         without adapters runs as it is: every row is the base; ``check_weights`` as ``adapter_rows``), on packed
-        weights when the engine has them. Yields a ``lean`` forward's ``project`` on packed weights: layers that
-        read the same input as one product (``tuners/lora/joined.py``)."""
+        weights when the engine has them. Yields a ``lean`` forward's ``project`` on packed weights: the model's
+        linear layers as few products as possible (``tuners/lora/joined.py``)."""
         with contextlib.ExitStack() as stack:
-            project = None
             if self.packed_weights:
-                if lean:
-                    project = JoinedProjections(shared_inputs(self._causal_lm), self.packed_weights)
-                stack.enter_context(self.packed_weights.applied(project.groups if project else ()))
-            if any(row.adapter is not AS_SET for row in rows) and hasattr(self.model, "adapter_rows"):
-                names = [self._adapter_of(row) for row in rows]
-                stack.enter_context(self.model.adapter_rows(names, check_weights))
-            yield project
+                groups = plan.project.groups if plan.project else ()
+                stack.enter_context(self.packed_weights.applied(groups, plan.patches))
+            if plan.names is not None:
+                stack.enter_context(self.model.adapter_rows(plan.names, check_weights))
+            yield plan.project
 
     def _adapter_of(self, row: Row) -> str | None:
         """The adapter a row runs with in a mixed batch: its own, or the model's one active adapter."""
@@ -368,6 +403,8 @@ class GenerationEngine:
     def _keep(self, keep: list[int]) -> None:
         """Keep only rows ``keep`` of the batch, and drop the leading columns that no kept row uses."""
         self._take(keep)
+        if not self.running:
+            self._kept = None  # what it holds (the adapters' stacked factors) is not kept alive between batches
         used = self._mask.any(0).nonzero()
         start = int(used[0]) if len(used) else self._mask.shape[1]
         self._mask = self._mask[:, start:]

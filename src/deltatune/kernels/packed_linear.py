@@ -50,6 +50,7 @@ from deltatune.compat.torch import (
 )
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
+Patch = tuple[nn.Linear, Callable[[torch.Tensor], torch.Tensor]]  # a layer and its forward on its packed weight
 PIECE_BYTES = 32 << 20  # the largest block glibc serves from its heap (M_MMAP_THRESHOLD's ceiling, 64-bit)
 
 
@@ -62,24 +63,35 @@ class PackedWeights:
         self._available = onednn_packing_available()
 
     @contextlib.contextmanager
-    def applied(self, joined: Sequence[tuple[nn.Linear, ...]] = ()) -> Iterator[None]:
+    def applied(
+        self, joined: Sequence[tuple[nn.Linear, ...]] = (), patches: Sequence[Patch] | None = None
+    ) -> Iterator[None]:
         """Run every packable layer on its packed weight inside the block (under ``torch.no_grad``). The layers of
         each group in ``joined`` (layers that read the same input) are packed together instead, as one weight for
-        ``joined_forward``, and their own forwards stay as they are: one copy of each weight, not two."""
+        ``joined_forward``, and their own forwards stay as they are: one copy of each weight, not two. ``patches``:
+        what ``patches(joined)`` gave before, kept by a caller that vouches nothing changed since (the weights,
+        the modules, their hooks), so the model's layers are not walked again."""
         patched = []
         try:
-            if self._available and not torch.is_grad_enabled():
-                members = {layer for group in joined for layer in group}
-                layers = [layer for layer in self.packable_layers() if layer not in members]
-                for gone in self._packs.keys() - {*layers, *joined}:  # no longer run this way (or a group's now)
-                    del self._packs[gone]
-                for layer in layers:  # set in the instance's __dict__: nn.Module.__setattr__ costs ~1 ms a forward
-                    layer.__dict__["forward"] = self._packed(layer)
+            if not torch.is_grad_enabled():
+                for layer, forward in self.patches(joined) if patches is None else patches:
+                    layer.__dict__["forward"] = forward  # not nn.Module.__setattr__: ~1 ms a forward
                     patched.append(layer)
             yield
         finally:
             for layer in patched:
                 layer.__dict__.pop("forward", None)
+
+    def patches(self, joined: Sequence[tuple[nn.Linear, ...]] = ()) -> list[Patch]:
+        """Each packable layer outside the groups of ``joined`` with its forward on its packed weight (what
+        ``applied`` sets); packs no longer run that way are dropped."""
+        if not self._available:
+            return []
+        members = {layer for group in joined for layer in group}
+        layers = [layer for layer in self.packable_layers() if layer not in members]
+        for gone in self._packs.keys() - {*layers, *joined}:  # no longer run this way (or a group's now)
+            del self._packs[gone]
+        return [(layer, self._packed(layer)) for layer in layers]
 
     def packable_layers(self) -> list[nn.Linear]:
         """The model's own linear layers (not an adapter's factors: below a tuner layer only its base layer is

@@ -167,16 +167,21 @@ def add_terms(a: torch.Tensor, targets: list[tuple[torch.Tensor, torch.Tensor]],
     ranks of each B in turn), one by each B. ``into`` is a view of the output (a joined product's columns)."""
     rows, slots, features = x.shape[0], a.shape[0], x.shape[-1]
     if blocks.sliced:  # the blocks are the batch's first rows: terms added into their slice in place
-        tokens = x.reshape(-1, features).to(a.dtype)  # [rows x T, in], each row's T tokens in turn
-        width = len(blocks.source) * (tokens.shape[0] // rows)  # the blocks' tokens: the first ``width``
+        tokens = x.reshape(-1, features)  # [rows x T, in], each row's T tokens in turn
+        tokens = tokens if tokens.dtype == a.dtype else tokens.to(a.dtype)
+        width = slots * blocks.width * (tokens.shape[0] // rows)  # the blocks' tokens: the first ``width``
+        every = width == tokens.shape[0]  # every row has an adapter (a decoding step's usual case): no slices
+        tokens = tokens if every else tokens[:width]
         if slots == 1:  # one adapter: plain products (a batch of one matmul runs slower)
-            low = F.linear(tokens[:width], a[0])
+            low = F.linear(tokens, a[0])
         else:
-            low = torch.bmm(tokens[:width].view(slots, width // slots, features), a.transpose(1, 2))
+            low = torch.bmm(tokens.view(slots, width // slots, features), a.transpose(1, 2))
         start = 0
         for b, into in targets:
-            part, start = low[..., start : start + b.shape[1]], start + b.shape[1]
-            flat = into.view(-1, into.shape[-1])[:width]  # a view: the terms land in the output
+            part = low if len(targets) == 1 else low[..., start : start + b.shape[1]]
+            start += b.shape[1]
+            flat = into.view(-1, into.shape[-1])  # a view: the terms land in the output
+            flat = flat if every else flat[:width]
             if slots == 1:
                 flat.addmm_(part, b[0])
             elif flat.is_contiguous():
