@@ -45,6 +45,8 @@ def model():
 
 ROWS = {
     "one adapter": ["a"] * 4,
+    "one adapter, then base rows": ["a", "a", None, None],
+    "one adapter among base rows": [None, "a", None, "a"],
     "two adapters in order": ["a", "a", "qv", "qv"],
     "gathered, with a base row": ["qv", None, "a", "qv"],
     "only adapters on some layers": ["qv"] * 4,
