@@ -13,7 +13,9 @@
 - The decoder layers of Llama, Qwen2 and Mistral (``LEAN_DECODERS``) are pre-norm attention with rotary
   positions plus an MLP, under the attribute names ``model.embed_tokens``, ``model.layers[i].input_layernorm /
   self_attn.{q,k,v,o}_proj / post_attention_layernorm / mlp``, ``model.norm``, ``model.rotary_emb`` and
-  ``lm_head``, and a model's key/value heads are ``config.num_key_value_heads``; ``lean_forward`` runs a prefill
+  ``lm_head``, a model's key/value heads are ``config.num_key_value_heads``, and its rotary positions are
+  ``x cos + rotate_half(x) sin`` over whole heads, rotate_half(x) = [-x2, x1], with the cos and sin its
+  ``rotary_emb`` returns for the positions (``_rotation``); ``lean_forward`` runs a prefill
   or a decoding step through those modules without the models' own forward code (mask building, cache
   objects, output records), and equals their forward. Their MLPs compute ``down_proj(act_fn(gate_proj(x)) *
   up_proj(x))``, which ``lean_forward`` calls by parts so that gate and up can run as one product.
@@ -224,7 +226,8 @@ def lean_forward(
     ``columns`` columns of each layer's (keys, values) buffers and its own new columns, which are written at
     ``columns`` .. ``columns + T`` (the caller reserves them); ``attention_mask`` [rows, columns + T] marks real
     tokens with 1 (a left-padded prefill: ``columns`` 0). The same modules and products as the model's forward
-    over a ``buffered_cache``, without its per-call machinery (~5 of 80 ms a 16-row SmolLM2 step)::
+    over a ``buffered_cache`` (but a float32 decoding step's attention: three batched products,
+    ``_decoding_attention``), without its per-call machinery (~5 of 80 ms a 16-row SmolLM2 step)::
 
         h = embed(ids);  per layer:  h += o_proj(attention(rope(q, k), v over the cache))
                                      h += down_proj(act(gate_proj(x)) * up_proj(x)),  x = post_attention_layernorm(h)
