@@ -164,3 +164,27 @@ def test_a_joined_pack_follows_a_weight_written_in_place(model):
             q_proj.weight.div_(2)
     torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("rows", [["a"] * 4, [None, "a", "a", None]], ids=["every row", "among base rows"])
+def test_one_adapter_on_some_layers_of_a_group_is_one_block_diagonal_product(rows):
+    """LoRA on q_proj and v_proj only (k_proj a plain ``nn.Linear``): with one adapter in the batch the group's B's
+    are one [Σr, q | k | v] product, k's columns zero, and the outputs equal the modules' own."""
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER_SIZES))
+    model = deltatune.get_delta_model(base.eval(), deltatune.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), "a")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.1 * torch.randn(param.shape, generator=torch.Generator().manual_seed(5)))
+    groups_of = projections(model.base_model)[:1]  # the first layer's (q, k, v)
+    assert type(groups_of[0][1]) is torch.nn.Linear
+    xs = inputs(groups_of, 4, 2, seed=6)
+    with model.adapter_rows(rows):
+        joined, separate, _ = joined_and_separate(model, groups_of, xs)
+    torch.testing.assert_close(joined[0], separate[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(joined[0], bases_alone(model, groups_of, xs)[0])
+    ((place, b),) = groups_of[0][0].__dict__["_joined_stack"][2]
+    widths = [module.out_features for module in groups_of[0]]
+    assert place is None and b.shape == (1, 8, sum(widths))  # one B: q's and v's ranks over every column
+    assert not b[0, :, widths[0] : widths[0] + widths[1]].any()  # k_proj's columns get nothing

@@ -245,9 +245,11 @@ class DeltaModel(nn.Module):
         names = self._active if adapter_names is None else list(adapter_names)
         for name in names:
             self._check_exists(name)
-        for tuner in self._merging_tuners():
-            tuner.merge(self.base_model, names, safe_merge=safe_merge)
-        self._changed()
+        try:
+            for tuner in self._merging_tuners():
+                tuner.merge(self.base_model, names, safe_merge=safe_merge)
+        finally:  # a merge that failed part-way may have written some weights
+            self._changed()
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights again."""

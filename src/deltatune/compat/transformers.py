@@ -192,12 +192,9 @@ def projections(model: nn.Module) -> list[tuple[nn.Module, ...]]:
     groups = []
     for layer in model.model.layers:
         attention, mlp = layer.self_attn, layer.mlp
-        groups += [
-            (attention.q_proj, attention.k_proj, attention.v_proj),
-            (attention.o_proj,),
-            (mlp.gate_proj, mlp.up_proj),
-            (mlp.down_proj,),
-        ]
+        groups += [(attention.q_proj, attention.k_proj, attention.v_proj), (attention.o_proj,)]
+        if not any_hooks((mlp, mlp.act_fn)):  # else the MLP is called whole (``_mlp``)
+            groups += [(mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)]
     return groups
 
 
@@ -239,9 +236,10 @@ def lean_forward(
     decoder, (rows, length) = model.model, input_ids.shape
     hidden = decoder.embed_tokens(input_ids)
     rotate = _rotation(*decoder.rotary_emb(hidden, position_ids))
-    end, mask = columns + length, _lean_mask(attention_mask, length)
-    heads, kv = model.config.num_attention_heads, model.config.num_key_value_heads
-    bias = _decoding_bias(attention_mask, kv) if length == 1 and hidden.dtype == torch.float32 else None
+    end, heads, kv = columns + length, model.config.num_attention_heads, model.config.num_key_value_heads
+    batched = length == 1 and hidden.dtype == torch.float32 and hidden.device.type == "cpu"
+    bias = _decoding_bias(attention_mask, kv, hidden.dtype) if batched else None
+    mask = None if batched else _lean_mask(attention_mask, length)
     for layer, (keys, values) in zip(decoder.layers, buffers):
         attention = layer.self_attn
         x = layer.input_layernorm(hidden)
@@ -281,20 +279,21 @@ def _rotation(cos: torch.Tensor, sin: torch.Tensor) -> Callable[[torch.Tensor], 
     return lambda x: x * cos + x.roll(half, dims=-1) * sin
 
 
-def _decoding_bias(attention_mask: torch.Tensor, kv: int) -> torch.Tensor:
+def _decoding_bias(attention_mask: torch.Tensor, kv: int, dtype: torch.dtype) -> torch.Tensor:
     """A decoding step's attention mask as a bias [rows x kv, 1, columns]: 0 on real tokens, -inf on padding."""
     rows, columns = attention_mask.shape
     padding = attention_mask[:, None, None, :] == 0
-    bias = torch.zeros(rows, 1, 1, columns, device=attention_mask.device).masked_fill_(padding, float("-inf"))
+    bias = attention_mask.new_zeros(rows, 1, 1, columns, dtype=dtype).masked_fill_(padding, float("-inf"))
     return bias.expand(rows, kv, 1, columns).reshape(rows * kv, 1, columns)
 
 
 def _decoding_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """A decoding step's attention (one query a row, fp32) as three batched products, each query head grouped with
-    the key/value head it shares: softmax(q kᵀ · scale + bias) v over [rows x kv, group, d]; [rows, 1, heads x d].
-    At 16 rows it is faster than ``scaled_dot_product_attention``, which blocks for long queries."""
+    """A decoding step's attention (one query a row, fp32, on the CPU) as three batched products, each query head
+    grouped with the key/value head it shares: softmax(q kᵀ · scale + bias) v over [rows x kv, group, d];
+    [rows, 1, heads x d]. At 16 rows on 2 cores it took about 100 µs a layer less than
+    ``scaled_dot_product_attention``, which blocks for long queries."""
     rows, _, heads, d = query.shape
     kv, columns = keys.shape[1], keys.shape[2]
     keys, values = keys.reshape(rows * kv, columns, d), values.reshape(rows * kv, columns, d)

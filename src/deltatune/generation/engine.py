@@ -14,7 +14,7 @@ Each ``step()`` decodes one token for every running row in one forward, then pre
 server all drive this one class (``generate()`` for a fixed set of prompts, ``add``/``step`` for streams).
 With ``packed_weights`` (``kernels.packed_linear``) the model's linear layers run on oneDNN-packed weights
 during the engine's forwards, for long-lived or many-step engines on a CPU (the server, GRPO's rollouts).
-A Llama-family model (``compat.transformers.lean_decoder``, checked at each forward: hooks may come) prefills and
+A Llama-family model (``compat.transformers.lean_decoder``, checked with each plan: hooks may come) prefills and
 decodes through its layers (``lean_forward``), without its forward's per-call machinery; on packed weights its
 layers that read the same input (q, k, v; gate, up) then run as one product each, with the batch's LoRA terms
 added into it (``tuners/lora/joined.py``).
@@ -106,7 +106,7 @@ class GenerationEngine:
     their tensors when rows join, not at every decoding step (``DeltaModel.adapter_rows``' ``check_weights``), and
     what a decoding step runs (``_Plan``: the layers' packed forwards, their joined products with their adapters'
     stacked factors) is kept from step to step while the rows' adapters, the model's adapters, mode and hooks stay
-    the same (a module swapped by hand needs a new engine).
+    the same (a module swapped, or a forward replaced by assignment, by hand needs a new engine).
     ``prefix_cache``: keep the keys and values of up to this many tokens of prompt starts that requests share
     (``generation/prefix_cache.py``), for rows that name their adapter (or None) on a Llama-family model; 0: none.
     """
@@ -229,7 +229,7 @@ class GenerationEngine:
     def _prefill(self, rows: list[Row]) -> list[Event]:
         """Prefill the joining rows and join them: with a ``prefix_cache``, the rows whose prompt starts with a
         cached prefix in one forward from there on, then the others in one forward from their first token."""
-        lean = self._lean()
+        lean = self._lean()  # each group's plan finds the same: nothing runs in between
         reused, shared = self._reused(rows, lean)
         events = []
         for group in ([r for r in rows if _key(r) in reused], [r for r in rows if _key(r) not in reused]):
@@ -404,7 +404,7 @@ class GenerationEngine:
         """Keep only rows ``keep`` of the batch, and drop the leading columns that no kept row uses."""
         self._take(keep)
         if not self.running:
-            self._kept = None  # what it holds (the adapters' stacked factors) is not kept alive between batches
+            self._kept = None  # the next batch plans anew (the layers keep their own stacks: ``rows.adapter_stack``)
         used = self._mask.any(0).nonzero()
         start = int(used[0]) if len(used) else self._mask.shape[1]
         self._mask = self._mask[:, start:]

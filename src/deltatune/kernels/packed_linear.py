@@ -20,9 +20,10 @@ Outside the block the layers are untouched (training, saving and merging see pla
 it a layer's forward is patched, so a LoRA layer over it takes its plain path (base output plus the rank-r
 terms) rather than its fused function, whose base product reads the weight directly. The layers of a joined
 group are not patched: called one by one (their group not joined at that call), they run torch's product.
-A pack is remade when its weight changes (a merge writes into it, a reload replaces it); the packs are freed
-with the object. The packed copy holds as many bytes as the weight: packing doubles the memory of the base's
-linear weights.
+A pack is remade when its weight changes (a merge writes into it, a reload replaces it), checked each time
+``applied`` walks the layers; a caller that keeps ``patches()`` across forwards vouches the weights did not
+change (the generation engine's ``static_weights``). The packs are freed with the object. The packed copy
+holds as many bytes as the weight: packing doubles the memory of the base's linear weights.
 
 A weight is packed in pieces of at most 32 MiB (row blocks; their outputs are concatenated). glibc serves a
 larger block by mapping fresh memory, counted on top of the heap memory the process keeps after freeing it;

@@ -1,7 +1,8 @@
 """Which adapter applies to which row of a batch: one forward pass, several adapters (or none) side by side.
 
-A batch's per-row adapter names are grouped once per forward; each adapted layer then computes the base
-output for the whole batch and, per group, its adapter's rank-r term on that group's rows only::
+A batch's per-row adapter names are grouped once (again only for other names: ``DeltaModel.adapter_rows``); each
+adapted layer then computes the base output for the whole batch and, per group, its adapter's rank-r term on that
+group's rows only::
 
     rows:      0   1   2   3   4
     adapter:   a   -   b   a   b        ->   a: rows [0, 3]    b: rows [2, 4]    row 1: the base alone
@@ -49,7 +50,9 @@ class RowGroups:
     names: tuple[str | None, ...] = ()
     whole: str | None = None
     check_weights: bool = True  # False: kept stacks are reused without reading their tensors' version counters
-    _memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # per forward: slots, held, blocks
+    _memo: dict = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )  # slots, held, blocks, for these names
 
     @classmethod
     def of(
@@ -66,7 +69,7 @@ class RowGroups:
 
     def slots(self, order: dict[str, int], device: torch.device) -> torch.Tensor:
         """Each row's slot in a stack of adapters (``order``: adapter -> slot; every other row, the slot after
-        the last: no adapter), as a [rows] tensor; made once per order and forward."""
+        the last: no adapter), as a [rows] tensor; made once per order."""
         key = ("slots", tuple(order), device)
         if key not in self._memo:
             empty = len(order)
@@ -75,7 +78,7 @@ class RowGroups:
 
     def held(self, adapters: dict[str, object]) -> tuple[str, ...]:
         """The batch's adapters that a layer holding ``adapters`` holds, in the layer's order (so a batch whose
-        rows change but name the same adapters finds the same answer; made once per set of adapters and forward)."""
+        rows change but name the same adapters finds the same answer; made once per set of adapters)."""
         key = ("held", tuple(adapters))
         if key not in self._memo:
             named = {name for name, _ in self.groups}
@@ -84,7 +87,7 @@ class RowGroups:
 
     def blocks(self, order: dict[str, int], device: torch.device) -> Blocks:
         """The rows of each adapter of ``order`` in turn, every block padded to the largest (``Blocks``); made once
-        per order and forward for all layers holding the same adapters."""
+        per order for all layers holding the same adapters."""
         key = ("blocks", tuple(order), device)
         if key not in self._memo:
             members = {name: index.tolist() for name, index in self.groups}

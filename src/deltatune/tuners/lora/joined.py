@@ -73,7 +73,7 @@ class JoinedProjections:
         if forward is None:
             return None
         adapted = [(i, module) for i, module in enumerate(modules) if module is not bases[i]]
-        if not adapted:
+        if not adapted or all(_adds_nothing(module) for _, module in adapted):
             return forward
         widths = [base.out_features for base in bases]
         joined = _joined_stacks(adapted, widths, bases[0].weight.dtype)
@@ -115,6 +115,12 @@ def _terms_one_by_one(
     return out
 
 
+def _adds_nothing(layer: LoraLinear) -> bool:
+    """Whether ``layer`` adds no term on any row: a mixed batch none of whose adapters it holds."""
+    groups = layer.row_groups
+    return groups is not None and not layer.disabled and not groups.held(layer.r)
+
+
 def _joined_stacks(adapted: list[tuple[int, LoraLinear]], widths: list[int], dtype: torch.dtype):
     """(A [slots, Σr, in]: the adapted layers' stacked A's side by side, the B's as ``_with_terms`` takes them, the
     batch's row groups, its blocks of rows) when every adapted layer runs the same adapters of one mixed batch from
@@ -135,7 +141,9 @@ def _joined_stacks(adapted: list[tuple[int, LoraLinear]], widths: list[int], dty
     kept = layers[0].__dict__.get("_joined_stack")
     if kept is None or len(kept[0]) != len(stacks) or any(s is not t for s, t in zip(kept[0], stacks)):
         a = torch.cat([stack.a for stack in stacks], dim=1)
-        if len(held) == 1:
+        if len(held) == 1 and len(widths) == 1:  # o_proj or down_proj alone: its own B over its output
+            targets = [(None, stacks[0].b)]
+        elif len(held) == 1:
             targets = [(None, _block_diagonal([stack.b for stack in stacks], [i for i, _ in adapted], widths))]
         else:
             targets = [(i, stack.b) for (i, _), stack in zip(adapted, stacks)]
