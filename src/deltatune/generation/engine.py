@@ -229,7 +229,7 @@ class GenerationEngine:
     def _prefill(self, rows: list[Row]) -> list[Event]:
         """Prefill the joining rows and join them: with a ``prefix_cache``, the rows whose prompt starts with a
         cached prefix in one forward from there on, then the others in one forward from their first token."""
-        lean = self._lean()  # each group's plan finds the same: nothing runs in between
+        lean = self._lean()
         reused, shared = self._reused(rows, lean)
         events = []
         for group in ([r for r in rows if _key(r) in reused], [r for r in rows if _key(r) not in reused]):
@@ -262,7 +262,7 @@ class GenerationEngine:
             mask[i, cached - start : cached] = 1
             mask[i, cached + length - len(new) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, cached:]
-        with self._running(self._plan(firsts)) as project:
+        with self._running(self._plan(firsts, lean=lean)) as project:
             if lean:
                 cache = empty_cache(self._causal_lm, len(firsts), cached + length)
                 if cached:
@@ -317,17 +317,18 @@ class GenerationEngine:
         """Whether this forward runs through the model's layers (``lean_forward``): a Llama-family model, no hooks."""
         return self._causal_lm is not None and lean_decoder(self._causal_lm) and not has_hooks(self.model)
 
-    def _plan(self, rows: list[Row], keep: bool = False) -> _Plan:
-        """What a forward over ``rows`` runs (``_Plan``). With ``keep`` (decoding steps under ``static_weights``)
-        the last kept plan is taken again while its key holds: the same adapter for each row, and no change to the
-        model's adapters (``DeltaModel.adapters_version``), mode or hooks (``compat.torch.hook_registrations``)."""
+    def _plan(self, rows: list[Row], keep: bool = False, lean: bool | None = None) -> _Plan:
+        """What a forward over ``rows`` runs (``_Plan``; ``lean``: ``_lean()`` when the caller just found it). With
+        ``keep`` (decoding steps under ``static_weights``) the last kept plan is taken again while its key holds:
+        the same adapter for each row, and no change to the model's adapters (``DeltaModel.adapters_version``),
+        mode or hooks (``compat.torch.hook_registrations``)."""
         names = None
         if any(row.adapter is not AS_SET for row in rows) and hasattr(self.model, "adapter_rows"):
             names = tuple(self._adapter_of(row) for row in rows)
         key = (names, getattr(self.model, "adapters_version", None), hook_registrations(), self.model.training)
         if keep and self._kept is not None and self._kept.key == key:
             return self._kept
-        lean, project, patches = self._lean(), None, []
+        lean, project, patches = self._lean() if lean is None else lean, None, []
         if self.packed_weights:
             if lean:
                 project = JoinedProjections(projections(self._causal_lm), self.packed_weights)
