@@ -28,7 +28,7 @@ from deltatune.io import (
 from deltatune.tuners import tuner_for
 from deltatune.tuners.lora.init import plain_lora
 from deltatune.tuners.modules_to_save import ModulesToSaveTuner
-from deltatune.tuners.rows import RowGroups
+from deltatune.tuners.rows import grouped
 from deltatune.tuners.targeting import CLASSIFIER_HEADS, CLASSIFIER_TASKS
 from deltatune.tuners.trainable_tokens import TrainableTokensTuner
 
@@ -57,9 +57,8 @@ class DeltaModel(nn.Module):
         self._active: list[str] = []
         self._disabled = False
         self._layers: list[nn.Module] | None = None  # kept for adapter_rows (_adapted_layers)
-        self._row_groups: tuple[tuple, RowGroups] | None = None  # adapter_rows' last (names, device, check), grouping
         self._mixing: dict[str, str | None] = {}  # adapter -> why it cannot mix per row (None: it can)
-        self.adapters_version = 0  # counts changes of the adapters held, active, enabled or merged (``_changed``)
+        self.adapters_version = 0  # moved by every change of the adapters held, active, enabled or merged
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
 
@@ -94,14 +93,8 @@ class DeltaModel(nn.Module):
 
     @property
     def merged_adapters(self) -> list[str]:
-        return sorted(
-            {
-                name
-                for tuner in self._merging_tuners()
-                for _, layer in tuner.layers(self.base_model)
-                for name in getattr(layer, "merged_adapters", [])
-            }
-        )
+        layers = [layer for tuner in self._merging_tuners() for _, layer in tuner.layers(self.base_model)]
+        return sorted({name for layer in layers for name in getattr(layer, "merged_adapters", [])})
 
     def add_adapter(self, adapter_name: str, config: DeltaConfig) -> None:
         """Inject a new adapter (inactive unless it is the first); the base model stays frozen."""
@@ -188,8 +181,7 @@ class DeltaModel(nn.Module):
                 logits = model(input_ids=three_rows).logits
 
         A server enters it once per decoding step, so what it checks is kept between calls (until adapters are
-        added or deleted): the adapted layers, whether each adapter can mix, the grouping of the rows (for the same
-        names), and each layer's adapters stacked.
+        added or deleted): the adapted layers, whether each adapter can mix, and each layer's adapters stacked.
         A stack is checked against its tensors' version counters at every block, so that a write in place (a
         training step) is seen; ``check_weights=False`` skips that reading, for a caller that vouches no adapter
         tensor was written in place since a block that checked these adapters (``GenerationEngine``'s
@@ -200,10 +192,7 @@ class DeltaModel(nn.Module):
         layers = self._adapted_layers()
         if any(getattr(layer, "merged_adapters", None) for layer in layers):
             raise MergeError("adapters are merged into the base weights, so rows cannot differ; call unmerge_adapter()")
-        key = (tuple(adapter_names), next(self.base_model.parameters()).device, check_weights)
-        if self._row_groups is None or self._row_groups[0] != key:  # the same names group the same way: kept
-            self._row_groups = (key, RowGroups.of(*key))
-        groups = self._row_groups[1]
+        groups = grouped(tuple(adapter_names), next(self.base_model.parameters()).device, check_weights)
         for layer in layers:  # in the instance's __dict__: nn.Module.__setattr__ would cost ~1 ms a decoding step
             layer.__dict__["row_groups"] = groups
         try:
@@ -232,11 +221,6 @@ class DeltaModel(nn.Module):
     def _adapters_changed(self) -> None:
         """Forget what ``adapter_rows`` keeps: the layers and the adapters' mixability."""
         self._layers, self._mixing = None, {}
-        self._changed()
-
-    def _changed(self) -> None:
-        """Count a change of the adapters held, active, enabled or merged: what a caller worked out from them and
-        keeps across forwards (the generation engine's decoding plan) is valid while ``adapters_version`` stays."""
         self.adapters_version += 1
 
     # -- merging ----------------------------------------------------------------------------
@@ -245,17 +229,15 @@ class DeltaModel(nn.Module):
         names = self._active if adapter_names is None else list(adapter_names)
         for name in names:
             self._check_exists(name)
-        try:
-            for tuner in self._merging_tuners():
-                tuner.merge(self.base_model, names, safe_merge=safe_merge)
-        finally:  # a merge that failed part-way may have written some weights
-            self._changed()
+        self.adapters_version += 1  # first: a merge that fails part-way may have written some weights
+        for tuner in self._merging_tuners():
+            tuner.merge(self.base_model, names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights again."""
         for tuner in self._merging_tuners():
             tuner.unmerge(self.base_model)
-        self._changed()
+        self.adapters_version += 1
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Merge the active (or named) adapters and return the plain base model, free of deltatune modules.
@@ -449,11 +431,11 @@ class DeltaModel(nn.Module):
         self._disabled = disabled
         for tuner in [*self._merging_tuners(), _MODULES_TO_SAVE]:
             tuner.set_disabled(self.base_model, disabled)
-        self._changed()
+        self.adapters_version += 1
 
     def _apply_state(self) -> None:
         """Activate the active adapters in every layer; only their parameters train."""
-        self._changed()
+        self.adapters_version += 1
         for tuner in [*self._merging_tuners(), _MODULES_TO_SAVE]:
             tuner.set_active(self.base_model, self._active)
         self.base_model.requires_grad_(False)

@@ -19,6 +19,7 @@ layers do the adding (LoRA's: ``tuners/lora/rows.py``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -108,3 +109,10 @@ class RowGroups:
         """Refuse a batch whose row count is not the number of names given."""
         if x.shape[0] != self.rows:
             raise ConfigError(f"the batch has {x.shape[0]} rows but {self.rows} adapter names were given")
+
+
+@functools.lru_cache(maxsize=16)
+def grouped(names: tuple[str | None, ...], device: torch.device, check_weights: bool = True) -> RowGroups:
+    """``RowGroups.of``, kept for the last groupings asked: a server's decoding steps name the same rows step after
+    step, and the grouping, with what it worked out (slots, held adapters, blocks), depends on the names alone."""
+    return RowGroups.of(names, device, check_weights)
