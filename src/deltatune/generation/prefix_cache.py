@@ -36,19 +36,18 @@ class PrefixCache:
         self.tokens = 0  # tokens held over all entries
         self._entries: collections.OrderedDict[tuple[object, tuple[int, ...]], Layers] = collections.OrderedDict()
         self._recent: collections.deque[tuple[int, ...]] = collections.deque(maxlen=recent)
-        self._adapters: list[tuple[str, object]] | None = None
+        self._version: int | None = None  # the model's adapters_version when its parameters were listed
         self._parameters: list[torch.Tensor] = []
         self._stamps: list[tuple[int, int]] | None = None
 
     def check(self, model: nn.Module) -> None:
         """Empty the cache unless ``model``'s parameters are the ones it was filled with, unwritten
-        (``write_stamps``; the parameters are listed anew when an adapter is added or deleted, not at every
-        prefill: a module swapped for another outside an adapter's add or delete, such as resized embeddings,
-        needs a new engine)."""
-        adapters = list(getattr(model, "peft_config", {}).items())  # the configs held: their ids stay theirs
-        held = self._adapters
-        if held is None or [(name, id(config)) for name, config in adapters] != [(n, id(c)) for n, c in held]:
-            self._adapters, self._parameters = adapters, list(model.parameters())
+        (``write_stamps``; the parameters are listed anew when the adapters change, ``DeltaModel.adapters_version``,
+        not at every prefill: a module swapped for another outside an adapter's add or delete, such as resized
+        embeddings, needs a new engine)."""
+        version = getattr(model, "adapters_version", None)
+        if self._stamps is None or version != self._version:
+            self._version, self._parameters = version, list(model.parameters())
         stamps = write_stamps(self._parameters)
         if stamps != self._stamps:
             self._entries.clear()

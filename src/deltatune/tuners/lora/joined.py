@@ -141,9 +141,7 @@ def _joined_stacks(adapted: list[tuple[int, LoraLinear]], widths: list[int], dty
     kept = layers[0].__dict__.get("_joined_stack")
     if kept is None or len(kept[0]) != len(stacks) or any(s is not t for s, t in zip(kept[0], stacks)):
         a = torch.cat([stack.a for stack in stacks], dim=1)
-        if len(held) == 1 and len(widths) == 1:  # o_proj or down_proj alone: its own B over its output
-            targets = [(None, stacks[0].b)]
-        elif len(held) == 1:
+        if len(held) == 1:
             targets = [(None, _block_diagonal([stack.b for stack in stacks], [i for i, _ in adapted], widths))]
         else:
             targets = [(i, stack.b) for (i, _), stack in zip(adapted, stacks)]
@@ -157,7 +155,11 @@ def _block_diagonal(bs: list[torch.Tensor], places: list[int], widths: list[int]
 
         [B_q  0   0 ]
         [ 0   0  B_v]     (k without the adapter: its columns get zeros)
+
+    A module alone (o_proj, down_proj) keeps its own B.
     """
+    if len(widths) == 1:
+        return bs[0]
     starts = [sum(widths[:i]) for i in range(len(widths))]
     whole = bs[0].new_zeros(1, sum(b.shape[1] for b in bs), sum(widths))
     row = 0
