@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "deltatune"
 
 # Bottom to top. A module may import its own layer and the ones below; the most specific prefix decides.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "compat", "runtime.atomic", "runtime.threads", "runtime.assets"),
+    ("errors", "compat", "runtime.atomic", "runtime.threads", "runtime.assets", "runtime.huge_pages"),
     ("kernels",),
     ("config", "io", "tuners"),
     ("model",),

@@ -230,14 +230,15 @@ def serve_job(
 ) -> dict:
     """One side's rounds in this process, for each k in ``distinct``: when ``warm``, a warm-up round asking
     WARM_UP_PROMPTS first, then the measured round; its result per k, answers included. deltatune runs as a
-    server would: on packed weights kept across its rounds, and per k one engine whose prefix cache the warm-up
-    round fills with what its questions share with the measured ones (the chat template's system prompt)."""
+    server would: on packed weights kept across its rounds (on huge pages), and per k one engine whose prefix
+    cache the warm-up round fills with what its questions share with the measured ones (the chat template's
+    system prompt)."""
     import torch
 
     from deltatune.kernels.packed_linear import PackedWeights
 
     network, tokenizer = load("peft" if side == "peft" else "deltatune", model, adapters, folder)
-    packed = None if side == "peft" else PackedWeights(network)
+    packed = None if side == "peft" else PackedWeights(network, huge_pages=True)
     stop, ids = tokenizer.eos_token_id, prompt_ids(tokenizer, requests, prompts)
     rounds = [prompt_ids(tokenizer, requests, prompts, WARM_UP_PROMPTS)] if warm else []
     results = {}

@@ -23,7 +23,9 @@ group are not patched: called one by one (their group not joined at that call), 
 A pack is remade when its weight changes (a merge writes into it, a reload replaces it), checked each time
 ``applied`` walks the layers; a caller that keeps ``patches()`` across forwards vouches the weights did not
 change (the generation engine's ``static_weights``). The packs are freed with the object. The packed copy
-holds as many bytes as the weight: packing doubles the memory of the base's linear weights.
+holds as many bytes as the weight: packing doubles the memory of the base's linear weights. With
+``huge_pages=True`` (a server's, which keeps its packs) a block that packed anything ends by moving the process's
+filled memory onto 2 MiB pages (``runtime/huge_pages.py``: fewer page-table walks as a step reads the weights).
 
 A weight is packed in pieces of at most 32 MiB (row blocks; their outputs are concatenated). glibc serves a
 larger block by mapping fresh memory, counted on top of the heap memory the process keeps after freeing it;
@@ -49,6 +51,7 @@ from deltatune.compat.torch import (
     onednn_packs,
     write_stamps,
 )
+from deltatune.runtime.huge_pages import collapse as collapse_to_huge_pages
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 Patch = tuple[nn.Linear, Callable[[torch.Tensor], torch.Tensor]]  # a layer and its forward on its packed weight
@@ -58,10 +61,12 @@ PIECE_BYTES = 32 << 20  # the largest block glibc serves from its heap (M_MMAP_T
 class PackedWeights:
     """oneDNN-packed copies of ``model``'s ``nn.Linear`` weights, made on first use (see the module)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, huge_pages: bool = False) -> None:
         self.model = model
+        self.huge_pages = huge_pages  # after a block that packed: the memory onto huge pages (``runtime.huge_pages``)
         self._packs: dict = {}  # a layer, or a joined group's tuple of layers -> (weight stamps, packed forward)
         self._available = onednn_packing_available()
+        self._fresh = False  # packed since the last collapse
 
     @contextlib.contextmanager
     def applied(
@@ -82,6 +87,9 @@ class PackedWeights:
         finally:
             for layer in patched:
                 layer.__dict__.pop("forward", None)
+            if self._fresh and self.huge_pages:
+                collapse_to_huge_pages()
+            self._fresh = False
 
     def patches(self, joined: Sequence[tuple[nn.Linear, ...]] = ()) -> list[Patch]:
         """Each packable layer outside the groups of ``joined`` with its forward on its packed weight (what
@@ -112,7 +120,7 @@ class PackedWeights:
         kept = self._packs.get(layers)
         if kept is None or kept[0] != stamp:
             with torch.no_grad():
-                rows, pieces = _pieces(torch.cat(weights))
+                rows, pieces = self._pieces(torch.cat(weights))
                 bias, biases = None, [layer.bias for layer in layers]
                 if any(b is not None for b in biases):
                     bias = torch.cat([w.new_zeros(len(w)) if b is None else b for w, b in zip(weights, biases)])
@@ -124,9 +132,15 @@ class PackedWeights:
         stamp = write_stamps((layer.weight,))
         kept = self._packs.get(layer)
         if kept is None or kept[0] != stamp:
-            rows, pieces = _pieces(layer.weight)
+            rows, pieces = self._pieces(layer.weight)
             kept = self._packs[layer] = (stamp, functools.partial(_packed_forward, layer, rows, pieces))
         return kept[1]
+
+    def _pieces(self, weight: torch.Tensor) -> tuple[int, tuple[torch.Tensor, ...]]:
+        """``weight`` [out, in] packed in pieces of at most ``PIECE_BYTES``: (rows a piece, the packed pieces)."""
+        self._fresh = True
+        rows = max(1, PIECE_BYTES // (weight.shape[1] * weight.element_size()))
+        return rows, tuple(onednn_pack(part) for part in weight.split(rows))
 
 
 def _base_linears(model: nn.Module) -> list[nn.Linear]:
@@ -146,12 +160,6 @@ def _base_linears(model: nn.Module) -> list[nn.Linear]:
 
 def _packable(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype in PACKED_DTYPES and onednn_packs(weight.dtype)
-
-
-def _pieces(weight: torch.Tensor) -> tuple[int, tuple[torch.Tensor, ...]]:
-    """``weight`` [out, in] packed in pieces of at most ``PIECE_BYTES``: (rows a piece, the packed pieces)."""
-    rows = max(1, PIECE_BYTES // (weight.shape[1] * weight.element_size()))
-    return rows, tuple(onednn_pack(part) for part in weight.split(rows))
 
 
 def _packed_forward(layer: nn.Linear, rows: int, pieces: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:

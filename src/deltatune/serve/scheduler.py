@@ -81,7 +81,8 @@ class Scheduler:
     ) -> None:
         self.model = model
         self.prefix_cache = prefix_cache
-        self.packed_weights = PackedWeights(model) if packed_weights else None  # packed once, for the server's life
+        # packed once, for the server's life, on huge pages (``runtime.huge_pages``)
+        self.packed_weights = PackedWeights(model, huge_pages=True) if packed_weights else None
         self.engine = self._new_engine(stop_token_ids, max_batch, seed)
         self._inbox: list[tuple[str, Any]] = []
         self._wake = threading.Condition()
