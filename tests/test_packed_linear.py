@@ -153,4 +153,5 @@ def test_the_server_keeps_one_pack_for_its_life_unless_told_not_to():
     model = adapted_model()
     kept, plain = Scheduler(model, [0]), Scheduler(model, [0], packed_weights=False)
     assert isinstance(kept.engine.packed_weights, PackedWeights) and plain.engine.packed_weights is None
+    assert kept.engine.packed_weights.huge_pages  # a server keeps its packs: onto huge pages once packed
     assert kept.engine.static_weights and plain.engine.static_weights  # only the server's thread writes its weights

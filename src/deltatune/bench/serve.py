@@ -238,7 +238,9 @@ def serve_job(
     from deltatune.kernels.packed_linear import PackedWeights
 
     network, tokenizer = load("peft" if side == "peft" else "deltatune", model, adapters, folder)
-    packed = None if side == "peft" else PackedWeights(network, huge_pages=True)
+    # huge pages (``runtime/huge_pages.py``) as a server's, collapsed in deltatune's warm-up round: the one-by-one
+    # side has none, and would time the collapse (about 3 s) in its first answer
+    packed = None if side == "peft" else PackedWeights(network, huge_pages=side == "deltatune")
     stop, ids = tokenizer.eos_token_id, prompt_ids(tokenizer, requests, prompts)
     rounds = [prompt_ids(tokenizer, requests, prompts, WARM_UP_PROMPTS)] if warm else []
     results = {}
