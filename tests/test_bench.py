@@ -222,10 +222,27 @@ def test_serve_bench_answers_every_request_rightly_on_a_tiny_model(tmp_path):
         for side in ("deltatune", "peft", "one_by_one"):
             assert entry[side]["tokens"] > 6 and entry[side]["wrong_answers"] == 0, (k, side)
         assert entry["deltatune"]["ttft_p50"] > 0 and entry["deltatune"]["itl_p99"] >= entry["deltatune"]["itl_p50"]
-        assert entry["ratios"]["vs_peft"] > 0
+        assert entry["ratios"]["vs_peft"] > 0 and entry["ratios"]["vs_peft_paired"] > 0
     assert report["summary"]["1"]["ratios"]["vs_one_adapter"] == 1.0
     assert report["environment"]["cpu_count"] and report["environment"]["peft"]
     assert "| 4 |" in format_serve(report) and "(3 distinct prompts)" in format_serve(report)
+
+
+def test_the_serve_summary_divides_the_medians_and_takes_the_median_of_each_repeats_own_ratio():
+    """Two repeats, the second on a machine running at half speed for both sides: the medians' ratio mixes the
+    two minutes, each repeat's own ratio does not."""
+    from deltatune.bench.serve import summarise
+
+    def record(side, repeat, speed, k=1):
+        return {"side": side, "distinct": k, "repeat": repeat, "tokens_per_s": speed, "wrong_answers": 0}
+
+    speeds = {"deltatune": (200, 90), "peft": (100, 40)}  # repeat 1 at full speed, repeat 2 slowed
+    records = [record(side, i + 1, speed) for side, pair in speeds.items() for i, speed in enumerate(pair)]
+    records += [record("one_by_one", 1, 20)]
+    ratios = summarise(records, [1])["1"]["ratios"]
+    assert ratios["vs_peft"] == pytest.approx(145 / 70)  # medians 145 and 70
+    assert ratios["vs_peft_paired"] == pytest.approx((2.0 + 2.25) / 2)  # 200 / 100 and 90 / 40
+    assert ratios["vs_one_by_one"] == pytest.approx(145 / 20) and ratios["vs_one_adapter"] == 1.0
 
 
 def test_the_serve_bench_asks_distinct_prompts_unless_told_otherwise(tmp_path):
