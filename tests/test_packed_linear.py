@@ -155,3 +155,39 @@ def test_the_server_keeps_one_pack_for_its_life_unless_told_not_to():
     assert isinstance(kept.engine.packed_weights, PackedWeights) and plain.engine.packed_weights is None
     assert kept.engine.packed_weights.huge_pages  # a server keeps its packs: onto huge pages once packed
     assert kept.engine.static_weights and plain.engine.static_weights  # only the server's thread writes its weights
+
+
+def test_the_server_packs_its_weights_before_its_first_request():
+    """The packing (and the move onto huge pages, ~3 s for SmolLM2) happens when the server starts, not inside the
+    first request."""
+    import time
+
+    from deltatune.serve.scheduler import Scheduler
+
+    scheduler = Scheduler(adapted_model(), [0])
+    assert not scheduler.packed_weights._packs
+    scheduler.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler.packed_weights._packs and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert scheduler.packed_weights._packs and scheduler.rows_in_flight == 0
+    finally:
+        scheduler.stop()
+
+
+def test_a_failed_warm_up_is_logged_and_leaves_a_fresh_engine_with_the_same_generator(monkeypatch, caplog):
+    from deltatune.serve.scheduler import Scheduler
+
+    scheduler = Scheduler(adapted_model(), [0])
+    engine, generator = scheduler.engine, scheduler.engine.generator
+
+    def fail():
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine, "step", fail)
+    with caplog.at_level("WARNING", logger="deltatune.serve"):
+        scheduler._warm_up()
+    assert "warming up the engine failed: out of memory" in caplog.text
+    assert scheduler.engine is not engine and scheduler.engine.generator is generator
+    assert not scheduler.engine.has_work

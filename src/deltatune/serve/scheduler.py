@@ -163,6 +163,7 @@ class Scheduler:
 
     # -- the engine thread ----------------------------------------------------------------------------
     def _run(self) -> None:
+        self._warm_up()
         while True:
             with self._wake:
                 while not (self._inbox or self.engine.has_work or self._suspects or self._stopping):
@@ -179,6 +180,21 @@ class Scheduler:
             if self._retiring:
                 self._delete_retired()
         self._shut_down()
+
+    def _warm_up(self) -> None:
+        """Pack the weights before the first request rather than in it (and move them onto huge pages: about 3 s
+        for SmolLM2): one greedy token of a one-token prompt on the base model, answered to no one. A failure
+        here is logged; the requests that follow meet it (and report it) themselves."""
+        if self.packed_weights is None:
+            return
+        try:
+            self.engine.add([0], SamplingParams(max_new_tokens=1, temperature=0), adapter=None)
+            while self.engine.has_work:
+                self.engine.step()
+        except Exception as error:  # the server starts anyway; each request meets and reports its own error
+            log.warning("warming up the engine failed: %s", error)
+            engine, self.engine = self.engine, self._new_engine(self.engine.stop_token_ids, self.engine.max_batch)
+            self.engine.generator = engine.generator
 
     def _handle(self, kind: str, payload: Any) -> None:
         try:
