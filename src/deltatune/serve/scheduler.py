@@ -193,8 +193,13 @@ class Scheduler:
                 self.engine.step()
         except Exception as error:  # the server starts anyway; each request meets and reports its own error
             log.warning("warming up the engine failed: %s", error)
-            engine, self.engine = self.engine, self._new_engine(self.engine.stop_token_ids, self.engine.max_batch)
-            self.engine.generator = engine.generator
+            self._replace_engine()
+
+    def _replace_engine(self) -> None:
+        """A new engine in place of one a failure left in an unknown state, drawing from the same generator."""
+        old = self.engine
+        self.engine = self._new_engine(old.stop_token_ids, old.max_batch)
+        self.engine.generator = old.generator
 
     def _handle(self, kind: str, payload: Any) -> None:
         try:
@@ -279,8 +284,8 @@ class Scheduler:
         decoded = [row for row, count in running if len(row.output_ids) > count]
         if running and not decoded:  # the shared decode failed: no row can be blamed alone
             blamed = [*engine.running, *joining]
-            fresh = self._new_engine(engine.stop_token_ids, engine.max_batch)
-            fresh.generator, fresh.waiting, self.engine = engine.generator, engine.waiting, fresh
+            self._replace_engine()
+            self.engine.waiting = engine.waiting
         else:  # the joining rows' prefill failed; the running rows decoded their token
             pristine = [row for row in joining if not row.output_ids and row not in engine.running]
             if len(joining) > 1 and len(pristine) == len(joining):  # try each alone to find the culprit
